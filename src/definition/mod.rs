@@ -1,0 +1,536 @@
+//! Workflow definitions as plain data: the TOML format users write, its validation, the
+//! registry of loaded workflows and the built-in Molochain workflows.
+//!
+//! Nothing here does I/O beyond reading the one file it is asked to read.
+
+pub mod duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use duration::{format_duration, parse_duration};
+
+/// The built-in Molochain registry, used when `WORKFLOWS_FILE` is unset. Same format as users write.
+const BUILTIN_WORKFLOWS: &str = include_str!("builtin.toml");
+const BUILTIN_NAME: &str = "<built-in registry>";
+
+/// What is wrong with a definition, and where: file, workflow, field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct DefinitionError {
+    pub file: String,
+    pub workflow: Option<String>,
+    pub field: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for DefinitionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(workflow) = &self.workflow {
+            write!(f, ": workflow `{workflow}`")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+/// A validated workflow definition. Serialised as JSON it is the snapshot a run records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowDef {
+    pub id: String,
+    pub description: String,
+    pub schedule: Option<String>,
+    pub timezone: Option<String>,
+    pub events: Vec<String>,
+    pub steps: Vec<StepDef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepDef {
+    pub id: String,
+    pub action: ActionSpec,
+    #[serde(with = "duration::serde_human")]
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// What a step does, with its parameters (the TOML `action` and `with`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", content = "with", rename_all = "snake_case")]
+pub enum ActionSpec {
+    /// Completes at once with the run's input as its output.
+    Noop,
+    /// Runs an argv directly (no shell of ours), with a timeout and bounded output capture.
+    Exec(ExecSpec),
+}
+
+impl ActionSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ActionSpec::Noop => "noop",
+            ActionSpec::Exec(_) => "exec",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Bytes of stdout and of stderr kept (each); the rest is dropped and marked as truncated.
+    #[serde(default = "ExecSpec::default_max_output")]
+    pub max_output: usize,
+}
+
+impl ExecSpec {
+    const fn default_max_output() -> usize {
+        64 * 1024
+    }
+}
+
+/// Exponential backoff with bounded jitter. `max_attempts` counts the first attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    #[serde(with = "duration::serde_human")]
+    pub initial_backoff: Duration,
+    #[serde(with = "duration::serde_human")]
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+    /// Fraction of the backoff by which a delay may deviate either way, in `[0, 1]`.
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `failed_attempt + 1`, before jitter: `initial * multiplier^(n-1)`,
+    /// capped at `max_backoff`.
+    pub fn base_delay(&self, failed_attempt: u32) -> Duration {
+        let exponent = failed_attempt.saturating_sub(1).min(64) as i32;
+        let millis = self.initial_backoff.as_millis() as f64 * self.multiplier.powi(exponent);
+        let capped = millis.min(self.max_backoff.as_millis() as f64);
+        Duration::from_millis(capped.max(0.0) as u64)
+    }
+
+    /// The delay with jitter applied; `unit` is a sample in `[-1, 1]` supplied by the caller so
+    /// that this stays a pure function.
+    pub fn delay(&self, failed_attempt: u32, unit: f64) -> Duration {
+        let base = self.base_delay(failed_attempt).as_millis() as f64;
+        let factor = 1.0 + self.jitter * unit.clamp(-1.0, 1.0);
+        Duration::from_millis((base * factor).max(0.0) as u64)
+    }
+}
+
+/// A loaded workflow with its content hash and JSON snapshot, shared by the whole replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workflow {
+    pub def: WorkflowDef,
+    /// First 16 hex digits of SHA-256 over `snapshot`: runs record it, so editing a workflow
+    /// never changes the definition of a run in flight.
+    pub hash: String,
+    pub snapshot: String,
+}
+
+impl Workflow {
+    pub fn new(def: WorkflowDef) -> Workflow {
+        let snapshot = serde_json::to_string(&def).expect("definitions serialise to JSON");
+        let hash = hex::encode(&Sha256::digest(snapshot.as_bytes())[..8]);
+        Workflow { def, hash, snapshot }
+    }
+
+    /// Rebuilds a workflow from a stored snapshot, keeping the hash it was stored under.
+    pub fn from_snapshot(hash: &str, snapshot: &str) -> Result<Workflow, serde_json::Error> {
+        let def: WorkflowDef = serde_json::from_str(snapshot)?;
+        Ok(Workflow { def, hash: hash.to_owned(), snapshot: snapshot.to_owned() })
+    }
+}
+
+/// The workflows this replica serves, by id, in file order.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    ordered: Vec<Arc<Workflow>>,
+    by_id: HashMap<String, Arc<Workflow>>,
+}
+
+impl Registry {
+    /// The file named by `path`, or the built-in registry when there is none.
+    pub fn load(path: Option<&Path>) -> Result<Registry, DefinitionError> {
+        match path {
+            Some(path) => {
+                let name = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|err| DefinitionError {
+                    file: name.clone(),
+                    workflow: None,
+                    field: None,
+                    problem: format!("cannot read the file: {err}"),
+                })?;
+                Registry::parse(&name, &text)
+            }
+            None => Registry::builtin(),
+        }
+    }
+
+    pub fn builtin() -> Result<Registry, DefinitionError> {
+        Registry::parse(BUILTIN_NAME, BUILTIN_WORKFLOWS)
+    }
+
+    /// Parses and validates a whole file; the first error found is returned.
+    pub fn parse(file: &str, text: &str) -> Result<Registry, DefinitionError> {
+        let raw: RawFile = toml::from_str(text).map_err(|err| DefinitionError {
+            file: file.to_owned(),
+            workflow: None,
+            field: None,
+            problem: err.to_string().trim_end().to_owned(),
+        })?;
+        let mut registry = Registry::default();
+        for raw_workflow in raw.workflow {
+            let def = raw_workflow.validate(file)?;
+            if registry.by_id.contains_key(&def.id) {
+                return Err(DefinitionError {
+                    file: file.to_owned(),
+                    workflow: Some(def.id.clone()),
+                    field: Some("id".to_owned()),
+                    problem: "defined twice".to_owned(),
+                });
+            }
+            let workflow = Arc::new(Workflow::new(def));
+            registry.by_id.insert(workflow.def.id.clone(), Arc::clone(&workflow));
+            registry.ordered.push(workflow);
+        }
+        Ok(registry)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Workflow>> {
+        self.by_id.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Workflow>> {
+        self.ordered.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+}
+
+/// Checks an identifier (workflow or step id): what a URL, a key and a shell can carry.
+pub fn valid_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'_')
+}
+
+// ---- the file format, before validation ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    workflow: Vec<RawWorkflow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkflow {
+    id: String,
+    #[serde(default)]
+    description: String,
+    schedule: Option<String>,
+    timezone: Option<String>,
+    #[serde(default)]
+    events: Vec<String>,
+    #[serde(default)]
+    step: Vec<RawStep>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    id: String,
+    action: String,
+    #[serde(default)]
+    with: Option<toml::Value>,
+    timeout: Option<String>,
+    retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+    multiplier: Option<f64>,
+    jitter: Option<f64>,
+}
+
+/// Default time a step may take before it is failed (and retried per its policy).
+const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl RawWorkflow {
+    fn validate(self, file: &str) -> Result<WorkflowDef, DefinitionError> {
+        let workflow = self.id.clone();
+        let fail = |field: &str, problem: String| DefinitionError {
+            file: file.to_owned(),
+            workflow: Some(workflow.clone()),
+            field: Some(field.to_owned()),
+            problem,
+        };
+        if !valid_id(&self.id) {
+            return Err(fail("id", "must be 1-64 characters of a-z, 0-9, `-` or `_`, starting with a letter or digit".to_owned()));
+        }
+        if let Some(schedule) = &self.schedule {
+            crate::definition::parse_schedule(schedule).map_err(|problem| fail("schedule", problem))?;
+        }
+        if let Some(zone) = &self.timezone {
+            if zone != "UTC" {
+                return Err(fail("timezone", format!("unknown time zone `{zone}` (only `UTC` is supported so far)")));
+            }
+        }
+        for event in &self.events {
+            if !valid_event_type(event) {
+                return Err(fail("events", format!("`{event}` is not an event type (`^[a-z0-9][a-z0-9_.-]{{0,127}}$`)")));
+            }
+        }
+        if self.step.is_empty() {
+            return Err(fail("step", "a workflow needs at least one [[workflow.step]]".to_owned()));
+        }
+        let mut steps: Vec<StepDef> = Vec::with_capacity(self.step.len());
+        for (index, raw) in self.step.into_iter().enumerate() {
+            let at = |name: &str| format!("step[{index}].{name}");
+            if !valid_id(&raw.id) {
+                return Err(fail(&at("id"), format!("`{}` must be 1-64 characters of a-z, 0-9, `-` or `_`", raw.id)));
+            }
+            if steps.iter().any(|s| s.id == raw.id) {
+                return Err(fail(&at("id"), format!("step id `{}` is used twice", raw.id)));
+            }
+            let action = parse_action(&raw.action, raw.with).map_err(|(field, problem)| fail(&at(field), problem))?;
+            let timeout = match raw.timeout {
+                Some(text) => parse_duration(&text).map_err(|problem| fail(&at("timeout"), problem))?,
+                None => DEFAULT_STEP_TIMEOUT,
+            };
+            if timeout.is_zero() {
+                return Err(fail(&at("timeout"), "must be greater than zero".to_owned()));
+            }
+            let retry = match raw.retry {
+                Some(raw_retry) => raw_retry.validate().map_err(|(field, problem)| fail(&at(&format!("retry.{field}")), problem))?,
+                None => RetryPolicy::default(),
+            };
+            steps.push(StepDef { id: raw.id, action, timeout, retry });
+        }
+        Ok(WorkflowDef {
+            id: self.id,
+            description: self.description,
+            schedule: self.schedule,
+            timezone: self.timezone,
+            events: self.events,
+            steps,
+        })
+    }
+}
+
+impl RawRetry {
+    fn validate(self) -> Result<RetryPolicy, (&'static str, String)> {
+        let defaults = RetryPolicy::default();
+        let duration = |field: &'static str, value: Option<String>, default: Duration| match value {
+            Some(text) => parse_duration(&text).map_err(|problem| (field, problem)),
+            None => Ok(default),
+        };
+        let policy = RetryPolicy {
+            max_attempts: self.max_attempts.unwrap_or(defaults.max_attempts),
+            initial_backoff: duration("initial_backoff", self.initial_backoff, defaults.initial_backoff)?,
+            max_backoff: duration("max_backoff", self.max_backoff, defaults.max_backoff)?,
+            multiplier: self.multiplier.unwrap_or(defaults.multiplier),
+            jitter: self.jitter.unwrap_or(defaults.jitter),
+        };
+        if policy.max_attempts == 0 || policy.max_attempts > 1000 {
+            return Err(("max_attempts", format!("{} is outside 1..=1000", policy.max_attempts)));
+        }
+        if policy.max_backoff < policy.initial_backoff {
+            return Err(("max_backoff", "must not be smaller than initial_backoff".to_owned()));
+        }
+        if !(policy.multiplier.is_finite() && (1.0..=100.0).contains(&policy.multiplier)) {
+            return Err(("multiplier", format!("{} is outside 1.0..=100.0", policy.multiplier)));
+        }
+        if !(policy.jitter.is_finite() && (0.0..=1.0).contains(&policy.jitter)) {
+            return Err(("jitter", format!("{} is outside 0.0..=1.0", policy.jitter)));
+        }
+        Ok(policy)
+    }
+}
+
+fn parse_action(action: &str, with: Option<toml::Value>) -> Result<ActionSpec, (&'static str, String)> {
+    match action {
+        "noop" => match with {
+            None => Ok(ActionSpec::Noop),
+            Some(_) => Err(("with", "`noop` takes no parameters".to_owned())),
+        },
+        "exec" => {
+            let with = with.ok_or(("with", "`exec` needs `with = { command = [\"prog\", \"arg\"] }`".to_owned()))?;
+            let spec: ExecSpec = with.try_into().map_err(|err: toml::de::Error| ("with", err.message().to_owned()))?;
+            if spec.command.is_empty() || spec.command[0].is_empty() {
+                return Err(("with.command", "must name a program: [\"prog\", \"arg\", ...]".to_owned()));
+            }
+            if spec.max_output == 0 || spec.max_output > 16 * 1024 * 1024 {
+                return Err(("with.max_output", "must be between 1 and 16777216 bytes".to_owned()));
+            }
+            Ok(ActionSpec::Exec(spec))
+        }
+        other => Err(("action", format!("unknown action `{other}` (known: noop, exec)"))),
+    }
+}
+
+/// Parses a croner schedule of 5 fields, or 6 with seconds first.
+pub fn parse_schedule(expression: &str) -> Result<croner::Cron, String> {
+    use croner::parser::{CronParser, Seconds};
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .build()
+        .parse(expression)
+        .map_err(|err| format!("`{expression}` is not a cron expression: {err}"))
+}
+
+/// The event type syntax of the bus: `^[a-z0-9][a-z0-9_.-]{0,127}$`.
+pub fn valid_event_type(event: &str) -> bool {
+    let bytes = event.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[[workflow]]
+id = "nightly-report"
+description = "what it does"
+schedule = "0 2 * * *"
+events = ["report.requested"]
+[[workflow.step]]
+id = "build"
+action = "exec"
+with = { command = ["sh", "-c", "make report"] }
+timeout = "30s"
+retry = { max_attempts = 5, initial_backoff = "1s", max_backoff = "1m", multiplier = 2.0, jitter = 0.2 }
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let registry = Registry::parse("example.toml", EXAMPLE).unwrap();
+        let workflow = registry.get("nightly-report").unwrap();
+        let step = &workflow.def.steps[0];
+        assert_eq!(step.timeout, Duration::from_secs(30));
+        assert_eq!(step.retry.max_attempts, 5);
+        assert_eq!(step.retry.max_backoff, Duration::from_secs(60));
+        match &step.action {
+            ActionSpec::Exec(spec) => assert_eq!(spec.command, vec!["sh", "-c", "make report"]),
+            other => panic!("expected exec, got {other:?}"),
+        }
+        assert_eq!(workflow.hash.len(), 16);
+    }
+
+    #[test]
+    fn the_snapshot_round_trips_to_the_same_definition() {
+        let registry = Registry::parse("example.toml", EXAMPLE).unwrap();
+        let workflow = registry.get("nightly-report").unwrap();
+        let back = Workflow::from_snapshot(&workflow.hash, &workflow.snapshot).unwrap();
+        assert_eq!(&back, workflow.as_ref());
+    }
+
+    #[test]
+    fn errors_name_file_workflow_and_field() {
+        let bad = EXAMPLE.replace("timeout = \"30s\"", "timeout = \"thirty\"");
+        let err = Registry::parse("jobs.toml", &bad).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("jobs.toml: workflow `nightly-report`: field `step[0].timeout`"), "{text}");
+        assert!(text.contains("thirty"), "{text}");
+
+        let bad = EXAMPLE.replace("0 2 * * *", "61 * * * *");
+        let err = Registry::parse("jobs.toml", &bad).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("schedule"), "{err}");
+
+        let bad = EXAMPLE.replace("action = \"exec\"", "action = \"teleport\"");
+        let err = Registry::parse("jobs.toml", &bad).unwrap_err();
+        assert!(err.to_string().contains("unknown action `teleport`"), "{err}");
+
+        let bad = EXAMPLE.replace("jitter = 0.2", "jitter = 3.0");
+        let err = Registry::parse("jobs.toml", &bad).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("step[0].retry.jitter"), "{err}");
+
+        let bad = EXAMPLE.replace("timeout =", "timout =");
+        let err = Registry::parse("jobs.toml", &bad).unwrap_err();
+        assert!(err.to_string().contains("timout"), "{err}");
+    }
+
+    #[test]
+    fn the_builtin_registry_has_the_ten_molochain_workflows() {
+        let registry = Registry::builtin().unwrap();
+        let ids: Vec<&str> = registry.iter().map(|w| w.def.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "cms-sync",
+                "database-backup",
+                "health-monitoring",
+                "cache-warmup",
+                "sales-operations",
+                "log-rotation",
+                "performance-optimization",
+                "user-onboarding",
+                "notification-digest",
+                "security-audit"
+            ]
+        );
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jitter_is_bounded() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+            multiplier: 2.0,
+            jitter: 0.2,
+        };
+        assert_eq!(policy.base_delay(1), Duration::from_millis(100));
+        assert_eq!(policy.base_delay(2), Duration::from_millis(200));
+        assert_eq!(policy.base_delay(4), Duration::from_millis(800));
+        assert_eq!(policy.base_delay(5), Duration::from_millis(1000));
+        assert_eq!(policy.delay(2, 1.0), Duration::from_millis(240));
+        assert_eq!(policy.delay(2, -1.0), Duration::from_millis(160));
+        assert_eq!(policy.delay(2, 7.0), Duration::from_millis(240));
+    }
+}

@@ -1,0 +1,123 @@
+//! Encodings of what the store keeps: transitions and ready tasks in MessagePack (rmp-serde),
+//! the run summary as hash fields.
+
+use super::{ReadyTask, RunSummary};
+use crate::machine::{Millis, Recorded};
+
+pub fn encode_recorded(recorded: &Recorded) -> Vec<u8> {
+    rmp_serde::to_vec(recorded).expect("transitions always encode")
+}
+
+pub fn decode_recorded(bytes: &[u8]) -> Result<Recorded, String> {
+    rmp_serde::from_slice(bytes).map_err(|err| format!("undecodable transition: {err}"))
+}
+
+/// Decodes a compacted log: MessagePack values back to back.
+pub fn decode_compacted(mut bytes: &[u8]) -> Result<Vec<Recorded>, String> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let mut deserializer = rmp_serde::Deserializer::new(&mut bytes);
+        let recorded: Recorded = serde::Deserialize::deserialize(&mut deserializer)
+            .map_err(|err| format!("undecodable transition #{} in compacted log: {err}", out.len() + 1))?;
+        out.push(recorded);
+    }
+    Ok(out)
+}
+
+pub fn encode_task(task: &ReadyTask) -> Vec<u8> {
+    rmp_serde::to_vec(task).expect("tasks always encode")
+}
+
+pub fn decode_task(bytes: &[u8]) -> Result<ReadyTask, String> {
+    rmp_serde::from_slice(bytes).map_err(|err| format!("undecodable ready task: {err}"))
+}
+
+/// The hash fields a summary is written as (the ready entry is written by the store itself).
+pub fn summary_fields(summary: &RunSummary) -> Vec<(&'static str, String)> {
+    let mut fields = vec![
+        ("workflow", summary.workflow.clone()),
+        ("definition", summary.definition.clone()),
+        ("status", summary.status.clone()),
+        ("seq", summary.seq.to_string()),
+        ("created_at", summary.created_at.to_string()),
+        ("updated_at", summary.updated_at.to_string()),
+    ];
+    fields.push(("step", summary.step.map_or_else(String::new, |s| s.to_string())));
+    fields.push(("attempt", summary.attempt.map_or_else(String::new, |a| a.to_string())));
+    fields
+}
+
+/// Reads a summary back from hash fields; `None` when the hash is empty (no such run).
+pub fn summary_from_fields<'a>(
+    key: &str,
+    fields: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<Option<RunSummary>, super::StoreError> {
+    let mut summary = RunSummary {
+        workflow: String::new(),
+        definition: String::new(),
+        status: String::new(),
+        step: None,
+        attempt: None,
+        seq: 0,
+        created_at: 0,
+        updated_at: 0,
+        ready_entry: None,
+    };
+    let mut seen = false;
+    let corrupt = |field: &str, value: &str| super::StoreError::Corrupt {
+        key: key.to_owned(),
+        problem: format!("field `{field}` holds `{value}`"),
+    };
+    let number = |field: &str, value: &str| value.parse::<u64>().map_err(|_| corrupt(field, value));
+    let optional = |field: &str, value: &str| -> Result<Option<u32>, super::StoreError> {
+        if value.is_empty() { Ok(None) } else { value.parse().map(Some).map_err(|_| corrupt(field, value)) }
+    };
+    for (field, value) in fields {
+        seen = true;
+        match field {
+            "workflow" => summary.workflow = value.to_owned(),
+            "definition" => summary.definition = value.to_owned(),
+            "status" => summary.status = value.to_owned(),
+            "seq" => summary.seq = number(field, value)?,
+            "created_at" => summary.created_at = number(field, value)? as Millis,
+            "updated_at" => summary.updated_at = number(field, value)? as Millis,
+            "step" => summary.step = optional(field, value)?,
+            "attempt" => summary.attempt = optional(field, value)?,
+            "ready_entry" => summary.ready_entry = Some(value.to_owned()).filter(|v| !v.is_empty()),
+            _ => {}
+        }
+    }
+    if !seen {
+        return Ok(None);
+    }
+    if summary.status.is_empty() || summary.seq == 0 {
+        return Err(corrupt("status", &summary.status));
+    }
+    Ok(Some(summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::{Transition, Trigger};
+
+    #[test]
+    fn compacted_logs_decode_back_to_their_records() {
+        let records = vec![
+            Recorded {
+                at: 1,
+                replica: None,
+                transition: Transition::RunCreated {
+                    workflow: "w".into(),
+                    definition: "d".into(),
+                    input: "{}".into(),
+                    trigger: Trigger::Api,
+                },
+            },
+            Recorded { at: 2, replica: Some("r".into()), transition: Transition::StepStarted { step: 0, attempt: 1 } },
+        ];
+        let blob: Vec<u8> = records.iter().flat_map(encode_recorded).collect();
+        assert_eq!(decode_compacted(&blob).unwrap(), records);
+        assert!(decode_compacted(&blob[..blob.len() - 1]).is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! Every Redis key name, built here and nowhere else.
+//!
+//! The unit of atomicity is a shard, a hash tag `{N}`: everything one transition touches lives
+//! in one shard, so the store works unchanged on Redis Cluster.
+
+use super::RunId;
+use sha2::{Digest, Sha256};
+
+/// The consumer group of the ready streams.
+pub const WORKERS_GROUP: &str = "workers";
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+    shards: u16,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, shards: u16) -> Keys {
+        Keys { prefix: prefix.to_owned(), shards }
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    fn shard(&self, shard: u16) -> String {
+        format!("{}:{{{shard}}}", self.prefix)
+    }
+
+    /// The shard an idempotency key lands on (stable across replicas and restarts).
+    pub fn shard_of(&self, key: &str) -> u16 {
+        let digest = Sha256::digest(key.as_bytes());
+        let value = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+        (value % u64::from(self.shards)) as u16
+    }
+
+    /// Hash: the run's summary (status, step, attempt, seq, times, current ready entry).
+    pub fn run(&self, run: &RunId) -> String {
+        format!("{}:run:{run}", self.shard(run.shard))
+    }
+
+    /// Stream: the run's transitions while it is live, entry ids `<seq>-0`.
+    pub fn log(&self, run: &RunId) -> String {
+        format!("{}:log:{run}", self.shard(run.shard))
+    }
+
+    /// String: a finished run's log, compacted into one value (concatenated MessagePack).
+    pub fn history(&self, run: &RunId) -> String {
+        format!("{}:hist:{run}", self.shard(run.shard))
+    }
+
+    /// Stream with consumer group `workers`: steps ready to run.
+    pub fn ready(&self, shard: u16) -> String {
+        format!("{}:ready", self.shard(shard))
+    }
+
+    /// Stream: ready entries that could not be decoded, with the reason.
+    pub fn ready_dead(&self, shard: u16) -> String {
+        format!("{}:ready:dead", self.shard(shard))
+    }
+
+    /// Sorted set: runs by the time their timer is due.
+    pub fn timers(&self, shard: u16) -> String {
+        format!("{}:timers", self.shard(shard))
+    }
+
+    pub fn idempotency(&self, shard: u16, key: &str) -> String {
+        format!("{}:idem:{key}", self.shard(shard))
+    }
+
+    /// String: a definition snapshot (JSON) by hash.
+    pub fn definition(&self, shard: u16, hash: &str) -> String {
+        format!("{}:def:{hash}", self.shard(shard))
+    }
+
+    /// Sorted set: every run of the shard by creation time.
+    pub fn index_all(&self, shard: u16) -> String {
+        format!("{}:idx:all", self.shard(shard))
+    }
+
+    /// Sorted set: a workflow's runs by creation time.
+    pub fn index_workflow(&self, shard: u16, workflow: &str) -> String {
+        format!("{}:idx:wf:{workflow}", self.shard(shard))
+    }
+
+    /// Sorted set: non-terminal runs by creation time.
+    pub fn index_active(&self, shard: u16) -> String {
+        format!("{}:idx:active", self.shard(shard))
+    }
+
+    /// Sorted set: runs that ended with `status`, by the time they ended.
+    pub fn index_finished(&self, shard: u16, status: &str) -> String {
+        format!("{}:idx:st:{status}", self.shard(shard))
+    }
+
+    /// String: the version of the Lua library the data was written with.
+    pub fn schema_version(&self) -> String {
+        format!("{}:schema", self.prefix)
+    }
+
+    /// Stream: the event bus.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// Stream: malformed events, with the reason.
+    pub fn events_dead(&self) -> String {
+        format!("{}:events:dead", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_run_share_its_hash_tag() {
+        let keys = Keys::new("wfo", 16);
+        let run: RunId = "0193e4a17b2c7d3e8f001a2b3c4d5e6f-s3".parse().unwrap();
+        for key in [keys.run(&run), keys.log(&run), keys.history(&run), keys.ready(3), keys.timers(3)] {
+            assert!(key.starts_with("wfo:{3}:"), "{key}");
+        }
+        assert!(keys.shard_of("cron:a:1") < 16);
+        assert_eq!(keys.shard_of("cron:a:1"), keys.shard_of("cron:a:1"));
+    }
+}
