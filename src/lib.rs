@@ -24,3 +24,4 @@ pub mod definition;
 pub mod engine;
 pub mod machine;
 pub mod store;
+

@@ -9,6 +9,13 @@ use sha2::{Digest, Sha256};
 /// The consumer group of the ready streams.
 pub const WORKERS_GROUP: &str = "workers";
 
+/// The shard an idempotency key lands on: stable across replicas, restarts and versions.
+pub fn shard_of(key: &str, shards: u16) -> u16 {
+    let digest = Sha256::digest(key.as_bytes());
+    let value = u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 digest has 8 bytes"));
+    (value % u64::from(shards.max(1))) as u16
+}
+
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -28,11 +35,9 @@ impl Keys {
         format!("{}:{{{shard}}}", self.prefix)
     }
 
-    /// The shard an idempotency key lands on (stable across replicas and restarts).
+    /// The shard an idempotency key lands on.
     pub fn shard_of(&self, key: &str) -> u16 {
-        let digest = Sha256::digest(key.as_bytes());
-        let value = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
-        (value % u64::from(self.shards)) as u16
+        shard_of(key, self.shards)
     }
 
     /// Hash: the run's summary (status, step, attempt, seq, times, current ready entry).

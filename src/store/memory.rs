@@ -1,1 +1,1055 @@
-//! in progress
+//! The in-memory store: the embedded default (one process, nothing survives a restart) and the
+//! fast store of tests.
+//!
+//! It mirrors the Redis store operation by operation, so that the engine cannot tell them apart:
+//! - each run keeps its log (seq = position + 1), its summary (the run hash), its timer and,
+//!   once it ended, the status and time it ended with (its log is then closed, as Redis compacts
+//!   it, but still readable);
+//! - each shard's ready queue models a Redis stream read by the consumer group `workers`:
+//!   entries with increasing `<ms>-<n>` ids, a last-delivered cursor, and a pending list whose
+//!   entries (owner, last delivery, delivery count) are the leases;
+//! - indexes model the sorted sets `idx:all`, `idx:wf:<workflow>`, `idx:active` (by creation
+//!   time) and `idx:st:<status>` (by end time), with ties ordered by run id text as Redis orders
+//!   members of equal score;
+//! - [`State::commit`] checks and changes in the order of `wfo_v1_commit` in
+//!   `migrations/001_wfo_v1.lua`.
+//!
+//! Every operation is a synchronous method of [`State`], run under one lock: that makes each as
+//! atomic as one Redis function call and keeps the async trait methods thin.
+
+use super::{
+    Claimed, Commit, CommitOutcome, Created, Housekeeping, Lease, Logged, NewRun, ReadyTask, RunId, RunPage,
+    RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult, terminal_name,
+};
+use crate::definition::Workflow;
+use crate::machine::{Millis, Recorded, RunState};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Bound;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+
+/// The store kept in this process's memory. Cloning gives another handle on the same state,
+/// as two replicas would share one Redis.
+#[derive(Clone)]
+pub struct MemoryStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The whole state behind one lock: every operation takes it once and does all its work
+    /// under it, so each is atomic like one Redis function call. Sections are short and
+    /// synchronous; the lock is never held across an `.await`.
+    state: Mutex<State>,
+    /// Wakes `claim` calls blocked waiting for work whenever a step is dispatched, as a new
+    /// stream entry wakes a blocked `XREADGROUP`.
+    dispatched: Notify,
+    shards: u16,
+    lease_ttl: Duration,
+}
+
+impl MemoryStore {
+    /// A new, empty store spreading runs over `shards` shards (at least one).
+    pub fn new(shards: u16, lease_ttl: Duration) -> MemoryStore {
+        MemoryStore {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                dispatched: Notify::new(),
+                shards: shards.max(1),
+                lease_ttl,
+            }),
+        }
+    }
+
+    /// How long a lease lasts without renewal: the engine's setting, kept here so the store
+    /// reports the same configuration as the Redis store.
+    pub fn lease_ttl(&self) -> Duration {
+        self.shared.lease_ttl
+    }
+}
+
+/// Wall clock milliseconds since the Unix epoch: with one process, the one clock.
+fn wall_clock() -> StoreResult<Millis> {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| since.as_millis() as Millis)
+        .map_err(|_| StoreError::Fatal("the system clock is set before 1970".to_owned()))
+}
+
+/// A ready entry's id, ordered like a Redis stream id and written the same way, `<ms>-<n>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct EntryId {
+    ms: u64,
+    n: u64,
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.n)
+    }
+}
+
+impl FromStr for EntryId {
+    type Err = ();
+    fn from_str(text: &str) -> Result<EntryId, ()> {
+        let (ms, n) = text.split_once('-').ok_or(())?;
+        Ok(EntryId { ms: ms.parse().map_err(|_| ())?, n: n.parse().map_err(|_| ())? })
+    }
+}
+
+/// A delivered, unacknowledged entry: the lease on it.
+#[derive(Debug, Clone)]
+struct Pending {
+    owner: String,
+    /// When it was last delivered or renewed: its idle time is measured from here.
+    since: Instant,
+    deliveries: u64,
+}
+
+/// One shard's ready stream with its consumer group.
+#[derive(Debug, Default)]
+struct ReadyQueue {
+    /// The stream: entries stay until housekeeping trims those neither queued nor pending.
+    entries: BTreeMap<EntryId, ReadyTask>,
+    /// The newest id handed out, so far: `XADD *` never goes backwards.
+    last_id: EntryId,
+    /// The group's last-delivered id: entries above it are queued.
+    delivered: EntryId,
+    /// The group's pending list.
+    pending: BTreeMap<EntryId, Pending>,
+}
+
+impl ReadyQueue {
+    /// Appends a task, as `XADD <stream> * ...`.
+    fn push(&mut self, task: ReadyTask, now: Millis) -> EntryId {
+        let id = if now > self.last_id.ms {
+            EntryId { ms: now, n: 0 }
+        } else {
+            EntryId { ms: self.last_id.ms, n: self.last_id.n + 1 }
+        };
+        self.last_id = id;
+        self.entries.insert(id, task);
+        id
+    }
+
+    /// Whether `entry` is pending for `consumer`, as the Lua `holds`.
+    fn holds(&self, consumer: &str, entry: &str) -> bool {
+        entry.parse().ok().and_then(|id| self.pending.get(&id)).is_some_and(|p| p.owner == consumer)
+    }
+
+    /// Acknowledges `entry` if `consumer` holds it.
+    fn ack(&mut self, consumer: &str, entry: &str) {
+        if let Ok(id) = entry.parse::<EntryId>()
+            && self.pending.get(&id).is_some_and(|pending| pending.owner == consumer)
+        {
+            self.pending.remove(&id);
+        }
+    }
+}
+
+/// What a run is made of.
+#[derive(Debug)]
+struct Run {
+    log: Vec<Recorded>,
+    summary: RunSummary,
+    /// The creation time the run is indexed under.
+    created_at: Millis,
+    /// Set once the run ended: the status and time it ended with. Its log is then closed.
+    finished: Option<(&'static str, Millis)>,
+    timer: Option<Millis>,
+}
+
+/// An idempotency key: the run that took it, until it expires.
+#[derive(Debug)]
+struct Idempotent {
+    run: String,
+    /// `None`: a retention too long to represent, which never expires.
+    expires: Option<Instant>,
+}
+
+/// A sorted set of runs: by score, then by run id text, as Redis orders members.
+type Index = BTreeMap<(Millis, String), RunId>;
+
+fn index_key(score: Millis, run: &RunId) -> (Millis, String) {
+    (score, run.to_string())
+}
+
+/// Everything the store holds.
+#[derive(Debug, Default)]
+struct State {
+    runs: HashMap<RunId, Run>,
+    /// By shard and key, as the keys `wfo:{N}:idem:<key>`.
+    idempotency: HashMap<(u16, String), Idempotent>,
+    /// Definition snapshots by hash (Redis keeps a copy on every shard).
+    definitions: HashMap<String, String>,
+    /// Per shard, created on first use as Redis creates a stream on its first `XADD`.
+    ready: HashMap<u16, ReadyQueue>,
+    /// The shard a claim reads first, rotated so that no shard starves the others.
+    next_shard: u16,
+    all: Index,
+    by_workflow: HashMap<String, Index>,
+    active: Index,
+    /// By status name, scored by the time the run ended.
+    finished: HashMap<&'static str, Index>,
+    /// Runs by the time their timer is due.
+    timers: Index,
+}
+
+impl State {
+    fn create_run(&mut self, new: NewRun, now: Millis, instant: Instant) -> StoreResult<Created> {
+        let corrupt = |problem: &str| StoreError::Corrupt { key: new.run.to_string(), problem: problem.to_owned() };
+        if new.records.is_empty() {
+            return Err(corrupt("a run is created with at least one transition"));
+        }
+        if self.runs.contains_key(&new.run) {
+            return Err(corrupt("a run with this id exists already"));
+        }
+        if let Some((key, retention)) = &new.idempotency {
+            let slot = (new.run.shard, key.clone());
+            if let Some(taken) = self.idempotency.get(&slot)
+                && taken.expires.is_none_or(|expires| expires > instant)
+            {
+                return Ok(Created::Duplicate(taken.run.clone()));
+            }
+            let expires = instant.checked_add(*retention);
+            self.idempotency.insert(slot, Idempotent { run: new.run.to_string(), expires });
+        }
+        let mut summary = RunSummary::of(&new.state);
+        if let Some(dispatch) = new.dispatch {
+            let task = ReadyTask { run: new.run.to_string(), state: dispatch };
+            summary.ready_entry = Some(self.ready.entry(new.run.shard).or_default().push(task, now).to_string());
+        }
+        let created_at = new.state.created_at;
+        let key = index_key(created_at, &new.run);
+        self.all.insert(key.clone(), new.run.clone());
+        self.by_workflow.entry(new.state.workflow.clone()).or_default().insert(key.clone(), new.run.clone());
+        self.active.insert(key, new.run.clone());
+        self.runs.insert(new.run.clone(), Run { log: new.records, summary, created_at, finished: None, timer: None });
+        self.index_end(&new.run, &new.state);
+        Ok(Created::New(new.run))
+    }
+
+    /// The compare-and-append, in the order of `wfo_v1_commit`.
+    fn commit(&mut self, commit: Commit, now: Millis) -> CommitOutcome {
+        let Commit { run: id, expected_seq, lease, records, state, dispatch, timer, clear_timer } = commit;
+        // The run's ready stream is the one the fence checks, whatever shard the lease names.
+        let queue = self.ready.entry(id.shard).or_default();
+        if let Some(lease) = &lease
+            && (lease.shard != id.shard || !queue.holds(&lease.consumer, &lease.entry))
+        {
+            return CommitOutcome::LeaseLost;
+        }
+        // Records cannot go into a closed log; an empty commit only needs the summary.
+        let run = self.runs.get_mut(&id).filter(|run| records.is_empty() || run.finished.is_none());
+        let Some(run) = run else {
+            if let Some(lease) = &lease {
+                queue.ack(&lease.consumer, &lease.entry);
+            }
+            return CommitOutcome::Gone;
+        };
+        let at = if records.is_empty() { run.summary.seq } else { run.log.len() as u64 };
+        if at != expected_seq {
+            return CommitOutcome::Stale;
+        }
+
+        let appended = records.len() as u64;
+        run.log.extend(records);
+        let dispatched = dispatch.map(|dispatch| {
+            let task = ReadyTask { run: id.to_string(), state: dispatch };
+            queue.push(task, now).to_string()
+        });
+        let ready_entry = dispatched.or_else(|| run.summary.ready_entry.take());
+        run.summary = RunSummary { ready_entry, ..RunSummary::of(&state) };
+        let old_timer = match (timer, clear_timer) {
+            (Some(due), _) => run.timer.replace(due),
+            (None, true) => run.timer.take(),
+            (None, false) => None,
+        };
+        if let Some(due) = old_timer {
+            self.timers.remove(&index_key(due, &id));
+        }
+        if let Some(due) = timer {
+            self.timers.insert(index_key(due, &id), id.clone());
+        }
+        if let Some(lease) = &lease {
+            queue.ack(&lease.consumer, &lease.entry);
+        }
+        self.index_end(&id, &state);
+        CommitOutcome::Applied { seq: expected_seq + appended }
+    }
+
+    /// Moves a run that ended from the active index to the index of the status it ended with,
+    /// and closes its log.
+    fn index_end(&mut self, id: &RunId, state: &RunState) {
+        let Some(status) = terminal_name(&state.status) else { return };
+        let Some(run) = self.runs.get_mut(id) else { return };
+        self.active.remove(&index_key(run.created_at, id));
+        if let Some((old_status, old_at)) = run.finished.replace((status, state.updated_at))
+            && let Some(index) = self.finished.get_mut(old_status)
+        {
+            index.remove(&index_key(old_at, id));
+        }
+        self.finished.entry(status).or_default().insert(index_key(state.updated_at, id), id.clone());
+    }
+
+    /// New entries for `consumer`, at most `max` over all shards, as `XREADGROUP ... >`.
+    fn claim(&mut self, consumer: &str, max: usize, shards: u16, instant: Instant) -> Vec<Claimed> {
+        let mut claimed = Vec::new();
+        let first = self.next_shard % shards;
+        self.next_shard = (first + 1) % shards;
+        for shard in (first..shards).chain(0..first) {
+            let Some(queue) = self.ready.get_mut(&shard) else { continue };
+            let after = (Bound::Excluded(queue.delivered), Bound::Unbounded);
+            for (id, task) in queue.entries.range(after).take(max - claimed.len()) {
+                queue.pending.insert(*id, Pending { owner: consumer.to_owned(), since: instant, deliveries: 1 });
+                claimed.push(Claimed {
+                    lease: Lease { shard, entry: id.to_string(), consumer: consumer.to_owned() },
+                    deliveries: 1,
+                    task: Ok(task.clone()),
+                });
+                queue.delivered = *id;
+            }
+            if claimed.len() == max {
+                break;
+            }
+        }
+        claimed
+    }
+
+    /// Resets the idle time of the leases still held by their consumers, as `wfo_v1_renew`
+    /// (whose `XCLAIM ... JUSTID` leaves the delivery count alone); returns the others.
+    fn renew(&mut self, leases: &[Lease], instant: Instant) -> Vec<Lease> {
+        let mut lost = Vec::new();
+        for lease in leases {
+            let held = self
+                .ready
+                .get_mut(&lease.shard)
+                .and_then(|queue| lease.entry.parse().ok().and_then(|id: EntryId| queue.pending.get_mut(&id)))
+                .filter(|pending| pending.owner == lease.consumer);
+            match held {
+                Some(pending) => pending.since = instant,
+                None => lost.push(lease.clone()),
+            }
+        }
+        lost
+    }
+
+    /// Takes over entries idle at least `min_idle`, whoever holds them, as `XAUTOCLAIM`.
+    fn reclaim(
+        &mut self,
+        consumer: &str,
+        min_idle: Duration,
+        max: usize,
+        shards: u16,
+        instant: Instant,
+    ) -> Vec<Claimed> {
+        let mut claimed = Vec::new();
+        for shard in 0..shards {
+            if claimed.len() == max {
+                break;
+            }
+            let Some(queue) = self.ready.get_mut(&shard) else { continue };
+            let mut deleted = Vec::new();
+            for (id, pending) in &mut queue.pending {
+                if claimed.len() == max {
+                    break;
+                }
+                if instant.saturating_duration_since(pending.since) < min_idle {
+                    continue;
+                }
+                let Some(task) = queue.entries.get(id) else {
+                    // Deleted from the stream while pending: it cannot be worked (the sweeper
+                    // re-queues its run from the run's own state).
+                    deleted.push(*id);
+                    continue;
+                };
+                pending.owner = consumer.to_owned();
+                pending.since = instant;
+                pending.deliveries += 1;
+                claimed.push(Claimed {
+                    lease: Lease { shard, entry: id.to_string(), consumer: consumer.to_owned() },
+                    deliveries: pending.deliveries,
+                    task: Ok(task.clone()),
+                });
+            }
+            for id in deleted {
+                queue.pending.remove(&id);
+            }
+        }
+        claimed
+    }
+
+    fn due_timers(&self, now: Millis, max: usize) -> Vec<RunId> {
+        self.timers.range(..(now.saturating_add(1), String::new())).take(max).map(|(_, id)| id.clone()).collect()
+    }
+
+    fn history(&self, id: &RunId) -> Option<Vec<Logged>> {
+        let run = self.runs.get(id)?;
+        let logged = run.log.iter().enumerate();
+        Some(logged.map(|(index, recorded)| Logged { seq: index as u64 + 1, recorded: recorded.clone() }).collect())
+    }
+
+    /// Live runs not updated since `before`, oldest first, at most `max` per shard.
+    fn quiet_runs(&self, before: Millis, max: usize) -> Vec<(RunId, RunSummary)> {
+        let mut per_shard: HashMap<u16, usize> = HashMap::new();
+        let mut quiet = Vec::new();
+        // A run is updated no earlier than it was created, so the scan stops at `before`.
+        for id in self.active.range(..(before, String::new())).map(|(_, id)| id) {
+            let Some(run) = self.runs.get(id) else { continue };
+            let taken = per_shard.entry(id.shard).or_default();
+            if run.summary.updated_at < before && *taken < max {
+                *taken += 1;
+                quiet.push((id.clone(), run.summary.clone()));
+            }
+        }
+        quiet
+    }
+
+    fn dispatch_exists(&self, id: &RunId, entry: &str) -> bool {
+        let (Some(queue), Ok(entry)) = (self.ready.get(&id.shard), entry.parse::<EntryId>()) else {
+            return false;
+        };
+        let queued = entry > queue.delivered && queue.entries.contains_key(&entry);
+        queued || queue.pending.contains_key(&entry)
+    }
+
+    fn list_runs(&self, workflow: Option<&str>, status: Option<&str>, before: Option<&RunId>, limit: usize) -> RunPage {
+        let index = match workflow {
+            Some(workflow) => match self.by_workflow.get(workflow) {
+                Some(index) => index,
+                None => return RunPage { runs: Vec::new() },
+            },
+            None => &self.all,
+        };
+        let upper = match before {
+            Some(cursor) => Bound::Excluded(index_key(self.created_at_of(cursor), cursor)),
+            None => Bound::Unbounded,
+        };
+        let runs = index
+            .range((Bound::Unbounded, upper))
+            .rev()
+            .map(|(_, id)| id)
+            .filter(|id| match status {
+                Some(status) => self.runs.get(*id).is_some_and(|run| run.summary.status == status),
+                None => true,
+            })
+            .take(limit)
+            .cloned()
+            .collect();
+        RunPage { runs }
+    }
+
+    /// When a run was created: from its summary, or for a run deleted since the cursor was
+    /// handed out, from the time in its UUIDv7.
+    fn created_at_of(&self, id: &RunId) -> Millis {
+        match self.runs.get(id) {
+            Some(run) => run.created_at,
+            None => id.uuid.get_timestamp().map_or(Millis::MAX, |ts| {
+                let (secs, nanos) = ts.to_unix();
+                secs * 1000 + u64::from(nanos) / 1_000_000
+            }),
+        }
+    }
+
+    fn housekeeping(&mut self, retain_until: Millis, instant: Instant) -> Housekeeping {
+        let expired: Vec<RunId> = self
+            .finished
+            .values()
+            .flat_map(|index| index.range(..(retain_until, String::new())).map(|(_, id)| id.clone()))
+            .collect();
+        for id in &expired {
+            self.delete_run(id);
+        }
+        let mut trimmed = 0;
+        for queue in self.ready.values_mut() {
+            let before = queue.entries.len();
+            let (delivered, pending) = (queue.delivered, &queue.pending);
+            queue.entries.retain(|id, _| *id > delivered || pending.contains_key(id));
+            trimmed += (before - queue.entries.len()) as u64;
+        }
+        self.idempotency.retain(|_, key| key.expires.is_none_or(|expires| expires > instant));
+        Housekeeping { trimmed_entries: trimmed, expired_runs: expired.len() as u64 }
+    }
+
+    fn delete_run(&mut self, id: &RunId) {
+        let Some(run) = self.runs.remove(id) else { return };
+        let key = index_key(run.created_at, id);
+        self.all.remove(&key);
+        self.active.remove(&key);
+        if let Some(index) = self.by_workflow.get_mut(&run.summary.workflow) {
+            index.remove(&key);
+            if index.is_empty() {
+                self.by_workflow.remove(&run.summary.workflow);
+            }
+        }
+        if let Some((status, at)) = run.finished
+            && let Some(index) = self.finished.get_mut(status)
+        {
+            index.remove(&index_key(at, id));
+        }
+        if let Some(due) = run.timer {
+            self.timers.remove(&index_key(due, id));
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Memory
+    }
+
+    fn shards(&self) -> u16 {
+        self.shared.shards
+    }
+
+    async fn now(&self) -> StoreResult<Millis> {
+        wall_clock()
+    }
+
+    async fn health(&self) -> StoreResult<StoreHealth> {
+        Ok(StoreHealth {
+            kind: StoreKind::Memory,
+            version: None,
+            warnings: vec![
+                "the store is in memory: nothing survives a restart, and no other replica can share the work \
+                 (set REDIS_URL for the durable store)"
+                    .to_owned(),
+            ],
+        })
+    }
+
+    async fn save_definitions(&self, workflows: &[Arc<Workflow>]) -> StoreResult<()> {
+        let mut state = self.shared.state.lock();
+        for workflow in workflows {
+            state.definitions.insert(workflow.hash.clone(), workflow.snapshot.clone());
+        }
+        Ok(())
+    }
+
+    async fn load_definition(&self, shard: u16, hash: &str) -> StoreResult<Option<Workflow>> {
+        if shard >= self.shared.shards {
+            return Ok(None);
+        }
+        let snapshot = self.shared.state.lock().definitions.get(hash).cloned();
+        let Some(snapshot) = snapshot else { return Ok(None) };
+        Workflow::from_snapshot(hash, &snapshot)
+            .map(Some)
+            .map_err(|err| StoreError::Corrupt { key: format!("def:{hash}"), problem: err.to_string() })
+    }
+
+    async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
+        let now = wall_clock()?;
+        let dispatches = new.dispatch.is_some();
+        let created = self.shared.state.lock().create_run(new, now, Instant::now())?;
+        if dispatches && matches!(created, Created::New(_)) {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(created)
+    }
+
+    async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        let now = wall_clock()?;
+        let dispatches = commit.dispatch.is_some();
+        let outcome = self.shared.state.lock().commit(commit, now);
+        if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(outcome)
+    }
+
+    async fn ack(&self, lease: &Lease) -> StoreResult<()> {
+        if let Some(queue) = self.shared.state.lock().ready.get_mut(&lease.shard) {
+            queue.ack(&lease.consumer, &lease.entry);
+        }
+        Ok(())
+    }
+
+    async fn claim(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<Claimed>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let start = tokio::time::Instant::now();
+        // A block too long to represent waits a year: as good as forever for one call.
+        let deadline = start.checked_add(block).unwrap_or_else(|| start + Duration::from_secs(365 * 86_400));
+        loop {
+            // Registered before looking, so a dispatch between the look and the wait still
+            // wakes this call.
+            let notified = self.shared.dispatched.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let claimed = self.shared.state.lock().claim(consumer, max, self.shared.shards, Instant::now());
+            if !claimed.is_empty() {
+                return Ok(claimed);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn renew(&self, leases: &[Lease]) -> StoreResult<Vec<Lease>> {
+        Ok(self.shared.state.lock().renew(leases, Instant::now()))
+    }
+
+    async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<Claimed>> {
+        Ok(self.shared.state.lock().reclaim(consumer, min_idle, max, self.shared.shards, Instant::now()))
+    }
+
+    async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>> {
+        Ok(self.shared.state.lock().due_timers(now, max))
+    }
+
+    async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
+        Ok(self.shared.state.lock().runs.get(run).map(|run| run.summary.clone()))
+    }
+
+    async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>> {
+        Ok(self.shared.state.lock().history(run))
+    }
+
+    async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>> {
+        Ok(self.shared.state.lock().quiet_runs(before, max))
+    }
+
+    async fn dispatch_exists(&self, run: &RunId, entry: &str) -> StoreResult<bool> {
+        Ok(self.shared.state.lock().dispatch_exists(run, entry))
+    }
+
+    async fn has_timer(&self, run: &RunId) -> StoreResult<bool> {
+        Ok(self.shared.state.lock().runs.get(run).is_some_and(|run| run.timer.is_some()))
+    }
+
+    async fn list_runs(
+        &self,
+        workflow: Option<&str>,
+        status: Option<&str>,
+        before: Option<&RunId>,
+        limit: usize,
+    ) -> StoreResult<RunPage> {
+        Ok(self.shared.state.lock().list_runs(workflow, status, before, limit))
+    }
+
+    async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
+        Ok(self.shared.state.lock().housekeeping(retain_until, Instant::now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::{ActionSpec, RetryPolicy, StepDef, WorkflowDef};
+    use crate::machine::{Advanced, Effect, Transition, Trigger, advance, replay, step_failure};
+
+    fn definition(steps: usize, max_attempts: u32) -> WorkflowDef {
+        WorkflowDef {
+            id: "wf".to_owned(),
+            description: String::new(),
+            schedule: None,
+            timezone: None,
+            events: Vec::new(),
+            steps: (0..steps)
+                .map(|i| StepDef {
+                    id: format!("s{i}"),
+                    action: ActionSpec::Noop,
+                    timeout: Duration::from_secs(1),
+                    retry: RetryPolicy { max_attempts, ..RetryPolicy::default() },
+                })
+                .collect(),
+        }
+    }
+
+    fn store() -> MemoryStore {
+        MemoryStore::new(4, Duration::from_secs(30))
+    }
+
+    fn record(at: Millis, transition: Transition) -> Recorded {
+        Recorded { at, replica: Some("r1".to_owned()), transition }
+    }
+
+    fn dispatches(effects: &[Effect]) -> bool {
+        effects.iter().any(|effect| matches!(effect, Effect::Dispatch { .. }))
+    }
+
+    /// A new run of `def` on `shard`, created at `now` and queued for its first step.
+    fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str, Duration)>) -> NewRun {
+        let created = record(
+            now,
+            Transition::RunCreated {
+                workflow: def.id.clone(),
+                definition: "h".to_owned(),
+                input: "{}".to_owned(),
+                trigger: Trigger::Api,
+            },
+        );
+        let Advanced { state, appended, effects } = advance(None, def, vec![created], now).unwrap();
+        NewRun {
+            run: RunId::new(shard, now),
+            dispatch: dispatches(&effects).then(|| state.clone()),
+            state,
+            records: appended,
+            idempotency: idempotency.map(|(key, retention)| (key.to_owned(), retention)),
+        }
+    }
+
+    /// The commit of `happened` to a run in state `from`, as the engine builds it.
+    fn commit_of(
+        def: &WorkflowDef,
+        run: &RunId,
+        from: &RunState,
+        lease: Option<Lease>,
+        happened: Vec<Transition>,
+        now: Millis,
+    ) -> Commit {
+        let records = happened.into_iter().map(|transition| record(now, transition)).collect();
+        let Advanced { state, appended, effects } = advance(Some(from), def, records, now).unwrap();
+        let timer = effects.iter().find_map(|effect| match effect {
+            Effect::SetTimer { due } => Some(*due),
+            Effect::Dispatch { .. } | Effect::CompleteRun | Effect::FailRun { .. } => None,
+        });
+        Commit {
+            run: run.clone(),
+            expected_seq: from.seq,
+            lease,
+            records: appended,
+            dispatch: dispatches(&effects).then(|| state.clone()),
+            state,
+            timer,
+            clear_timer: timer.is_none(),
+        }
+    }
+
+    /// The commit of an executor that worked `claimed`: the step started, then succeeded or failed.
+    fn work(def: &WorkflowDef, claimed: &Claimed, succeed: bool, now: Millis) -> Commit {
+        let task = claimed.task.as_ref().unwrap();
+        let (step, attempt) = task.state.status.step_attempt().unwrap();
+        let ended = if succeed {
+            Transition::StepCompleted { step, attempt, output: "{}".to_owned() }
+        } else {
+            step_failure(def, step, attempt, "boom".to_owned(), now, 0.0)
+        };
+        let happened = vec![Transition::StepStarted { step, attempt }, ended];
+        commit_of(def, &task.run.parse().unwrap(), &task.state, Some(claimed.lease.clone()), happened, now)
+    }
+
+    #[tokio::test]
+    async fn a_run_is_created_once_per_idempotency_key() {
+        let store = store();
+        let def = definition(1, 1);
+        let first = new_run(&def, 1, 1_000, Some(("k", Duration::from_secs(60))));
+        let id = first.run.clone();
+        assert_eq!(store.create_run(first).await.unwrap(), Created::New(id.clone()));
+        let second = new_run(&def, 1, 1_001, Some(("k", Duration::from_secs(60))));
+        let second_id = second.run.clone();
+        assert_eq!(store.create_run(second).await.unwrap(), Created::Duplicate(id.to_string()));
+        assert_eq!(store.summary(&second_id).await.unwrap(), None);
+
+        let summary = store.summary(&id).await.unwrap().unwrap();
+        assert_eq!((summary.status.as_str(), summary.seq, summary.created_at), ("pending", 1, 1_000));
+        let entry = summary.ready_entry.unwrap();
+        assert!(store.dispatch_exists(&id, &entry).await.unwrap());
+        let history = store.history(&id).await.unwrap().unwrap();
+        assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1]);
+        assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, [id]);
+
+        // A key is free again once its retention has passed.
+        let short = new_run(&def, 1, 1_002, Some(("short", Duration::from_millis(1))));
+        assert!(matches!(store.create_run(short).await.unwrap(), Created::New(_)));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let again = new_run(&def, 1, 1_003, Some(("short", Duration::from_millis(1))));
+        assert!(matches!(store.create_run(again).await.unwrap(), Created::New(_)));
+    }
+
+    #[tokio::test]
+    async fn a_claimed_step_commits_and_is_acknowledged() {
+        let store = store();
+        let def = definition(2, 1);
+        let new = new_run(&def, 2, 1_000, None);
+        let id = new.run.clone();
+        store.create_run(new).await.unwrap();
+
+        let claimed = store.claim("a", 10, Duration::ZERO).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let first = &claimed[0];
+        assert_eq!((first.deliveries, first.lease.shard, first.lease.consumer.as_str()), (1, 2, "a"));
+        assert_eq!(first.task.as_ref().unwrap().run, id.to_string());
+        assert!(store.claim("b", 10, Duration::ZERO).await.unwrap().is_empty(), "an entry is delivered once");
+
+        let commit = work(&def, first, true, 1_010);
+        let state = commit.state.clone();
+        assert_eq!(store.commit(commit).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+        assert!(!store.dispatch_exists(&id, &first.lease.entry).await.unwrap(), "the worked entry was acked");
+        assert_eq!(store.renew(std::slice::from_ref(&first.lease)).await.unwrap(), std::slice::from_ref(&first.lease));
+
+        let summary = store.summary(&id).await.unwrap().unwrap();
+        assert!(summary.matches(&state), "{summary:?}");
+        assert_eq!((summary.status.as_str(), summary.step, summary.seq), ("running", Some(1), 3));
+        let next_entry = summary.ready_entry.unwrap();
+        assert_ne!(next_entry, first.lease.entry);
+        assert!(store.dispatch_exists(&id, &next_entry).await.unwrap());
+        let history = store.history(&id).await.unwrap().unwrap();
+        assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(replay(history.iter().map(|l| &l.recorded)).unwrap(), Some(state));
+
+        let next = store.claim("b", 10, Duration::ZERO).await.unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].lease.entry, next_entry);
+        assert!(store.dispatch_exists(&id, &next_entry).await.unwrap(), "pending entries exist");
+        store.ack(&Lease { consumer: "a".to_owned(), ..next[0].lease.clone() }).await.unwrap();
+        assert!(store.dispatch_exists(&id, &next_entry).await.unwrap(), "only the holder acks");
+        store.ack(&next[0].lease).await.unwrap();
+        assert!(!store.dispatch_exists(&id, &next_entry).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_stale_commit_changes_nothing() {
+        let store = store();
+        let def = definition(2, 1);
+        let new = new_run(&def, 0, 1_000, None);
+        let id = new.run.clone();
+        store.create_run(new).await.unwrap();
+        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        let summary = store.summary(&id).await.unwrap();
+        let history = store.history(&id).await.unwrap();
+
+        let good = work(&def, &claimed, true, 1_010);
+        for expected_seq in [0, 2, 5] {
+            let stale = Commit { expected_seq, ..good.clone() };
+            assert_eq!(store.commit(stale).await.unwrap(), CommitOutcome::Stale, "expected seq {expected_seq}");
+        }
+        let empty = Commit { expected_seq: 2, records: Vec::new(), ..good.clone() };
+        assert_eq!(store.commit(empty).await.unwrap(), CommitOutcome::Stale);
+        assert_eq!(store.summary(&id).await.unwrap(), summary);
+        assert_eq!(store.history(&id).await.unwrap(), history);
+        assert!(store.renew(std::slice::from_ref(&claimed.lease)).await.unwrap().is_empty(), "the lease is kept");
+        assert!(store.claim("a", 10, Duration::ZERO).await.unwrap().is_empty(), "nothing was dispatched");
+
+        assert_eq!(store.commit(good.clone()).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+        assert_eq!(store.commit(good.clone()).await.unwrap(), CommitOutcome::LeaseLost, "a commit is accepted once");
+        let unleased = Commit { lease: None, ..good };
+        assert_eq!(store.commit(unleased).await.unwrap(), CommitOutcome::Stale);
+    }
+
+    #[tokio::test]
+    async fn a_lease_taken_over_is_lost() {
+        let store = store();
+        let def = definition(2, 1);
+        let new = new_run(&def, 3, 1_000, None);
+        let id = new.run.clone();
+        store.create_run(new).await.unwrap();
+        let mine = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        assert!(store.reclaim("b", Duration::from_secs(60), 10).await.unwrap().is_empty(), "the lease is fresh");
+
+        let taken = store.reclaim("b", Duration::ZERO, 10).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!((taken[0].deliveries, taken[0].lease.consumer.as_str()), (2, "b"));
+        assert_eq!(taken[0].lease.entry, mine.lease.entry);
+        assert_eq!(taken[0].task, mine.task);
+
+        let history = store.history(&id).await.unwrap();
+        assert_eq!(store.commit(work(&def, &mine, true, 1_010)).await.unwrap(), CommitOutcome::LeaseLost);
+        assert_eq!(store.history(&id).await.unwrap(), history);
+        assert_eq!(store.commit(work(&def, &taken[0], true, 1_020)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+        assert!(store.reclaim("a", Duration::ZERO, 10).await.unwrap().is_empty(), "acked entries are not reclaimed");
+    }
+
+    #[tokio::test]
+    async fn renewal_keeps_held_leases_and_reports_lost_ones() {
+        let store = store();
+        let def = definition(1, 1);
+        for shard in [0, 1] {
+            store.create_run(new_run(&def, shard, 1_000, None)).await.unwrap();
+        }
+        let mine = store.claim("a", 10, Duration::ZERO).await.unwrap();
+        assert_eq!(mine.len(), 2);
+        let taken = store.reclaim("b", Duration::ZERO, 1).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        let leases: Vec<Lease> = mine.iter().map(|c| c.lease.clone()).collect();
+        let lost = store.renew(&leases).await.unwrap();
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost, [Lease { consumer: "a".to_owned(), ..taken[0].lease.clone() }]);
+        // Entry ids are per shard: two shards can hand out the same one.
+        let held: Vec<Lease> = leases.into_iter().filter(|l| *l != lost[0]).collect();
+
+        // Renewal resets the idle time: only the lease nobody renewed expires.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(store.renew(&held).await.unwrap().is_empty());
+        let expired = store.reclaim("c", Duration::from_millis(100), 10).await.unwrap();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].lease, Lease { consumer: "c".to_owned(), ..taken[0].lease.clone() });
+        assert_eq!(expired[0].deliveries, 3);
+    }
+
+    #[tokio::test]
+    async fn an_ended_run_keeps_its_history_and_leaves_the_active_index() {
+        let store = store();
+        let def = definition(1, 1);
+        let new = new_run(&def, 0, 1_000, None);
+        let id = new.run.clone();
+        store.create_run(new).await.unwrap();
+        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        let commit = work(&def, &claimed, true, 1_010);
+        let state = commit.state.clone();
+        assert_eq!(store.commit(commit.clone()).await.unwrap(), CommitOutcome::Applied { seq: 4 });
+
+        let summary = store.summary(&id).await.unwrap().unwrap();
+        assert_eq!((summary.status.as_str(), summary.seq), ("completed", 4));
+        let history = store.history(&id).await.unwrap().unwrap();
+        let kinds: Vec<&str> = history.iter().map(|l| l.recorded.transition.kind()).collect();
+        assert_eq!(kinds, ["run_created", "step_started", "step_completed", "run_completed"]);
+        assert_eq!(replay(history.iter().map(|l| &l.recorded)).unwrap(), Some(state.clone()));
+        assert!(store.quiet_runs(Millis::MAX, 10).await.unwrap().is_empty());
+        assert_eq!(store.list_runs(None, Some("completed"), None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+        assert!(store.list_runs(None, Some("running"), None, 10).await.unwrap().runs.is_empty());
+
+        // Its log is closed: a late transition is refused as gone, and its lease acked.
+        let late = Commit { expected_seq: 4, lease: None, ..commit };
+        assert_eq!(store.commit(late).await.unwrap(), CommitOutcome::Gone);
+        let other = new_run(&def, 0, 2_000, None);
+        let other_id = other.run.clone();
+        store.create_run(other).await.unwrap();
+        let worked = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        let from = worked.task.clone().unwrap().state;
+        let cancel = vec![Transition::RunCancelled { reason: "operator".to_owned() }];
+        let cancelled = commit_of(&def, &other_id, &from, None, cancel, 2_005);
+        assert_eq!(store.commit(cancelled).await.unwrap(), CommitOutcome::Applied { seq: 2 });
+        assert_eq!(store.commit(work(&def, &worked, true, 2_010)).await.unwrap(), CommitOutcome::Gone);
+        assert_eq!(
+            store.renew(std::slice::from_ref(&worked.lease)).await.unwrap(),
+            std::slice::from_ref(&worked.lease)
+        );
+        assert_eq!(store.history(&other_id).await.unwrap().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn timers_stay_due_until_the_commit_that_fires_them() {
+        let store = store();
+        let def = definition(1, 2);
+        let new = new_run(&def, 1, 1_000, None);
+        let id = new.run.clone();
+        store.create_run(new).await.unwrap();
+        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        let failed = work(&def, &claimed, false, 1_010);
+        let due = failed.timer.unwrap();
+        let retrying = failed.state.clone();
+        assert_eq!(store.commit(failed).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+        assert!(store.has_timer(&id).await.unwrap());
+        assert!(store.due_timers(due - 1, 10).await.unwrap().is_empty());
+        assert_eq!(store.due_timers(due, 10).await.unwrap(), std::slice::from_ref(&id));
+        assert_eq!(store.due_timers(due, 10).await.unwrap(), std::slice::from_ref(&id), "reading does not remove");
+        assert!(store.due_timers(due, 0).await.unwrap().is_empty());
+
+        let (step, attempt) = retrying.status.step_attempt().unwrap();
+        let fired = commit_of(&def, &id, &retrying, None, vec![Transition::TimerFired { step, attempt }], due);
+        assert_eq!(store.commit(fired).await.unwrap(), CommitOutcome::Applied { seq: 4 });
+        assert!(!store.has_timer(&id).await.unwrap());
+        assert!(store.due_timers(Millis::MAX, 10).await.unwrap().is_empty());
+        let retry = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        assert_eq!(retry.task.unwrap().state.status.step_attempt(), Some((0, 2)));
+    }
+
+    #[tokio::test]
+    async fn housekeeping_deletes_runs_that_ended_before_the_retention() {
+        let store = store();
+        let def = definition(1, 1);
+        let ended = new_run(&def, 0, 1_000, None);
+        let ended_id = ended.run.clone();
+        store.create_run(ended).await.unwrap();
+        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        store.commit(work(&def, &claimed, true, 1_500)).await.unwrap();
+        let live = new_run(&def, 0, 2_000, None);
+        let live_id = live.run.clone();
+        store.create_run(live).await.unwrap();
+
+        let kept = store.housekeeping(1_500).await.unwrap();
+        assert_eq!(kept, Housekeeping { trimmed_entries: 1, expired_runs: 0 }, "the acked entry goes");
+        assert!(store.summary(&ended_id).await.unwrap().is_some());
+
+        let swept = store.housekeeping(1_501).await.unwrap();
+        assert_eq!(swept, Housekeeping { trimmed_entries: 0, expired_runs: 1 });
+        assert_eq!(store.summary(&ended_id).await.unwrap(), None);
+        assert_eq!(store.history(&ended_id).await.unwrap(), None);
+        assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, std::slice::from_ref(&live_id));
+        assert!(store.list_runs(None, Some("completed"), None, 10).await.unwrap().runs.is_empty());
+        let entry = store.summary(&live_id).await.unwrap().unwrap().ready_entry.unwrap();
+        assert!(store.dispatch_exists(&live_id, &entry).await.unwrap(), "queued entries stay");
+    }
+
+    #[tokio::test]
+    async fn a_claim_waits_at_most_its_block_then_returns_nothing() {
+        let store = store();
+        let started = Instant::now();
+        let claimed = store.claim("a", 5, Duration::from_millis(100)).await.unwrap();
+        let waited = started.elapsed();
+        assert!(claimed.is_empty());
+        assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_blocked_claim_wakes_when_a_step_is_dispatched() {
+        let store = store();
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.claim("a", 5, Duration::from_secs(10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        store.create_run(new_run(&definition(1, 1), 2, 1_000, None)).await.unwrap();
+        let claimed = tokio::time::timeout(Duration::from_secs(2), waiting).await.unwrap().unwrap().unwrap();
+        assert_eq!(claimed.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn runs_are_listed_newest_first_in_pages() {
+        let store = store();
+        let def = definition(1, 1);
+        let mut ids = Vec::new();
+        for (shard, now) in [(0, 1_000), (1, 2_000), (2, 2_000), (3, 3_000)] {
+            let new = new_run(&def, shard, now, None);
+            ids.push(new.run.clone());
+            store.create_run(new).await.unwrap();
+        }
+        // Equal creation times are ordered by run id text, as Redis orders equal scores.
+        let (a, b) = (ids[1].to_string(), ids[2].to_string());
+        let (first_tie, second_tie) = if a > b { (&ids[1], &ids[2]) } else { (&ids[2], &ids[1]) };
+        let expected = [ids[3].clone(), first_tie.clone(), second_tie.clone(), ids[0].clone()];
+
+        let page = store.list_runs(Some("wf"), None, None, 2).await.unwrap().runs;
+        assert_eq!(page, expected[..2]);
+        let rest = store.list_runs(Some("wf"), Some("pending"), page.last(), 10).await.unwrap().runs;
+        assert_eq!(rest, expected[2..]);
+        assert!(store.list_runs(Some("other"), None, None, 10).await.unwrap().runs.is_empty());
+        assert!(store.list_runs(None, Some("failed"), None, 10).await.unwrap().runs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn quiet_runs_are_live_runs_not_updated_since_at_most_max_per_shard() {
+        let store = store();
+        let def = definition(1, 1);
+        for (shard, now) in [(0, 1_000), (0, 1_100), (0, 1_200), (1, 1_000), (1, 5_000)] {
+            store.create_run(new_run(&def, shard, now, None)).await.unwrap();
+        }
+        let quiet = store.quiet_runs(2_000, 2).await.unwrap();
+        let shards: Vec<u16> = quiet.iter().map(|(id, _)| id.shard).collect();
+        assert_eq!(shards.iter().filter(|s| **s == 0).count(), 2);
+        assert_eq!(shards.iter().filter(|s| **s == 1).count(), 1);
+        assert!(quiet.iter().all(|(_, summary)| summary.updated_at < 2_000));
+    }
+
+    #[tokio::test]
+    async fn definitions_are_found_by_hash_on_every_shard() {
+        let store = store();
+        let workflow = Arc::new(Workflow::new(definition(2, 3)));
+        store.save_definitions(std::slice::from_ref(&workflow)).await.unwrap();
+        for shard in 0..store.shards() {
+            assert_eq!(store.load_definition(shard, &workflow.hash).await.unwrap().as_ref(), Some(&*workflow));
+        }
+        assert_eq!(store.load_definition(0, "unknown").await.unwrap(), None);
+        let health = store.health().await.unwrap();
+        assert_eq!(health.kind, StoreKind::Memory);
+        assert!(health.warnings.iter().any(|w| w.contains("nothing survives a restart")));
+    }
+}

@@ -101,6 +101,8 @@ pub struct StoreHealth {
 pub struct Lease {
     pub shard: u16,
     pub entry: String,
+    /// The consumer (replica) holding it.
+    pub consumer: String,
 }
 
 /// A step ready to run, as queued: the run and its state when the step was dispatched.
@@ -256,13 +258,13 @@ pub trait Store: Send + Sync + 'static {
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome>;
 
     /// Acknowledges an entry without a transition (it is obsolete), if it is still ours.
-    async fn ack(&self, consumer: &str, lease: &Lease) -> StoreResult<()>;
+    async fn ack(&self, lease: &Lease) -> StoreResult<()>;
 
     /// New ready entries for `consumer`, at most `max`, waiting up to `block` for one.
     async fn claim(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<Claimed>>;
 
-    /// Renews the leases still held by `consumer`; returns the ones it no longer holds.
-    async fn renew(&self, consumer: &str, leases: &[Lease]) -> StoreResult<Vec<Lease>>;
+    /// Renews the leases still held by their consumers; returns the ones no longer held.
+    async fn renew(&self, leases: &[Lease]) -> StoreResult<Vec<Lease>>;
 
     /// Takes over entries whose lease expired (idle longer than `min_idle`), at most `max`.
     async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<Claimed>>;

@@ -1,1 +1,719 @@
-//! in progress
+//! The Redis store: the durable, multi-replica engine's only contact with Redis (via fred).
+//!
+//! Every transition is one `FCALL wfo_v1_commit` (see `migrations/001_wfo_v1.lua`); reads are
+//! batched; concurrent calls share one pipelined connection, and blocking reads have their own so
+//! that they never hold up a commit.
+
+use super::codec::{decode_compacted, decode_recorded, decode_task, encode_recorded, encode_task, summary_fields, summary_from_fields};
+use super::keys::{Keys, WORKERS_GROUP};
+use super::{
+    Claimed, Commit, CommitOutcome, Created, Housekeeping, Lease, Logged, NewRun, ReadyTask, RunId, RunPage, RunState,
+    RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult,
+};
+use crate::definition::Workflow;
+use crate::machine::{Millis, Recorded};
+use async_trait::async_trait;
+use fred::prelude::{ClientLike, Config, ReconnectPolicy};
+use fred::types::{CustomCommand, Value};
+use futures::future::join_all;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// The Lua library, versioned: its name carries the schema version.
+const LIBRARY: &str = include_str!("../../migrations/001_wfo_v1.lua");
+const SCHEMA_VERSION: u64 = 1;
+
+pub struct RedisStore {
+    /// Pipelined connection for every non-blocking command: concurrent callers' commands are
+    /// written back to back without waiting for each other's replies.
+    client: fred::prelude::Client,
+    /// Its own connection for `XREADGROUP ... BLOCK`, which holds a connection while it waits.
+    blocking: fred::prelude::Client,
+    keys: Keys,
+    /// Which shard a partial read starts at, rotated so that no shard starves when fewer
+    /// executors are free than there are shards.
+    next_shard: AtomicUsize,
+}
+
+fn unavailable(err: fred::error::Error) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+fn corrupt(key: &str, problem: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { key: key.to_owned(), problem: problem.into() }
+}
+
+fn text(value: &Value) -> Option<String> {
+    value.as_bytes().map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+/// Stream entry fields, as (field, value) pairs, from either reply shape.
+fn fields(value: Value) -> Vec<(String, Value)> {
+    match value {
+        Value::Map(map) => map.inner().into_iter().map(|(k, v)| (k.as_str().map(|s| s.to_string()).unwrap_or_default(), v)).collect(),
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut iter = items.into_iter();
+            while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+                out.push((text(&k).unwrap_or_default(), v));
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// `(id, fields)` of stream entries from an `XRANGE`-shaped reply.
+fn entries(value: Value) -> Vec<(String, Vec<(String, Value)>)> {
+    value
+        .into_array()
+        .into_iter()
+        .filter_map(|entry| {
+            let mut parts = entry.into_array().into_iter();
+            let id = text(&parts.next()?)?;
+            Some((id, fields(parts.next().unwrap_or(Value::Null))))
+        })
+        .collect()
+}
+
+fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+/// `ms-seq` + 1: the smallest id after `id`.
+fn successor(id: &str) -> Option<String> {
+    let (ms, seq) = id.split_once('-')?;
+    let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
+    Some(if seq == u64::MAX { format!("{}-0", ms + 1) } else { format!("{ms}-{}", seq + 1) })
+}
+
+fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    let parse = |id: &str| {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
+    };
+    parse(a).cmp(&parse(b))
+}
+
+impl RedisStore {
+    /// Connects, refuses Redis older than 7.0, loads the Lua library and creates the consumer
+    /// groups. Reconnects by itself afterwards, forever, with backoff.
+    pub async fn connect(url: &str, prefix: &str, shards: u16) -> StoreResult<RedisStore> {
+        let config = Config::from_url(url).map_err(|err| StoreError::Fatal(format!("REDIS_URL is not usable: {err}")))?;
+        let build = |command_timeout: Duration| {
+            fred::types::Builder::from_config(config.clone())
+                .with_connection_config(|c| {
+                    c.connection_timeout = Duration::from_secs(5);
+                    c.max_command_attempts = 3;
+                })
+                .with_performance_config(|p| p.default_command_timeout = command_timeout)
+                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+                .build()
+                .map_err(|err| StoreError::Fatal(format!("cannot build the Redis client: {err}")))
+        };
+        let client = build(Duration::from_secs(10))?;
+        let blocking = build(Duration::from_secs(15))?;
+        for c in [&client, &blocking] {
+            c.init().await.map_err(|err| StoreError::Unavailable(format!("cannot connect to Redis: {err}")))?;
+        }
+        let store = RedisStore { client, blocking, keys: Keys::new(prefix, shards), next_shard: AtomicUsize::new(0) };
+        let version = store.server_version().await?;
+        let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        if major < 7 {
+            return Err(StoreError::Fatal(format!(
+                "Redis {version} is too old: workflow-orchestrator needs Redis 7.0 or newer (functions, XAUTOCLAIM)"
+            )));
+        }
+        store.install_schema().await?;
+        Ok(store)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    async fn cmd(&self, name: &'static str, args: Vec<Value>) -> StoreResult<Value> {
+        self.client.custom(CustomCommand::new_static(name, None::<u16>, false), args).await.map_err(unavailable)
+    }
+
+    async fn server_version(&self) -> StoreResult<String> {
+        let info = self.cmd("INFO", vec!["server".into()]).await?;
+        let info = text(&info).unwrap_or_default();
+        Ok(info
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| "unknown".to_owned()))
+    }
+
+    /// Loads the Lua library and the consumer groups; checks the schema version is not newer
+    /// than this binary's.
+    async fn install_schema(&self) -> StoreResult<()> {
+        let schema_key = self.keys.schema_version();
+        let stored = self.cmd("GET", vec![schema_key.clone().into()]).await?;
+        if let Some(stored) = text(&stored).and_then(|v| v.parse::<u64>().ok()) {
+            if stored > SCHEMA_VERSION {
+                return Err(StoreError::Fatal(format!(
+                    "the data under this KEY_PREFIX was written by a newer version (schema {stored}, this binary knows {SCHEMA_VERSION}); upgrade this binary"
+                )));
+            }
+        }
+        self.cmd("FUNCTION", vec!["LOAD".into(), "REPLACE".into(), LIBRARY.into()])
+            .await
+            .map_err(|err| StoreError::Fatal(format!("cannot load the Lua library: {err}")))?;
+        self.cmd("SET", vec![schema_key.into(), SCHEMA_VERSION.to_string().into()]).await?;
+        let groups = (0..self.keys.shards()).map(|shard| {
+            self.cmd("XGROUP", vec!["CREATE".into(), self.keys.ready(shard).into(), WORKERS_GROUP.into(), "0".into(), "MKSTREAM".into()])
+        });
+        for result in join_all(groups).await {
+            match result {
+                Ok(_) => {}
+                Err(StoreError::Unavailable(msg)) if msg.contains("BUSYGROUP") => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    /// `FCALL`, reinstalling the library once if Redis lost it (restarted without persistence).
+    async fn fcall(&self, function: &'static str, keys: Vec<String>, args: Vec<Value>) -> StoreResult<Value> {
+        let mut call = vec![Value::from(function), Value::from(keys.len() as i64)];
+        call.extend(keys.into_iter().map(Value::from));
+        call.extend(args);
+        match self.cmd("FCALL", call.clone()).await {
+            Err(StoreError::Unavailable(msg)) if msg.contains("Function not found") || msg.contains("NOGROUP") => {
+                tracing::warn!("Redis lost the Lua library or the consumer groups (restarted without persistence?); reinstalling");
+                self.install_schema().await?;
+                self.cmd("FCALL", call).await
+            }
+            other => other,
+        }
+    }
+
+    fn decode_claimed(&self, shard: u16, id: String, fields: &[(String, Value)], deliveries: u64, consumer: &str) -> Claimed {
+        let task = match field(fields, "data").and_then(Value::as_bytes) {
+            Some(bytes) => decode_task(bytes),
+            None => Err("ready entry without a `data` field".to_owned()),
+        };
+        Claimed { lease: Lease { shard, entry: id, consumer: consumer.to_owned() }, deliveries, task }
+    }
+
+    /// Moves undecodable entries to the shard's dead-letter stream (and acks them).
+    async fn bury(&self, claimed: &[Claimed]) -> StoreResult<()> {
+        for c in claimed {
+            if let Err(reason) = &c.task {
+                tracing::error!(entry = %c.lease.entry, shard = c.lease.shard, %reason, "dead-lettering a malformed ready entry");
+                self.fcall(
+                    "wfo_v1_dead_letter",
+                    vec![self.keys.ready(c.lease.shard), self.keys.ready_dead(c.lease.shard)],
+                    vec![WORKERS_GROUP.into(), c.lease.entry.clone().into(), reason.clone().into()],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds and sends one `wfo_v1_commit`.
+    #[allow(clippy::too_many_arguments)]
+    async fn call_commit(
+        &self,
+        run: &RunId,
+        expected_seq: u64,
+        lease: Option<&Lease>,
+        records: &[Recorded],
+        fields: Vec<(&'static str, String)>,
+        dispatch: Option<&RunState>,
+        timer: Option<Millis>,
+        clear_timer: bool,
+        idempotency: Option<&(String, Duration)>,
+        zadd: Vec<(String, Millis)>,
+        zrem: Vec<String>,
+        compact: bool,
+    ) -> StoreResult<Value> {
+        let shard = run.shard;
+        let run_text = run.to_string();
+        let mut keys = vec![self.keys.run(run), self.keys.log(run), self.keys.history(run), self.keys.ready(shard), self.keys.timers(shard)];
+        let mut args: Vec<Value> = Vec::with_capacity(16 + records.len() * 2 + fields.len() * 2);
+        args.push(run_text.clone().into());
+        args.push(expected_seq.to_string().into());
+        args.push(lease.map_or_else(String::new, |l| l.entry.clone()).into());
+        args.push(WORKERS_GROUP.into());
+        args.push(lease.map_or_else(String::new, |l| l.consumer.clone()).into());
+        match idempotency {
+            Some((key, ttl)) => {
+                keys.push(self.keys.idempotency(shard, key));
+                args.push(keys.len().to_string().into());
+                args.push(ttl.as_secs().max(1).to_string().into());
+            }
+            None => {
+                args.push("0".into());
+                args.push("0".into());
+            }
+        }
+        args.push(records.len().to_string().into());
+        for recorded in records {
+            args.push(recorded.transition.kind().into());
+            args.push(Value::Bytes(encode_recorded(recorded).into()));
+        }
+        args.push(if compact { "1" } else { "0" }.into());
+        args.push(fields.len().to_string().into());
+        for (name, value) in fields {
+            args.push(name.into());
+            args.push(value.into());
+        }
+        match dispatch {
+            Some(state) => args.push(Value::Bytes(encode_task(&ReadyTask { run: run_text.clone(), state: state.clone() }).into())),
+            None => args.push("".into()),
+        }
+        args.push(timer.map_or_else(String::new, |t| t.to_string()).into());
+        args.push(if clear_timer { "1" } else { "0" }.into());
+        args.push(zadd.len().to_string().into());
+        for (key, score) in zadd {
+            keys.push(key);
+            args.push(keys.len().to_string().into());
+            args.push(score.to_string().into());
+            args.push(run_text.clone().into());
+        }
+        args.push(zrem.len().to_string().into());
+        for key in zrem {
+            keys.push(key);
+            args.push(keys.len().to_string().into());
+            args.push(run_text.clone().into());
+        }
+        self.fcall("wfo_v1_commit", keys, args).await
+    }
+
+    async fn summaries(&self, runs: &[RunId]) -> StoreResult<Vec<Option<RunSummary>>> {
+        join_all(runs.iter().map(|run| self.summary(run))).await.into_iter().collect()
+    }
+}
+
+fn outcome(reply: Value) -> StoreResult<(String, Vec<Value>)> {
+    let mut parts = reply.into_array().into_iter();
+    let tag = parts.next().as_ref().and_then(text).ok_or_else(|| corrupt("wfo_v1_commit", "empty reply"))?;
+    Ok((tag, parts.collect()))
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Redis
+    }
+
+    fn shards(&self) -> u16 {
+        self.keys.shards()
+    }
+
+    async fn now(&self) -> StoreResult<Millis> {
+        let reply = self.cmd("TIME", Vec::new()).await?.into_array();
+        let number = |v: Option<&Value>| v.and_then(text).and_then(|t| t.parse::<u64>().ok());
+        match (number(reply.first()), number(reply.get(1))) {
+            (Some(secs), Some(micros)) => Ok(secs * 1000 + micros / 1000),
+            _ => Err(corrupt("TIME", "unexpected reply")),
+        }
+    }
+
+    async fn health(&self) -> StoreResult<StoreHealth> {
+        let version = self.server_version().await?;
+        let mut warnings = Vec::new();
+        match self.cmd("CONFIG", vec!["GET".into(), "maxmemory-policy".into()]).await {
+            Ok(reply) => {
+                let policy = fields(reply).into_iter().find(|(k, _)| k == "maxmemory-policy").and_then(|(_, v)| text(&v));
+                match policy.as_deref() {
+                    Some("noeviction") => {}
+                    Some(other) => warnings.push(format!(
+                        "Redis maxmemory-policy is `{other}`: Redis may evict keys and silently lose runs; set `noeviction`"
+                    )),
+                    None => warnings.push("could not read Redis maxmemory-policy; make sure it is `noeviction`".to_owned()),
+                }
+            }
+            Err(_) => warnings.push("CONFIG GET is not allowed: cannot check that maxmemory-policy is `noeviction`".to_owned()),
+        }
+        Ok(StoreHealth { kind: StoreKind::Redis, version: Some(version), warnings })
+    }
+
+    async fn save_definitions(&self, workflows: &[Arc<Workflow>]) -> StoreResult<()> {
+        let writes = workflows.iter().flat_map(|w| {
+            (0..self.keys.shards()).map(move |shard| {
+                self.cmd("SET", vec![self.keys.definition(shard, &w.hash).into(), w.snapshot.clone().into()])
+            })
+        });
+        join_all(writes).await.into_iter().collect::<StoreResult<Vec<_>>>()?;
+        Ok(())
+    }
+
+    async fn load_definition(&self, shard: u16, hash: &str) -> StoreResult<Option<Workflow>> {
+        let key = self.keys.definition(shard, hash);
+        let reply = self.cmd("GET", vec![key.clone().into()]).await?;
+        match text(&reply) {
+            None => Ok(None),
+            Some(snapshot) => Workflow::from_snapshot(hash, &snapshot).map(Some).map_err(|err| corrupt(&key, err.to_string())),
+        }
+    }
+
+    async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
+        let shard = new.run.shard;
+        let created = new.state.created_at;
+        let zadd = vec![
+            (self.keys.index_all(shard), created),
+            (self.keys.index_workflow(shard, &new.state.workflow), created),
+            (self.keys.index_active(shard), created),
+        ];
+        let reply = self
+            .call_commit(
+                &new.run,
+                0,
+                None,
+                &new.records,
+                summary_fields(&RunSummary::of(&new.state)),
+                new.dispatch.as_ref(),
+                None,
+                false,
+                new.idempotency.as_ref(),
+                zadd,
+                Vec::new(),
+                false,
+            )
+            .await?;
+        match outcome(reply)? {
+            (tag, _) if tag == "ok" => Ok(Created::New(new.run)),
+            (tag, rest) if tag == "duplicate" => Ok(Created::Duplicate(rest.first().and_then(text).unwrap_or_default())),
+            (tag, _) => Err(corrupt(&self.keys.run(&new.run), format!("creating a run answered `{tag}`"))),
+        }
+    }
+
+    async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        let shard = commit.run.shard;
+        let terminal = commit.state.status.is_terminal();
+        let summary = RunSummary::of(&commit.state);
+        let fields: Vec<(&'static str, String)> = summary_fields(&summary)
+            .into_iter()
+            .filter(|(name, _)| !matches!(*name, "workflow" | "definition" | "created_at"))
+            .collect();
+        let (zadd, zrem) = if terminal {
+            (vec![(self.keys.index_finished(shard, commit.state.status.name()), commit.state.updated_at)], vec![self.keys.index_active(shard)])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let reply = self
+            .call_commit(
+                &commit.run,
+                commit.expected_seq,
+                commit.lease.as_ref(),
+                &commit.records,
+                fields,
+                commit.dispatch.as_ref(),
+                commit.timer,
+                commit.clear_timer || terminal,
+                None,
+                zadd,
+                zrem,
+                terminal && !commit.records.is_empty(),
+            )
+            .await?;
+        let (tag, rest) = outcome(reply)?;
+        Ok(match tag.as_str() {
+            "ok" => CommitOutcome::Applied { seq: rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0) },
+            "stale" => CommitOutcome::Stale,
+            "lease_lost" => CommitOutcome::LeaseLost,
+            "gone" => CommitOutcome::Gone,
+            other => return Err(corrupt(&self.keys.run(&commit.run), format!("commit answered `{other}`"))),
+        })
+    }
+
+    async fn ack(&self, lease: &Lease) -> StoreResult<()> {
+        self.fcall(
+            "wfo_v1_ack",
+            vec![self.keys.ready(lease.shard)],
+            vec![WORKERS_GROUP.into(), lease.consumer.clone().into(), lease.entry.clone().into()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn claim(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<Claimed>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        // COUNT applies per stream: read at most `max` in all, from `max` shards when fewer
+        // executors are free than there are shards.
+        let shards = self.keys.shards() as usize;
+        let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        let chosen: Vec<u16> = (0..shards.min(max)).map(|i| ((start + i) % shards) as u16).collect();
+        let count = (max / chosen.len()).max(1);
+        let mut args: Vec<Value> = vec![
+            "GROUP".into(),
+            WORKERS_GROUP.into(),
+            consumer.into(),
+            "COUNT".into(),
+            (count as i64).into(),
+            "BLOCK".into(),
+            (block.as_millis() as i64).into(),
+            "STREAMS".into(),
+        ];
+        args.extend(chosen.iter().map(|s| Value::from(self.keys.ready(*s))));
+        args.extend(chosen.iter().map(|_| Value::from(">")));
+        let reply = self.blocking.custom::<Value, Value>(CustomCommand::new_static("XREADGROUP", None::<u16>, true), args).await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(err) if err.to_string().contains("NOGROUP") => {
+                tracing::warn!("consumer groups missing (Redis restarted without persistence?); recreating");
+                self.install_schema().await?;
+                return Ok(Vec::new());
+            }
+            Err(err) => return Err(unavailable(err)),
+        };
+        let streams: Vec<(String, Value)> = match reply {
+            Value::Null => Vec::new(),
+            Value::Map(map) => map.inner().into_iter().map(|(k, v)| (k.as_str().map(|s| s.to_string()).unwrap_or_default(), v)).collect(),
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|pair| {
+                    let mut parts = pair.into_array().into_iter();
+                    Some((text(&parts.next()?)?, parts.next()?))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut claimed = Vec::new();
+        for (stream, body) in streams {
+            let Some(&shard) = chosen.iter().find(|s| self.keys.ready(**s) == stream) else { continue };
+            for (id, fields) in entries(body) {
+                claimed.push(self.decode_claimed(shard, id, &fields, 1, consumer));
+            }
+        }
+        self.bury(&claimed).await?;
+        Ok(claimed)
+    }
+
+    async fn renew(&self, leases: &[Lease]) -> StoreResult<Vec<Lease>> {
+        let mut by_shard: std::collections::BTreeMap<(u16, &str), Vec<&Lease>> = std::collections::BTreeMap::new();
+        for lease in leases {
+            by_shard.entry((lease.shard, lease.consumer.as_str())).or_default().push(lease);
+        }
+        let calls = by_shard.iter().map(|((shard, consumer), group)| {
+            let mut args: Vec<Value> = vec![WORKERS_GROUP.into(), (*consumer).into()];
+            args.extend(group.iter().map(|l| Value::from(l.entry.clone())));
+            self.fcall("wfo_v1_renew", vec![self.keys.ready(*shard)], args)
+        });
+        let mut lost = Vec::new();
+        for (reply, ((shard, consumer), _)) in join_all(calls).await.into_iter().zip(by_shard.iter()) {
+            for id in reply?.into_array() {
+                if let Some(entry) = text(&id) {
+                    lost.push(Lease { shard: *shard, entry, consumer: (*consumer).to_owned() });
+                }
+            }
+        }
+        Ok(lost)
+    }
+
+    async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<Claimed>> {
+        let mut claimed = Vec::new();
+        for shard in 0..self.keys.shards() {
+            if claimed.len() >= max {
+                break;
+            }
+            let reply = self
+                .fcall(
+                    "wfo_v1_reclaim",
+                    vec![self.keys.ready(shard)],
+                    vec![
+                        WORKERS_GROUP.into(),
+                        consumer.into(),
+                        (min_idle.as_millis() as i64).into(),
+                        "0-0".into(),
+                        ((max - claimed.len()) as i64).into(),
+                    ],
+                )
+                .await?;
+            let mut parts = reply.into_array().into_iter();
+            let _next = parts.next();
+            for entry in parts.next().map(Value::into_array).unwrap_or_default() {
+                let mut items = entry.into_array().into_iter();
+                let (Some(id), Some(body), Some(deliveries)) = (items.next(), items.next(), items.next()) else { continue };
+                let Some(id) = text(&id) else { continue };
+                let deliveries = text(&deliveries).and_then(|d| d.parse().ok()).unwrap_or(1);
+                claimed.push(self.decode_claimed(shard, id, &fields(body), deliveries, consumer));
+            }
+        }
+        self.bury(&claimed).await?;
+        Ok(claimed)
+    }
+
+    async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>> {
+        let reads = (0..self.keys.shards()).map(|shard| {
+            self.cmd(
+                "ZRANGEBYSCORE",
+                vec![self.keys.timers(shard).into(), "-inf".into(), now.to_string().into(), "LIMIT".into(), "0".into(), (max as i64).into()],
+            )
+        });
+        let mut due = Vec::new();
+        for reply in join_all(reads).await {
+            for member in reply?.into_array() {
+                if let Some(run) = text(&member).and_then(|t| t.parse::<RunId>().ok()) {
+                    due.push(run);
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
+        let key = self.keys.run(run);
+        let reply = self.cmd("HGETALL", vec![key.clone().into()]).await?;
+        let pairs: Vec<(String, String)> = fields(reply).into_iter().map(|(k, v)| (k, text(&v).unwrap_or_default())).collect();
+        summary_from_fields(&key, pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
+    async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>> {
+        let log_key = self.keys.log(run);
+        // Live log first; a finished run's log was folded into one value atomically, so if the
+        // stream is gone the value is there.
+        for _ in 0..2 {
+            let live = entries(self.cmd("XRANGE", vec![log_key.clone().into(), "-".into(), "+".into()]).await?);
+            if !live.is_empty() {
+                let mut out = Vec::with_capacity(live.len());
+                for (id, fields) in live {
+                    let seq = id.split_once('-').and_then(|(s, _)| s.parse().ok()).ok_or_else(|| corrupt(&log_key, format!("entry id `{id}`")))?;
+                    let data = field(&fields, "data").and_then(Value::as_bytes).ok_or_else(|| corrupt(&log_key, format!("entry {id} has no data")))?;
+                    let recorded = decode_recorded(data).map_err(|p| corrupt(&log_key, format!("entry {id}: {p}")))?;
+                    out.push(Logged { seq, recorded });
+                }
+                return Ok(Some(out));
+            }
+            let history_key = self.keys.history(run);
+            let blob = self.cmd("GET", vec![history_key.clone().into()]).await?;
+            if let Some(bytes) = blob.as_bytes() {
+                let records = decode_compacted(bytes).map_err(|p| corrupt(&history_key, p))?;
+                return Ok(Some(records.into_iter().enumerate().map(|(i, recorded)| Logged { seq: i as u64 + 1, recorded }).collect()));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>> {
+        let mut out = Vec::new();
+        for shard in 0..self.keys.shards() {
+            let members = self
+                .cmd("ZRANGE", vec![self.keys.index_active(shard).into(), "0".into(), ((max as i64) - 1).into()])
+                .await?
+                .into_array();
+            let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
+            for (run, summary) in runs.iter().zip(self.summaries(&runs).await?) {
+                if let Some(summary) = summary.filter(|s| s.updated_at < before && !super::is_terminal_name(&s.status)) {
+                    out.push((run.clone(), summary));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn dispatch_exists(&self, run: &RunId, entry: &str) -> StoreResult<bool> {
+        let reply = self.cmd("XRANGE", vec![self.keys.ready(run.shard).into(), entry.into(), entry.into()]).await?;
+        Ok(!reply.into_array().is_empty())
+    }
+
+    async fn has_timer(&self, run: &RunId) -> StoreResult<bool> {
+        let reply = self.cmd("ZSCORE", vec![self.keys.timers(run.shard).into(), run.to_string().into()]).await?;
+        Ok(!reply.is_null())
+    }
+
+    async fn list_runs(&self, workflow: Option<&str>, status: Option<&str>, before: Option<&RunId>, limit: usize) -> StoreResult<RunPage> {
+        let max_score = before.map_or_else(|| "+inf".to_owned(), |b| b.uuid.get_timestamp().map_or(0, |t| t.to_unix().0 * 1000 + u64::from(t.to_unix().1 / 1_000_000)).to_string());
+        // Over-fetch so that runs created in the same millisecond as the cursor, and runs of
+        // another status, do not shorten the page.
+        let fetch = (limit * 4 + 16) as i64;
+        let reads = (0..self.keys.shards()).map(|shard| {
+            let key = match workflow {
+                Some(w) => self.keys.index_workflow(shard, w),
+                None => self.keys.index_all(shard),
+            };
+            self.cmd("ZREVRANGEBYSCORE", vec![key.into(), max_score.clone().into(), "-inf".into(), "LIMIT".into(), "0".into(), fetch.into()])
+        });
+        let mut candidates: Vec<RunId> = Vec::new();
+        for reply in join_all(reads).await {
+            candidates.extend(reply?.into_array().iter().filter_map(|m| text(m)?.parse::<RunId>().ok()));
+        }
+        candidates.sort_by(|a, b| b.uuid.cmp(&a.uuid));
+        if let Some(cursor) = before {
+            candidates.retain(|r| r.uuid < cursor.uuid);
+        }
+        let mut runs = Vec::new();
+        if let Some(status) = status {
+            for chunk in candidates.chunks(limit.max(1) * 2) {
+                for (run, summary) in chunk.iter().zip(self.summaries(chunk).await?) {
+                    if summary.is_some_and(|s| s.status == status) && runs.len() < limit {
+                        runs.push(run.clone());
+                    }
+                }
+                if runs.len() >= limit {
+                    break;
+                }
+            }
+        } else {
+            runs = candidates.into_iter().take(limit).collect();
+        }
+        Ok(RunPage { runs })
+    }
+
+    async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
+        let mut report = Housekeeping::default();
+        for shard in 0..self.keys.shards() {
+            let ready = self.keys.ready(shard);
+            // Trim only behind every consumer: below the oldest pending entry and the group's
+            // last delivered one, so no queued or leased step is ever dropped.
+            let groups = self.cmd("XINFO", vec!["GROUPS".into(), ready.clone().into()]).await?;
+            let last_delivered = groups.into_array().into_iter().find_map(|group| {
+                let info = fields(group);
+                let name = field(&info, "name").and_then(text)?;
+                (name == WORKERS_GROUP).then(|| field(&info, "last-delivered-id").and_then(text)).flatten()
+            });
+            let Some(last_delivered) = last_delivered else { continue };
+            let pending = self.cmd("XPENDING", vec![ready.clone().into(), WORKERS_GROUP.into()]).await?.into_array();
+            let oldest_pending = pending.get(1).and_then(text);
+            let Some(mut min_id) = successor(&last_delivered) else { continue };
+            if let Some(oldest) = oldest_pending {
+                if compare_ids(&oldest, &min_id).is_lt() {
+                    min_id = oldest;
+                }
+            }
+            let trimmed = self.cmd("XTRIM", vec![ready.into(), "MINID".into(), "~".into(), min_id.into()]).await?;
+            report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+
+            for status in ["completed", "failed", "cancelled", "timed_out"] {
+                let index = self.keys.index_finished(shard, status);
+                let members = self
+                    .cmd("ZRANGEBYSCORE", vec![index.clone().into(), "-inf".into(), format!("({retain_until}").into(), "LIMIT".into(), "0".into(), "500".into()])
+                    .await?
+                    .into_array();
+                let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
+                if runs.is_empty() {
+                    continue;
+                }
+                let summaries = self.summaries(&runs).await?;
+                let mut doomed: Vec<Value> = Vec::new();
+                for run in &runs {
+                    doomed.extend([self.keys.run(run), self.keys.history(run), self.keys.log(run)].map(Value::from));
+                }
+                self.cmd("DEL", doomed).await?;
+                let mut by_index: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
+                for (run, summary) in runs.iter().zip(summaries) {
+                    by_index.entry(self.keys.index_all(shard)).or_default().push(run.to_string().into());
+                    by_index.entry(index.clone()).or_default().push(run.to_string().into());
+                    if let Some(summary) = summary {
+                        by_index.entry(self.keys.index_workflow(shard, &summary.workflow)).or_default().push(run.to_string().into());
+                    }
+                }
+                for (key, members) in by_index {
+                    let mut args = vec![Value::from(key)];
+                    args.extend(members);
+                    self.cmd("ZREM", args).await?;
+                }
+                report.expired_runs += runs.len() as u64;
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,121 @@
+//! JSON views of runs, built from their logs (the source of truth) and definition snapshots.
+
+use crate::definition::Workflow;
+use crate::machine::{Millis, RunState, Status, Transition, Trigger};
+use crate::store::Logged;
+use serde_json::{Value, json};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn timestamp(at: Millis) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(at)).to_string()
+}
+
+/// JSON text as a value; anything that is not JSON is kept as a string.
+fn json_text(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
+fn step_id(workflow: &Workflow, step: u32) -> Value {
+    workflow.def.steps.get(step as usize).map_or(Value::Null, |s| Value::String(s.id.clone()))
+}
+
+fn trigger(trigger: &Trigger) -> Value {
+    match trigger {
+        Trigger::Api => json!({ "kind": "api" }),
+        Trigger::Cron { fire_at } => json!({ "kind": "cron", "fireAt": timestamp(*fire_at) }),
+        Trigger::Event { event_id, event_type } => json!({ "kind": "event", "eventId": event_id, "eventType": event_type }),
+    }
+}
+
+/// `GET /api/runs/:runId`.
+pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) -> Value {
+    let current = state.status.step_attempt();
+    let steps: Vec<Value> = workflow
+        .def
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(index, def)| {
+            let index = index as u32;
+            let mut attempts = 0;
+            let mut output = Value::Null;
+            let mut error = Value::Null;
+            let mut completed = false;
+            for entry in log {
+                match &entry.recorded.transition {
+                    Transition::StepStarted { step, attempt } if *step == index => attempts = attempts.max(*attempt),
+                    Transition::StepCompleted { step, output: out, .. } if *step == index => {
+                        completed = true;
+                        output = json_text(out);
+                    }
+                    Transition::StepFailed { step, error: err, .. } if *step == index => error = Value::String(err.clone()),
+                    _ => {}
+                }
+            }
+            let status = if completed {
+                "completed"
+            } else if current.is_some_and(|(step, _)| step == index) {
+                match state.status {
+                    Status::Retrying { .. } => "retrying",
+                    Status::Pending => "pending",
+                    _ => "running",
+                }
+            } else if attempts > 0 {
+                match state.status {
+                    Status::Cancelled => "cancelled",
+                    Status::TimedOut => "timed_out",
+                    _ => "failed",
+                }
+            } else {
+                "pending"
+            };
+            json!({ "id": def.id, "status": status, "attempts": attempts, "output": output, "error": error })
+        })
+        .collect();
+    let run_error = log.iter().rev().find_map(|entry| match &entry.recorded.transition {
+        Transition::RunFailed { error } => Some(error.clone()),
+        Transition::RunCancelled { reason } => Some(format!("cancelled: {reason}")),
+        _ => None,
+    });
+    json!({
+        "runId": run_id,
+        "workflowId": state.workflow,
+        "status": state.status.name(),
+        "input": json_text(&state.input),
+        "trigger": trigger(&state.trigger),
+        "steps": steps,
+        "error": run_error,
+        "seq": state.seq,
+        "createdAt": timestamp(state.created_at),
+        "updatedAt": timestamp(state.updated_at),
+    })
+}
+
+/// One transition of `GET /api/runs/:runId/history`.
+pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
+    let recorded = &entry.recorded;
+    let (step, attempt) = recorded.transition.step_attempt().map_or((Value::Null, Value::Null), |(s, a)| (step_id(workflow, s), json!(a)));
+    let mut item = json!({
+        "seq": entry.seq,
+        "type": recorded.transition.kind(),
+        "at": timestamp(recorded.at),
+        "step": step,
+        "attempt": attempt,
+        "replica": recorded.replica,
+    });
+    let extra = match &recorded.transition {
+        Transition::RunCreated { workflow, definition, input, trigger: t } => {
+            json!({ "workflowId": workflow, "definition": definition, "input": json_text(input), "trigger": trigger(t) })
+        }
+        Transition::StepCompleted { output, .. } => json!({ "output": json_text(output) }),
+        Transition::StepFailed { error, retry_at, .. } => json!({ "error": error, "retryAt": retry_at.map(timestamp) }),
+        Transition::RunFailed { error } => json!({ "error": error }),
+        Transition::RunCancelled { reason } => json!({ "reason": reason }),
+        Transition::StepStarted { .. } | Transition::TimerFired { .. } | Transition::RunCompleted | Transition::RunTimedOut => json!({}),
+    };
+    if let (Value::Object(item), Value::Object(extra)) = (&mut item, extra) {
+        item.extend(extra);
+    }
+    item
+}

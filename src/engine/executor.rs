@@ -1,0 +1,299 @@
+//! Executors: claim ready steps, run them under a renewed lease, commit each outcome as one
+//! fenced transition; take over steps whose lease expired.
+
+use super::{Counters, Engine, backoff, sleep_or_cancelled};
+use crate::actions::{self, StepContext};
+use crate::machine::{self, Effect, Transition};
+use crate::store::{Claimed, Commit, CommitOutcome, Lease, ReadyTask, RunId, StoreError};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+/// How long one blocking read waits for work before looking at the shutdown token again.
+const CLAIM_BLOCK: Duration = Duration::from_secs(1);
+
+impl Engine {
+    pub(super) async fn claim_loop(self: Arc<Self>) {
+        let mut failures = 0u32;
+        loop {
+            // Hold permits first, then claim only as many entries as permits held.
+            let first = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                permit = Arc::clone(&self.executors).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let mut permits = vec![first];
+            while let Ok(permit) = Arc::clone(&self.executors).try_acquire_owned() {
+                permits.push(permit);
+            }
+            let claimed = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                claimed = self.store.claim(&self.consumer, permits.len(), CLAIM_BLOCK) => claimed,
+            };
+            match claimed {
+                Ok(claimed) => {
+                    failures = 0;
+                    self.spawn_steps(claimed, &mut permits);
+                }
+                Err(err) => {
+                    failures += 1;
+                    tracing::warn!(%err, "claiming ready steps failed; retrying");
+                    drop(permits);
+                    if sleep_or_cancelled(&self.shutdown, backoff(failures)).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn_steps(self: &Arc<Self>, claimed: Vec<Claimed>, permits: &mut Vec<OwnedSemaphorePermit>) {
+        for entry in claimed {
+            let Ok(task) = entry.task else { continue }; // dead-lettered by the store
+            let Some(permit) = permits.pop() else {
+                tracing::error!("claimed more entries than free executors; leaving the rest to lease expiry");
+                break;
+            };
+            let engine = Arc::clone(self);
+            self.tasks.spawn(async move {
+                engine.execute(entry.lease, entry.deliveries, task).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Renews the leases of every step executing here, a few times per lease period; a lease
+    /// found lost aborts its step (the fence would reject its completion anyway). Keeps renewing
+    /// through the shutdown grace period, until the last step here has finished.
+    pub(super) async fn renew_loop(self: Arc<Self>) {
+        let period = self.config.lease_ttl / 3;
+        let mut last_renewal = std::time::Instant::now();
+        loop {
+            let stopping = self.shutdown.is_cancelled();
+            if stopping && self.in_flight.lock().is_empty() {
+                return;
+            }
+            let wait = if stopping { Duration::from_millis(100) } else { period };
+            if !stopping {
+                sleep_or_cancelled(&self.shutdown, wait).await;
+            } else {
+                tokio::time::sleep(wait).await;
+            }
+            if last_renewal.elapsed() < period {
+                continue;
+            }
+            last_renewal = std::time::Instant::now();
+            let leases: Vec<Lease> = self.in_flight.lock().keys().cloned().collect();
+            if leases.is_empty() {
+                continue;
+            }
+            match self.store.renew(&leases).await {
+                Ok(lost) => {
+                    let in_flight = self.in_flight.lock();
+                    for lease in lost {
+                        if let Some(token) = in_flight.get(&lease) {
+                            tracing::warn!(entry = %lease.entry, shard = lease.shard, "lease lost: another replica took the step over; aborting it here");
+                            token.cancel();
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "renewing leases failed; will retry"),
+            }
+        }
+    }
+
+    /// Takes over steps whose lease expired (their replica died or stalled).
+    pub(super) async fn reclaim_loop(self: Arc<Self>) {
+        let period = (self.config.lease_ttl / 2).max(Duration::from_millis(200));
+        loop {
+            let jitter = rand::random_range(0.8..1.2);
+            if sleep_or_cancelled(&self.shutdown, period.mul_f64(jitter)).await {
+                return;
+            }
+            let mut permits = Vec::new();
+            while let Ok(permit) = Arc::clone(&self.executors).try_acquire_owned() {
+                permits.push(permit);
+            }
+            if permits.is_empty() {
+                continue;
+            }
+            match self.store.reclaim(&self.consumer, self.config.lease_ttl, permits.len()).await {
+                Ok(claimed) => {
+                    for entry in &claimed {
+                        tracing::info!(entry = %entry.lease.entry, shard = entry.lease.shard, deliveries = entry.deliveries, "took over a step whose lease expired");
+                        Counters::add(&self.counters.steps_reclaimed);
+                    }
+                    self.spawn_steps(claimed, &mut permits);
+                }
+                Err(err) => tracing::warn!(%err, "reclaiming expired leases failed; will retry"),
+            }
+        }
+    }
+
+    /// Runs one claimed step and commits its outcome.
+    async fn execute(self: &Arc<Self>, lease: Lease, deliveries: u64, task: ReadyTask) {
+        let run: RunId = match task.run.parse() {
+            Ok(run) => run,
+            Err(problem) => {
+                tracing::error!(%problem, "ready entry names no valid run; dropping it");
+                let _ = self.store.ack(&lease).await;
+                return;
+            }
+        };
+        if let Err(err) = self.execute_step(&run, &lease, deliveries, task).await {
+            // The entry stays pending: after the lease expires another replica (or this one)
+            // takes it over, up to the delivery bound.
+            tracing::warn!(run = %run, %err, "step not committed; it will be retried after its lease expires");
+        }
+    }
+
+    async fn execute_step(self: &Arc<Self>, run: &RunId, lease: &Lease, deliveries: u64, task: ReadyTask) -> Result<(), StoreError> {
+        let workflow = self.definition(run.shard, &task.state.definition).await?;
+        let Some((step, attempt)) = task.state.status.step_attempt() else {
+            self.store.ack(lease).await?;
+            return Ok(());
+        };
+        let Some(step_def) = workflow.def.steps.get(step as usize) else {
+            return Err(StoreError::Corrupt { key: run.to_string(), problem: format!("step {step} is not in the definition") });
+        };
+        let started_at = self.clock.now();
+        let outcome = if deliveries > self.config.max_deliveries {
+            Err(actions::ActionError::fatal(format!(
+                "step `{}` was delivered {deliveries} times without completing (limit {}): it crashes or stalls its replica",
+                step_def.id, self.config.max_deliveries
+            )))
+        } else {
+            let context = StepContext {
+                run_id: task.run.clone(),
+                workflow_id: workflow.def.id.clone(),
+                step_id: step_def.id.clone(),
+                attempt,
+                input: task.state.input.clone(),
+            };
+            let cancel = self.abort_steps.child_token();
+            self.in_flight.lock().insert(lease.clone(), cancel.clone());
+            let result = run_with_timeout(step_def, &context, cancel).await;
+            self.in_flight.lock().remove(lease);
+            result
+        };
+        let now = self.clock.now();
+        let finished = match outcome {
+            Ok(output) => {
+                Counters::add(&self.counters.steps_completed);
+                Transition::StepCompleted { step, attempt, output }
+            }
+            Err(err) => {
+                Counters::add(&self.counters.steps_failed);
+                tracing::info!(run = %run, step = %step_def.id, attempt, error = %err.message, "step failed");
+                if err.retryable {
+                    machine::step_failure(&workflow.def, step, attempt, err.message, now, rand::random_range(-1.0..=1.0))
+                } else {
+                    Transition::StepFailed { step, attempt, error: err.message, retry_at: None }
+                }
+            }
+        };
+        let happened = vec![self.recorded(started_at, Transition::StepStarted { step, attempt }), self.recorded(now, finished)];
+        let advanced = match machine::advance(Some(&task.state), &workflow.def, happened, now) {
+            Ok(advanced) => advanced,
+            Err(invalid) => {
+                // The queued state itself cannot take this outcome: never loop on it.
+                tracing::error!(run = %run, %invalid, "step outcome does not apply to the queued state; dropping the entry");
+                self.store.ack(lease).await?;
+                return Ok(());
+            }
+        };
+        let expected_seq = task.state.seq;
+        self.commit_advanced(run, expected_seq, Some(lease.clone()), advanced, false).await?;
+        Ok(())
+    }
+
+    /// Commits an advanced state: its transitions, and the effects they imply.
+    pub(super) async fn commit_advanced(
+        &self,
+        run: &RunId,
+        expected_seq: u64,
+        lease: Option<Lease>,
+        advanced: machine::Advanced,
+        clear_timer: bool,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut dispatch = None;
+        let mut timer = None;
+        for effect in &advanced.effects {
+            match effect {
+                Effect::Dispatch { .. } => dispatch = Some(advanced.state.clone()),
+                Effect::SetTimer { due } => timer = Some(*due),
+                Effect::CompleteRun | Effect::FailRun { .. } => {}
+            }
+        }
+        let retrying = advanced.appended.iter().any(|r| matches!(r.transition, Transition::StepFailed { retry_at: Some(_), .. }));
+        let ended = advanced.appended.iter().find_map(|r| match r.transition {
+            Transition::RunCompleted => Some(true),
+            Transition::RunFailed { .. } => Some(false),
+            _ => None,
+        });
+        let commit = Commit {
+            run: run.clone(),
+            expected_seq,
+            lease: lease.clone(),
+            records: advanced.appended,
+            state: advanced.state,
+            dispatch,
+            timer,
+            clear_timer,
+        };
+        let outcome = self.store.commit(commit).await?;
+        match &outcome {
+            CommitOutcome::Applied { .. } => {
+                if retrying {
+                    Counters::add(&self.counters.retries_scheduled);
+                }
+                match ended {
+                    Some(true) => Counters::add(&self.counters.runs_completed),
+                    Some(false) => Counters::add(&self.counters.runs_failed),
+                    None => {}
+                }
+            }
+            CommitOutcome::LeaseLost => {
+                Counters::add(&self.counters.completions_fenced);
+                tracing::warn!(run = %run, "completion rejected by the fence: this replica's lease was lost and the step belongs to another");
+            }
+            CommitOutcome::Stale => {
+                // The run moved on (cancelled, or already advanced by another replica): this
+                // work is obsolete. Ack the entry if it is still ours so it is not redelivered.
+                Counters::add(&self.counters.completions_fenced);
+                tracing::info!(run = %run, "run moved on while the step ran; discarding the outcome");
+                if let Some(lease) = &lease {
+                    self.store.ack(lease).await?;
+                }
+            }
+            CommitOutcome::Gone => tracing::info!(run = %run, "run is finished or gone; discarding the outcome"),
+        }
+        Ok(outcome)
+    }
+}
+
+/// Runs the action until it ends or its timeout; on timeout the action is cancelled and awaited,
+/// so that it cleans up (an `exec` kills its whole process group).
+async fn run_with_timeout(
+    step: &crate::definition::StepDef,
+    context: &StepContext,
+    cancel: CancellationToken,
+) -> Result<String, actions::ActionError> {
+    let action = actions::run(step, context, cancel.clone());
+    tokio::pin!(action);
+    tokio::select! {
+        result = &mut action => result,
+        () = tokio::time::sleep(step.timeout) => {
+            cancel.cancel();
+            let _ = action.await;
+            Err(actions::ActionError::retryable(format!(
+                "step `{}` timed out after {}",
+                step.id,
+                crate::definition::format_duration(step.timeout)
+            )))
+        }
+    }
+}

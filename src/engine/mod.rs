@@ -1,0 +1,277 @@
+//! The engine: the loops of a replica, over a [`Store`].
+//!
+//! - `executor`: claims ready steps (only as many as it has free executors), runs them under a
+//!   lease it renews, and commits each outcome as one fenced transition; takes over steps whose
+//!   lease expired.
+//! - `timers`: wakes runs whose retry is due.
+//! - `sweeper`: belt and braces: re-queues runs that say they are running but have neither a
+//!   live lease nor a queued entry; trims streams and expires finished runs.
+//!
+//! Shutdown: one root [`CancellationToken`]; every loop races its work against it; in-flight
+//! steps get the grace period to finish, then are cancelled and left to the other replicas.
+
+mod clock;
+mod executor;
+mod sweeper;
+mod timers;
+
+pub use clock::Clock;
+
+use crate::definition::{Registry, Workflow};
+use crate::machine::{self, Millis, Recorded, Transition, Trigger};
+use crate::store::{Created, Lease, Logged, NewRun, RunId, Store, StoreError, StoreHealth, StoreKind};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How a replica's engine is tuned.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub replica_id: String,
+    pub lease_ttl: Duration,
+    pub max_concurrent_steps: usize,
+    pub shutdown_grace: Duration,
+    pub max_deliveries: u64,
+    pub run_retention: Duration,
+    pub idempotency_retention: Duration,
+}
+
+/// Errors of the engine, named by what the caller must do.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no workflow `{0}`")]
+    UnknownWorkflow(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a trigger did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Triggered {
+    pub run_id: String,
+    /// The idempotency key had been used: this is the run it started.
+    pub duplicate: bool,
+}
+
+/// Counters for `/health` and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub runs_started: AtomicU64,
+    pub runs_completed: AtomicU64,
+    pub runs_failed: AtomicU64,
+    pub steps_completed: AtomicU64,
+    pub steps_failed: AtomicU64,
+    pub retries_scheduled: AtomicU64,
+    pub steps_reclaimed: AtomicU64,
+    pub completions_fenced: AtomicU64,
+    pub runs_swept: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Engine {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    config: EngineConfig,
+    /// This process's name in the consumer group: the replica id plus an incarnation suffix, so
+    /// that a restarted replica never mistakes its predecessor's leases for its own.
+    consumer: String,
+    clock: Clock,
+    /// Definition snapshots by hash: the registry's, plus older ones runs in flight still use.
+    /// Read on every step; written only on a miss. Short sections, never held across `.await`.
+    definitions: RwLock<HashMap<String, Arc<Workflow>>>,
+    /// The leases of steps executing here, with the token that aborts each: renewed together,
+    /// and cancelled when a renewal finds the lease lost. Short sections only.
+    in_flight: Mutex<HashMap<Lease, CancellationToken>>,
+    /// One permit per executor; a claim asks for no more entries than permits it holds.
+    executors: Arc<Semaphore>,
+    /// Fired to stop claiming work and stop every loop.
+    shutdown: CancellationToken,
+    /// Fired after the grace period: aborts steps still running.
+    abort_steps: CancellationToken,
+    /// The loops and the step tasks, joined at shutdown.
+    tasks: TaskTracker,
+    pub counters: Counters,
+}
+
+impl Engine {
+    pub async fn new(store: Arc<dyn Store>, registry: Arc<Registry>, config: EngineConfig) -> Result<Arc<Engine>, EngineError> {
+        let incarnation = uuid::Uuid::now_v7().simple().to_string();
+        let consumer = format!("{}:{}", config.replica_id, &incarnation[incarnation.len() - 8..]);
+        let workflows: Vec<Arc<Workflow>> = registry.iter().cloned().collect();
+        store.save_definitions(&workflows).await?;
+        let definitions = workflows.iter().map(|w| (w.hash.clone(), Arc::clone(w))).collect();
+        let engine = Arc::new(Engine {
+            executors: Arc::new(Semaphore::new(config.max_concurrent_steps)),
+            store,
+            registry,
+            consumer,
+            clock: Clock::default(),
+            definitions: RwLock::new(definitions),
+            in_flight: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            abort_steps: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            counters: Counters::default(),
+            config,
+        });
+        engine.calibrate_clock().await?;
+        Ok(engine)
+    }
+
+    /// Starts the replica's loops.
+    pub fn start(self: &Arc<Self>) {
+        self.tasks.spawn(Arc::clone(self).claim_loop());
+        self.tasks.spawn(Arc::clone(self).renew_loop());
+        self.tasks.spawn(Arc::clone(self).reclaim_loop());
+        self.tasks.spawn(Arc::clone(self).timer_loop());
+        self.tasks.spawn(Arc::clone(self).sweeper_loop());
+    }
+
+    /// Stops claiming, lets in-flight steps finish within the grace period, then aborts the
+    /// rest (their entries stay pending and other replicas take them over when the lease
+    /// expires). Returns whether everything finished within the grace period.
+    pub async fn shutdown(&self) -> bool {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let in_time = tokio::time::timeout(self.config.shutdown_grace, self.tasks.wait()).await.is_ok();
+        if !in_time {
+            tracing::warn!(left = self.in_flight.lock().len(), "grace period over: aborting steps still running; other replicas will take them over");
+            self.abort_steps.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        }
+        in_time
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn store_kind(&self) -> StoreKind {
+        self.store.kind()
+    }
+
+    pub fn replica_id(&self) -> &str {
+        &self.config.replica_id
+    }
+
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    pub async fn store_health(&self) -> Result<StoreHealth, StoreError> {
+        self.store.health().await
+    }
+
+    async fn calibrate_clock(&self) -> Result<(), StoreError> {
+        let sent = Instant::now();
+        let store_now = self.store.now().await?;
+        self.clock.calibrate(store_now, sent);
+        Ok(())
+    }
+
+    fn recorded(&self, at: Millis, transition: Transition) -> Recorded {
+        Recorded { at, replica: Some(self.config.replica_id.clone()), transition }
+    }
+
+    /// Starts a run of `workflow_id`. With an idempotency key, the same key within its retention
+    /// returns the first run instead.
+    pub async fn trigger(
+        &self,
+        workflow_id: &str,
+        input: &serde_json::Value,
+        idempotency_key: Option<&str>,
+        trigger: Trigger,
+    ) -> Result<Triggered, EngineError> {
+        let workflow = self.registry.get(workflow_id).ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
+        let now = self.clock.now();
+        let shard = match idempotency_key {
+            // The key's shard, so that the duplicate check and the start are one atomic call.
+            Some(key) => crate::store::keys::shard_of(key, self.store.shards()),
+            None => rand::random_range(0..self.store.shards()),
+        };
+        let run = RunId::new(shard, now);
+        let created = self.recorded(
+            now,
+            Transition::RunCreated {
+                workflow: workflow.def.id.clone(),
+                definition: workflow.hash.clone(),
+                input: input.to_string(),
+                trigger,
+            },
+        );
+        let advanced = machine::advance(None, &workflow.def, vec![created], now).map_err(|err| {
+            StoreError::Corrupt { key: run.to_string(), problem: format!("a new run cannot start: {err}") }
+        })?;
+        let dispatch = advanced.effects.iter().any(|e| matches!(e, machine::Effect::Dispatch { .. })).then(|| advanced.state.clone());
+        let new = NewRun {
+            run: run.clone(),
+            state: advanced.state,
+            records: advanced.appended,
+            dispatch,
+            idempotency: idempotency_key.map(|k| (k.to_owned(), self.config.idempotency_retention)),
+        };
+        match self.store.create_run(new).await? {
+            Created::New(run) => {
+                Counters::add(&self.counters.runs_started);
+                Ok(Triggered { run_id: run.to_string(), duplicate: false })
+            }
+            Created::Duplicate(first) => Ok(Triggered { run_id: first, duplicate: true }),
+        }
+    }
+
+    /// A run's whole log.
+    pub async fn history(&self, run: &RunId) -> Result<Option<Vec<Logged>>, StoreError> {
+        self.store.history(run).await
+    }
+
+    pub async fn summary(&self, run: &RunId) -> Result<Option<crate::store::RunSummary>, StoreError> {
+        self.store.summary(run).await
+    }
+
+    pub async fn list_runs(
+        &self,
+        workflow: Option<&str>,
+        status: Option<&str>,
+        before: Option<&RunId>,
+        limit: usize,
+    ) -> Result<Vec<RunId>, StoreError> {
+        Ok(self.store.list_runs(workflow, status, before, limit).await?.runs)
+    }
+
+    /// The definition a run was created with, by hash: cached, else loaded from the run's shard.
+    pub async fn definition(&self, shard: u16, hash: &str) -> Result<Arc<Workflow>, StoreError> {
+        if let Some(found) = self.definitions.read().get(hash) {
+            return Ok(Arc::clone(found));
+        }
+        let loaded = self.store.load_definition(shard, hash).await?.ok_or_else(|| StoreError::Corrupt {
+            key: format!("definition {hash}"),
+            problem: "the definition snapshot of a run is missing".to_owned(),
+        })?;
+        let loaded = Arc::new(loaded);
+        self.definitions.write().insert(hash.to_owned(), Arc::clone(&loaded));
+        Ok(loaded)
+    }
+}
+
+/// Sleeps `duration` unless `token` fires first; returns whether it fired.
+async fn sleep_or_cancelled(token: &CancellationToken, duration: Duration) -> bool {
+    tokio::select! {
+        () = token.cancelled() => true,
+        () = tokio::time::sleep(duration) => false,
+    }
+}
+
+/// Backoff for a loop whose store call failed: 100 ms doubling to 5 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
+}

@@ -1,0 +1,84 @@
+//! Belt and braces: finds runs whose state says they are running (or retrying) but that have
+//! neither a queued or leased ready entry (nor a timer), and re-queues them from their own log.
+//! Also recalibrates the clock, trims streams and expires finished runs.
+
+use super::{Counters, Engine, sleep_or_cancelled};
+use crate::machine;
+use crate::store::{RunId, RunSummary, StoreError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Runs examined per shard per pass.
+const SWEEP_BATCH: usize = 200;
+/// Housekeeping (trimming, expiry) runs every this many sweeps.
+const HOUSEKEEPING_EVERY: u32 = 4;
+
+impl Engine {
+    pub(super) async fn sweeper_loop(self: Arc<Self>) {
+        let period = self.config.lease_ttl.clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let mut passes = 0u32;
+        loop {
+            if sleep_or_cancelled(&self.shutdown, period.mul_f64(rand::random_range(0.8..1.2))).await {
+                return;
+            }
+            passes += 1;
+            if let Err(err) = self.calibrate_clock().await {
+                tracing::warn!(%err, "reading the store's clock failed");
+                continue;
+            }
+            if let Err(err) = self.sweep().await {
+                tracing::warn!(%err, "sweeping for orphaned runs failed; will retry");
+            }
+            if passes % HOUSEKEEPING_EVERY == 0 {
+                let retain_until = self.clock.now().saturating_sub(self.config.run_retention.as_millis() as u64);
+                let started = Instant::now();
+                match self.store.housekeeping(retain_until).await {
+                    Ok(report) => tracing::debug!(?report, took = ?started.elapsed(), "housekeeping"),
+                    Err(err) => tracing::warn!(%err, "housekeeping failed; will retry"),
+                }
+            }
+        }
+    }
+
+    /// One pass over quiet runs.
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        // A run is only suspect once it has been quiet for longer than a lease could hide it.
+        let quiet_for = self.config.lease_ttl * 2 + Duration::from_secs(1);
+        let before = self.clock.now().saturating_sub(quiet_for.as_millis() as u64);
+        let mut requeued = 0;
+        for (run, summary) in self.store.quiet_runs(before, SWEEP_BATCH).await? {
+            if self.is_orphan(&run, &summary).await? {
+                tracing::warn!(run = %run, status = %summary.status, "run has no queued step, no lease and no timer: re-queueing it");
+                self.requeue(&run).await?;
+                Counters::add(&self.counters.runs_swept);
+                requeued += 1;
+            }
+        }
+        Ok(requeued)
+    }
+
+    async fn is_orphan(&self, run: &RunId, summary: &RunSummary) -> Result<bool, StoreError> {
+        match summary.status.as_str() {
+            "pending" | "running" => match &summary.ready_entry {
+                Some(entry) => Ok(!self.store.dispatch_exists(run, entry).await?),
+                None => Ok(true),
+            },
+            "retrying" => Ok(!self.store.has_timer(run).await?),
+            _ => Ok(false),
+        }
+    }
+
+    /// Re-derives a run's effects from its log and performs them again (fenced by its seq).
+    async fn requeue(&self, run: &RunId) -> Result<(), StoreError> {
+        let Some(log) = self.store.history(run).await? else { return Ok(()) };
+        let state = machine::replay(log.iter().map(|l| &l.recorded))
+            .map_err(|(index, err)| StoreError::Corrupt { key: run.to_string(), problem: format!("log entry {}: {err}", index + 1) })?
+            .ok_or_else(|| StoreError::Corrupt { key: run.to_string(), problem: "empty log".to_owned() })?;
+        let workflow = self.definition(run.shard, &state.definition).await?;
+        let now = self.clock.now();
+        let advanced = machine::advance(Some(&state), &workflow.def, Vec::new(), now)
+            .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
+        self.commit_advanced(run, state.seq, None, advanced, false).await?;
+        Ok(())
+    }
+}

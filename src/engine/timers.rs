@@ -1,0 +1,67 @@
+//! Durable timers: wakes runs whose retry is due. Every replica polls; the fenced commit lets
+//! exactly one of them fire each timer.
+
+use super::{Engine, sleep_or_cancelled};
+use crate::machine::{self, Status, Transition};
+use crate::store::{Commit, RunId, StoreError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often due timers are looked for: a timer fires within this (plus a commit) of its due
+/// time.
+const TIMER_POLL: Duration = Duration::from_millis(200);
+/// Timers fired per shard per poll.
+const TIMER_BATCH: usize = 100;
+
+impl Engine {
+    pub(super) async fn timer_loop(self: Arc<Self>) {
+        loop {
+            if sleep_or_cancelled(&self.shutdown, TIMER_POLL).await {
+                return;
+            }
+            let now = self.clock.now();
+            match self.store.due_timers(now, TIMER_BATCH).await {
+                Ok(due) => {
+                    for run in due {
+                        if let Err(err) = self.fire_timer(&run, now).await {
+                            tracing::warn!(run = %run, %err, "firing a timer failed; will retry");
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "reading due timers failed; will retry"),
+            }
+        }
+    }
+
+    async fn fire_timer(&self, run: &RunId, now: machine::Millis) -> Result<(), StoreError> {
+        let Some(log) = self.store.history(run).await? else { return Ok(()) };
+        let state = machine::replay(log.iter().map(|l| &l.recorded))
+            .map_err(|(index, err)| StoreError::Corrupt { key: run.to_string(), problem: format!("log entry {}: {err}", index + 1) })?
+            .ok_or_else(|| StoreError::Corrupt { key: run.to_string(), problem: "empty log".to_owned() })?;
+        let workflow = self.definition(run.shard, &state.definition).await?;
+        match state.status {
+            Status::Retrying { step, attempt, due } if due <= now => {
+                let fired = self.recorded(now, Transition::TimerFired { step, attempt });
+                let advanced = machine::advance(Some(&state), &workflow.def, vec![fired], now)
+                    .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
+                self.commit_advanced(run, state.seq, None, advanced, true).await?;
+            }
+            Status::Retrying { .. } => {} // due by the set's score, not yet by the log: clocks; next poll.
+            _ => {
+                // The run no longer waits on a timer: drop the stale one.
+                let commit = Commit {
+                    run: run.clone(),
+                    expected_seq: state.seq,
+                    lease: None,
+                    records: Vec::new(),
+                    state,
+                    dispatch: None,
+                    timer: None,
+                    clear_timer: true,
+                };
+                self.store.commit(commit).await?;
+            }
+        }
+        Ok(())
+    }
+}
