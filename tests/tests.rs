@@ -1,0 +1,5 @@
+//! Integration tests: one binary, one module per area, shared helpers in `util`.
+
+mod util;
+
+mod smoke;

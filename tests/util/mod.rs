@@ -1,0 +1,293 @@
+//! Shared test helpers: a private redis-server per test on a free loopback port (so that a test
+//! may kill and restart it), real processes of our own binary as replicas, and a small HTTP
+//! client. Loopback only; every wait is bounded in count and time.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Polls `check` every `every` until it returns `Some`, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, every: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().unwrap().port()
+}
+
+/// A private redis-server on 127.0.0.1, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    aof: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// In-memory (no persistence).
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(false)
+    }
+
+    /// With AOF (`appendfsync everysec`), so that a restart keeps the data.
+    pub fn start_aof() -> RedisServer {
+        RedisServer::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> RedisServer {
+        let mut server = RedisServer { port: free_port(), dir: tempfile::tempdir().expect("tempdir"), aof, child: None };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let mut args: Vec<String> = vec![
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            self.port.to_string(),
+            "--dir".into(),
+            self.dir.path().display().to_string(),
+            "--save".into(),
+            "".into(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ];
+        if self.aof {
+            args.extend(["--appendonly", "yes", "--appendfsync", "everysec"].map(String::from));
+        } else {
+            args.extend(["--appendonly", "no"].map(String::from));
+        }
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(Duration::from_secs(10), Duration::from_millis(20), || (redis_cli(port, &["PING"]).trim() == "PONG").then_some(()))
+            .expect("redis-server answers PING within 10 s");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli` against this server; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+
+    /// SIGKILL, wait for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port and directory (with AOF, the data comes back).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli").args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args).output();
+    match output {
+        Ok(output) => String::from_utf8_lossy(&output.stdout).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The path of our binary, built by cargo for integration tests.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_workflow-orchestrator"))
+}
+
+/// A replica: a real process of our binary, killed when dropped.
+pub struct Replica {
+    pub name: String,
+    pub port: u16,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+/// How to start replicas.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub redis_url: Option<String>,
+    pub workflows_file: Option<PathBuf>,
+    pub log_dir: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl ReplicaConfig {
+    pub fn new(redis_url: Option<String>, workflows_file: Option<&Path>, log_dir: &Path) -> ReplicaConfig {
+        ReplicaConfig { redis_url, workflows_file: workflows_file.map(Path::to_path_buf), log_dir: log_dir.to_path_buf(), env: Vec::new() }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> ReplicaConfig {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts a replica and waits (bounded) until it serves HTTP.
+    pub fn start(&self, name: &str) -> Replica {
+        let log = self.log_dir.join(format!("{name}.log"));
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("replica log file");
+        let mut command = Command::new(binary());
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PORT", "0")
+            .env("BIND_ADDR", "127.0.0.1")
+            .env("REPLICA_ID", name)
+            .env("LOG_LEVEL", "info")
+            .stdout(Stdio::piped())
+            .stderr(log_file);
+        if let Some(url) = &self.redis_url {
+            command.env("REDIS_URL", url);
+        }
+        if let Some(file) = &self.workflows_file {
+            command.env("WORKFLOWS_FILE", file);
+        }
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start the replica binary");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(address) = line.strip_prefix("listening on http://") {
+                    let _ = sender.send(address.to_owned());
+                }
+            }
+        });
+        let address = receiver
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("replica {name} did not start within 30 s; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        let port = address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the listening line");
+        Replica { name: name.to_owned(), port, child: Some(child), log }
+    }
+}
+
+impl Replica {
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let status = wait_for(limit, Duration::from_millis(50), || child.try_wait().ok().flatten())?;
+        self.child = None;
+        status.code()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        http(ureq::get(&format!("{}{path}", self.base())).call())
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        http(ureq::post(&format!("{}{path}", self.base())).send_json(body.clone()))
+    }
+
+    /// Triggers a workflow; returns the run id.
+    pub fn trigger(&self, workflow: &str, input: Value) -> String {
+        let (status, body) = self.post(&format!("/api/workflows/{workflow}/trigger"), &serde_json::json!({ "inputData": input }));
+        assert_eq!(status, 202, "trigger {workflow}: {body}");
+        body["runId"].as_str().expect("runId").to_owned()
+    }
+
+    pub fn run(&self, run_id: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/runs/{run_id}"));
+        assert_eq!(status, 200, "run {run_id}: {body}");
+        body
+    }
+
+    pub fn history(&self, run_id: &str) -> Vec<Value> {
+        let (status, body) = self.get(&format!("/api/runs/{run_id}/history"));
+        assert_eq!(status, 200, "history {run_id}: {body}");
+        body["transitions"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the run is in a terminal state; returns it.
+    pub fn wait_terminal(&self, run_id: &str, limit: Duration) -> Value {
+        wait_for(limit, Duration::from_millis(50), || {
+            let (status, body) = self.get(&format!("/api/runs/{run_id}"));
+            (status == 200 && matches!(body["status"].as_str(), Some("completed" | "failed" | "cancelled" | "timed_out"))).then_some(body)
+        })
+        .unwrap_or_else(|| panic!("run {run_id} did not finish within {limit:?}: {}", self.get(&format!("/api/runs/{run_id}")).1))
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Status and JSON body of a response, whatever the status.
+pub fn http(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    match result {
+        Ok(response) => {
+            let status = response.status();
+            (status, response.into_json().unwrap_or(Value::Null))
+        }
+        Err(ureq::Error::Status(status, response)) => (status, response.into_json().unwrap_or(Value::Null)),
+        Err(err) => (0, Value::String(err.to_string())),
+    }
+}
+
+/// Writes a workflows file into `dir` and returns its path.
+pub fn workflows_file(dir: &Path, toml: &str) -> PathBuf {
+    let path = dir.join("workflows.toml");
+    std::fs::write(&path, toml).expect("write workflows file");
+    path
+}
