@@ -11,10 +11,9 @@
 //! - indexes model the sorted sets `idx:all`, `idx:wf:<workflow>`, `idx:active` (by creation
 //!   time) and `idx:st:<status>` (by end time), with ties ordered by run id text as Redis orders
 //!   members of equal score;
-//! - [`State::commit`] checks and changes in the order of `wfo_v1_commit` in
-//!   `migrations/001_wfo_v1.lua`.
+//! - a commit checks and changes in the order of `wfo_v1_commit` in `migrations/001_wfo_v1.lua`.
 //!
-//! Every operation is a synchronous method of [`State`], run under one lock: that makes each as
+//! Every operation is a synchronous method of the private `State`, run under one lock: that makes each as
 //! atomic as one Redis function call and keeps the async trait methods thin.
 
 use super::{
@@ -65,8 +64,8 @@ impl MemoryStore {
         }
     }
 
-    /// How long a lease lasts without renewal: the engine's setting, kept here so the store
-    /// reports the same configuration as the Redis store.
+    /// The lease time the store was configured with. Only reported: expiry is judged by
+    /// `reclaim`'s `min_idle`, as in Redis.
     pub fn lease_ttl(&self) -> Duration {
         self.shared.lease_ttl
     }
@@ -158,8 +157,11 @@ struct Run {
     summary: RunSummary,
     /// The creation time the run is indexed under.
     created_at: Millis,
-    /// Set once the run ended: the status and time it ended with. Its log is then closed.
+    /// Set once the run ended: the status and time it is indexed under.
     finished: Option<(&'static str, Millis)>,
+    /// Whether the log takes no more records: it is closed by the commit that appends the
+    /// run's last transitions, as Redis compacts the log then.
+    closed: bool,
     timer: Option<Millis>,
 }
 
@@ -228,7 +230,10 @@ impl State {
         self.all.insert(key.clone(), new.run.clone());
         self.by_workflow.entry(new.state.workflow.clone()).or_default().insert(key.clone(), new.run.clone());
         self.active.insert(key, new.run.clone());
-        self.runs.insert(new.run.clone(), Run { log: new.records, summary, created_at, finished: None, timer: None });
+        self.runs.insert(
+            new.run.clone(),
+            Run { log: new.records, summary, created_at, finished: None, closed: false, timer: None },
+        );
         self.index_end(&new.run, &new.state);
         Ok(Created::New(new.run))
     }
@@ -244,7 +249,7 @@ impl State {
             return CommitOutcome::LeaseLost;
         }
         // Records cannot go into a closed log; an empty commit only needs the summary.
-        let run = self.runs.get_mut(&id).filter(|run| records.is_empty() || run.finished.is_none());
+        let run = self.runs.get_mut(&id).filter(|run| records.is_empty() || !run.closed);
         let Some(run) = run else {
             if let Some(lease) = &lease {
                 queue.ack(&lease.consumer, &lease.entry);
@@ -257,6 +262,8 @@ impl State {
         }
 
         let appended = records.len() as u64;
+        let ends = state.status.is_terminal();
+        run.closed |= ends && appended > 0;
         run.log.extend(records);
         let dispatched = dispatch.map(|dispatch| {
             let task = ReadyTask { run: id.to_string(), state: dispatch };
@@ -264,7 +271,8 @@ impl State {
         });
         let ready_entry = dispatched.or_else(|| run.summary.ready_entry.take());
         run.summary = RunSummary { ready_entry, ..RunSummary::of(&state) };
-        let old_timer = match (timer, clear_timer) {
+        // A run that ended has nothing left to wake for.
+        let old_timer = match (timer, clear_timer || ends) {
             (Some(due), _) => run.timer.replace(due),
             (None, true) => run.timer.take(),
             (None, false) => None,
@@ -282,8 +290,7 @@ impl State {
         CommitOutcome::Applied { seq: expected_seq + appended }
     }
 
-    /// Moves a run that ended from the active index to the index of the status it ended with,
-    /// and closes its log.
+    /// Moves a run that ended from the active index to the index of the status it ended with.
     fn index_end(&mut self, id: &RunId, state: &RunState) {
         let Some(status) = terminal_name(&state.status) else { return };
         let Some(run) = self.runs.get_mut(id) else { return };
@@ -950,6 +957,56 @@ mod tests {
         assert!(store.due_timers(Millis::MAX, 10).await.unwrap().is_empty());
         let retry = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
         assert_eq!(retry.task.unwrap().state.status.step_attempt(), Some((0, 2)));
+    }
+
+    #[tokio::test]
+    async fn a_run_that_ends_loses_its_timer() {
+        let store = store();
+        let def = definition(1, 2);
+        let new = new_run(&def, 1, 1_000, None);
+        let id = new.run.clone();
+        store.create_run(new).await.unwrap();
+        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        let failed = work(&def, &claimed, false, 1_010);
+        let retrying = failed.state.clone();
+        store.commit(failed).await.unwrap();
+        let cancel = vec![Transition::RunCancelled { reason: "operator".to_owned() }];
+        let cancelled = Commit { clear_timer: false, ..commit_of(&def, &id, &retrying, None, cancel, 1_020) };
+        assert_eq!(store.commit(cancelled).await.unwrap(), CommitOutcome::Applied { seq: 4 });
+        assert!(!store.has_timer(&id).await.unwrap());
+        assert!(store.due_timers(Millis::MAX, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_commit_without_records_redispatches_at_the_same_seq() {
+        let store = store();
+        let def = definition(1, 1);
+        let new = new_run(&def, 2, 1_000, None);
+        let id = new.run.clone();
+        let state = new.state.clone();
+        store.create_run(new).await.unwrap();
+        let lost = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        store.ack(&lost.lease).await.unwrap();
+        assert!(!store.dispatch_exists(&id, &lost.lease.entry).await.unwrap());
+
+        // What the sweeper does for a run left with neither a queued entry nor a lease.
+        let again = Commit {
+            run: id.clone(),
+            expected_seq: 1,
+            lease: None,
+            records: Vec::new(),
+            state: state.clone(),
+            dispatch: Some(state),
+            timer: None,
+            clear_timer: false,
+        };
+        assert_eq!(store.commit(Commit { expected_seq: 2, ..again.clone() }).await.unwrap(), CommitOutcome::Stale);
+        assert_eq!(store.commit(again).await.unwrap(), CommitOutcome::Applied { seq: 1 });
+        let entry = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
+        assert_ne!(entry, lost.lease.entry);
+        assert!(store.dispatch_exists(&id, &entry).await.unwrap());
+        assert_eq!(store.history(&id).await.unwrap().unwrap().len(), 1);
+        assert_eq!(store.claim("b", 5, Duration::ZERO).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
