@@ -1,5 +1,6 @@
-//! Integration tests: one binary, one module per area, shared helpers in `util`.
-
 mod util;
 
+mod chaos;
+mod conformance;
+mod failures;
 mod smoke;

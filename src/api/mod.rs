@@ -120,6 +120,7 @@ async fn health(engine: &Engine) -> Answer {
         "replica": engine.replica_id(),
         "version": env!("CARGO_PKG_VERSION"),
         "workflows": engine.registry().len(),
+        "counters": engine.counter_values().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<String, Value>>(),
     });
     let mut body = base;
     match engine.store_health().await {

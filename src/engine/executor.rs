@@ -234,6 +234,7 @@ impl Engine {
             Transition::RunFailed { .. } => Some(false),
             _ => None,
         });
+        let final_status = advanced.state.status.is_terminal().then(|| advanced.state.status.name());
         let commit = Commit {
             run: run.clone(),
             expected_seq,
@@ -254,6 +255,9 @@ impl Engine {
                     Some(true) => Counters::add(&self.counters.runs_completed),
                     Some(false) => Counters::add(&self.counters.runs_failed),
                     None => {}
+                }
+                if let Some(status) = final_status {
+                    let _ = self.finished.send((run.to_string(), status));
                 }
             }
             CommitOutcome::LeaseLost => {

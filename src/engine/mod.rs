@@ -100,6 +100,9 @@ pub struct Engine {
     abort_steps: CancellationToken,
     /// The loops and the step tasks, joined at shutdown.
     tasks: TaskTracker,
+    /// Announces runs this replica finished (id, status), for in-process observers such as the
+    /// benchmark. Lossy by design: a slow observer misses announcements, never stalls a commit.
+    finished: tokio::sync::broadcast::Sender<(String, &'static str)>,
     pub counters: Counters,
 }
 
@@ -121,6 +124,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             abort_steps: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            finished: tokio::sync::broadcast::channel(4096).0,
             counters: Counters::default(),
             config,
         });
@@ -150,6 +154,30 @@ impl Engine {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
         }
         in_time
+    }
+
+    /// Runs finished by this replica from now on, as `(run id, status)`.
+    pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<(String, &'static str)> {
+        self.finished.subscribe()
+    }
+
+    /// The counters as JSON-friendly pairs.
+    pub fn counter_values(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        [
+            ("runsStarted", &c.runs_started),
+            ("runsCompleted", &c.runs_completed),
+            ("runsFailed", &c.runs_failed),
+            ("stepsCompleted", &c.steps_completed),
+            ("stepsFailed", &c.steps_failed),
+            ("retriesScheduled", &c.retries_scheduled),
+            ("stepsReclaimed", &c.steps_reclaimed),
+            ("completionsFenced", &c.completions_fenced),
+            ("runsSwept", &c.runs_swept),
+        ]
+        .into_iter()
+        .map(|(name, counter)| (name, counter.load(Ordering::Relaxed)))
+        .collect()
     }
 
     pub fn registry(&self) -> &Registry {
