@@ -73,23 +73,32 @@ impl Settings {
                 None => Ok(default),
                 Some(text) => match text.trim().parse::<T>() {
                     Ok(v) if v >= min && v <= max => Ok(v),
-                    _ => Err(SettingsError { variable, problem: format!("`{text}` is not a number between {min} and {max}") }),
+                    _ => Err(SettingsError {
+                        variable,
+                        problem: format!("`{text}` is not a number between {min} and {max}"),
+                    }),
                 },
             }
         }
         let key_prefix = lookup("KEY_PREFIX").unwrap_or_else(|| "wfo".to_owned());
         if key_prefix.contains(['{', '}', ' ']) {
-            return Err(SettingsError { variable: "KEY_PREFIX", problem: "must not contain `{`, `}` or spaces".to_owned() });
+            return Err(SettingsError {
+                variable: "KEY_PREFIX",
+                problem: "must not contain `{`, `}` or spaces".to_owned(),
+            });
         }
         let replica_id = lookup("REPLICA_ID").unwrap_or_else(default_replica_id);
         if replica_id.contains([' ', ':']) {
             return Err(SettingsError { variable: "REPLICA_ID", problem: "must not contain spaces or `:`".to_owned() });
         }
         let redis_url = lookup("REDIS_URL");
-        if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis-cluster://")) {
-                return Err(SettingsError { variable: "REDIS_URL", problem: "must start with redis://, rediss:// or redis-cluster://".to_owned() });
-            }
+        if let Some(url) = &redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis-cluster://"))
+        {
+            return Err(SettingsError {
+                variable: "REDIS_URL",
+                problem: "must start with redis://, rediss:// or redis-cluster://".to_owned(),
+            });
         }
         Ok(Settings {
             port: number(&lookup, "PORT", 5003u16, 0, u16::MAX)?,

@@ -24,4 +24,3 @@ pub mod definition;
 pub mod engine;
 pub mod machine;
 pub mod store;
-

@@ -77,22 +77,26 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     match &settings.redis_url {
         Some(url) => {
-            let store = RedisStore::connect(url, &settings.key_prefix, settings.shards).await.map_err(|err| match err {
-                StoreError::Unavailable(msg) => anyhow::anyhow!("{msg} (REDIS_URL={})", redact(url)),
-                other => anyhow::anyhow!(other),
-            })?;
+            let store =
+                RedisStore::connect(url, &settings.key_prefix, settings.shards).await.map_err(|err| match err {
+                    StoreError::Unavailable(msg) => anyhow::anyhow!("{msg} (REDIS_URL={})", redact(url)),
+                    other => anyhow::anyhow!(other),
+                })?;
             tracing::info!(redis = %redact(url), prefix = %settings.key_prefix, shards = settings.shards, "using the Redis store");
             Ok(Arc::new(store))
         }
         None => {
-            tracing::warn!("REDIS_URL is not set: running on the EMBEDDED IN-MEMORY STORE. One process only; nothing survives a restart. Set REDIS_URL for durable, multi-replica operation.");
+            tracing::warn!(
+                "REDIS_URL is not set: running on the EMBEDDED IN-MEMORY STORE. One process only; nothing survives a restart. Set REDIS_URL for durable, multi-replica operation."
+            );
             Ok(Arc::new(MemoryStore::new(settings.shards, settings.lease_ttl)))
         }
     }
@@ -128,7 +132,8 @@ async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()
     )
     .await
     .context("starting the engine")?;
-    let bind: std::net::IpAddr = std::env::var("BIND_ADDR").ok().and_then(|a| a.parse().ok()).unwrap_or([0, 0, 0, 0].into());
+    let bind: std::net::IpAddr =
+        std::env::var("BIND_ADDR").ok().and_then(|a| a.parse().ok()).unwrap_or([0, 0, 0, 0].into());
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, settings.port))
         .await
         .with_context(|| format!("cannot listen on {bind}:{}", settings.port))?;

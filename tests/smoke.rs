@@ -31,7 +31,10 @@ fn runs_two_steps(redis: Option<&RedisServer>, store: &str) {
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["steps"][1]["output"]["stdout"], r#"{"n":7}"#);
     let kinds: Vec<String> = replica.history(&run_id).iter().map(|t| t["type"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(kinds, ["run_created", "step_started", "step_completed", "step_started", "step_completed", "run_completed"]);
+    assert_eq!(
+        kinds,
+        ["run_created", "step_started", "step_completed", "step_started", "step_completed", "run_completed"]
+    );
 
     let (status, body) = replica.get("/api/runs/0193e4a17b2c7d3e8f001a2b3c4d5e6f-s1");
     assert_eq!(status, 404, "{body}");

@@ -30,9 +30,8 @@ pub async fn run(spec: &ExecSpec, context: &StepContext, cancel: CancellationTok
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }
-    let mut child = command
-        .spawn()
-        .map_err(|err| ActionError::retryable(format!("cannot start `{}`: {err}", spec.command[0])))?;
+    let mut child =
+        command.spawn().map_err(|err| ActionError::retryable(format!("cannot start `{}`: {err}", spec.command[0])))?;
     let group = child.id().map(|id| Pid::from_raw(id as i32));
     let stdout = child.stdout.take().map(|s| tokio::spawn(capture(s, spec.max_output)));
     let stderr = child.stderr.take().map(|s| tokio::spawn(capture(s, spec.max_output)));
@@ -113,13 +112,22 @@ mod tests {
     }
 
     fn spec(argv: &[&str]) -> ExecSpec {
-        ExecSpec { command: argv.iter().map(|s| s.to_string()).collect(), env: Default::default(), cwd: None, max_output: 16 }
+        ExecSpec {
+            command: argv.iter().map(|s| s.to_string()).collect(),
+            env: Default::default(),
+            cwd: None,
+            max_output: 16,
+        }
     }
 
     #[tokio::test]
     async fn passes_the_step_variables_and_bounds_output() {
         let out = run(
-            &spec(&["sh", "-c", "printf '%s|%s|%s|%s' \"$WFO_STEP_ID\" \"$WFO_ATTEMPT\" \"$WFO_IDEMPOTENCY_KEY\" \"$WFO_INPUT\""]),
+            &spec(&[
+                "sh",
+                "-c",
+                "printf '%s|%s|%s|%s' \"$WFO_STEP_ID\" \"$WFO_ATTEMPT\" \"$WFO_IDEMPOTENCY_KEY\" \"$WFO_INPUT\"",
+            ]),
             &context(),
             CancellationToken::new(),
         )
@@ -132,7 +140,8 @@ mod tests {
 
     #[tokio::test]
     async fn non_zero_exit_is_a_retryable_failure_with_stderr() {
-        let err = run(&spec(&["sh", "-c", "echo nope >&2; exit 3"]), &context(), CancellationToken::new()).await.unwrap_err();
+        let err =
+            run(&spec(&["sh", "-c", "echo nope >&2; exit 3"]), &context(), CancellationToken::new()).await.unwrap_err();
         assert!(err.retryable);
         assert!(err.message.contains("status 3") && err.message.contains("nope"), "{}", err.message);
     }

@@ -32,7 +32,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> ApiError {
         match err {
-            StoreError::Unavailable(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", err.to_string()),
+            StoreError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", err.to_string())
+            }
             StoreError::Corrupt { .. } | StoreError::Fatal(_) => {
                 tracing::error!(%err, "store error while serving a request");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", err.to_string())

@@ -107,9 +107,15 @@ async fn route(engine: &Engine, request: Request<Incoming>) -> Answer {
         }
         (["api", "runs", id], &Method::GET) => run(engine, id).await,
         (["api", "runs", id, "history"], &Method::GET) => history(engine, id).await,
-        (["health"], _) | (["api", "workflows"], _) | (["api", "workflows", _, "trigger"], _) | (["api", "runs", _], _) | (["api", "runs", _, "history"], _) => {
-            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {path}")))
-        }
+        (["health"], _)
+        | (["api", "workflows"], _)
+        | (["api", "workflows", _, "trigger"], _)
+        | (["api", "runs", _], _)
+        | (["api", "runs", _, "history"], _) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        )),
         _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
     }
 }
@@ -165,7 +171,11 @@ async fn json_body(request: Request<Incoming>) -> Result<Option<Value>, ApiError
         .await
         .map_err(|err| {
             if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request bodies are limited to {MAX_BODY_BYTES} bytes"))
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+                )
             } else {
                 ApiError::bad_request(format!("could not read the request body: {err}"))
             }
@@ -174,11 +184,19 @@ async fn json_body(request: Request<Incoming>) -> Result<Option<Value>, ApiError
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let is_json = content_type.as_deref().is_some_and(|ct| ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+    let is_json = content_type
+        .as_deref()
+        .is_some_and(|ct| ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
     if !is_json {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send the body as Content-Type: application/json"));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ));
     }
-    serde_json::from_slice(&bytes).map(Some).map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))
 }
 
 async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>) -> Answer {
@@ -188,9 +206,15 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
     let key = match request.headers().get("idempotency-key") {
         None => None,
         Some(value) => {
-            let key = value.to_str().map_err(|_| ApiError::bad_request("the Idempotency-Key header must be visible ASCII"))?.trim().to_owned();
+            let key = value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("the Idempotency-Key header must be visible ASCII"))?
+                .trim()
+                .to_owned();
             if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || key.chars().any(|c| c.is_control()) {
-                return Err(ApiError::bad_request(format!("the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} visible characters")));
+                return Err(ApiError::bad_request(format!(
+                    "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} visible characters"
+                )));
             }
             Some(key)
         }
@@ -199,7 +223,9 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
         None => json!({}),
         Some(Value::Object(mut body)) => {
             if let Some(unknown) = body.keys().find(|k| k.as_str() != "inputData") {
-                return Err(ApiError::bad_request(format!("unknown field `{unknown}`; the body is {{\"inputData\": {{...}}}}")));
+                return Err(ApiError::bad_request(format!(
+                    "unknown field `{unknown}`; the body is {{\"inputData\": {{...}}}}"
+                )));
             }
             match body.remove("inputData") {
                 None | Some(Value::Null) => json!({}),
@@ -212,7 +238,10 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
     let key = key.map(|k| format!("api:{workflow_id}:{k}"));
     let triggered = engine.trigger(workflow_id, &input, key.as_deref(), Trigger::Api).await?;
     let status = if triggered.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
-    Ok((status, json!({ "runId": triggered.run_id, "workflowId": workflow_id, "status": "pending", "duplicate": triggered.duplicate })))
+    Ok((
+        status,
+        json!({ "runId": triggered.run_id, "workflowId": workflow_id, "status": "pending", "duplicate": triggered.duplicate }),
+    ))
 }
 
 fn parse_run_id(text: &str) -> Result<RunId, ApiError> {
@@ -220,11 +249,20 @@ fn parse_run_id(text: &str) -> Result<RunId, ApiError> {
 }
 
 /// A run's log, folded, with its definition.
-async fn load_run(engine: &Engine, id: &str) -> Result<(RunId, crate::machine::RunState, Vec<crate::store::Logged>, Arc<crate::definition::Workflow>), ApiError> {
+async fn load_run(
+    engine: &Engine,
+    id: &str,
+) -> Result<(RunId, crate::machine::RunState, Vec<crate::store::Logged>, Arc<crate::definition::Workflow>), ApiError> {
     let run = parse_run_id(id)?;
     let log = engine.history(&run).await?.ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?;
     let state = machine::replay(log.iter().map(|l| &l.recorded))
-        .map_err(|(index, err)| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_log", format!("log entry {} of run {id} does not replay: {err}", index + 1)))?
+        .map_err(|(index, err)| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corrupt_log",
+                format!("log entry {} of run {id} does not replay: {err}", index + 1),
+            )
+        })?
         .ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?;
     let workflow = engine.definition(run.shard, &state.definition).await?;
     Ok((run, state, log, workflow))

@@ -24,7 +24,9 @@ fn trigger(trigger: &Trigger) -> Value {
     match trigger {
         Trigger::Api => json!({ "kind": "api" }),
         Trigger::Cron { fire_at } => json!({ "kind": "cron", "fireAt": timestamp(*fire_at) }),
-        Trigger::Event { event_id, event_type } => json!({ "kind": "event", "eventId": event_id, "eventType": event_type }),
+        Trigger::Event { event_id, event_type } => {
+            json!({ "kind": "event", "eventId": event_id, "eventType": event_type })
+        }
     }
 }
 
@@ -49,7 +51,9 @@ pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) 
                         completed = true;
                         output = json_text(out);
                     }
-                    Transition::StepFailed { step, error: err, .. } if *step == index => error = Value::String(err.clone()),
+                    Transition::StepFailed { step, error: err, .. } if *step == index => {
+                        error = Value::String(err.clone())
+                    }
                     _ => {}
                 }
             }
@@ -95,7 +99,10 @@ pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) 
 /// One transition of `GET /api/runs/:runId/history`.
 pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
     let recorded = &entry.recorded;
-    let (step, attempt) = recorded.transition.step_attempt().map_or((Value::Null, Value::Null), |(s, a)| (step_id(workflow, s), json!(a)));
+    let (step, attempt) = recorded
+        .transition
+        .step_attempt()
+        .map_or((Value::Null, Value::Null), |(s, a)| (step_id(workflow, s), json!(a)));
     let mut item = json!({
         "seq": entry.seq,
         "type": recorded.transition.kind(),
@@ -112,7 +119,10 @@ pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
         Transition::StepFailed { error, retry_at, .. } => json!({ "error": error, "retryAt": retry_at.map(timestamp) }),
         Transition::RunFailed { error } => json!({ "error": error }),
         Transition::RunCancelled { reason } => json!({ "reason": reason }),
-        Transition::StepStarted { .. } | Transition::TimerFired { .. } | Transition::RunCompleted | Transition::RunTimedOut => json!({}),
+        Transition::StepStarted { .. }
+        | Transition::TimerFired { .. }
+        | Transition::RunCompleted
+        | Transition::RunTimedOut => json!({}),
     };
     if let (Value::Object(item), Value::Object(extra)) = (&mut item, extra) {
         item.extend(extra);

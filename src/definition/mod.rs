@@ -305,19 +305,25 @@ impl RawWorkflow {
             problem,
         };
         if !valid_id(&self.id) {
-            return Err(fail("id", "must be 1-64 characters of a-z, 0-9, `-` or `_`, starting with a letter or digit".to_owned()));
+            return Err(fail(
+                "id",
+                "must be 1-64 characters of a-z, 0-9, `-` or `_`, starting with a letter or digit".to_owned(),
+            ));
         }
         if let Some(schedule) = &self.schedule {
             crate::definition::parse_schedule(schedule).map_err(|problem| fail("schedule", problem))?;
         }
-        if let Some(zone) = &self.timezone {
-            if zone != "UTC" {
-                return Err(fail("timezone", format!("unknown time zone `{zone}` (only `UTC` is supported so far)")));
-            }
+        if let Some(zone) = &self.timezone
+            && zone != "UTC"
+        {
+            return Err(fail("timezone", format!("unknown time zone `{zone}` (only `UTC` is supported so far)")));
         }
         for event in &self.events {
             if !valid_event_type(event) {
-                return Err(fail("events", format!("`{event}` is not an event type (`^[a-z0-9][a-z0-9_.-]{{0,127}}$`)")));
+                return Err(fail(
+                    "events",
+                    format!("`{event}` is not an event type (`^[a-z0-9][a-z0-9_.-]{{0,127}}$`)"),
+                ));
             }
         }
         if self.step.is_empty() {
@@ -341,7 +347,9 @@ impl RawWorkflow {
                 return Err(fail(&at("timeout"), "must be greater than zero".to_owned()));
             }
             let retry = match raw.retry {
-                Some(raw_retry) => raw_retry.validate().map_err(|(field, problem)| fail(&at(&format!("retry.{field}")), problem))?,
+                Some(raw_retry) => {
+                    raw_retry.validate().map_err(|(field, problem)| fail(&at(&format!("retry.{field}")), problem))?
+                }
                 None => RetryPolicy::default(),
             };
             steps.push(StepDef { id: raw.id, action, timeout, retry });
@@ -424,9 +432,7 @@ pub fn valid_event_type(event: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 128
         && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 #[cfg(test)]

@@ -150,14 +150,23 @@ impl Engine {
         }
     }
 
-    async fn execute_step(self: &Arc<Self>, run: &RunId, lease: &Lease, deliveries: u64, task: ReadyTask) -> Result<(), StoreError> {
+    async fn execute_step(
+        self: &Arc<Self>,
+        run: &RunId,
+        lease: &Lease,
+        deliveries: u64,
+        task: ReadyTask,
+    ) -> Result<(), StoreError> {
         let workflow = self.definition(run.shard, &task.state.definition).await?;
         let Some((step, attempt)) = task.state.status.step_attempt() else {
             self.store.ack(lease).await?;
             return Ok(());
         };
         let Some(step_def) = workflow.def.steps.get(step as usize) else {
-            return Err(StoreError::Corrupt { key: run.to_string(), problem: format!("step {step} is not in the definition") });
+            return Err(StoreError::Corrupt {
+                key: run.to_string(),
+                problem: format!("step {step} is not in the definition"),
+            });
         };
         let started_at = self.clock.now();
         let outcome = if deliveries > self.config.max_deliveries {
@@ -189,13 +198,21 @@ impl Engine {
                 Counters::add(&self.counters.steps_failed);
                 tracing::info!(run = %run, step = %step_def.id, attempt, error = %err.message, "step failed");
                 if err.retryable {
-                    machine::step_failure(&workflow.def, step, attempt, err.message, now, rand::random_range(-1.0..=1.0))
+                    machine::step_failure(
+                        &workflow.def,
+                        step,
+                        attempt,
+                        err.message,
+                        now,
+                        rand::random_range(-1.0..=1.0),
+                    )
                 } else {
                     Transition::StepFailed { step, attempt, error: err.message, retry_at: None }
                 }
             }
         };
-        let happened = vec![self.recorded(started_at, Transition::StepStarted { step, attempt }), self.recorded(now, finished)];
+        let happened =
+            vec![self.recorded(started_at, Transition::StepStarted { step, attempt }), self.recorded(now, finished)];
         let advanced = match machine::advance(Some(&task.state), &workflow.def, happened, now) {
             Ok(advanced) => advanced,
             Err(invalid) => {
@@ -228,7 +245,8 @@ impl Engine {
                 Effect::CompleteRun | Effect::FailRun { .. } => {}
             }
         }
-        let retrying = advanced.appended.iter().any(|r| matches!(r.transition, Transition::StepFailed { retry_at: Some(_), .. }));
+        let retrying =
+            advanced.appended.iter().any(|r| matches!(r.transition, Transition::StepFailed { retry_at: Some(_), .. }));
         let ended = advanced.appended.iter().find_map(|r| match r.transition {
             Transition::RunCompleted => Some(true),
             Transition::RunFailed { .. } => Some(false),

@@ -107,7 +107,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub async fn new(store: Arc<dyn Store>, registry: Arc<Registry>, config: EngineConfig) -> Result<Arc<Engine>, EngineError> {
+    pub async fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        config: EngineConfig,
+    ) -> Result<Arc<Engine>, EngineError> {
         let incarnation = uuid::Uuid::now_v7().simple().to_string();
         let consumer = format!("{}:{}", config.replica_id, &incarnation[incarnation.len() - 8..]);
         let workflows: Vec<Arc<Workflow>> = registry.iter().cloned().collect();
@@ -149,7 +153,10 @@ impl Engine {
         self.tasks.close();
         let in_time = tokio::time::timeout(self.config.shutdown_grace, self.tasks.wait()).await.is_ok();
         if !in_time {
-            tracing::warn!(left = self.in_flight.lock().len(), "grace period over: aborting steps still running; other replicas will take them over");
+            tracing::warn!(
+                left = self.in_flight.lock().len(),
+                "grace period over: aborting steps still running; other replicas will take them over"
+            );
             self.abort_steps.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
         }
@@ -220,7 +227,8 @@ impl Engine {
         idempotency_key: Option<&str>,
         trigger: Trigger,
     ) -> Result<Triggered, EngineError> {
-        let workflow = self.registry.get(workflow_id).ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
+        let workflow =
+            self.registry.get(workflow_id).ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
         let now = self.clock.now();
         let shard = match idempotency_key {
             // The key's shard, so that the duplicate check and the start are one atomic call.
@@ -240,7 +248,11 @@ impl Engine {
         let advanced = machine::advance(None, &workflow.def, vec![created], now).map_err(|err| {
             StoreError::Corrupt { key: run.to_string(), problem: format!("a new run cannot start: {err}") }
         })?;
-        let dispatch = advanced.effects.iter().any(|e| matches!(e, machine::Effect::Dispatch { .. })).then(|| advanced.state.clone());
+        let dispatch = advanced
+            .effects
+            .iter()
+            .any(|e| matches!(e, machine::Effect::Dispatch { .. }))
+            .then(|| advanced.state.clone());
         let new = NewRun {
             run: run.clone(),
             state: advanced.state,

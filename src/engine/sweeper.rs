@@ -29,7 +29,7 @@ impl Engine {
             if let Err(err) = self.sweep().await {
                 tracing::warn!(%err, "sweeping for orphaned runs failed; will retry");
             }
-            if passes % HOUSEKEEPING_EVERY == 0 {
+            if passes.is_multiple_of(HOUSEKEEPING_EVERY) {
                 let retain_until = self.clock.now().saturating_sub(self.config.run_retention.as_millis() as u64);
                 let started = Instant::now();
                 match self.store.housekeeping(retain_until).await {
@@ -72,7 +72,10 @@ impl Engine {
     async fn requeue(&self, run: &RunId) -> Result<(), StoreError> {
         let Some(log) = self.store.history(run).await? else { return Ok(()) };
         let state = machine::replay(log.iter().map(|l| &l.recorded))
-            .map_err(|(index, err)| StoreError::Corrupt { key: run.to_string(), problem: format!("log entry {}: {err}", index + 1) })?
+            .map_err(|(index, err)| StoreError::Corrupt {
+                key: run.to_string(),
+                problem: format!("log entry {}: {err}", index + 1),
+            })?
             .ok_or_else(|| StoreError::Corrupt { key: run.to_string(), problem: "empty log".to_owned() })?;
         let workflow = self.definition(run.shard, &state.definition).await?;
         let now = self.clock.now();

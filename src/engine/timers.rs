@@ -36,7 +36,10 @@ impl Engine {
     async fn fire_timer(&self, run: &RunId, now: machine::Millis) -> Result<(), StoreError> {
         let Some(log) = self.store.history(run).await? else { return Ok(()) };
         let state = machine::replay(log.iter().map(|l| &l.recorded))
-            .map_err(|(index, err)| StoreError::Corrupt { key: run.to_string(), problem: format!("log entry {}: {err}", index + 1) })?
+            .map_err(|(index, err)| StoreError::Corrupt {
+                key: run.to_string(),
+                problem: format!("log entry {}: {err}", index + 1),
+            })?
             .ok_or_else(|| StoreError::Corrupt { key: run.to_string(), problem: "empty log".to_owned() })?;
         let workflow = self.definition(run.shard, &state.definition).await?;
         match state.status {

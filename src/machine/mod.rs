@@ -30,15 +30,39 @@ pub enum Trigger {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Transition {
-    RunCreated { workflow: String, definition: String, input: String, trigger: Trigger },
-    StepStarted { step: u32, attempt: u32 },
-    StepCompleted { step: u32, attempt: u32, output: String },
+    RunCreated {
+        workflow: String,
+        definition: String,
+        input: String,
+        trigger: Trigger,
+    },
+    StepStarted {
+        step: u32,
+        attempt: u32,
+    },
+    StepCompleted {
+        step: u32,
+        attempt: u32,
+        output: String,
+    },
     /// `retry_at` is set when the step will be tried again, `None` when the run fails.
-    StepFailed { step: u32, attempt: u32, error: String, retry_at: Option<Millis> },
-    TimerFired { step: u32, attempt: u32 },
+    StepFailed {
+        step: u32,
+        attempt: u32,
+        error: String,
+        retry_at: Option<Millis>,
+    },
+    TimerFired {
+        step: u32,
+        attempt: u32,
+    },
     RunCompleted,
-    RunFailed { error: String },
-    RunCancelled { reason: String },
+    RunFailed {
+        error: String,
+    },
+    RunCancelled {
+        reason: String,
+    },
     RunTimedOut,
 }
 
@@ -89,11 +113,21 @@ pub enum Status {
     /// Created; its first step is queued and has not started.
     Pending,
     /// `step` (attempt `attempt`) is queued for an executor: after a completed step or a retry.
-    Queued { step: u32, attempt: u32 },
+    Queued {
+        step: u32,
+        attempt: u32,
+    },
     /// `step` (attempt `attempt`) was started by a replica.
-    Running { step: u32, attempt: u32 },
+    Running {
+        step: u32,
+        attempt: u32,
+    },
     /// Attempt `attempt` of `step` will be queued at `due`.
-    Retrying { step: u32, attempt: u32, due: Millis },
+    Retrying {
+        step: u32,
+        attempt: u32,
+        due: Millis,
+    },
     Completed,
     Failed,
     Cancelled,
@@ -125,9 +159,9 @@ impl Status {
     pub fn step_attempt(&self) -> Option<(u32, u32)> {
         match self {
             Status::Pending => Some((0, 1)),
-            Status::Queued { step, attempt } | Status::Running { step, attempt } | Status::Retrying { step, attempt, .. } => {
-                Some((*step, *attempt))
-            }
+            Status::Queued { step, attempt }
+            | Status::Running { step, attempt }
+            | Status::Retrying { step, attempt, .. } => Some((*step, *attempt)),
             Status::Completed | Status::Failed | Status::Cancelled | Status::TimedOut => None,
         }
     }
@@ -216,17 +250,23 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
         (Transition::StepStarted { step, attempt }, Status::Pending) if (*step, *attempt) == (0, 1) => {
             next.status = Status::Running { step: *step, attempt: *attempt };
         }
-        (Transition::StepStarted { step, attempt }, Status::Queued { step: s, attempt: a }) if (step, attempt) == (s, a) => {
+        (Transition::StepStarted { step, attempt }, Status::Queued { step: s, attempt: a })
+            if (step, attempt) == (s, a) =>
+        {
             next.status = Status::Running { step: *step, attempt: *attempt };
         }
-        (Transition::StepStarted { .. }, _) => return Err(invalid(transition, state, "that step attempt is not queued")),
+        (Transition::StepStarted { .. }, _) => {
+            return Err(invalid(transition, state, "that step attempt is not queued"));
+        }
         (Transition::StepCompleted { step, attempt, .. }, Status::Running { step: s, attempt: a })
             if (step, attempt) == (s, a) && !failed_at(current, *s, *a) =>
         {
             next.status = Status::Queued { step: step + 1, attempt: 1 };
             next.last_error = None;
         }
-        (Transition::StepCompleted { .. }, _) => return Err(invalid(transition, state, "that step attempt is not running")),
+        (Transition::StepCompleted { .. }, _) => {
+            return Err(invalid(transition, state, "that step attempt is not running"));
+        }
         (Transition::StepFailed { step, attempt, error, retry_at }, Status::Running { step: s, attempt: a })
             if (step, attempt) == (s, a) && !failed_at(current, *s, *a) =>
         {
@@ -235,11 +275,17 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
                 next.status = Status::Retrying { step: *step, attempt: attempt + 1, due: *due };
             }
         }
-        (Transition::StepFailed { .. }, _) => return Err(invalid(transition, state, "that step attempt is not running")),
-        (Transition::TimerFired { step, attempt }, Status::Retrying { step: s, attempt: a, .. }) if (step, attempt) == (s, a) => {
+        (Transition::StepFailed { .. }, _) => {
+            return Err(invalid(transition, state, "that step attempt is not running"));
+        }
+        (Transition::TimerFired { step, attempt }, Status::Retrying { step: s, attempt: a, .. })
+            if (step, attempt) == (s, a) =>
+        {
             next.status = Status::Queued { step: *step, attempt: *attempt };
         }
-        (Transition::TimerFired { .. }, _) => return Err(invalid(transition, state, "no timer is set for that step attempt")),
+        (Transition::TimerFired { .. }, _) => {
+            return Err(invalid(transition, state, "no timer is set for that step attempt"));
+        }
         (Transition::RunCompleted, Status::Queued { attempt: 1, step }) if *step > 0 => {
             next.status = Status::Completed;
         }
@@ -324,7 +370,11 @@ pub fn advance(
         appended.push(recorded);
     }
     let Some(mut current) = current else {
-        return Err(InvalidTransition { transition: "<nothing>", state: "<none>".to_owned(), reason: "nothing happened to a run that does not exist" });
+        return Err(InvalidTransition {
+            transition: "<nothing>",
+            state: "<none>".to_owned(),
+            reason: "nothing happened to a run that does not exist",
+        });
     };
     // Each follow-up ends the run, so this settles after at most one round.
     for _ in 0..2 {

@@ -26,12 +26,15 @@ fn at(at: Millis, transition: Transition) -> Recorded {
 }
 
 fn created() -> Recorded {
-    at(1, Transition::RunCreated {
-        workflow: "wf".to_owned(),
-        definition: "h".to_owned(),
-        input: "{}".to_owned(),
-        trigger: Trigger::Api,
-    })
+    at(
+        1,
+        Transition::RunCreated {
+            workflow: "wf".to_owned(),
+            definition: "h".to_owned(),
+            input: "{}".to_owned(),
+            trigger: Trigger::Api,
+        },
+    )
 }
 
 /// What a driver may do next to a run: the choices a real engine (or an operator) has.
@@ -144,11 +147,10 @@ proptest! {
             _ => Transition::RunTimedOut,
         };
         let result = apply(Some(&state), &at(99, transition.clone()));
-        if let Ok(next_state) = &result {
-            if !state.status.is_terminal() {
+        if let Ok(next_state) = &result
+            && !state.status.is_terminal() {
                 prop_assert_eq!(next_state.seq, state.seq + 1);
             }
-        }
         // Step transitions for an attempt that is not current are always rejected.
         let current = state.status.step_attempt();
         let step_level = matches!(kind, 0..=4);
@@ -204,7 +206,8 @@ fn invalid_transitions_are_errors_not_panics() {
     let err = apply(None, &at(1, Transition::RunCompleted)).unwrap_err();
     assert_eq!(err.transition, "run_completed");
     let state = apply(None, &created()).unwrap();
-    let err = apply(Some(&state), &at(2, Transition::StepCompleted { step: 0, attempt: 1, output: String::new() })).unwrap_err();
+    let err = apply(Some(&state), &at(2, Transition::StepCompleted { step: 0, attempt: 1, output: String::new() }))
+        .unwrap_err();
     assert!(err.to_string().contains("not running"), "{err}");
     let err = apply(Some(&state), &at(2, Transition::RunCompleted)).unwrap_err();
     assert!(err.to_string().contains("work left"), "{err}");

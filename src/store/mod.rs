@@ -163,7 +163,9 @@ pub struct Commit {
 /// The outcome of [`Store::commit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    Applied { seq: u64 },
+    Applied {
+        seq: u64,
+    },
     /// The run moved on since `expected_seq`: the caller decided on stale state.
     Stale,
     /// The lease is no longer this replica's: another replica took the entry over, or it was
@@ -321,7 +323,8 @@ mod tests {
         let text = id.to_string();
         assert!(text.ends_with("-s7"), "{text}");
         assert_eq!(text.parse::<RunId>().unwrap(), id);
-        for bad in ["", "x-s1", "0193e4a17b2c7d3e8f001a2b3c4d5e6f", "0193e4a17b2c7d3e8f001a2b3c4d5e6f-sx", "../../etc"] {
+        for bad in ["", "x-s1", "0193e4a17b2c7d3e8f001a2b3c4d5e6f", "0193e4a17b2c7d3e8f001a2b3c4d5e6f-sx", "../../etc"]
+        {
             assert!(bad.parse::<RunId>().is_err(), "{bad}");
         }
     }

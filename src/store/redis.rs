@@ -4,7 +4,9 @@
 //! batched; concurrent calls share one pipelined connection, and blocking reads have their own so
 //! that they never hold up a commit.
 
-use super::codec::{decode_compacted, decode_recorded, decode_task, encode_recorded, encode_task, summary_fields, summary_from_fields};
+use super::codec::{
+    decode_compacted, decode_recorded, decode_task, encode_recorded, encode_task, summary_fields, summary_from_fields,
+};
 use super::keys::{Keys, WORKERS_GROUP};
 use super::{
     Claimed, Commit, CommitOutcome, Created, Housekeeping, Lease, Logged, NewRun, ReadyTask, RunId, RunPage, RunState,
@@ -51,7 +53,9 @@ fn text(value: &Value) -> Option<String> {
 /// Stream entry fields, as (field, value) pairs, from either reply shape.
 fn fields(value: Value) -> Vec<(String, Value)> {
     match value {
-        Value::Map(map) => map.inner().into_iter().map(|(k, v)| (k.as_str().map(|s| s.to_string()).unwrap_or_default(), v)).collect(),
+        Value::Map(map) => {
+            map.inner().into_iter().map(|(k, v)| (k.as_str().map(|s| s.to_string()).unwrap_or_default(), v)).collect()
+        }
         Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len() / 2);
             let mut iter = items.into_iter();
@@ -100,7 +104,8 @@ impl RedisStore {
     /// Connects, refuses Redis older than 7.0, loads the Lua library and creates the consumer
     /// groups. Reconnects by itself afterwards, forever, with backoff.
     pub async fn connect(url: &str, prefix: &str, shards: u16) -> StoreResult<RedisStore> {
-        let config = Config::from_url(url).map_err(|err| StoreError::Fatal(format!("REDIS_URL is not usable: {err}")))?;
+        let config =
+            Config::from_url(url).map_err(|err| StoreError::Fatal(format!("REDIS_URL is not usable: {err}")))?;
         let build = |command_timeout: Duration| {
             fred::types::Builder::from_config(config.clone())
                 .with_connection_config(|c| {
@@ -152,19 +157,28 @@ impl RedisStore {
     async fn install_schema(&self) -> StoreResult<()> {
         let schema_key = self.keys.schema_version();
         let stored = self.cmd("GET", vec![schema_key.clone().into()]).await?;
-        if let Some(stored) = text(&stored).and_then(|v| v.parse::<u64>().ok()) {
-            if stored > SCHEMA_VERSION {
-                return Err(StoreError::Fatal(format!(
-                    "the data under this KEY_PREFIX was written by a newer version (schema {stored}, this binary knows {SCHEMA_VERSION}); upgrade this binary"
-                )));
-            }
+        if let Some(stored) = text(&stored).and_then(|v| v.parse::<u64>().ok())
+            && stored > SCHEMA_VERSION
+        {
+            return Err(StoreError::Fatal(format!(
+                "the data under this KEY_PREFIX was written by a newer version (schema {stored}, this binary knows {SCHEMA_VERSION}); upgrade this binary"
+            )));
         }
         self.cmd("FUNCTION", vec!["LOAD".into(), "REPLACE".into(), LIBRARY.into()])
             .await
             .map_err(|err| StoreError::Fatal(format!("cannot load the Lua library: {err}")))?;
         self.cmd("SET", vec![schema_key.into(), SCHEMA_VERSION.to_string().into()]).await?;
         let groups = (0..self.keys.shards()).map(|shard| {
-            self.cmd("XGROUP", vec!["CREATE".into(), self.keys.ready(shard).into(), WORKERS_GROUP.into(), "0".into(), "MKSTREAM".into()])
+            self.cmd(
+                "XGROUP",
+                vec![
+                    "CREATE".into(),
+                    self.keys.ready(shard).into(),
+                    WORKERS_GROUP.into(),
+                    "0".into(),
+                    "MKSTREAM".into(),
+                ],
+            )
         });
         for result in join_all(groups).await {
             match result {
@@ -183,7 +197,9 @@ impl RedisStore {
         call.extend(args);
         match self.cmd("FCALL", call.clone()).await {
             Err(StoreError::Unavailable(msg)) if msg.contains("Function not found") || msg.contains("NOGROUP") => {
-                tracing::warn!("Redis lost the Lua library or the consumer groups (restarted without persistence?); reinstalling");
+                tracing::warn!(
+                    "Redis lost the Lua library or the consumer groups (restarted without persistence?); reinstalling"
+                );
                 self.install_schema().await?;
                 self.cmd("FCALL", call).await
             }
@@ -191,7 +207,14 @@ impl RedisStore {
         }
     }
 
-    fn decode_claimed(&self, shard: u16, id: String, fields: &[(String, Value)], deliveries: u64, consumer: &str) -> Claimed {
+    fn decode_claimed(
+        &self,
+        shard: u16,
+        id: String,
+        fields: &[(String, Value)],
+        deliveries: u64,
+        consumer: &str,
+    ) -> Claimed {
         let task = match field(fields, "data").and_then(Value::as_bytes) {
             Some(bytes) => decode_task(bytes),
             None => Err("ready entry without a `data` field".to_owned()),
@@ -234,7 +257,13 @@ impl RedisStore {
     ) -> StoreResult<Value> {
         let shard = run.shard;
         let run_text = run.to_string();
-        let mut keys = vec![self.keys.run(run), self.keys.log(run), self.keys.history(run), self.keys.ready(shard), self.keys.timers(shard)];
+        let mut keys = vec![
+            self.keys.run(run),
+            self.keys.log(run),
+            self.keys.history(run),
+            self.keys.ready(shard),
+            self.keys.timers(shard),
+        ];
         let mut args: Vec<Value> = Vec::with_capacity(16 + records.len() * 2 + fields.len() * 2);
         args.push(run_text.clone().into());
         args.push(expected_seq.to_string().into());
@@ -264,7 +293,9 @@ impl RedisStore {
             args.push(value.into());
         }
         match dispatch {
-            Some(state) => args.push(Value::Bytes(encode_task(&ReadyTask { run: run_text.clone(), state: state.clone() }).into())),
+            Some(state) => {
+                args.push(Value::Bytes(encode_task(&ReadyTask { run: run_text.clone(), state: state.clone() }).into()))
+            }
             None => args.push("".into()),
         }
         args.push(timer.map_or_else(String::new, |t| t.to_string()).into());
@@ -320,7 +351,8 @@ impl Store for RedisStore {
         let mut warnings = Vec::new();
         match self.cmd("CONFIG", vec!["GET".into(), "maxmemory-policy".into()]).await {
             Ok(reply) => {
-                let policy = fields(reply).into_iter().find(|(k, _)| k == "maxmemory-policy").and_then(|(_, v)| text(&v));
+                let policy =
+                    fields(reply).into_iter().find(|(k, _)| k == "maxmemory-policy").and_then(|(_, v)| text(&v));
                 match policy.as_deref() {
                     Some("noeviction") => {}
                     Some(other) => warnings.push(format!(
@@ -329,7 +361,8 @@ impl Store for RedisStore {
                     None => warnings.push("could not read Redis maxmemory-policy; make sure it is `noeviction`".to_owned()),
                 }
             }
-            Err(_) => warnings.push("CONFIG GET is not allowed: cannot check that maxmemory-policy is `noeviction`".to_owned()),
+            Err(_) => warnings
+                .push("CONFIG GET is not allowed: cannot check that maxmemory-policy is `noeviction`".to_owned()),
         }
         Ok(StoreHealth { kind: StoreKind::Redis, version: Some(version), warnings })
     }
@@ -349,7 +382,9 @@ impl Store for RedisStore {
         let reply = self.cmd("GET", vec![key.clone().into()]).await?;
         match text(&reply) {
             None => Ok(None),
-            Some(snapshot) => Workflow::from_snapshot(hash, &snapshot).map(Some).map_err(|err| corrupt(&key, err.to_string())),
+            Some(snapshot) => {
+                Workflow::from_snapshot(hash, &snapshot).map(Some).map_err(|err| corrupt(&key, err.to_string()))
+            }
         }
     }
 
@@ -379,7 +414,9 @@ impl Store for RedisStore {
             .await?;
         match outcome(reply)? {
             (tag, _) if tag == "ok" => Ok(Created::New(new.run)),
-            (tag, rest) if tag == "duplicate" => Ok(Created::Duplicate(rest.first().and_then(text).unwrap_or_default())),
+            (tag, rest) if tag == "duplicate" => {
+                Ok(Created::Duplicate(rest.first().and_then(text).unwrap_or_default()))
+            }
             (tag, _) => Err(corrupt(&self.keys.run(&new.run), format!("creating a run answered `{tag}`"))),
         }
     }
@@ -393,7 +430,10 @@ impl Store for RedisStore {
             .filter(|(name, _)| !matches!(*name, "workflow" | "definition" | "created_at"))
             .collect();
         let (zadd, zrem) = if terminal {
-            (vec![(self.keys.index_finished(shard, commit.state.status.name()), commit.state.updated_at)], vec![self.keys.index_active(shard)])
+            (
+                vec![(self.keys.index_finished(shard, commit.state.status.name()), commit.state.updated_at)],
+                vec![self.keys.index_active(shard)],
+            )
         } else {
             (Vec::new(), Vec::new())
         };
@@ -415,7 +455,9 @@ impl Store for RedisStore {
             .await?;
         let (tag, rest) = outcome(reply)?;
         Ok(match tag.as_str() {
-            "ok" => CommitOutcome::Applied { seq: rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0) },
+            "ok" => {
+                CommitOutcome::Applied { seq: rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0) }
+            }
             "stale" => CommitOutcome::Stale,
             "lease_lost" => CommitOutcome::LeaseLost,
             "gone" => CommitOutcome::Gone,
@@ -455,7 +497,10 @@ impl Store for RedisStore {
         ];
         args.extend(chosen.iter().map(|s| Value::from(self.keys.ready(*s))));
         args.extend(chosen.iter().map(|_| Value::from(">")));
-        let reply = self.blocking.custom::<Value, Value>(CustomCommand::new_static("XREADGROUP", None::<u16>, true), args).await;
+        let reply = self
+            .blocking
+            .custom::<Value, Value>(CustomCommand::new_static("XREADGROUP", None::<u16>, true), args)
+            .await;
         let reply = match reply {
             Ok(reply) => reply,
             Err(err) if err.to_string().contains("NOGROUP") => {
@@ -467,7 +512,11 @@ impl Store for RedisStore {
         };
         let streams: Vec<(String, Value)> = match reply {
             Value::Null => Vec::new(),
-            Value::Map(map) => map.inner().into_iter().map(|(k, v)| (k.as_str().map(|s| s.to_string()).unwrap_or_default(), v)).collect(),
+            Value::Map(map) => map
+                .inner()
+                .into_iter()
+                .map(|(k, v)| (k.as_str().map(|s| s.to_string()).unwrap_or_default(), v))
+                .collect(),
             Value::Array(items) => items
                 .into_iter()
                 .filter_map(|pair| {
@@ -532,7 +581,9 @@ impl Store for RedisStore {
             let _next = parts.next();
             for entry in parts.next().map(Value::into_array).unwrap_or_default() {
                 let mut items = entry.into_array().into_iter();
-                let (Some(id), Some(body), Some(deliveries)) = (items.next(), items.next(), items.next()) else { continue };
+                let (Some(id), Some(body), Some(deliveries)) = (items.next(), items.next(), items.next()) else {
+                    continue;
+                };
                 let Some(id) = text(&id) else { continue };
                 let deliveries = text(&deliveries).and_then(|d| d.parse().ok()).unwrap_or(1);
                 claimed.push(self.decode_claimed(shard, id, &fields(body), deliveries, consumer));
@@ -546,7 +597,14 @@ impl Store for RedisStore {
         let reads = (0..self.keys.shards()).map(|shard| {
             self.cmd(
                 "ZRANGEBYSCORE",
-                vec![self.keys.timers(shard).into(), "-inf".into(), now.to_string().into(), "LIMIT".into(), "0".into(), (max as i64).into()],
+                vec![
+                    self.keys.timers(shard).into(),
+                    "-inf".into(),
+                    now.to_string().into(),
+                    "LIMIT".into(),
+                    "0".into(),
+                    (max as i64).into(),
+                ],
             )
         });
         let mut due = Vec::new();
@@ -563,7 +621,8 @@ impl Store for RedisStore {
     async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
         let key = self.keys.run(run);
         let reply = self.cmd("HGETALL", vec![key.clone().into()]).await?;
-        let pairs: Vec<(String, String)> = fields(reply).into_iter().map(|(k, v)| (k, text(&v).unwrap_or_default())).collect();
+        let pairs: Vec<(String, String)> =
+            fields(reply).into_iter().map(|(k, v)| (k, text(&v).unwrap_or_default())).collect();
         summary_from_fields(&key, pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
 
@@ -576,8 +635,13 @@ impl Store for RedisStore {
             if !live.is_empty() {
                 let mut out = Vec::with_capacity(live.len());
                 for (id, fields) in live {
-                    let seq = id.split_once('-').and_then(|(s, _)| s.parse().ok()).ok_or_else(|| corrupt(&log_key, format!("entry id `{id}`")))?;
-                    let data = field(&fields, "data").and_then(Value::as_bytes).ok_or_else(|| corrupt(&log_key, format!("entry {id} has no data")))?;
+                    let seq = id
+                        .split_once('-')
+                        .and_then(|(s, _)| s.parse().ok())
+                        .ok_or_else(|| corrupt(&log_key, format!("entry id `{id}`")))?;
+                    let data = field(&fields, "data")
+                        .and_then(Value::as_bytes)
+                        .ok_or_else(|| corrupt(&log_key, format!("entry {id} has no data")))?;
                     let recorded = decode_recorded(data).map_err(|p| corrupt(&log_key, format!("entry {id}: {p}")))?;
                     out.push(Logged { seq, recorded });
                 }
@@ -587,7 +651,13 @@ impl Store for RedisStore {
             let blob = self.cmd("GET", vec![history_key.clone().into()]).await?;
             if let Some(bytes) = blob.as_bytes() {
                 let records = decode_compacted(bytes).map_err(|p| corrupt(&history_key, p))?;
-                return Ok(Some(records.into_iter().enumerate().map(|(i, recorded)| Logged { seq: i as u64 + 1, recorded }).collect()));
+                return Ok(Some(
+                    records
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, recorded)| Logged { seq: i as u64 + 1, recorded })
+                        .collect(),
+                ));
             }
         }
         Ok(None)
@@ -602,7 +672,8 @@ impl Store for RedisStore {
                 .into_array();
             let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
             for (run, summary) in runs.iter().zip(self.summaries(&runs).await?) {
-                if let Some(summary) = summary.filter(|s| s.updated_at < before && !super::is_terminal_name(&s.status)) {
+                if let Some(summary) = summary.filter(|s| s.updated_at < before && !super::is_terminal_name(&s.status))
+                {
                     out.push((run.clone(), summary));
                 }
             }
@@ -620,8 +691,22 @@ impl Store for RedisStore {
         Ok(!reply.is_null())
     }
 
-    async fn list_runs(&self, workflow: Option<&str>, status: Option<&str>, before: Option<&RunId>, limit: usize) -> StoreResult<RunPage> {
-        let max_score = before.map_or_else(|| "+inf".to_owned(), |b| b.uuid.get_timestamp().map_or(0, |t| t.to_unix().0 * 1000 + u64::from(t.to_unix().1 / 1_000_000)).to_string());
+    async fn list_runs(
+        &self,
+        workflow: Option<&str>,
+        status: Option<&str>,
+        before: Option<&RunId>,
+        limit: usize,
+    ) -> StoreResult<RunPage> {
+        let max_score = before.map_or_else(
+            || "+inf".to_owned(),
+            |b| {
+                b.uuid
+                    .get_timestamp()
+                    .map_or(0, |t| t.to_unix().0 * 1000 + u64::from(t.to_unix().1 / 1_000_000))
+                    .to_string()
+            },
+        );
         // Over-fetch so that runs created in the same millisecond as the cursor, and runs of
         // another status, do not shorten the page.
         let fetch = (limit * 4 + 16) as i64;
@@ -630,13 +715,16 @@ impl Store for RedisStore {
                 Some(w) => self.keys.index_workflow(shard, w),
                 None => self.keys.index_all(shard),
             };
-            self.cmd("ZREVRANGEBYSCORE", vec![key.into(), max_score.clone().into(), "-inf".into(), "LIMIT".into(), "0".into(), fetch.into()])
+            self.cmd(
+                "ZREVRANGEBYSCORE",
+                vec![key.into(), max_score.clone().into(), "-inf".into(), "LIMIT".into(), "0".into(), fetch.into()],
+            )
         });
         let mut candidates: Vec<RunId> = Vec::new();
         for reply in join_all(reads).await {
             candidates.extend(reply?.into_array().iter().filter_map(|m| text(m)?.parse::<RunId>().ok()));
         }
-        candidates.sort_by(|a, b| b.uuid.cmp(&a.uuid));
+        candidates.sort_by_key(|r| std::cmp::Reverse(r.uuid));
         if let Some(cursor) = before {
             candidates.retain(|r| r.uuid < cursor.uuid);
         }
@@ -674,10 +762,10 @@ impl Store for RedisStore {
             let pending = self.cmd("XPENDING", vec![ready.clone().into(), WORKERS_GROUP.into()]).await?.into_array();
             let oldest_pending = pending.get(1).and_then(text);
             let Some(mut min_id) = successor(&last_delivered) else { continue };
-            if let Some(oldest) = oldest_pending {
-                if compare_ids(&oldest, &min_id).is_lt() {
-                    min_id = oldest;
-                }
+            if let Some(oldest) = oldest_pending
+                && compare_ids(&oldest, &min_id).is_lt()
+            {
+                min_id = oldest;
             }
             let trimmed = self.cmd("XTRIM", vec![ready.into(), "MINID".into(), "~".into(), min_id.into()]).await?;
             report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
@@ -685,7 +773,17 @@ impl Store for RedisStore {
             for status in ["completed", "failed", "cancelled", "timed_out"] {
                 let index = self.keys.index_finished(shard, status);
                 let members = self
-                    .cmd("ZRANGEBYSCORE", vec![index.clone().into(), "-inf".into(), format!("({retain_until}").into(), "LIMIT".into(), "0".into(), "500".into()])
+                    .cmd(
+                        "ZRANGEBYSCORE",
+                        vec![
+                            index.clone().into(),
+                            "-inf".into(),
+                            format!("({retain_until}").into(),
+                            "LIMIT".into(),
+                            "0".into(),
+                            "500".into(),
+                        ],
+                    )
                     .await?
                     .into_array();
                 let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
@@ -703,7 +801,10 @@ impl Store for RedisStore {
                     by_index.entry(self.keys.index_all(shard)).or_default().push(run.to_string().into());
                     by_index.entry(index.clone()).or_default().push(run.to_string().into());
                     if let Some(summary) = summary {
-                        by_index.entry(self.keys.index_workflow(shard, &summary.workflow)).or_default().push(run.to_string().into());
+                        by_index
+                            .entry(self.keys.index_workflow(shard, &summary.workflow))
+                            .or_default()
+                            .push(run.to_string().into());
                     }
                 }
                 for (key, members) in by_index {

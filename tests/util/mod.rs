@@ -50,7 +50,8 @@ impl RedisServer {
     }
 
     fn start_with(aof: bool) -> RedisServer {
-        let mut server = RedisServer { port: free_port(), dir: tempfile::tempdir().expect("tempdir"), aof, child: None };
+        let mut server =
+            RedisServer { port: free_port(), dir: tempfile::tempdir().expect("tempdir"), aof, child: None };
         server.launch();
         server
     }
@@ -81,8 +82,10 @@ impl RedisServer {
             .expect("redis-server must be installed (scripts/test.sh installs it)");
         self.child = Some(child);
         let port = self.port;
-        wait_for(Duration::from_secs(10), Duration::from_millis(20), || (redis_cli(port, &["PING"]).trim() == "PONG").then_some(()))
-            .expect("redis-server answers PING within 10 s");
+        wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+            (redis_cli(port, &["PING"]).trim() == "PONG").then_some(())
+        })
+        .expect("redis-server answers PING within 10 s");
     }
 
     pub fn url(&self) -> String {
@@ -147,7 +150,12 @@ pub struct ReplicaConfig {
 
 impl ReplicaConfig {
     pub fn new(redis_url: Option<String>, workflows_file: Option<&Path>, log_dir: &Path) -> ReplicaConfig {
-        ReplicaConfig { redis_url, workflows_file: workflows_file.map(Path::to_path_buf), log_dir: log_dir.to_path_buf(), env: Vec::new() }
+        ReplicaConfig {
+            redis_url,
+            workflows_file: workflows_file.map(Path::to_path_buf),
+            log_dir: log_dir.to_path_buf(),
+            env: Vec::new(),
+        }
     }
 
     pub fn env(mut self, key: &str, value: &str) -> ReplicaConfig {
@@ -188,9 +196,12 @@ impl ReplicaConfig {
                 }
             }
         });
-        let address = receiver
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("replica {name} did not start within 30 s; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        let address = receiver.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+            panic!(
+                "replica {name} did not start within 30 s; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
         let port = address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the listening line");
         Replica { name: name.to_owned(), port, child: Some(child), log }
     }
@@ -206,7 +217,8 @@ impl Replica {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().expect("kill");
+        let status =
+            Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().expect("kill");
         assert!(status.success(), "kill -{signal} {}", self.pid());
     }
 
@@ -240,7 +252,8 @@ impl Replica {
 
     /// Triggers a workflow; returns the run id.
     pub fn trigger(&self, workflow: &str, input: Value) -> String {
-        let (status, body) = self.post(&format!("/api/workflows/{workflow}/trigger"), &serde_json::json!({ "inputData": input }));
+        let (status, body) =
+            self.post(&format!("/api/workflows/{workflow}/trigger"), &serde_json::json!({ "inputData": input }));
         assert_eq!(status, 202, "trigger {workflow}: {body}");
         body["runId"].as_str().expect("runId").to_owned()
     }
@@ -261,9 +274,13 @@ impl Replica {
     pub fn wait_terminal(&self, run_id: &str, limit: Duration) -> Value {
         wait_for(limit, Duration::from_millis(50), || {
             let (status, body) = self.get(&format!("/api/runs/{run_id}"));
-            (status == 200 && matches!(body["status"].as_str(), Some("completed" | "failed" | "cancelled" | "timed_out"))).then_some(body)
+            (status == 200
+                && matches!(body["status"].as_str(), Some("completed" | "failed" | "cancelled" | "timed_out")))
+            .then_some(body)
         })
-        .unwrap_or_else(|| panic!("run {run_id} did not finish within {limit:?}: {}", self.get(&format!("/api/runs/{run_id}")).1))
+        .unwrap_or_else(|| {
+            panic!("run {run_id} did not finish within {limit:?}: {}", self.get(&format!("/api/runs/{run_id}")).1)
+        })
     }
 }
 
