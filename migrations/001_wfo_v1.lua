@@ -196,7 +196,21 @@ local function dead_letter(keys, argv)
   return redis.call('XACK', keys[1], argv[1], argv[2])
 end
 
+-- Records a handled cron fire; the last fire only moves forward.
+-- KEYS: 1 the schedule's hash. ARGV: fire (ms), run id ('' = none started).
+local function cron_advance(keys, argv)
+  local last = tonumber(redis.call('HGET', keys[1], 'last_fire') or '0')
+  if tonumber(argv[1]) > last then
+    redis.call('HSET', keys[1], 'last_fire', argv[1])
+  end
+  if argv[2] ~= '' then
+    redis.call('HSET', keys[1], 'last_run', argv[2])
+  end
+  return 1
+end
+
 redis.register_function('wfo_v1_commit', commit)
+redis.register_function('wfo_v1_cron_advance', cron_advance)
 redis.register_function('wfo_v1_renew', renew)
 redis.register_function('wfo_v1_ack', ack)
 redis.register_function('wfo_v1_reclaim', reclaim)

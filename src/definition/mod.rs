@@ -4,6 +4,7 @@
 //! Nothing here does I/O beyond reading the one file it is asked to read.
 
 pub mod duration;
+pub mod schedule;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use duration::{format_duration, parse_duration};
+pub use schedule::{Catchup, Overlap, Schedule};
 
 /// The built-in Molochain registry, used when `WORKFLOWS_FILE` is unset. Same format as users write.
 const BUILTIN_WORKFLOWS: &str = include_str!("builtin.toml");
@@ -48,6 +50,13 @@ pub struct WorkflowDef {
     pub description: String,
     pub schedule: Option<String>,
     pub timezone: Option<String>,
+    /// What to do with fires missed while no replica ran.
+    pub catchup: Catchup,
+    /// How far back `catchup = "all"` looks.
+    #[serde(with = "duration::serde_human")]
+    pub catchup_window: Duration,
+    /// What to do with a fire while the schedule's previous run is still active.
+    pub overlap: Overlap,
     pub events: Vec<String>,
     pub steps: Vec<StepDef>,
 }
@@ -151,19 +160,24 @@ pub struct Workflow {
     /// never changes the definition of a run in flight.
     pub hash: String,
     pub snapshot: String,
+    /// The parsed `schedule`, if the workflow has one.
+    pub schedule: Option<Schedule>,
 }
 
 impl Workflow {
+    /// Seals a validated definition (its schedule was checked by validation).
     pub fn new(def: WorkflowDef) -> Workflow {
         let snapshot = serde_json::to_string(&def).expect("definitions serialise to JSON");
         let hash = hex::encode(&Sha256::digest(snapshot.as_bytes())[..8]);
-        Workflow { def, hash, snapshot }
+        let schedule = def.schedule.as_deref().and_then(|s| Schedule::parse(s, def.timezone.as_deref()).ok());
+        Workflow { def, hash, snapshot, schedule }
     }
 
     /// Rebuilds a workflow from a stored snapshot, keeping the hash it was stored under.
     pub fn from_snapshot(hash: &str, snapshot: &str) -> Result<Workflow, serde_json::Error> {
         let def: WorkflowDef = serde_json::from_str(snapshot)?;
-        Ok(Workflow { def, hash: hash.to_owned(), snapshot: snapshot.to_owned() })
+        let schedule = def.schedule.as_deref().and_then(|s| Schedule::parse(s, def.timezone.as_deref()).ok());
+        Ok(Workflow { def, hash: hash.to_owned(), snapshot: snapshot.to_owned(), schedule })
     }
 }
 
@@ -266,6 +280,11 @@ struct RawWorkflow {
     schedule: Option<String>,
     timezone: Option<String>,
     #[serde(default)]
+    catchup: Catchup,
+    catchup_window: Option<String>,
+    #[serde(default)]
+    overlap: Overlap,
+    #[serde(default)]
     events: Vec<String>,
     #[serde(default)]
     step: Vec<RawStep>,
@@ -292,6 +311,9 @@ struct RawRetry {
     jitter: Option<f64>,
 }
 
+/// How far back `catchup = "all"` looks by default.
+const DEFAULT_CATCHUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 /// Default time a step may take before it is failed (and retried per its policy).
 const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -310,14 +332,22 @@ impl RawWorkflow {
                 "must be 1-64 characters of a-z, 0-9, `-` or `_`, starting with a letter or digit".to_owned(),
             ));
         }
-        if let Some(schedule) = &self.schedule {
-            crate::definition::parse_schedule(schedule).map_err(|problem| fail("schedule", problem))?;
+        match (&self.schedule, &self.timezone) {
+            (Some(schedule), zone) => {
+                Schedule::parse(schedule, zone.as_deref()).map_err(|problem| {
+                    let field = if problem.contains("time zone") { "timezone" } else { "schedule" };
+                    fail(field, problem)
+                })?;
+            }
+            (None, Some(_)) => {
+                return Err(fail("timezone", "only a workflow with a `schedule` has a time zone".to_owned()));
+            }
+            (None, None) => {}
         }
-        if let Some(zone) = &self.timezone
-            && zone != "UTC"
-        {
-            return Err(fail("timezone", format!("unknown time zone `{zone}` (only `UTC` is supported so far)")));
-        }
+        let catchup_window = match &self.catchup_window {
+            Some(text) => parse_duration(text).map_err(|problem| fail("catchup_window", problem))?,
+            None => DEFAULT_CATCHUP_WINDOW,
+        };
         for event in &self.events {
             if !valid_event_type(event) {
                 return Err(fail(
@@ -359,6 +389,9 @@ impl RawWorkflow {
             description: self.description,
             schedule: self.schedule,
             timezone: self.timezone,
+            catchup: self.catchup,
+            catchup_window,
+            overlap: self.overlap,
             events: self.events,
             steps,
         })
@@ -414,16 +447,6 @@ fn parse_action(action: &str, with: Option<toml::Value>) -> Result<ActionSpec, (
         }
         other => Err(("action", format!("unknown action `{other}` (known: noop, exec)"))),
     }
-}
-
-/// Parses a croner schedule of 5 fields, or 6 with seconds first.
-pub fn parse_schedule(expression: &str) -> Result<croner::Cron, String> {
-    use croner::parser::{CronParser, Seconds};
-    CronParser::builder()
-        .seconds(Seconds::Optional)
-        .build()
-        .parse(expression)
-        .map_err(|err| format!("`{expression}` is not a cron expression: {err}"))
 }
 
 /// The event type syntax of the bus: `^[a-z0-9][a-z0-9_.-]{0,127}$`.

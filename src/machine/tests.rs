@@ -9,6 +9,9 @@ fn definition(steps: usize, max_attempts: u32) -> WorkflowDef {
         description: String::new(),
         schedule: None,
         timezone: None,
+        catchup: Default::default(),
+        catchup_window: std::time::Duration::from_secs(3600),
+        overlap: Default::default(),
         events: Vec::new(),
         steps: (0..steps)
             .map(|i| StepDef {

@@ -8,6 +8,8 @@ use sha2::{Digest, Sha256};
 
 /// The consumer group of the ready streams.
 pub const WORKERS_GROUP: &str = "workers";
+/// The consumer group of the event bus.
+pub const ROUTER_GROUP: &str = "router";
 
 /// The shard an idempotency key lands on: stable across replicas, restarts and versions.
 pub fn shard_of(key: &str, shards: u16) -> u16 {
@@ -112,6 +114,16 @@ impl Keys {
     /// Stream: malformed events, with the reason.
     pub fn events_dead(&self) -> String {
         format!("{}:events:dead", self.prefix)
+    }
+
+    /// String (JSON, expiring): the runs an event started.
+    pub fn event_runs(&self, id: &str) -> String {
+        format!("{}:events:runs:{id}", self.prefix)
+    }
+
+    /// Hash: a workflow schedule's shared state (last fire, last run, buffered fire).
+    pub fn cron(&self, workflow: &str) -> String {
+        format!("{}:cron:{workflow}", self.prefix)
     }
 }
 

@@ -17,8 +17,8 @@
 //! atomic as one Redis function call and keeps the async trait methods thin.
 
 use super::{
-    Claimed, Commit, CommitOutcome, Created, Housekeeping, Lease, Logged, NewRun, ReadyTask, RunId, RunPage,
-    RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult, terminal_name,
+    BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, Housekeeping, Lease, ListedEvent, Logged, NewRun,
+    ReadyTask, RunId, RunPage, RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState};
@@ -47,6 +47,8 @@ struct Shared {
     /// Wakes `claim` calls blocked waiting for work whenever a step is dispatched, as a new
     /// stream entry wakes a blocked `XREADGROUP`.
     dispatched: Notify,
+    /// Wakes the router's blocked reads when an event is published.
+    published: Notify,
     shards: u16,
     lease_ttl: Duration,
 }
@@ -58,6 +60,7 @@ impl MemoryStore {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 dispatched: Notify::new(),
+                published: Notify::new(),
                 shards: shards.max(1),
                 lease_ttl,
             }),
@@ -199,6 +202,86 @@ struct State {
     finished: HashMap<&'static str, Index>,
     /// Runs by the time their timer is due.
     timers: Index,
+    /// The event bus stream with its `router` group.
+    bus: Bus,
+    /// Schedules' shared state, by workflow.
+    crons: HashMap<String, CronState>,
+}
+
+/// The event bus: a stream read by the consumer group `router`, its dead-letter stream, and the
+/// runs each handled event started.
+#[derive(Debug, Default)]
+struct Bus {
+    entries: BTreeMap<EntryId, Vec<(Vec<u8>, Vec<u8>)>>,
+    last_id: EntryId,
+    delivered: EntryId,
+    pending: BTreeMap<EntryId, Pending>,
+    dead: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
+    /// Runs started per event id, until the instant they expire.
+    started: HashMap<String, (Vec<(String, String)>, Instant)>,
+}
+
+impl Bus {
+    fn publish(&mut self, fields: Vec<(Vec<u8>, Vec<u8>)>, now: Millis) -> EntryId {
+        let id = if now > self.last_id.ms {
+            EntryId { ms: now, n: 0 }
+        } else {
+            EntryId { ms: self.last_id.ms, n: self.last_id.n + 1 }
+        };
+        self.last_id = id;
+        self.entries.insert(id, fields);
+        id
+    }
+
+    fn entry(&self, id: EntryId, deliveries: u64) -> Option<BusEntry> {
+        self.entries.get(&id).map(|fields| BusEntry { id: id.to_string(), fields: fields.clone(), deliveries })
+    }
+
+    fn read(&mut self, consumer: &str, max: usize, instant: Instant) -> Vec<BusEntry> {
+        let ids: Vec<EntryId> = self
+            .entries
+            .range((Bound::Excluded(self.delivered), Bound::Unbounded))
+            .take(max)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.delivered = id;
+            self.pending.insert(id, Pending { owner: consumer.to_owned(), since: instant, deliveries: 1 });
+            out.extend(self.entry(id, 1));
+        }
+        out
+    }
+
+    fn reclaim(&mut self, consumer: &str, min_idle: Duration, max: usize, instant: Instant) -> Vec<BusEntry> {
+        let idle: Vec<EntryId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| instant.saturating_duration_since(p.since) >= min_idle)
+            .map(|(id, _)| *id)
+            .take(max)
+            .collect();
+        let mut out = Vec::new();
+        for id in idle {
+            if !self.entries.contains_key(&id) {
+                self.pending.remove(&id);
+                continue;
+            }
+            let pending = self.pending.get_mut(&id).expect("collected from the pending list");
+            pending.owner = consumer.to_owned();
+            pending.since = instant;
+            pending.deliveries += 1;
+            let deliveries = pending.deliveries;
+            out.extend(self.entry(id, deliveries));
+        }
+        out
+    }
+
+    /// The oldest id the router has not handled.
+    fn oldest_unhandled(&self) -> EntryId {
+        let after_delivered = EntryId { ms: self.delivered.ms, n: self.delivered.n + 1 };
+        self.pending.keys().next().copied().map_or(after_delivered, |p| p.min(after_delivered))
+    }
 }
 
 impl State {
@@ -644,6 +727,148 @@ impl Store for MemoryStore {
     async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
         Ok(self.shared.state.lock().housekeeping(retain_until, Instant::now()))
     }
+
+    async fn cron_state(&self, workflow: &str) -> StoreResult<CronState> {
+        Ok(self.shared.state.lock().crons.get(workflow).cloned().unwrap_or_default())
+    }
+
+    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<()> {
+        let mut state = self.shared.state.lock();
+        let cron = state.crons.entry(workflow.to_owned()).or_default();
+        if cron.last_fire.is_none_or(|last| fire > last) {
+            cron.last_fire = Some(fire);
+        }
+        if let Some(run) = run {
+            cron.last_run = Some(run.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn cron_buffer(&self, workflow: &str, fire: Option<Millis>) -> StoreResult<()> {
+        self.shared.state.lock().crons.entry(workflow.to_owned()).or_default().buffered = fire;
+        Ok(())
+    }
+
+    async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String> {
+        let now = wall_clock()?;
+        let fields = fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect();
+        let id = self.shared.state.lock().bus.publish(fields, now);
+        self.shared.published.notify_waiters();
+        Ok(id.to_string())
+    }
+
+    async fn read_events(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<BusEntry>> {
+        let deadline = tokio::time::Instant::now() + block.min(Duration::from_secs(3600));
+        loop {
+            let notified = self.shared.published.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let read = self.shared.state.lock().bus.read(consumer, max.max(1), Instant::now());
+            if !read.is_empty() {
+                return Ok(read);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn reclaim_events(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<BusEntry>> {
+        Ok(self.shared.state.lock().bus.reclaim(consumer, min_idle, max, Instant::now()))
+    }
+
+    async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()> {
+        let mut state = self.shared.state.lock();
+        if !started.is_empty() {
+            let expires = Instant::now()
+                .checked_add(retention)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+            state.bus.started.insert(id.to_owned(), (started.to_vec(), expires));
+        }
+        if let Ok(id) = id.parse::<EntryId>() {
+            state.bus.pending.remove(&id);
+        }
+        Ok(())
+    }
+
+    async fn dead_letter_event(&self, entry: &BusEntry, reason: &str) -> StoreResult<()> {
+        let mut state = self.shared.state.lock();
+        let mut fields =
+            vec![(b"reason".to_vec(), reason.as_bytes().to_vec()), (b"entry".to_vec(), entry.id.as_bytes().to_vec())];
+        fields.extend(entry.fields.iter().cloned());
+        state.bus.dead.push((entry.id.clone(), fields));
+        if state.bus.dead.len() > 100_000 {
+            state.bus.dead.remove(0);
+        }
+        if let Ok(id) = entry.id.parse::<EntryId>() {
+            state.bus.pending.remove(&id);
+        }
+        Ok(())
+    }
+
+    async fn recent_events(
+        &self,
+        before: Option<&str>,
+        event_type: Option<&str>,
+        limit: usize,
+        scan: usize,
+    ) -> StoreResult<Vec<ListedEvent>> {
+        let state = self.shared.state.lock();
+        let bus = &state.bus;
+        let upper = match before.map(str::parse::<EntryId>) {
+            Some(Ok(id)) => Bound::Excluded(id),
+            Some(Err(())) => return Ok(Vec::new()),
+            None => Bound::Unbounded,
+        };
+        let handled_below = bus.oldest_unhandled();
+        let now = Instant::now();
+        let out = bus
+            .entries
+            .range((Bound::Unbounded, upper))
+            .rev()
+            .take(scan.max(limit))
+            .filter(|(_, fields)| {
+                event_type
+                    .is_none_or(|t| fields.iter().any(|(k, v)| k.as_slice() == b"type" && v.as_slice() == t.as_bytes()))
+            })
+            .take(limit)
+            .map(|(id, fields)| {
+                let handled = *id < handled_below && !bus.pending.contains_key(id);
+                let started = handled.then(|| {
+                    bus.started
+                        .get(&id.to_string())
+                        .filter(|(_, expires)| *expires > now)
+                        .map(|(runs, _)| runs.clone())
+                        .unwrap_or_default()
+                });
+                ListedEvent { entry: BusEntry { id: id.to_string(), fields: fields.clone(), deliveries: 0 }, started }
+            })
+            .collect();
+        Ok(out)
+    }
+
+    async fn trim_events(&self, max_len: u64, min_time: Millis) -> StoreResult<u64> {
+        let mut state = self.shared.state.lock();
+        let bus = &mut state.bus;
+        let floor = bus.oldest_unhandled();
+        let excess = (bus.entries.len() as u64).saturating_sub(max_len) as usize;
+        let mut cut = EntryId { ms: min_time, n: 0 };
+        if let Some((last, _)) = bus.entries.iter().take(excess).last() {
+            cut = cut.max(EntryId { ms: last.ms, n: last.n + 1 });
+        }
+        let cut = cut.min(floor);
+        let keep = bus.entries.split_off(&cut);
+        let trimmed = bus.entries.len() as u64;
+        bus.entries = keep;
+        let now = Instant::now();
+        bus.started.retain(|_, (_, expires)| *expires > now);
+        Ok(trimmed)
+    }
+
+    async fn event_counts(&self) -> StoreResult<(u64, u64)> {
+        let state = self.shared.state.lock();
+        Ok((state.bus.entries.len() as u64, state.bus.dead.len() as u64))
+    }
 }
 
 #[cfg(test)]
@@ -658,6 +883,9 @@ mod tests {
             description: String::new(),
             schedule: None,
             timezone: None,
+            catchup: Default::default(),
+            catchup_window: std::time::Duration::from_secs(3600),
+            overlap: Default::default(),
             events: Vec::new(),
             steps: (0..steps)
                 .map(|i| StepDef {

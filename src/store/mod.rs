@@ -234,6 +234,40 @@ pub struct Housekeeping {
     pub expired_runs: u64,
 }
 
+/// The durable state of one workflow's schedule, shared by every replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CronState {
+    /// The latest fire handled (started, skipped or buffered) by any replica.
+    pub last_fire: Option<Millis>,
+    /// The run the latest started fire created.
+    pub last_run: Option<String>,
+    /// A fire waiting for the previous run to end (`overlap = "buffer"`).
+    pub buffered: Option<Millis>,
+}
+
+/// An entry of the event bus stream as read: its id and raw fields (binary-safe: anyone may
+/// `XADD` anything), and how often it was delivered to the router group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusEntry {
+    pub id: String,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+    pub deliveries: u64,
+}
+
+impl BusEntry {
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields.iter().find(|(k, _)| k.as_slice() == name.as_bytes()).map(|(_, v)| v.as_slice())
+    }
+}
+
+/// An event as listed by the API: the entry and, once the router has handled it, the runs it
+/// started (`None` while it waits for the router).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedEvent {
+    pub entry: BusEntry,
+    pub started: Option<Vec<(String, String)>>,
+}
+
 /// The store the engine runs on.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -301,6 +335,51 @@ pub trait Store: Send + Sync + 'static {
     /// Trims ready streams behind their consumers and deletes finished runs older than
     /// `retain_until`.
     async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping>;
+
+    // ---- schedules ----
+
+    async fn cron_state(&self, workflow: &str) -> StoreResult<CronState>;
+
+    /// Records that `fire` was handled (the stored last fire only moves forward) and, when a run
+    /// was started for it, which.
+    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<()>;
+
+    /// Sets (or, with `None`, clears) the buffered fire.
+    async fn cron_buffer(&self, workflow: &str, fire: Option<Millis>) -> StoreResult<()>;
+
+    // ---- the event bus ----
+
+    /// Appends an event to the bus; returns its entry id.
+    async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String>;
+
+    /// New bus entries for the router consumer `consumer`, at most `max`, waiting up to `block`.
+    async fn read_events(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<BusEntry>>;
+
+    /// Bus entries delivered to a router that did not settle them within `min_idle`.
+    async fn reclaim_events(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<BusEntry>>;
+
+    /// Records the runs an event started (kept for `retention`) and acknowledges it.
+    async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()>;
+
+    /// Moves a malformed entry to the dead-letter stream with its reason, and acknowledges it.
+    async fn dead_letter_event(&self, entry: &BusEntry, reason: &str) -> StoreResult<()>;
+
+    /// Recent events, newest first, before the entry id `before` (exclusive), at most `limit`,
+    /// of type `event_type` if given (looking at no more than `scan` entries).
+    async fn recent_events(
+        &self,
+        before: Option<&str>,
+        event_type: Option<&str>,
+        limit: usize,
+        scan: usize,
+    ) -> StoreResult<Vec<ListedEvent>>;
+
+    /// Trims the bus to about `max_len` entries and to entries newer than `min_time`, never
+    /// dropping one the router has not handled. Returns the entries trimmed.
+    async fn trim_events(&self, max_len: u64, min_time: Millis) -> StoreResult<u64>;
+
+    /// The bus stream's length and the dead-letter stream's length.
+    async fn event_counts(&self) -> StoreResult<(u64, u64)>;
 }
 
 /// The summary fields of a status.

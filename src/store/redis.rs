@@ -7,10 +7,10 @@
 use super::codec::{
     decode_compacted, decode_recorded, decode_task, encode_recorded, encode_task, summary_fields, summary_from_fields,
 };
-use super::keys::{Keys, WORKERS_GROUP};
+use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::{
-    Claimed, Commit, CommitOutcome, Created, Housekeeping, Lease, Logged, NewRun, ReadyTask, RunId, RunPage, RunState,
-    RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult,
+    BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, Housekeeping, Lease, ListedEvent, Logged, NewRun,
+    ReadyTask, RunId, RunPage, RunState, RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded};
@@ -30,8 +30,11 @@ pub struct RedisStore {
     /// Pipelined connection for every non-blocking command: concurrent callers' commands are
     /// written back to back without waiting for each other's replies.
     client: fred::prelude::Client,
-    /// Its own connection for `XREADGROUP ... BLOCK`, which holds a connection while it waits.
+    /// Its own connection for `XREADGROUP ... BLOCK` on the ready streams, which holds a
+    /// connection while it waits.
     blocking: fred::prelude::Client,
+    /// The router's blocking reads of the event bus, on a connection of their own too.
+    events_blocking: fred::prelude::Client,
     keys: Keys,
     /// Which shard a partial read starts at, rotated so that no shard starves when fewer
     /// executors are free than there are shards.
@@ -81,6 +84,37 @@ fn entries(value: Value) -> Vec<(String, Vec<(String, Value)>)> {
         .collect()
 }
 
+/// Raw (binary-safe) fields of a stream entry.
+fn raw_fields(value: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let bytes =
+        |v: &Value| v.as_bytes().map(<[u8]>::to_vec).unwrap_or_else(|| text(v).unwrap_or_default().into_bytes());
+    match value {
+        Value::Map(map) => map.inner().into_iter().map(|(k, v)| (k.as_bytes().to_vec(), bytes(&v))).collect(),
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut iter = items.into_iter();
+            while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+                out.push((bytes(&k), bytes(&v)));
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Bus entries from an `XRANGE`-shaped reply.
+fn bus_entries(value: Value, deliveries: u64) -> Vec<BusEntry> {
+    value
+        .into_array()
+        .into_iter()
+        .filter_map(|entry| {
+            let mut parts = entry.into_array().into_iter();
+            let id = text(&parts.next()?)?;
+            Some(BusEntry { id, fields: raw_fields(parts.next().unwrap_or(Value::Null)), deliveries })
+        })
+        .collect()
+}
+
 fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
     fields.iter().find(|(k, _)| k == name).map(|(_, v)| v)
 }
@@ -119,10 +153,17 @@ impl RedisStore {
         };
         let client = build(Duration::from_secs(10))?;
         let blocking = build(Duration::from_secs(15))?;
-        for c in [&client, &blocking] {
+        let events_blocking = build(Duration::from_secs(15))?;
+        for c in [&client, &blocking, &events_blocking] {
             c.init().await.map_err(|err| StoreError::Unavailable(format!("cannot connect to Redis: {err}")))?;
         }
-        let store = RedisStore { client, blocking, keys: Keys::new(prefix, shards), next_shard: AtomicUsize::new(0) };
+        let store = RedisStore {
+            client,
+            blocking,
+            events_blocking,
+            keys: Keys::new(prefix, shards),
+            next_shard: AtomicUsize::new(0),
+        };
         let version = store.server_version().await?;
         let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
         if major < 7 {
@@ -180,7 +221,11 @@ impl RedisStore {
                 ],
             )
         });
-        for result in join_all(groups).await {
+        let bus = self.cmd(
+            "XGROUP",
+            vec!["CREATE".into(), self.keys.events().into(), ROUTER_GROUP.into(), "0".into(), "MKSTREAM".into()],
+        );
+        for result in join_all(groups.chain(std::iter::once(bus))).await {
             match result {
                 Ok(_) => {}
                 Err(StoreError::Unavailable(msg)) if msg.contains("BUSYGROUP") => {}
@@ -314,6 +359,26 @@ impl RedisStore {
             args.push(run_text.clone().into());
         }
         self.fcall("wfo_v1_commit", keys, args).await
+    }
+
+    /// The oldest id of `stream` that consumer group `group` has not handled: its oldest pending
+    /// entry, or the one after its last delivered entry. `None` when the group is missing.
+    async fn oldest_unhandled(&self, stream: &str, group: &str) -> StoreResult<Option<String>> {
+        let groups = self.cmd("XINFO", vec!["GROUPS".into(), stream.into()]).await?;
+        let last_delivered = groups.into_array().into_iter().find_map(|info| {
+            let info = fields(info);
+            let name = field(&info, "name").and_then(text)?;
+            (name == group).then(|| field(&info, "last-delivered-id").and_then(text)).flatten()
+        });
+        let Some(last_delivered) = last_delivered else { return Ok(None) };
+        let pending = self.cmd("XPENDING", vec![stream.into(), group.into()]).await?.into_array();
+        let Some(mut oldest) = successor(&last_delivered) else { return Ok(None) };
+        if let Some(pending) = pending.get(1).and_then(text) {
+            if compare_ids(&pending, &oldest).is_lt() {
+                oldest = pending;
+            }
+        }
+        Ok(Some(oldest))
     }
 
     async fn summaries(&self, runs: &[RunId]) -> StoreResult<Vec<Option<RunSummary>>> {
@@ -752,21 +817,7 @@ impl Store for RedisStore {
             let ready = self.keys.ready(shard);
             // Trim only behind every consumer: below the oldest pending entry and the group's
             // last delivered one, so no queued or leased step is ever dropped.
-            let groups = self.cmd("XINFO", vec!["GROUPS".into(), ready.clone().into()]).await?;
-            let last_delivered = groups.into_array().into_iter().find_map(|group| {
-                let info = fields(group);
-                let name = field(&info, "name").and_then(text)?;
-                (name == WORKERS_GROUP).then(|| field(&info, "last-delivered-id").and_then(text)).flatten()
-            });
-            let Some(last_delivered) = last_delivered else { continue };
-            let pending = self.cmd("XPENDING", vec![ready.clone().into(), WORKERS_GROUP.into()]).await?.into_array();
-            let oldest_pending = pending.get(1).and_then(text);
-            let Some(mut min_id) = successor(&last_delivered) else { continue };
-            if let Some(oldest) = oldest_pending
-                && compare_ids(&oldest, &min_id).is_lt()
-            {
-                min_id = oldest;
-            }
+            let Some(min_id) = self.oldest_unhandled(&ready, WORKERS_GROUP).await? else { continue };
             let trimmed = self.cmd("XTRIM", vec![ready.into(), "MINID".into(), "~".into(), min_id.into()]).await?;
             report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
 
@@ -816,5 +867,270 @@ impl Store for RedisStore {
             }
         }
         Ok(report)
+    }
+
+    async fn cron_state(&self, workflow: &str) -> StoreResult<CronState> {
+        let reply = self.cmd("HGETALL", vec![self.keys.cron(workflow).into()]).await?;
+        let mut state = CronState::default();
+        for (name, value) in fields(reply) {
+            let value = text(&value);
+            match name.as_str() {
+                "last_fire" => state.last_fire = value.and_then(|v| v.parse().ok()),
+                "last_run" => state.last_run = value.filter(|v| !v.is_empty()),
+                "buffered" => state.buffered = value.and_then(|v| v.parse().ok()),
+                _ => {}
+            }
+        }
+        Ok(state)
+    }
+
+    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<()> {
+        self.fcall(
+            "wfo_v1_cron_advance",
+            vec![self.keys.cron(workflow)],
+            vec![fire.to_string().into(), run.unwrap_or("").into()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn cron_buffer(&self, workflow: &str, fire: Option<Millis>) -> StoreResult<()> {
+        let key = self.keys.cron(workflow);
+        match fire {
+            Some(fire) => self.cmd("HSET", vec![key.into(), "buffered".into(), fire.to_string().into()]).await?,
+            None => self.cmd("HDEL", vec![key.into(), "buffered".into()]).await?,
+        };
+        Ok(())
+    }
+
+    async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String> {
+        let mut args: Vec<Value> = vec![self.keys.events().into(), "*".into()];
+        for (name, value) in fields {
+            args.push((*name).into());
+            args.push(Value::Bytes(value.to_vec().into()));
+        }
+        let reply = self.cmd("XADD", args).await?;
+        text(&reply).ok_or_else(|| corrupt(&self.keys.events(), "XADD returned no id"))
+    }
+
+    async fn read_events(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<BusEntry>> {
+        let args: Vec<Value> = vec![
+            "GROUP".into(),
+            ROUTER_GROUP.into(),
+            consumer.into(),
+            "COUNT".into(),
+            (max.max(1) as i64).into(),
+            "BLOCK".into(),
+            (block.as_millis().max(1) as i64).into(),
+            "STREAMS".into(),
+            self.keys.events().into(),
+            ">".into(),
+        ];
+        let reply = self
+            .events_blocking
+            .custom::<Value, Value>(CustomCommand::new_static("XREADGROUP", None::<u16>, true), args)
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(err) if err.to_string().contains("NOGROUP") => {
+                tracing::warn!("the router group is missing (Redis restarted without persistence?); recreating");
+                self.install_schema().await?;
+                return Ok(Vec::new());
+            }
+            Err(err) => return Err(unavailable(err)),
+        };
+        let body = match reply {
+            Value::Null => return Ok(Vec::new()),
+            Value::Map(map) => map.inner().into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null),
+            Value::Array(items) => {
+                items.into_iter().next().and_then(|pair| pair.into_array().into_iter().nth(1)).unwrap_or(Value::Null)
+            }
+            _ => Value::Null,
+        };
+        Ok(bus_entries(body, 1))
+    }
+
+    async fn reclaim_events(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<BusEntry>> {
+        let reply = self
+            .fcall(
+                "wfo_v1_reclaim",
+                vec![self.keys.events()],
+                vec![
+                    ROUTER_GROUP.into(),
+                    consumer.into(),
+                    (min_idle.as_millis() as i64).into(),
+                    "0-0".into(),
+                    (max.max(1) as i64).into(),
+                ],
+            )
+            .await?;
+        let mut parts = reply.into_array().into_iter();
+        let _next = parts.next();
+        let mut out = Vec::new();
+        for entry in parts.next().map(Value::into_array).unwrap_or_default() {
+            let mut items = entry.into_array().into_iter();
+            let (Some(id), Some(body), Some(deliveries)) = (items.next(), items.next(), items.next()) else { continue };
+            let Some(id) = text(&id) else { continue };
+            let deliveries = text(&deliveries).and_then(|d| d.parse().ok()).unwrap_or(1);
+            out.push(BusEntry { id, fields: raw_fields(body), deliveries });
+        }
+        Ok(out)
+    }
+
+    async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()> {
+        if !started.is_empty() {
+            let runs: Vec<serde_json::Value> = started
+                .iter()
+                .map(|(workflow, run)| serde_json::json!({ "workflowId": workflow, "runId": run }))
+                .collect();
+            self.cmd(
+                "SET",
+                vec![
+                    self.keys.event_runs(id).into(),
+                    serde_json::Value::Array(runs).to_string().into(),
+                    "EX".into(),
+                    (retention.as_secs().max(1) as i64).into(),
+                ],
+            )
+            .await?;
+        }
+        self.cmd("XACK", vec![self.keys.events().into(), ROUTER_GROUP.into(), id.into()]).await?;
+        Ok(())
+    }
+
+    async fn dead_letter_event(&self, entry: &BusEntry, reason: &str) -> StoreResult<()> {
+        let mut args: Vec<Value> = vec![
+            self.keys.events_dead().into(),
+            "MAXLEN".into(),
+            "~".into(),
+            "100000".into(),
+            "*".into(),
+            "reason".into(),
+            reason.into(),
+            "entry".into(),
+            entry.id.clone().into(),
+        ];
+        for (name, value) in &entry.fields {
+            // The original fields, under their own names (a field named like ours is prefixed).
+            let name = if name.as_slice() == b"reason" || name.as_slice() == b"entry" {
+                [b"original.".as_slice(), name].concat()
+            } else {
+                name.clone()
+            };
+            args.push(Value::Bytes(name.into()));
+            args.push(Value::Bytes(value.clone().into()));
+        }
+        self.cmd("XADD", args).await?;
+        self.cmd("XACK", vec![self.keys.events().into(), ROUTER_GROUP.into(), entry.id.clone().into()]).await?;
+        Ok(())
+    }
+
+    async fn recent_events(
+        &self,
+        before: Option<&str>,
+        event_type: Option<&str>,
+        limit: usize,
+        scan: usize,
+    ) -> StoreResult<Vec<ListedEvent>> {
+        let stream = self.keys.events();
+        let handled_below = self.oldest_unhandled(&stream, ROUTER_GROUP).await?;
+        let pending: std::collections::HashSet<String> = self
+            .cmd("XPENDING", vec![stream.clone().into(), ROUTER_GROUP.into(), "-".into(), "+".into(), "1000".into()])
+            .await
+            .map(|reply| reply.into_array().into_iter().filter_map(|p| p.into_array().first().and_then(text)).collect())
+            .unwrap_or_default();
+        let mut found: Vec<BusEntry> = Vec::new();
+        let mut cursor = before.map_or_else(|| "+".to_owned(), |b| format!("({b}"));
+        let mut scanned = 0;
+        let page = limit.clamp(1, 500);
+        while found.len() < limit && scanned < scan.max(limit) {
+            let reply = self
+                .cmd(
+                    "XREVRANGE",
+                    vec![
+                        stream.clone().into(),
+                        cursor.clone().into(),
+                        "-".into(),
+                        "COUNT".into(),
+                        (page as i64).into(),
+                    ],
+                )
+                .await?;
+            let entries = bus_entries(reply, 0);
+            let Some(last) = entries.last() else { break };
+            cursor = format!("({}", last.id);
+            scanned += entries.len();
+            let exhausted = entries.len() < page;
+            for entry in entries {
+                if found.len() < limit
+                    && event_type.is_none_or(|t| entry.field("type").is_some_and(|v| v == t.as_bytes()))
+                {
+                    found.push(entry);
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let handled = |id: &str| {
+            !pending.contains(id) && handled_below.as_deref().is_some_and(|below| compare_ids(id, below).is_lt())
+        };
+        let lookups = found.iter().map(|entry| self.cmd("GET", vec![self.keys.event_runs(&entry.id).into()]));
+        let runs = join_all(lookups).await;
+        let mut out = Vec::with_capacity(found.len());
+        for (entry, runs) in found.into_iter().zip(runs) {
+            let started = if handled(&entry.id) {
+                let parsed: Vec<(String, String)> = text(&runs?)
+                    .and_then(|json| serde_json::from_str::<Vec<serde_json::Value>>(&json).ok())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|r| Some((r["workflowId"].as_str()?.to_owned(), r["runId"].as_str()?.to_owned())))
+                    .collect();
+                Some(parsed)
+            } else {
+                None
+            };
+            out.push(ListedEvent { entry, started });
+        }
+        Ok(out)
+    }
+
+    async fn trim_events(&self, max_len: u64, min_time: Millis) -> StoreResult<u64> {
+        let stream = self.keys.events();
+        let Some(floor) = self.oldest_unhandled(&stream, ROUTER_GROUP).await? else { return Ok(0) };
+        let length = text(&self.cmd("XLEN", vec![stream.clone().into()]).await?)
+            .and_then(|l| l.parse::<u64>().ok())
+            .unwrap_or(0);
+        // The first id to keep by length: after the (length - max_len) oldest entries, looked up
+        // a bounded page at a time (repeated passes converge).
+        let mut cut = format!("{min_time}-0");
+        if length > max_len {
+            let excess = (length - max_len).min(10_000);
+            let oldest = bus_entries(
+                self.cmd(
+                    "XRANGE",
+                    vec![stream.clone().into(), "-".into(), "+".into(), "COUNT".into(), (excess as i64).into()],
+                )
+                .await?,
+                0,
+            );
+            if let Some(last) = oldest.last().and_then(|e| successor(&e.id)) {
+                if compare_ids(&last, &cut).is_gt() {
+                    cut = last;
+                }
+            }
+        }
+        if compare_ids(&floor, &cut).is_lt() {
+            cut = floor;
+        }
+        let trimmed = self.cmd("XTRIM", vec![stream.into(), "MINID".into(), "~".into(), cut.into()]).await?;
+        Ok(text(&trimmed).and_then(|t| t.parse().ok()).unwrap_or(0))
+    }
+
+    async fn event_counts(&self) -> StoreResult<(u64, u64)> {
+        let length = |reply: Value| text(&reply).and_then(|l| l.parse::<u64>().ok()).unwrap_or(0);
+        let bus = length(self.cmd("XLEN", vec![self.keys.events().into()]).await?);
+        let dead = length(self.cmd("XLEN", vec![self.keys.events_dead().into()]).await?);
+        Ok((bus, dead))
     }
 }
