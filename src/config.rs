@@ -31,6 +31,12 @@ pub struct Settings {
     pub run_retention: Duration,
     /// `IDEMPOTENCY_RETENTION`: how long an idempotency key keeps returning its run (default 24h).
     pub idempotency_retention: Duration,
+    /// `EVENTS_MAX_LEN`: about how many events the bus stream keeps (default 100000).
+    pub events_max_len: u64,
+    /// `EVENTS_RETENTION`: how long events are kept on the bus (default 7d).
+    pub events_retention: Duration,
+    /// `EVENT_MAX_BYTES`: the largest event payload accepted (default 1048576).
+    pub event_max_bytes: usize,
     /// `WORKFLOWS_FILE`: a TOML file of workflows; unset = the built-in Molochain registry.
     pub workflows_file: Option<PathBuf>,
     /// `LOG_LEVEL`: error, warn, info (default), debug, trace, or a tracing filter.
@@ -112,6 +118,9 @@ impl Settings {
             max_deliveries: number(&lookup, "MAX_DELIVERIES", 5u64, 1, 1000)?,
             run_retention: duration("RUN_RETENTION", Duration::from_secs(7 * 24 * 3600))?,
             idempotency_retention: duration("IDEMPOTENCY_RETENTION", Duration::from_secs(24 * 3600))?,
+            events_max_len: number(&lookup, "EVENTS_MAX_LEN", 100_000u64, 1, u64::MAX)?,
+            events_retention: duration("EVENTS_RETENTION", Duration::from_secs(7 * 24 * 3600))?,
+            event_max_bytes: number(&lookup, "EVENT_MAX_BYTES", 1024 * 1024usize, 1, 64 * 1024 * 1024)?,
             workflows_file: lookup("WORKFLOWS_FILE").map(PathBuf::from),
             log_level: lookup("LOG_LEVEL").unwrap_or_else(|| "info".to_owned()),
         })

@@ -117,21 +117,8 @@ async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()
             tracing::warn!("{warning}");
         }
     }
-    let engine = Engine::new(
-        store,
-        registry,
-        EngineConfig {
-            replica_id: settings.replica_id.clone(),
-            lease_ttl: settings.lease_ttl,
-            max_concurrent_steps: settings.max_concurrent_steps,
-            shutdown_grace: settings.shutdown_grace,
-            max_deliveries: settings.max_deliveries,
-            run_retention: settings.run_retention,
-            idempotency_retention: settings.idempotency_retention,
-        },
-    )
-    .await
-    .context("starting the engine")?;
+    let engine =
+        Engine::new(store, registry, EngineConfig::from_settings(&settings)).await.context("starting the engine")?;
     let bind: std::net::IpAddr =
         std::env::var("BIND_ADDR").ok().and_then(|a| a.parse().ok()).unwrap_or([0, 0, 0, 0].into());
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, settings.port))

@@ -105,6 +105,8 @@ async fn route(engine: &Engine, request: Request<Incoming>) -> Answer {
             let id = (*id).to_owned();
             trigger(engine, &id, request).await
         }
+        (["api", "events"], &Method::GET) => list_events(engine, request.uri().query()).await,
+        (["api", "events"], &Method::POST) => publish_event(engine, request).await,
         (["api", "runs", id], &Method::GET) => run(engine, id).await,
         (["api", "runs", id, "history"], &Method::GET) => history(engine, id).await,
         (["health"], _)
@@ -154,6 +156,9 @@ fn workflows(engine: &Engine) -> Value {
                 "description": w.def.description,
                 "schedule": w.def.schedule,
                 "timezone": w.def.timezone.clone().unwrap_or_else(|| "UTC".to_owned()),
+                "nextRunAt": engine.next_fire(w).map(views::timestamp),
+                "catchup": w.def.catchup,
+                "overlap": w.def.overlap,
                 "events": w.def.events,
                 "steps": w.def.steps.iter().map(|s| json!({ "id": s.id, "action": s.action.name() })).collect::<Vec<_>>(),
                 "definitionHash": w.hash,
@@ -277,4 +282,129 @@ async fn history(engine: &Engine, id: &str) -> Answer {
     let (run, _, log, workflow) = load_run(engine, id).await?;
     let transitions: Vec<Value> = log.iter().map(|entry| views::transition(entry, &workflow)).collect();
     Ok((StatusCode::OK, json!({ "runId": run.to_string(), "transitions": transitions })))
+}
+
+/// Query parameters as pairs (percent-decoded); a repeated or unknown parameter is an error.
+fn query_params<'a>(
+    query: Option<&str>,
+    known: &[&'a str],
+) -> Result<std::collections::HashMap<&'a str, String>, ApiError> {
+    let mut params = std::collections::HashMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |text: &str| {
+            percent_decode(text).ok_or_else(|| {
+                ApiError::bad_request(format!("query parameter `{name}` is not valid percent-encoded UTF-8"))
+            })
+        };
+        let name = decode(name)?;
+        let Some(known) = known.iter().find(|k| **k == name) else {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter `{name}` (known: {})",
+                known.join(", ")
+            )));
+        };
+        if params.insert(*known, decode(value)?).is_some() {
+            return Err(ApiError::bad_request(format!("query parameter `{name}` is given twice")));
+        }
+    }
+    Ok(params)
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn limit_param(
+    params: &std::collections::HashMap<&str, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        None => Ok(default),
+        Some(text) => match text.parse::<usize>() {
+            Ok(limit) if (1..=max).contains(&limit) => Ok(limit),
+            _ => Err(ApiError::bad_request(format!("`limit` must be a number from 1 to {max}"))),
+        },
+    }
+}
+
+fn is_entry_id(text: &str) -> bool {
+    text.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.len() <= 20
+            && seq.len() <= 20
+            && ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit())
+    })
+}
+
+async fn list_events(engine: &Engine, query: Option<&str>) -> Answer {
+    let params = query_params(query, &["limit", "before", "type"])?;
+    let limit = limit_param(&params, 50, 500)?;
+    let before = params.get("before").map(String::as_str);
+    if let Some(before) = before {
+        if !is_entry_id(before) {
+            return Err(ApiError::bad_request("`before` must be an event id such as `1700000000000-0`"));
+        }
+    }
+    let event_type = params.get("type").map(String::as_str);
+    if let Some(event_type) = event_type {
+        if !crate::definition::valid_event_type(event_type) {
+            return Err(ApiError::bad_request("`type` must match ^[a-z0-9][a-z0-9_.-]{0,127}$"));
+        }
+    }
+    let listed = engine.recent_events(before, event_type, limit).await?;
+    let next_cursor = (listed.len() == limit).then(|| listed.last().map(|e| e.entry.id.clone())).flatten();
+    let events: Vec<Value> = listed.iter().map(views::event).collect();
+    Ok((StatusCode::OK, json!({ "events": events, "nextCursor": next_cursor })))
+}
+
+async fn publish_event(engine: &Engine, request: Request<Incoming>) -> Answer {
+    let Some(Value::Object(mut body)) = json_body(request).await? else {
+        return Err(ApiError::bad_request(
+            "the body must be a JSON object: {\"eventType\": \"...\", \"payload\": {...}}",
+        ));
+    };
+    if let Some(unknown) = body.keys().find(|k| !matches!(k.as_str(), "eventType" | "payload" | "key" | "source")) {
+        return Err(ApiError::bad_request(format!(
+            "unknown field `{unknown}` (known: eventType, payload, key, source)"
+        )));
+    }
+    let event_type = match body.remove("eventType") {
+        Some(Value::String(t)) => t,
+        Some(_) => return Err(ApiError::bad_request("`eventType` must be a string")),
+        None => return Err(ApiError::bad_request("`eventType` is required")),
+    };
+    let payload = match body.remove("payload") {
+        None | Some(Value::Null) => json!({}),
+        Some(payload @ Value::Object(_)) => payload,
+        Some(_) => return Err(ApiError::bad_request("`payload` must be a JSON object")),
+    };
+    let text_field = |name: &str, value: Option<Value>| match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(ApiError::bad_request(format!("`{name}` must be a string"))),
+    };
+    let key = text_field("key", body.remove("key"))?;
+    let source = text_field("source", body.remove("source"))?;
+    match engine.publish_event(&event_type, &payload, key.as_deref(), source.as_deref()).await? {
+        Ok(event_id) => Ok((StatusCode::ACCEPTED, json!({ "eventId": event_id, "eventType": event_type }))),
+        Err(problem) => Err(ApiError::bad_request(problem)),
+    }
 }

@@ -2,7 +2,7 @@
 
 use crate::definition::Workflow;
 use crate::machine::{Millis, RunState, Status, Transition, Trigger};
-use crate::store::Logged;
+use crate::store::{ListedEvent, Logged};
 use serde_json::{Value, json};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -128,4 +128,24 @@ pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
         item.extend(extra);
     }
     item
+}
+
+/// One event of `GET /api/events`.
+pub fn event(listed: &ListedEvent) -> Value {
+    let entry = &listed.entry;
+    let text = |name: &str| entry.field(name).map(|v| String::from_utf8_lossy(v).into_owned());
+    let published_at = entry.id.split_once('-').and_then(|(ms, _)| ms.parse::<Millis>().ok()).map(timestamp);
+    let runs = listed.started.as_ref().map(|runs| {
+        runs.iter().map(|(workflow, run)| json!({ "workflowId": workflow, "runId": run })).collect::<Vec<_>>()
+    });
+    json!({
+        "eventId": entry.id,
+        "eventType": text("type"),
+        "payload": text("payload").map_or(json!({}), |p| json_text(&p)),
+        "key": text("key"),
+        "source": text("source"),
+        "publishedAt": published_at,
+        "handled": listed.started.is_some(),
+        "runs": runs,
+    })
 }

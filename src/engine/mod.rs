@@ -11,7 +11,9 @@
 //! steps get the grace period to finish, then are cancelled and left to the other replicas.
 
 mod clock;
+mod cron;
 mod executor;
+mod router;
 mod sweeper;
 mod timers;
 
@@ -39,6 +41,26 @@ pub struct EngineConfig {
     pub max_deliveries: u64,
     pub run_retention: Duration,
     pub idempotency_retention: Duration,
+    pub events_max_len: u64,
+    pub events_retention: Duration,
+    pub event_max_bytes: usize,
+}
+
+impl EngineConfig {
+    pub fn from_settings(settings: &crate::config::Settings) -> EngineConfig {
+        EngineConfig {
+            replica_id: settings.replica_id.clone(),
+            lease_ttl: settings.lease_ttl,
+            max_concurrent_steps: settings.max_concurrent_steps,
+            shutdown_grace: settings.shutdown_grace,
+            max_deliveries: settings.max_deliveries,
+            run_retention: settings.run_retention,
+            idempotency_retention: settings.idempotency_retention,
+            events_max_len: settings.events_max_len,
+            events_retention: settings.events_retention,
+            event_max_bytes: settings.event_max_bytes,
+        }
+    }
 }
 
 /// Errors of the engine, named by what the caller must do.
@@ -70,6 +92,11 @@ pub struct Counters {
     pub steps_reclaimed: AtomicU64,
     pub completions_fenced: AtomicU64,
     pub runs_swept: AtomicU64,
+    pub cron_fires: AtomicU64,
+    pub cron_skipped: AtomicU64,
+    pub cron_missed: AtomicU64,
+    pub events_routed: AtomicU64,
+    pub events_dead_lettered: AtomicU64,
 }
 
 impl Counters {
@@ -143,6 +170,9 @@ impl Engine {
         self.tasks.spawn(Arc::clone(self).reclaim_loop());
         self.tasks.spawn(Arc::clone(self).timer_loop());
         self.tasks.spawn(Arc::clone(self).sweeper_loop());
+        self.tasks.spawn(Arc::clone(self).cron_loop());
+        self.tasks.spawn(Arc::clone(self).router_loop());
+        self.tasks.spawn(Arc::clone(self).router_reclaim_loop());
     }
 
     /// Stops claiming, lets in-flight steps finish within the grace period, then aborts the
@@ -181,6 +211,11 @@ impl Engine {
             ("stepsReclaimed", &c.steps_reclaimed),
             ("completionsFenced", &c.completions_fenced),
             ("runsSwept", &c.runs_swept),
+            ("cronFires", &c.cron_fires),
+            ("cronSkipped", &c.cron_skipped),
+            ("cronMissed", &c.cron_missed),
+            ("eventsRouted", &c.events_routed),
+            ("eventsDeadLettered", &c.events_dead_lettered),
         ]
         .into_iter()
         .map(|(name, counter)| (name, counter.load(Ordering::Relaxed)))
@@ -286,6 +321,16 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<RunId>, StoreError> {
         Ok(self.store.list_runs(workflow, status, before, limit).await?.runs)
+    }
+
+    /// Recent events, newest first (see [`Store::recent_events`]).
+    pub async fn recent_events(
+        &self,
+        before: Option<&str>,
+        event_type: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::ListedEvent>, StoreError> {
+        self.store.recent_events(before, event_type, limit, limit.saturating_mul(20).max(1000)).await
     }
 
     /// The definition a run was created with, by hash: cached, else loaded from the run's shard.

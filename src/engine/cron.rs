@@ -1,0 +1,181 @@
+//! The cron scheduler. Every replica evaluates every schedule; a fire starts its run under the
+//! idempotency key `cron:<workflow>:<fire ms>` in the same atomic call as the start, so it runs
+//! once however many replicas there are. The schedule's shared state (last fire handled, last
+//! run, buffered fire) lives in the store, which makes catch-up after downtime and the overlap
+//! policy the same on every replica. Skipped and missed fires are logged and counted.
+
+use super::{Counters, Engine, sleep_or_cancelled};
+use crate::definition::{Catchup, Overlap, Workflow, schedule::MAX_CATCHUP};
+use crate::machine::{Millis, Trigger};
+use crate::store::{StoreError, is_terminal_name};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often schedules are evaluated: a fire starts within this of its time.
+const CRON_TICK: Duration = Duration::from_millis(250);
+/// Most fires of one schedule handled per tick (a schedule firing every second that fell behind
+/// catches up over a few ticks rather than in one burst).
+const FIRES_PER_TICK: usize = 100;
+/// Fires younger than this at start-up are not "missed": running replicas may be about to
+/// handle them.
+const CATCHUP_GRACE: Duration = Duration::from_secs(2);
+
+impl Engine {
+    pub(super) async fn cron_loop(self: Arc<Self>) {
+        let schedules: Vec<Arc<Workflow>> = self.registry.iter().filter(|w| w.schedule.is_some()).cloned().collect();
+        if schedules.is_empty() {
+            return;
+        }
+        // Per schedule: fires up to this time have been looked at by this replica.
+        let mut checked: Vec<Option<Millis>> = vec![None; schedules.len()];
+        loop {
+            let now = self.clock.now();
+            for (workflow, checked_until) in schedules.iter().zip(checked.iter_mut()) {
+                if let Err(err) = self.tick_schedule(workflow, checked_until, now).await {
+                    tracing::warn!(workflow = %workflow.def.id, %err, "evaluating the schedule failed; will retry");
+                }
+            }
+            if sleep_or_cancelled(&self.shutdown, CRON_TICK).await {
+                return;
+            }
+        }
+    }
+
+    async fn tick_schedule(
+        &self,
+        workflow: &Workflow,
+        checked_until: &mut Option<Millis>,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let Some(schedule) = &workflow.schedule else { return Ok(()) };
+        let from = match *checked_until {
+            Some(from) => from,
+            None => {
+                // First look since this replica started: fires missed while no replica ran.
+                let caught_up = self.catch_up(workflow, now).await?;
+                *checked_until = Some(caught_up);
+                caught_up
+            }
+        };
+        let fires = schedule.fires_between(from, now, FIRES_PER_TICK);
+        let caught_up = fires.len() < FIRES_PER_TICK;
+        for fire in fires {
+            self.fire(workflow, fire).await?;
+            *checked_until = Some(fire);
+        }
+        if caught_up {
+            *checked_until = Some(now);
+        }
+        if workflow.def.overlap == Overlap::Buffer {
+            self.start_buffered(workflow).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies the catch-up policy to fires missed since the last one any replica handled;
+    /// returns the time from which the normal path takes over.
+    async fn catch_up(&self, workflow: &Workflow, now: Millis) -> Result<Millis, StoreError> {
+        let Some(schedule) = &workflow.schedule else { return Ok(now) };
+        let id = &workflow.def.id;
+        let Some(last) = self.store.cron_state(id).await?.last_fire else {
+            // Never fired anywhere: nothing was missed.
+            return Ok(now);
+        };
+        let missed = schedule.fires_between(last, now, MAX_CATCHUP + 1);
+        // Under `skip`, a fire this recent may simply not be handled yet by replicas that are
+        // running: it is left to the normal path rather than skipped.
+        let recent = now.saturating_sub(CATCHUP_GRACE.as_millis() as u64);
+        let (run, skip, resume): (Vec<Millis>, Vec<Millis>, Millis) = match workflow.def.catchup {
+            Catchup::Skip => {
+                let skip: Vec<Millis> = missed.iter().copied().filter(|fire| *fire < recent).collect();
+                let resume = skip.last().copied().unwrap_or(last);
+                (Vec::new(), skip, resume)
+            }
+            Catchup::Latest => match missed.split_last() {
+                Some((latest, older)) => (vec![*latest], older.to_vec(), now),
+                None => (Vec::new(), Vec::new(), now),
+            },
+            Catchup::All => {
+                let window_start = now.saturating_sub(workflow.def.catchup_window.as_millis() as u64);
+                let (run, skip) = missed.iter().partition(|fire| **fire >= window_start);
+                (run, skip, now)
+            }
+        };
+        if let (Some(first), Some(latest)) = (skip.first(), skip.last()) {
+            tracing::warn!(
+                workflow = %id,
+                missed = skip.len(),
+                first = %crate::api::views::timestamp(*first),
+                policy = ?workflow.def.catchup,
+                "fires missed while no replica ran are not started (catch-up policy)"
+            );
+            self.counters.cron_missed.fetch_add(skip.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.store.cron_advance(id, *latest, None).await?;
+        }
+        for fire in run.iter().take(MAX_CATCHUP) {
+            tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(*fire), "catching up a missed fire");
+            self.fire(workflow, *fire).await?;
+        }
+        Ok(resume)
+    }
+
+    /// Handles one fire: skips it if another replica already did, applies the overlap policy,
+    /// or starts its run.
+    async fn fire(&self, workflow: &Workflow, fire: Millis) -> Result<(), StoreError> {
+        let id = &workflow.def.id;
+        let state = self.store.cron_state(id).await?;
+        if state.last_fire.is_some_and(|last| last >= fire) {
+            return Ok(()); // handled by another replica
+        }
+        if workflow.def.overlap != Overlap::Allow && self.previous_run_active(state.last_run.as_deref()).await? {
+            let buffered = workflow.def.overlap == Overlap::Buffer && state.buffered.is_none();
+            if buffered {
+                self.store.cron_buffer(id, Some(fire)).await?;
+                tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(fire), "previous run still active: fire buffered");
+            } else {
+                Counters::add(&self.counters.cron_skipped);
+                tracing::warn!(workflow = %id, fire = %crate::api::views::timestamp(fire), previous = ?state.last_run, "previous run still active: fire skipped (overlap policy)");
+            }
+            self.store.cron_advance(id, fire, None).await?;
+            return Ok(());
+        }
+        self.start_fire(workflow, fire).await
+    }
+
+    async fn start_fire(&self, workflow: &Workflow, fire: Millis) -> Result<(), StoreError> {
+        let id = &workflow.def.id;
+        let input = serde_json::json!({ "fireTime": crate::api::views::timestamp(fire) });
+        let key = format!("cron:{id}:{fire}");
+        let triggered = match self.trigger(id, &input, Some(&key), Trigger::Cron { fire_at: fire }).await {
+            Ok(triggered) => triggered,
+            Err(super::EngineError::Store(err)) => return Err(err),
+            Err(super::EngineError::UnknownWorkflow(_)) => return Ok(()),
+        };
+        if !triggered.duplicate {
+            Counters::add(&self.counters.cron_fires);
+            tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(fire), run = %triggered.run_id, "cron fire started a run");
+        }
+        self.store.cron_advance(id, fire, Some(&triggered.run_id)).await
+    }
+
+    /// Starts the buffered fire once the previous run has ended.
+    async fn start_buffered(&self, workflow: &Workflow) -> Result<(), StoreError> {
+        let state = self.store.cron_state(&workflow.def.id).await?;
+        let Some(fire) = state.buffered else { return Ok(()) };
+        if self.previous_run_active(state.last_run.as_deref()).await? {
+            return Ok(());
+        }
+        self.store.cron_buffer(&workflow.def.id, None).await?;
+        self.start_fire(workflow, fire).await
+    }
+
+    async fn previous_run_active(&self, run: Option<&str>) -> Result<bool, StoreError> {
+        let Some(run) = run.and_then(|r| r.parse().ok()) else { return Ok(false) };
+        Ok(self.store.summary(&run).await?.is_some_and(|s| !is_terminal_name(&s.status)))
+    }
+
+    /// The next fire of a workflow's schedule after now.
+    pub fn next_fire(&self, workflow: &Workflow) -> Option<Millis> {
+        workflow.schedule.as_ref()?.next_after(self.clock.now())
+    }
+}

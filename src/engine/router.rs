@@ -1,0 +1,238 @@
+//! The event router: one consumer per replica in group `router` on the bus stream. Validates
+//! each entry, starts every workflow whose `events` names its type under the idempotency key
+//! `event:<entry id>:<workflow>` (or `event:key:<key>:<workflow>` when the entry carries a
+//! de-duplication `key`), records the runs it started, and acks. A malformed entry goes to the
+//! dead-letter stream with its reason. A router that dies before acking has its entries taken
+//! over by another after the lease time; the idempotency keys make that start nothing twice.
+
+use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
+use crate::definition::valid_event_type;
+use crate::machine::Trigger;
+use crate::store::{BusEntry, StoreError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Entries read per call.
+const ROUTER_BATCH: usize = 100;
+/// How long one blocking read waits before looking at the shutdown token again.
+const ROUTER_BLOCK: Duration = Duration::from_secs(1);
+/// The bus is trimmed at most this often.
+const TRIM_EVERY: Duration = Duration::from_secs(2);
+/// Longest `key` and `source` accepted.
+const MAX_LABEL: usize = 200;
+
+/// A valid event, as the bus carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event_type: String,
+    /// A JSON object.
+    pub payload: serde_json::Value,
+    pub key: Option<String>,
+    pub source: Option<String>,
+}
+
+fn utf8<'a>(name: &str, bytes: &'a [u8]) -> Result<&'a str, String> {
+    std::str::from_utf8(bytes).map_err(|_| format!("field `{name}` is not UTF-8 text"))
+}
+
+/// Checks the wire format: `type` (required, `^[a-z0-9][a-z0-9_.-]{0,127}$`), `payload`
+/// (optional, a JSON object of at most `max_bytes`), `key` and `source` (optional, at most 200
+/// characters). Other fields are ignored.
+pub fn parse_event(entry: &BusEntry, max_bytes: usize) -> Result<Event, String> {
+    let event_type = utf8("type", entry.field("type").ok_or("missing field `type`")?)?;
+    if !valid_event_type(event_type) {
+        return Err(format!("`type` {:?} does not match ^[a-z0-9][a-z0-9_.-]{{0,127}}$", truncate(event_type)));
+    }
+    let payload = match entry.field("payload") {
+        None => serde_json::json!({}),
+        Some(bytes) => {
+            if bytes.len() > max_bytes {
+                return Err(format!("`payload` is {} bytes, over the limit of {max_bytes}", bytes.len()));
+            }
+            let text = utf8("payload", bytes)?;
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(value @ serde_json::Value::Object(_)) => value,
+                Ok(_) => return Err("`payload` must be a JSON object".to_owned()),
+                Err(err) => return Err(format!("`payload` is not valid JSON: {err}")),
+            }
+        }
+    };
+    let label = |name: &str| -> Result<Option<String>, String> {
+        match entry.field(name) {
+            None => Ok(None),
+            Some(bytes) => {
+                let text = utf8(name, bytes)?;
+                if text.is_empty() || text.chars().count() > MAX_LABEL || text.chars().any(char::is_control) {
+                    return Err(format!("`{name}` must be 1 to {MAX_LABEL} printable characters"));
+                }
+                Ok(Some(text.to_owned()))
+            }
+        }
+    };
+    Ok(Event { event_type: event_type.to_owned(), payload, key: label("key")?, source: label("source")? })
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+impl Engine {
+    /// Validates and appends an event to the bus (the REST way in); returns its entry id.
+    pub async fn publish_event(
+        &self,
+        event_type: &str,
+        payload: &serde_json::Value,
+        key: Option<&str>,
+        source: Option<&str>,
+    ) -> Result<Result<String, String>, StoreError> {
+        let payload_text = payload.to_string();
+        let mut fields: Vec<(&str, &[u8])> =
+            vec![("type", event_type.as_bytes()), ("payload", payload_text.as_bytes())];
+        if let Some(key) = key {
+            fields.push(("key", key.as_bytes()));
+        }
+        if let Some(source) = source {
+            fields.push(("source", source.as_bytes()));
+        }
+        let entry = BusEntry {
+            id: String::new(),
+            fields: fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect(),
+            deliveries: 0,
+        };
+        if let Err(problem) = parse_event(&entry, self.config.event_max_bytes) {
+            return Ok(Err(problem));
+        }
+        Ok(Ok(self.store.publish_event(&fields).await?))
+    }
+
+    pub(super) async fn router_loop(self: Arc<Self>) {
+        let mut failures = 0u32;
+        let mut last_trim = Instant::now();
+        loop {
+            let read = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                read = self.store.read_events(&self.consumer, ROUTER_BATCH, ROUTER_BLOCK) => read,
+            };
+            match read {
+                Ok(entries) => {
+                    failures = 0;
+                    for entry in entries {
+                        self.route(entry).await;
+                    }
+                }
+                Err(err) => {
+                    failures += 1;
+                    tracing::warn!(%err, "reading the event bus failed; retrying");
+                    if sleep_or_cancelled(&self.shutdown, backoff(failures)).await {
+                        return;
+                    }
+                }
+            }
+            if last_trim.elapsed() >= TRIM_EVERY {
+                last_trim = Instant::now();
+                let min_time = self.clock.now().saturating_sub(self.config.events_retention.as_millis() as u64);
+                if let Err(err) = self.store.trim_events(self.config.events_max_len, min_time).await {
+                    tracing::warn!(%err, "trimming the event bus failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Takes over events a router took and did not settle within the lease time.
+    pub(super) async fn router_reclaim_loop(self: Arc<Self>) {
+        let period = (self.config.lease_ttl / 2).max(Duration::from_millis(200));
+        loop {
+            if sleep_or_cancelled(&self.shutdown, period.mul_f64(rand::random_range(0.8..1.2))).await {
+                return;
+            }
+            match self.store.reclaim_events(&self.consumer, self.config.lease_ttl, ROUTER_BATCH).await {
+                Ok(entries) => {
+                    for entry in entries {
+                        tracing::info!(event = %entry.id, deliveries = entry.deliveries, "took over an event another router did not settle");
+                        self.route(entry).await;
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "reclaiming events failed; will retry"),
+            }
+        }
+    }
+
+    /// Handles one bus entry. Never fails: a problem of the entry dead-letters it; a problem of
+    /// the store leaves it pending, to be retried after the lease time (up to the delivery bound).
+    async fn route(&self, entry: BusEntry) {
+        let result = if entry.deliveries > self.config.max_deliveries {
+            let reason = format!("not handled after {} deliveries", entry.deliveries);
+            self.dead_letter(&entry, &reason).await
+        } else {
+            match parse_event(&entry, self.config.event_max_bytes) {
+                Err(reason) => self.dead_letter(&entry, &reason).await,
+                Ok(event) => self.start_for(&entry.id, &event).await,
+            }
+        };
+        if let Err(err) = result {
+            tracing::warn!(event = %entry.id, %err, "event not settled; it will be retried after the lease time");
+        }
+    }
+
+    async fn dead_letter(&self, entry: &BusEntry, reason: &str) -> Result<(), StoreError> {
+        tracing::warn!(event = %entry.id, %reason, "malformed event moved to the dead-letter stream");
+        self.store.dead_letter_event(entry, reason).await?;
+        Counters::add(&self.counters.events_dead_lettered);
+        Ok(())
+    }
+
+    async fn start_for(&self, id: &str, event: &Event) -> Result<(), StoreError> {
+        let mut started = Vec::new();
+        for workflow in self.registry.iter().filter(|w| w.def.events.iter().any(|e| *e == event.event_type)) {
+            let workflow_id = &workflow.def.id;
+            let key = match &event.key {
+                Some(key) => format!("event:key:{key}:{workflow_id}"),
+                None => format!("event:{id}:{workflow_id}"),
+            };
+            let trigger = Trigger::Event { event_id: id.to_owned(), event_type: event.event_type.clone() };
+            match self.trigger(workflow_id, &event.payload, Some(&key), trigger).await {
+                Ok(triggered) => started.push((workflow_id.clone(), triggered.run_id)),
+                Err(EngineError::Store(err)) => return Err(err),
+                Err(EngineError::UnknownWorkflow(_)) => {}
+            }
+        }
+        self.store.settle_event(id, &started, self.config.events_retention).await?;
+        Counters::add(&self.counters.events_routed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &[u8])]) -> BusEntry {
+        BusEntry {
+            id: "1-0".to_owned(),
+            fields: fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect(),
+            deliveries: 1,
+        }
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let event =
+            parse_event(&entry(&[("type", b"user.registered"), ("payload", br#"{"userId":7}"#)]), 1024).unwrap();
+        assert_eq!(event.event_type, "user.registered");
+        assert_eq!(event.payload["userId"], 7);
+        let event = parse_event(&entry(&[("type", b"cache.invalidated")]), 1024).unwrap();
+        assert_eq!(event.payload, serde_json::json!({}));
+    }
+
+    #[test]
+    fn malformed_entries_say_why() {
+        let reason = |fields: &[(&str, &[u8])]| parse_event(&entry(fields), 16).unwrap_err();
+        assert!(reason(&[("payload", b"{}")]).contains("missing field `type`"));
+        assert!(reason(&[("type", b"User Registered")]).contains("does not match"));
+        assert!(reason(&[("type", b"a"), ("payload", b"{nope")]).contains("not valid JSON"));
+        assert!(reason(&[("type", b"a"), ("payload", b"[1]")]).contains("JSON object"));
+        assert!(reason(&[("type", b"a"), ("payload", &[b' '; 17])]).contains("over the limit"));
+        assert!(reason(&[("type", &[0xff, 0xfe])]).contains("not UTF-8"));
+        assert!(reason(&[("type", b"a"), ("key", b"")]).contains("`key`"));
+    }
+}
