@@ -72,6 +72,13 @@ pub fn parse_event(entry: &BusEntry, max_bytes: usize) -> Result<Event, String> 
     Ok(Event { event_type: event_type.to_owned(), payload, key: label("key")?, source: label("source")? })
 }
 
+/// Test-only fault injection, read once: `WFO_TEST_CRASH_BEFORE_EVENT_ACK=1` makes the router
+/// abort the process between starting an event's runs and acknowledging the event.
+fn crash_before_ack() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| std::env::var("WFO_TEST_CRASH_BEFORE_EVENT_ACK").is_ok_and(|v| v == "1"))
+}
+
 fn truncate(text: &str) -> String {
     text.chars().take(64).collect()
 }
@@ -195,6 +202,12 @@ impl Engine {
                 Err(EngineError::Store(err)) => return Err(err),
                 Err(EngineError::UnknownWorkflow(_)) => {}
             }
+        }
+        if crash_before_ack() {
+            // Fault injection for the crash-recovery tests: die like `kill -9` would, after
+            // the runs were started and before the event is acknowledged.
+            tracing::error!(event = %id, "WFO_TEST_CRASH_BEFORE_EVENT_ACK is set: aborting before the ack");
+            std::process::abort();
         }
         self.store.settle_event(id, &started, self.config.events_retention).await?;
         Counters::add(&self.counters.events_routed);
