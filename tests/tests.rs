@@ -4,3 +4,4 @@ mod chaos;
 mod conformance;
 mod failures;
 mod smoke;
+mod triggers;
