@@ -49,8 +49,13 @@ fn corrupt(key: &str, problem: impl Into<String>) -> StoreError {
     StoreError::Corrupt { key: key.to_owned(), problem: problem.into() }
 }
 
+/// A reply as text: bulk strings, and integers (a Lua number comes back as an integer reply:
+/// the commit's new seq, a pending entry's delivery count, `XTRIM`'s and `XLEN`'s counts).
 fn text(value: &Value) -> Option<String> {
-    value.as_bytes().map(|b| String::from_utf8_lossy(b).into_owned())
+    match value {
+        Value::Integer(number) => Some(number.to_string()),
+        other => other.as_bytes().map(|b| String::from_utf8_lossy(b).into_owned()),
+    }
 }
 
 /// Stream entry fields, as (field, value) pairs, from either reply shape.
