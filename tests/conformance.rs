@@ -1,1 +1,968 @@
-//! (being written)
+//! One conformance suite for the [`Store`] contract, run against both stores.
+//!
+//! Every check is an `async fn(Arc<dyn Store>)` written once against the trait; the
+//! `conformance!` macro turns each into two tests, `conformance::memory::<check>` on a fresh
+//! [`MemoryStore`] and `conformance::redis::<check>` on a [`RedisStore`] connected to its own
+//! private redis-server. A check that passes on one store and fails on the other is a
+//! behavioural difference between them: fix the store, never the check.
+//!
+//! Times given to the state machine are synthetic (small millisecond values): the contract
+//! never compares them with the store's clock, except where a check says so.
+
+use crate::util::RedisServer;
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use workflow_orchestrator::definition::{Registry, Workflow, WorkflowDef};
+use workflow_orchestrator::machine::{
+    Advanced, Effect, Millis, Recorded, RunState, Transition, Trigger, advance, replay, step_failure,
+};
+use workflow_orchestrator::store::keys::shard_of;
+use workflow_orchestrator::store::memory::MemoryStore;
+use workflow_orchestrator::store::redis::RedisStore;
+use workflow_orchestrator::store::{
+    Claimed, Commit, CommitOutcome, Created, Lease, Logged, NewRun, RunId, RunSummary, Store,
+};
+
+/// The lease time given to the memory store (only reported; `reclaim`'s `min_idle` judges).
+const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
+const BLOCK: Duration = Duration::from_millis(200);
+
+/// Runs a check on a fresh multi-threaded runtime (the Redis client and blocking reads want one).
+fn run<F: Future<Output = ()>>(check: F) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(check);
+}
+
+fn memory_store(shards: u16) -> Arc<dyn Store> {
+    Arc::new(MemoryStore::new(shards, LEASE_TTL))
+}
+
+async fn redis_store(redis: &RedisServer, shards: u16) -> Arc<dyn Store> {
+    Arc::new(RedisStore::connect(&redis.url(), "wfo", shards).await.expect("connect to the private redis-server"))
+}
+
+/// `name = check(shards)`: the test `memory::name` and the test `redis::name`, both running
+/// `check` on a store with `shards` shards.
+macro_rules! conformance {
+    ($($name:ident = $check:ident($shards:expr);)*) => {
+        mod memory {
+            $(
+                #[test]
+                fn $name() {
+                    super::run(super::$check(super::memory_store($shards)));
+                }
+            )*
+        }
+
+        mod redis {
+            $(
+                #[test]
+                fn $name() {
+                    let server = crate::util::RedisServer::start();
+                    super::run(async {
+                        super::$check(super::redis_store(&server, $shards).await).await;
+                    });
+                }
+            )*
+        }
+    };
+}
+
+conformance! {
+    a_created_run_agrees_with_its_state = created_run_agrees_with_its_state(4);
+    a_run_created_without_dispatch_queues_nothing = run_created_without_dispatch_queues_nothing(4);
+    an_idempotency_key_creates_one_run = idempotency_key_creates_one_run(4);
+    an_idempotency_key_holds_for_its_whole_retention = idempotency_key_holds_for_its_whole_retention(4);
+    a_claim_returns_the_dispatched_task = claim_returns_the_dispatched_task(4);
+    a_claim_returns_at_most_max_over_4_shards = claim_returns_at_most_max(4);
+    a_claim_returns_at_most_max_over_16_shards = claim_returns_at_most_max(16);
+    a_claim_finds_a_step_queued_on_any_shard = claim_finds_a_step_queued_on_any_shard(16);
+    a_claim_waits_at_most_its_block = claim_waits_at_most_its_block(4);
+    a_claim_with_a_zero_block_does_not_wait = claim_with_a_zero_block_does_not_wait(4);
+    a_blocked_claim_wakes_when_a_step_is_dispatched = blocked_claim_wakes_when_a_step_is_dispatched(4);
+    a_commit_under_its_lease_applies_acks_and_dispatches = commit_under_lease_applies_acks_and_dispatches(4);
+    a_stale_commit_changes_nothing = stale_commit_changes_nothing(4);
+    a_commit_under_a_lost_lease_changes_nothing = commit_under_lost_lease_changes_nothing(4);
+    renewal_keeps_held_leases_and_reports_lost_ones = renew_keeps_held_leases_and_reports_lost_ones(4);
+    a_reclaim_counts_deliveries = reclaim_counts_deliveries(4);
+    a_terminal_commit_keeps_a_replayable_history = terminal_commit_keeps_replayable_history(4);
+    a_late_commit_to_an_ended_run_is_gone = late_commit_to_an_ended_run_is_gone(4);
+    a_timer_is_due_at_its_time_until_cleared = timer_is_due_at_its_time_until_cleared(4);
+    due_timers_are_limited_per_shard = due_timers_are_limited_per_shard(4);
+    quiet_runs_are_live_runs_not_updated_since = quiet_runs_are_live_runs_not_updated_since(4);
+    dispatch_exists_while_queued_or_leased = dispatch_exists_while_queued_or_leased(4);
+    runs_are_listed_newest_first_in_pages = runs_are_listed_newest_first_in_pages(16);
+    housekeeping_deletes_only_runs_that_ended_before_the_retention = housekeeping_expires_old_finished_runs(4);
+    definitions_are_found_by_hash_on_every_shard = definitions_are_found_by_hash(16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building runs and commits the way the engine does: through `machine::advance`.
+
+/// A workflow `id` of `steps` noop steps, each tried at most `max_attempts` times, 1 s apart.
+fn definition(id: &str, steps: usize, max_attempts: u32) -> WorkflowDef {
+    let mut toml = format!("[[workflow]]\nid = \"{id}\"\n");
+    for step in 0..steps {
+        toml.push_str(&format!(
+            "[[workflow.step]]\nid = \"s{step}\"\naction = \"noop\"\n\
+             retry = {{ max_attempts = {max_attempts}, initial_backoff = \"1s\", jitter = 0.0 }}\n"
+        ));
+    }
+    let registry = Registry::parse("conformance.toml", &toml).expect("a valid test workflow");
+    registry.get(id).expect("the workflow just parsed").def.clone()
+}
+
+fn record(at: Millis, transition: Transition) -> Recorded {
+    Recorded { at, replica: Some("r1".to_owned()), transition }
+}
+
+fn dispatches(effects: &[Effect]) -> bool {
+    effects.iter().any(|effect| matches!(effect, Effect::Dispatch { .. }))
+}
+
+/// A new run of `def` on `shard`, created at `now` (its id's time too) and queued for its first
+/// step.
+fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str, Duration)>) -> NewRun {
+    let created = record(
+        now,
+        Transition::RunCreated {
+            workflow: def.id.clone(),
+            definition: "h".to_owned(),
+            input: "{}".to_owned(),
+            trigger: Trigger::Api,
+        },
+    );
+    let Advanced { state, appended, effects } = advance(None, def, vec![created], now).unwrap();
+    NewRun {
+        run: RunId::new(shard, now),
+        dispatch: dispatches(&effects).then(|| state.clone()),
+        state,
+        records: appended,
+        idempotency: idempotency.map(|(key, retention)| (key.to_owned(), retention)),
+    }
+}
+
+/// The commit of `happened` to a run in state `from`, as the engine builds it.
+fn commit_of(
+    def: &WorkflowDef,
+    run: &RunId,
+    from: &RunState,
+    lease: Option<Lease>,
+    happened: Vec<Transition>,
+    now: Millis,
+) -> Commit {
+    let records = happened.into_iter().map(|transition| record(now, transition)).collect();
+    let Advanced { state, appended, effects } = advance(Some(from), def, records, now).unwrap();
+    let timer = effects.iter().find_map(|effect| match effect {
+        Effect::SetTimer { due } => Some(*due),
+        Effect::Dispatch { .. } | Effect::CompleteRun | Effect::FailRun { .. } => None,
+    });
+    Commit {
+        run: run.clone(),
+        expected_seq: from.seq,
+        lease,
+        records: appended,
+        dispatch: dispatches(&effects).then(|| state.clone()),
+        state,
+        timer,
+        clear_timer: timer.is_none(),
+    }
+}
+
+/// The commit of an executor that worked `claimed`: the step started, then succeeded or failed.
+fn work(def: &WorkflowDef, claimed: &Claimed, succeed: bool, now: Millis) -> Commit {
+    let task = claimed.task.as_ref().expect("a decodable task");
+    let (step, attempt) = task.state.status.step_attempt().expect("a step to work");
+    let ended = if succeed {
+        Transition::StepCompleted { step, attempt, output: "{}".to_owned() }
+    } else {
+        step_failure(def, &task.state, step, attempt, "boom".to_owned(), now, 0.0)
+    };
+    let happened = vec![Transition::StepStarted { step, attempt }, ended];
+    commit_of(def, &task.run.parse().unwrap(), &task.state, Some(claimed.lease.clone()), happened, now)
+}
+
+/// A commit that changes nothing but the timer: what a timer re-arm looks like.
+fn timer_only(run: &RunId, state: &RunState, timer: Option<Millis>, clear_timer: bool) -> Commit {
+    Commit {
+        run: run.clone(),
+        expected_seq: state.seq,
+        lease: None,
+        records: Vec::new(),
+        state: state.clone(),
+        dispatch: None,
+        timer,
+        clear_timer,
+    }
+}
+
+async fn create(store: &Arc<dyn Store>, new: NewRun) -> RunId {
+    let id = new.run.clone();
+    assert_eq!(store.create_run(new).await.unwrap(), Created::New(id.clone()));
+    id
+}
+
+/// Claims the one entry that is queued.
+async fn claim_one(store: &Arc<dyn Store>, consumer: &str) -> Claimed {
+    let mut claimed = store.claim(consumer, 10, BLOCK).await.unwrap();
+    assert_eq!(claimed.len(), 1, "exactly one entry was queued: {claimed:?}");
+    claimed.remove(0)
+}
+
+async fn nothing_claimable(store: &Arc<dyn Store>, consumer: &str) -> bool {
+    store.claim(consumer, 10, Duration::from_millis(50)).await.unwrap().is_empty()
+}
+
+/// What a run looks like from outside: summary and history.
+async fn snapshot(store: &Arc<dyn Store>, run: &RunId) -> (Option<RunSummary>, Option<Vec<Logged>>) {
+    (store.summary(run).await.unwrap(), store.history(run).await.unwrap())
+}
+
+/// Replays a stored history.
+fn replayed(history: &[Logged]) -> RunState {
+    replay(history.iter().map(|l| &l.recorded)).expect("the history replays").expect("a non-empty history")
+}
+
+fn sorted(mut leases: Vec<Lease>) -> Vec<Lease> {
+    leases.sort_by(|a, b| (a.shard, &a.entry, &a.consumer).cmp(&(b.shard, &b.entry, &b.consumer)));
+    leases
+}
+
+/// Idle time in Redis is counted in whole milliseconds: let a lease age before it is taken.
+async fn age() {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks.
+
+async fn created_run_agrees_with_its_state(store: Arc<dyn Store>) {
+    let def = definition("wf", 2, 1);
+    let new = new_run(&def, 2, 1_000, None);
+    let state = new.state.clone();
+    let dispatched = new.dispatch.clone().unwrap();
+    let id = create(&store, new).await;
+
+    let summary = store.summary(&id).await.unwrap().expect("a summary");
+    assert!(summary.matches(&state), "{summary:?} vs {state:?}");
+    assert_eq!((summary.status.as_str(), summary.seq, summary.created_at), ("pending", 1, 1_000));
+    let entry = summary.ready_entry.clone().expect("the first step's ready entry");
+    assert!(store.dispatch_exists(&id, &entry).await.unwrap());
+
+    let history = store.history(&id).await.unwrap().expect("a history");
+    assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1]);
+    assert_eq!(history[0].recorded.transition.kind(), "run_created");
+    assert_eq!(replayed(&history), state);
+    assert!(summary.matches(&replayed(&history)));
+
+    assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+    assert!(!store.has_timer(&id).await.unwrap());
+    let claimed = claim_one(&store, "a").await;
+    assert_eq!(claimed.lease.entry, entry);
+    assert_eq!(claimed.task.unwrap().state, dispatched);
+
+    let unknown = RunId::new(2, 1_000);
+    assert_eq!(snapshot(&store, &unknown).await, (None, None));
+}
+
+async fn run_created_without_dispatch_queues_nothing(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let new = NewRun { dispatch: None, ..new_run(&def, 1, 1_000, None) };
+    let state = new.state.clone();
+    let id = create(&store, new).await;
+    let summary = store.summary(&id).await.unwrap().unwrap();
+    assert!(summary.matches(&state), "{summary:?}");
+    assert_eq!(summary.ready_entry, None);
+    assert!(nothing_claimable(&store, "a").await);
+}
+
+async fn idempotency_key_creates_one_run(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let key = "cron:wf:60000";
+    let shard = shard_of(key, store.shards());
+    let first = new_run(&def, shard, 1_000, Some((key, Duration::from_secs(60))));
+    let id = create(&store, first).await;
+    let before = snapshot(&store, &id).await;
+
+    let second = new_run(&def, shard, 1_001, Some((key, Duration::from_secs(60))));
+    let second_id = second.run.clone();
+    assert_eq!(store.create_run(second).await.unwrap(), Created::Duplicate(id.to_string()));
+    assert_eq!(snapshot(&store, &second_id).await, (None, None), "the duplicate created nothing");
+    assert_eq!(snapshot(&store, &id).await, before, "the first run is untouched");
+    assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+    let claimed = store.claim("a", 10, BLOCK).await.unwrap();
+    assert_eq!(claimed.len(), 1, "only the first run's step was queued: {claimed:?}");
+    assert_eq!(claimed[0].task.as_ref().unwrap().run, id.to_string());
+
+    // Another key is another run.
+    let other_key = "cron:wf:120000";
+    let other = new_run(&def, shard_of(other_key, store.shards()), 1_002, Some((other_key, Duration::from_secs(60))));
+    create(&store, other).await;
+}
+
+async fn idempotency_key_holds_for_its_whole_retention(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    // Held for 1.5 s: still held at 1.2 s.
+    let key = "api:long";
+    let shard = shard_of(key, store.shards());
+    let retention = Duration::from_millis(1_500);
+    let started = Instant::now();
+    let id = create(&store, new_run(&def, shard, 1_000, Some((key, retention)))).await;
+    tokio::time::sleep(Duration::from_millis(1_200).saturating_sub(started.elapsed())).await;
+    let again = new_run(&def, shard, 1_001, Some((key, retention)));
+    assert_eq!(
+        store.create_run(again).await.unwrap(),
+        Created::Duplicate(id.to_string()),
+        "a key is held for its whole retention, {:?} < {retention:?}",
+        started.elapsed()
+    );
+
+    // Free again once its retention has passed.
+    let key = "api:short";
+    let shard = shard_of(key, store.shards());
+    let retention = Duration::from_secs(1);
+    create(&store, new_run(&def, shard, 2_000, Some((key, retention)))).await;
+    tokio::time::sleep(retention + Duration::from_millis(300)).await;
+    create(&store, new_run(&def, shard, 2_001, Some((key, retention)))).await;
+}
+
+async fn claim_returns_the_dispatched_task(store: Arc<dyn Store>) {
+    let def = definition("wf", 2, 1);
+    let new = new_run(&def, 3, 1_000, None);
+    let dispatched = new.dispatch.clone().unwrap();
+    let id = create(&store, new).await;
+
+    let claimed = claim_one(&store, "a").await;
+    assert_eq!(claimed.deliveries, 1);
+    assert_eq!((claimed.lease.shard, claimed.lease.consumer.as_str()), (3, "a"));
+    assert_eq!(Some(&claimed.lease.entry), store.summary(&id).await.unwrap().unwrap().ready_entry.as_ref());
+    let task = claimed.task.expect("a decodable task");
+    assert_eq!(task.run, id.to_string());
+    assert_eq!(task.state, dispatched);
+    assert!(nothing_claimable(&store, "b").await, "an entry is delivered once");
+}
+
+async fn claim_returns_at_most_max(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let shards = store.shards();
+    let mut queued = BTreeSet::new();
+    for i in 0..40u64 {
+        let id = create(&store, new_run(&def, (i % u64::from(shards)) as u16, 1_000 + i, None)).await;
+        queued.insert(id.to_string());
+    }
+    let mut seen = BTreeSet::new();
+    let mut entries = HashSet::new();
+    for _ in 0..200 {
+        if seen.len() == queued.len() {
+            break;
+        }
+        let claimed = store.claim("a", 5, Duration::from_millis(20)).await.unwrap();
+        assert!(claimed.len() <= 5, "claim(max = 5) returned {}", claimed.len());
+        for c in claimed {
+            assert_eq!(c.deliveries, 1);
+            assert!(entries.insert((c.lease.shard, c.lease.entry.clone())), "an entry delivered twice: {c:?}");
+            assert!(seen.insert(c.task.unwrap().run), "a run's step delivered twice");
+        }
+    }
+    assert_eq!(seen, queued, "every queued step is claimed, once");
+    assert!(nothing_claimable(&store, "b").await);
+    assert!(store.claim("a", 0, Duration::from_millis(20)).await.unwrap().is_empty(), "max 0 claims nothing");
+}
+
+async fn claim_finds_a_step_queued_on_any_shard(store: Arc<dyn Store>) {
+    // One free executor (max = 1), one queued step, wherever it is: the claim returns it.
+    let def = definition("wf", 1, 1);
+    for (n, shard) in [0, 9, 15, 1, 14].into_iter().enumerate() {
+        let id = create(&store, new_run(&def, shard, 1_000 + n as u64, None)).await;
+        let claimed = store.claim("a", 1, BLOCK).await.unwrap();
+        let runs: Vec<String> = claimed.iter().map(|c| c.task.as_ref().unwrap().run.clone()).collect();
+        assert_eq!(runs, [id.to_string()], "claim(max = 1) with one step queued, on shard {shard}");
+    }
+}
+
+async fn claim_waits_at_most_its_block(store: Arc<dyn Store>) {
+    let started = Instant::now();
+    let claimed = store.claim("a", 5, Duration::from_millis(300)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(claimed.is_empty());
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "waited {waited:?}");
+}
+
+async fn claim_with_a_zero_block_does_not_wait(store: Arc<dyn Store>) {
+    let started = Instant::now();
+    let claimed = tokio::time::timeout(Duration::from_secs(5), store.claim("a", 5, Duration::ZERO))
+        .await
+        .expect("claim(block = 0) returns at once, it does not wait for work");
+    assert!(claimed.unwrap().is_empty());
+    assert!(started.elapsed() < Duration::from_secs(1), "waited {:?}", started.elapsed());
+}
+
+async fn blocked_claim_wakes_when_a_step_is_dispatched(store: Arc<dyn Store>) {
+    let waiting = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { store.claim("a", 5, Duration::from_secs(10)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let id = create(&store, new_run(&definition("wf", 1, 1), 2, 1_000, None)).await;
+    let claimed = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("the blocked claim wakes up when a step is queued")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].task.as_ref().unwrap().run, id.to_string());
+}
+
+async fn commit_under_lease_applies_acks_and_dispatches(store: Arc<dyn Store>) {
+    let def = definition("wf", 2, 1);
+    let id = create(&store, new_run(&def, 2, 1_000, None)).await;
+    let first = claim_one(&store, "a").await;
+
+    let commit = work(&def, &first, true, 1_010);
+    let state = commit.state.clone();
+    let next = commit.dispatch.clone().expect("the second step is dispatched");
+    assert_eq!(store.commit(commit.clone()).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+
+    let summary = store.summary(&id).await.unwrap().unwrap();
+    assert!(summary.matches(&state), "{summary:?}");
+    assert_eq!((summary.status.as_str(), summary.step, summary.attempt, summary.seq), ("running", Some(1), Some(1), 3));
+    let history = store.history(&id).await.unwrap().unwrap();
+    assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(replayed(&history), state);
+
+    // The worked entry is acknowledged: not queued, not leased, not to be taken over.
+    assert!(!store.dispatch_exists(&id, &first.lease.entry).await.unwrap(), "the worked entry was acked");
+    assert_eq!(store.renew(std::slice::from_ref(&first.lease)).await.unwrap(), std::slice::from_ref(&first.lease));
+    age().await;
+    assert!(store.reclaim("b", Duration::ZERO, 10).await.unwrap().is_empty(), "an acked entry is not reclaimed");
+
+    // The next step is queued, once.
+    let next_entry = summary.ready_entry.expect("the next step's entry");
+    assert_ne!(next_entry, first.lease.entry);
+    assert!(store.dispatch_exists(&id, &next_entry).await.unwrap());
+    let second = claim_one(&store, "b").await;
+    assert_eq!(second.lease.entry, next_entry);
+    assert_eq!(second.deliveries, 1);
+    assert_eq!(second.task.as_ref().unwrap().state, next);
+    assert!(nothing_claimable(&store, "c").await);
+
+    // A commit is accepted once.
+    assert_eq!(store.commit(commit).await.unwrap(), CommitOutcome::LeaseLost);
+    assert_eq!(store.history(&id).await.unwrap().unwrap().len(), 3);
+
+    // A lease is acknowledged without a transition by `ack`, only by its holder.
+    store.ack(&Lease { consumer: "intruder".to_owned(), ..second.lease.clone() }).await.unwrap();
+    assert!(store.dispatch_exists(&id, &next_entry).await.unwrap(), "only the holder acks");
+    store.ack(&second.lease).await.unwrap();
+    assert!(!store.dispatch_exists(&id, &next_entry).await.unwrap());
+    assert_eq!(store.renew(std::slice::from_ref(&second.lease)).await.unwrap(), std::slice::from_ref(&second.lease));
+}
+
+async fn stale_commit_changes_nothing(store: Arc<dyn Store>) {
+    let def = definition("wf", 2, 1);
+    let id = create(&store, new_run(&def, 1, 1_000, None)).await;
+    let claimed = claim_one(&store, "a").await;
+    let good = work(&def, &claimed, true, 1_010);
+    let before = snapshot(&store, &id).await;
+
+    for expected_seq in [0, 2, 3, 7] {
+        let stale = Commit { expected_seq, ..good.clone() };
+        assert_eq!(store.commit(stale).await.unwrap(), CommitOutcome::Stale, "expected_seq {expected_seq} (seq is 1)");
+        let unleased = Commit { expected_seq, lease: None, ..good.clone() };
+        assert_eq!(
+            store.commit(unleased).await.unwrap(),
+            CommitOutcome::Stale,
+            "unleased, expected_seq {expected_seq}"
+        );
+        let empty = Commit { expected_seq, lease: None, records: Vec::new(), ..good.clone() };
+        assert_eq!(store.commit(empty).await.unwrap(), CommitOutcome::Stale, "no records, expected_seq {expected_seq}");
+        assert_eq!(snapshot(&store, &id).await, before, "a stale commit changed the run (expected_seq {expected_seq})");
+    }
+    assert!(store.renew(std::slice::from_ref(&claimed.lease)).await.unwrap().is_empty(), "the lease is kept");
+    assert!(store.dispatch_exists(&id, &claimed.lease.entry).await.unwrap(), "the entry is not acked");
+    assert!(nothing_claimable(&store, "b").await, "nothing was dispatched");
+    assert!(!store.has_timer(&id).await.unwrap());
+
+    assert_eq!(store.commit(good).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+    let history = store.history(&id).await.unwrap().unwrap();
+    assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+async fn commit_under_lost_lease_changes_nothing(store: Arc<dyn Store>) {
+    let def = definition("wf", 2, 1);
+    let id = create(&store, new_run(&def, 3, 1_000, None)).await;
+    let mine = claim_one(&store, "a").await;
+    assert!(store.reclaim("b", Duration::from_secs(60), 10).await.unwrap().is_empty(), "the lease is fresh");
+    age().await;
+    let taken = store.reclaim("b", Duration::ZERO, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!((taken[0].lease.entry.as_str(), taken[0].lease.consumer.as_str()), (mine.lease.entry.as_str(), "b"));
+
+    let before = snapshot(&store, &id).await;
+    assert_eq!(store.commit(work(&def, &mine, true, 1_010)).await.unwrap(), CommitOutcome::LeaseLost);
+    assert_eq!(store.commit(work(&def, &mine, false, 1_010)).await.unwrap(), CommitOutcome::LeaseLost);
+    assert_eq!(snapshot(&store, &id).await, before, "a commit under a lost lease changed the run");
+    assert!(nothing_claimable(&store, "c").await, "nothing was dispatched");
+    assert!(!store.has_timer(&id).await.unwrap(), "no timer was set");
+    assert!(store.dispatch_exists(&id, &mine.lease.entry).await.unwrap(), "b still holds the entry");
+    store.ack(&mine.lease).await.unwrap();
+    assert!(store.dispatch_exists(&id, &mine.lease.entry).await.unwrap(), "a lost lease does not ack");
+
+    assert_eq!(store.commit(work(&def, &taken[0], true, 1_020)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+    assert_eq!(replayed(&store.history(&id).await.unwrap().unwrap()).updated_at, 1_020);
+}
+
+async fn renew_keeps_held_leases_and_reports_lost_ones(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    for (shard, now) in [(0, 1_000), (1, 1_001), (2, 1_002)] {
+        create(&store, new_run(&def, shard, now, None)).await;
+    }
+    let mine = store.claim("a", 10, BLOCK).await.unwrap();
+    assert_eq!(mine.len(), 3);
+    let leases: Vec<Lease> = mine.iter().map(|c| c.lease.clone()).collect();
+    assert!(store.renew(&leases).await.unwrap().is_empty(), "all are held");
+
+    age().await;
+    let taken = store.reclaim("b", Duration::ZERO, 1).await.unwrap();
+    assert_eq!(taken.len(), 1, "reclaim takes at most max");
+    let stolen = Lease { consumer: "a".to_owned(), ..taken[0].lease.clone() };
+    let acked = mine.iter().map(|c| c.lease.clone()).find(|l| *l != stolen).unwrap();
+    store.ack(&acked).await.unwrap();
+    let lost = store.renew(&leases).await.unwrap();
+    assert_eq!(sorted(lost), sorted(vec![stolen.clone(), acked.clone()]), "taken over and acked leases are lost");
+    // The lease taken over is held by its new owner.
+    assert!(store.renew(std::slice::from_ref(&taken[0].lease)).await.unwrap().is_empty());
+
+    // Renewal resets the idle time: only the lease nobody renewed expires.
+    let held: Vec<Lease> = leases.iter().filter(|l| **l != stolen && **l != acked).cloned().collect();
+    assert_eq!(held.len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(store.renew(&held).await.unwrap().is_empty());
+    let expired = store.reclaim("c", Duration::from_millis(350), 10).await.unwrap();
+    let expired: Vec<Lease> = expired.into_iter().map(|c| c.lease).collect();
+    assert_eq!(expired, [Lease { consumer: "c".to_owned(), ..taken[0].lease.clone() }]);
+    assert!(store.renew(&[]).await.unwrap().is_empty());
+}
+
+async fn reclaim_counts_deliveries(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let new = new_run(&def, 1, 1_000, None);
+    let dispatched = new.dispatch.clone().unwrap();
+    create(&store, new).await;
+    let first = claim_one(&store, "a").await;
+    assert_eq!(first.deliveries, 1);
+    assert!(store.reclaim("b", Duration::from_secs(60), 10).await.unwrap().is_empty(), "the lease is fresh");
+
+    let mut holder = first.clone();
+    for (consumer, deliveries) in [("b", 2), ("c", 3), ("c", 4)] {
+        age().await;
+        let mut taken = store.reclaim(consumer, Duration::ZERO, 10).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        let taken = taken.remove(0);
+        assert_eq!(taken.deliveries, deliveries, "delivery count after reclaim by {consumer}");
+        assert_eq!(taken.lease, Lease { consumer: consumer.to_owned(), ..first.lease.clone() });
+        assert_eq!(taken.task.as_ref().unwrap().state, dispatched);
+        holder = taken;
+    }
+    // Renewal is not a delivery.
+    assert!(store.renew(std::slice::from_ref(&holder.lease)).await.unwrap().is_empty());
+    age().await;
+    let taken = store.reclaim("d", Duration::ZERO, 10).await.unwrap();
+    assert_eq!(taken.iter().map(|c| c.deliveries).collect::<Vec<_>>(), [5]);
+    assert!(store.reclaim("e", Duration::ZERO, 0).await.unwrap().is_empty(), "max 0 reclaims nothing");
+}
+
+/// Creates a run of `def` and works its steps to the end, each succeeding; returns it with its
+/// final state.
+async fn run_to_completion(store: &Arc<dyn Store>, def: &WorkflowDef, shard: u16, now: Millis) -> (RunId, RunState) {
+    let id = create(store, new_run(def, shard, now, None)).await;
+    let mut at = now;
+    loop {
+        let claimed = claim_one(store, "a").await;
+        at += 10;
+        let commit = work(def, &claimed, true, at);
+        let state = commit.state.clone();
+        let seq = commit.expected_seq + commit.records.len() as u64;
+        assert_eq!(store.commit(commit).await.unwrap(), CommitOutcome::Applied { seq });
+        if state.status.is_terminal() {
+            return (id, state);
+        }
+    }
+}
+
+async fn terminal_commit_keeps_replayable_history(store: Arc<dyn Store>) {
+    let def = definition("wf", 3, 1);
+    let (id, state) = run_to_completion(&store, &def, 1, 1_000).await;
+    let history = store.history(&id).await.unwrap().expect("a finished run keeps its history");
+    let kinds: Vec<&str> = history.iter().map(|l| l.recorded.transition.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_created",
+            "step_started",
+            "step_completed",
+            "step_started",
+            "step_completed",
+            "step_started",
+            "step_completed",
+            "run_completed"
+        ]
+    );
+    assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<u64>>());
+    assert_eq!(replayed(&history), state);
+    let summary = store.summary(&id).await.unwrap().unwrap();
+    assert!(summary.matches(&state), "{summary:?}");
+    assert_eq!((summary.status.as_str(), summary.step, summary.seq), ("completed", None, 8));
+    assert!(!store.has_timer(&id).await.unwrap());
+    assert!(store.quiet_runs(Millis::MAX, 10).await.unwrap().is_empty(), "a finished run is never quiet");
+    assert_eq!(store.list_runs(None, Some("completed"), None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+    assert!(store.list_runs(None, Some("running"), None, 10).await.unwrap().runs.is_empty());
+
+    // A run that fails ends the same way.
+    let failing = definition("wf", 1, 1);
+    let failed_id = create(&store, new_run(&failing, 2, 2_000, None)).await;
+    let claimed = claim_one(&store, "a").await;
+    let commit = work(&failing, &claimed, false, 2_010);
+    let failed = commit.state.clone();
+    assert_eq!(store.commit(commit).await.unwrap(), CommitOutcome::Applied { seq: 4 });
+    let history = store.history(&failed_id).await.unwrap().unwrap();
+    let kinds: Vec<&str> = history.iter().map(|l| l.recorded.transition.kind()).collect();
+    assert_eq!(kinds, ["run_created", "step_started", "step_failed", "run_failed"]);
+    assert_eq!(replayed(&history), failed);
+    assert!(store.summary(&failed_id).await.unwrap().unwrap().matches(&failed));
+    assert_eq!(store.list_runs(None, Some("failed"), None, 10).await.unwrap().runs, [failed_id]);
+}
+
+async fn late_commit_to_an_ended_run_is_gone(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let (id, state) = run_to_completion(&store, &def, 0, 1_000).await;
+    let before = snapshot(&store, &id).await;
+    let late = commit_of(&def, &id, &state, None, vec![Transition::RunCancelled { reason: "late".to_owned() }], 1_100);
+    assert_eq!(store.commit(late).await.unwrap(), CommitOutcome::Gone);
+    assert_eq!(snapshot(&store, &id).await, before);
+
+    // A run cancelled while its step is leased: the executor's commit is gone, its lease acked.
+    let other = new_run(&def, 0, 2_000, None);
+    let pending = other.state.clone();
+    let other_id = create(&store, other).await;
+    let worked = claim_one(&store, "a").await;
+    let cancel =
+        commit_of(&def, &other_id, &pending, None, vec![Transition::RunCancelled { reason: "op".to_owned() }], 2_005);
+    let cancelled = cancel.state.clone();
+    assert_eq!(store.commit(cancel).await.unwrap(), CommitOutcome::Applied { seq: 2 });
+    let before = snapshot(&store, &other_id).await;
+    assert_eq!(store.commit(work(&def, &worked, true, 2_010)).await.unwrap(), CommitOutcome::Gone);
+    assert_eq!(snapshot(&store, &other_id).await, before);
+    assert_eq!(store.renew(std::slice::from_ref(&worked.lease)).await.unwrap(), std::slice::from_ref(&worked.lease));
+    let history = store.history(&other_id).await.unwrap().unwrap();
+    assert_eq!(replayed(&history), cancelled);
+    assert_eq!(store.list_runs(None, Some("cancelled"), None, 10).await.unwrap().runs, [other_id]);
+
+    // A run that does not exist is gone too.
+    let nobody = RunId::new(0, 3_000);
+    let timed_out = record(3_000, Transition::RunTimedOut);
+    let ghost = Commit { records: vec![timed_out], ..timer_only(&nobody, &pending, None, true) };
+    assert_eq!(store.commit(ghost).await.unwrap(), CommitOutcome::Gone);
+    assert_eq!(snapshot(&store, &nobody).await, (None, None));
+}
+
+async fn timer_is_due_at_its_time_until_cleared(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 3);
+    let id = create(&store, new_run(&def, 1, 1_000, None)).await;
+    let claimed = claim_one(&store, "a").await;
+    let failed = work(&def, &claimed, false, 1_010);
+    let due = failed.timer.expect("a failed attempt with attempts left sets a timer");
+    assert_eq!(due, 2_010);
+    let retrying = failed.state.clone();
+    assert_eq!(store.commit(failed).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+    assert!(store.has_timer(&id).await.unwrap());
+    assert!(store.due_timers(due - 1, 10).await.unwrap().is_empty(), "not due before its time");
+    assert_eq!(store.due_timers(due, 10).await.unwrap(), std::slice::from_ref(&id));
+    assert_eq!(store.due_timers(due + 1_000, 10).await.unwrap(), std::slice::from_ref(&id), "reading does not remove");
+    assert!(store.due_timers(due, 0).await.unwrap().is_empty());
+    assert!(nothing_claimable(&store, "a").await, "a retry waits for its timer");
+
+    // A timer set again replaces the old one.
+    assert_eq!(
+        store.commit(timer_only(&id, &retrying, Some(5_000), false)).await.unwrap(),
+        CommitOutcome::Applied { seq: 3 }
+    );
+    assert!(store.due_timers(4_999, 10).await.unwrap().is_empty(), "the old due time is gone");
+    assert_eq!(store.due_timers(5_000, 10).await.unwrap(), std::slice::from_ref(&id));
+
+    // `clear_timer` removes it.
+    assert_eq!(store.commit(timer_only(&id, &retrying, None, true)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+    assert!(!store.has_timer(&id).await.unwrap());
+    assert!(store.due_timers(Millis::MAX, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.commit(timer_only(&id, &retrying, Some(due), false)).await.unwrap(),
+        CommitOutcome::Applied { seq: 3 }
+    );
+
+    // Firing it: the commit clears it and queues the retry.
+    let (step, attempt) = retrying.status.step_attempt().unwrap();
+    let fired = commit_of(&def, &id, &retrying, None, vec![Transition::TimerFired { step, attempt }], due);
+    assert!(fired.clear_timer && fired.timer.is_none());
+    assert_eq!(store.commit(fired).await.unwrap(), CommitOutcome::Applied { seq: 4 });
+    assert!(!store.has_timer(&id).await.unwrap());
+    assert!(store.due_timers(Millis::MAX, 10).await.unwrap().is_empty());
+    let retry = claim_one(&store, "a").await;
+    assert_eq!(retry.task.as_ref().unwrap().state.status.step_attempt(), Some((0, 2)));
+
+    // A run that ends loses its timer, even when the commit does not say so.
+    let failed = work(&def, &retry, false, due + 10);
+    let retrying = failed.state.clone();
+    store.commit(failed).await.unwrap();
+    assert!(store.has_timer(&id).await.unwrap());
+    let cancel =
+        commit_of(&def, &id, &retrying, None, vec![Transition::RunCancelled { reason: "op".to_owned() }], due + 20);
+    let cancel = Commit { clear_timer: false, ..cancel };
+    store.commit(cancel).await.unwrap();
+    assert!(!store.has_timer(&id).await.unwrap());
+    assert!(store.due_timers(Millis::MAX, 10).await.unwrap().is_empty());
+}
+
+async fn due_timers_are_limited_per_shard(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let mut by_shard: Vec<(u16, RunId)> = Vec::new();
+    for (n, (shard, due)) in
+        [(0, 5_000), (0, 5_001), (0, 9_000), (1, 5_002), (2, 4_000), (2, 6_000)].into_iter().enumerate()
+    {
+        let new = new_run(&def, shard, 1_000 + n as u64, None);
+        let state = new.state.clone();
+        let id = create(&store, new).await;
+        store.commit(timer_only(&id, &state, Some(due), false)).await.unwrap();
+        by_shard.push((shard, id));
+    }
+    let due = store.due_timers(6_000, 1).await.unwrap();
+    let mut shards: Vec<u16> = due.iter().map(|id| id.shard).collect();
+    shards.sort_unstable();
+    assert_eq!(shards, [0, 1, 2], "at most max = 1 per shard, and every shard with a due timer: {due:?}");
+    // The earliest of each shard.
+    assert!(due.contains(&by_shard[0].1) && due.contains(&by_shard[3].1) && due.contains(&by_shard[4].1), "{due:?}");
+
+    let all = store.due_timers(6_000, 10).await.unwrap();
+    let expected: BTreeSet<RunId> = [0, 1, 3, 4, 5].into_iter().map(|i| by_shard[i].1.clone()).collect();
+    assert_eq!(all.into_iter().collect::<BTreeSet<_>>(), expected);
+}
+
+async fn quiet_runs_are_live_runs_not_updated_since(store: Arc<dyn Store>) {
+    let def = definition("wf", 2, 1);
+    // Shard 0: the oldest run is busy (worked at 5 000), a younger one is quiet.
+    let busy = create(&store, new_run(&def, 0, 1_000, None)).await;
+    let claimed = claim_one(&store, "a").await;
+    assert_eq!(store.commit(work(&def, &claimed, true, 5_000)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+    let quiet_young = create(&store, new_run(&def, 0, 1_500, None)).await;
+    // Shard 1: three quiet runs, and one created after `before`.
+    let mut shard1 = Vec::new();
+    for now in [1_100, 1_200, 1_300] {
+        shard1.push(create(&store, new_run(&def, 1, now, None)).await);
+    }
+    create(&store, new_run(&def, 1, 3_500, None)).await;
+    // Shard 2: a run that ended long ago.
+    let one = definition("wf", 1, 1);
+    let ended = create(&store, new_run(&one, 2, 1_000, None)).await;
+    let all = store.claim("z", 100, BLOCK).await.unwrap();
+    let mine = all.iter().find(|c| c.task.as_ref().unwrap().run == ended.to_string()).expect("its step was claimed");
+    assert_eq!(store.commit(work(&one, mine, true, 1_010)).await.unwrap(), CommitOutcome::Applied { seq: 4 });
+
+    let quiet = store.quiet_runs(3_000, 2).await.unwrap();
+    for (id, summary) in &quiet {
+        assert_eq!(store.summary(id).await.unwrap().as_ref(), Some(summary));
+        assert!(summary.updated_at < 3_000, "{summary:?}");
+    }
+    let ids: BTreeSet<RunId> = quiet.iter().map(|(id, _)| id.clone()).collect();
+    assert!(!ids.contains(&busy), "a run updated since is not quiet");
+    assert!(!ids.contains(&ended), "a finished run is not quiet");
+    let expected: BTreeSet<RunId> = [quiet_young.clone(), shard1[0].clone(), shard1[1].clone()].into_iter().collect();
+    assert_eq!(ids, expected, "at most max = 2 per shard, oldest first; a busy run does not hide a quiet one");
+
+    let one = store.quiet_runs(3_000, 1).await.unwrap();
+    let ids: BTreeSet<RunId> = one.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, [quiet_young, shard1[0].clone()].into_iter().collect(), "max = 1 per shard");
+    assert!(store.quiet_runs(1_000, 10).await.unwrap().is_empty(), "nothing was quiet before 1 000");
+    assert!(store.quiet_runs(3_000, 0).await.unwrap().is_empty());
+}
+
+async fn dispatch_exists_while_queued_or_leased(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let id = create(&store, new_run(&def, 2, 1_000, None)).await;
+    let entry = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
+    assert!(store.dispatch_exists(&id, &entry).await.unwrap(), "queued");
+    let claimed = claim_one(&store, "a").await;
+    assert!(store.dispatch_exists(&id, &entry).await.unwrap(), "pending under a lease");
+    age().await;
+    let taken = store.reclaim("b", Duration::ZERO, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert!(store.dispatch_exists(&id, &entry).await.unwrap(), "pending under the new lease");
+    store.ack(&claimed.lease).await.unwrap();
+    assert!(store.dispatch_exists(&id, &entry).await.unwrap(), "a lost lease does not ack");
+    store.ack(&taken[0].lease).await.unwrap();
+    assert!(!store.dispatch_exists(&id, &entry).await.unwrap(), "acked: neither queued nor pending");
+
+    // What the sweeper does for such a run: re-queue it from its state, at the same seq.
+    let state = replayed(&store.history(&id).await.unwrap().unwrap());
+    let again = Commit { dispatch: Some(state.clone()), ..timer_only(&id, &state, None, false) };
+    assert_eq!(store.commit(again).await.unwrap(), CommitOutcome::Applied { seq: 1 });
+    let requeued = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
+    assert_ne!(requeued, entry);
+    assert!(store.dispatch_exists(&id, &requeued).await.unwrap());
+    assert!(!store.dispatch_exists(&id, &entry).await.unwrap());
+    assert_eq!(store.history(&id).await.unwrap().unwrap().len(), 1);
+    let claimed = claim_one(&store, "c").await;
+    assert_eq!(claimed.lease.entry, requeued);
+
+    // Entries of another shard, and ids never handed out, do not exist.
+    let other = RunId::new(3, 1_000);
+    assert!(!store.dispatch_exists(&other, &requeued).await.unwrap(), "entries are per shard");
+    assert!(!store.dispatch_exists(&id, "99999999999999-0").await.unwrap());
+}
+
+async fn runs_are_listed_newest_first_in_pages(store: Arc<dyn Store>) {
+    let (a, b) = (definition("alpha", 1, 1), definition("beta", 1, 1));
+    let shards = store.shards();
+    // (workflow, shard, created at): ties in time on different shards on purpose.
+    let mut runs: Vec<(String, Millis, RunId)> = Vec::new();
+    for n in 0..24u64 {
+        let def = if n % 3 == 0 { &b } else { &a };
+        let now = 10_000 + (n / 2) * 1_000;
+        let shard = ((n * 7) % u64::from(shards)) as u16;
+        let id = create(&store, new_run(def, shard, now, None)).await;
+        runs.push((def.id.clone(), now, id));
+    }
+    // Newest first; equal times by run id, descending.
+    runs.sort_by(|x, y| (y.1, y.2.to_string()).cmp(&(x.1, x.2.to_string())));
+    let newest_first = |workflow: Option<&str>| -> Vec<RunId> {
+        runs.iter().filter(|(w, _, _)| workflow.is_none_or(|wf| wf == w)).map(|(_, _, id)| id.clone()).collect()
+    };
+
+    for workflow in [None, Some("alpha"), Some("beta")] {
+        let expected = newest_first(workflow);
+        assert_eq!(store.list_runs(workflow, None, None, 100).await.unwrap().runs, expected, "{workflow:?}");
+        let mut paged = Vec::new();
+        let mut cursor: Option<RunId> = None;
+        for _ in 0..30 {
+            let page = store.list_runs(workflow, None, cursor.as_ref(), 5).await.unwrap().runs;
+            assert!(page.len() <= 5);
+            if page.is_empty() {
+                break;
+            }
+            cursor = page.last().cloned();
+            paged.extend(page);
+        }
+        assert_eq!(paged, expected, "pages of 5 of {workflow:?}");
+    }
+    assert!(store.list_runs(Some("gamma"), None, None, 10).await.unwrap().runs.is_empty());
+    assert!(store.list_runs(None, None, None, 0).await.unwrap().runs.is_empty());
+
+    // Status filter: finish the newest alpha run.
+    let newest_alpha = newest_first(Some("alpha"))[0].clone();
+    let claimed = store.claim("a", 100, BLOCK).await.unwrap();
+    assert_eq!(claimed.len(), runs.len(), "claim(max = 100) reads every shard");
+    let mine = claimed.iter().find(|c| c.task.as_ref().unwrap().run == newest_alpha.to_string()).unwrap();
+    assert!(matches!(store.commit(work(&a, mine, true, 50_000)).await.unwrap(), CommitOutcome::Applied { .. }));
+    assert_eq!(store.list_runs(Some("alpha"), Some("completed"), None, 10).await.unwrap().runs, [newest_alpha.clone()]);
+    assert!(store.list_runs(Some("beta"), Some("completed"), None, 10).await.unwrap().runs.is_empty());
+    let pending: Vec<RunId> = newest_first(Some("alpha")).into_iter().skip(1).take(3).collect();
+    assert_eq!(store.list_runs(Some("alpha"), Some("pending"), None, 3).await.unwrap().runs, pending);
+    let rest = store.list_runs(Some("alpha"), Some("pending"), pending.last(), 100).await.unwrap().runs;
+    assert_eq!(rest, newest_first(Some("alpha")).into_iter().skip(4).collect::<Vec<_>>());
+}
+
+async fn housekeeping_expires_old_finished_runs(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let two = definition("wf", 2, 1);
+    let (old, _) = run_to_completion(&store, &def, 0, 1_000).await; // ended at 1 010
+    let (recent, _) = run_to_completion(&store, &def, 1, 2_000).await; // ended at 2 010
+    // A live run with its step leased, and one with its step queued.
+    let leased_id = create(&store, new_run(&two, 2, 1_000, None)).await;
+    let leased = claim_one(&store, "a").await;
+    let queued_id = create(&store, new_run(&def, 3, 1_000, None)).await;
+    let queued_entry = store.summary(&queued_id).await.unwrap().unwrap().ready_entry.unwrap();
+
+    let report = store.housekeeping(1_010).await.unwrap();
+    assert_eq!(report.expired_runs, 0, "a run that ended at the retention time is kept");
+    assert!(store.summary(&old).await.unwrap().is_some());
+
+    let report = store.housekeeping(2_000).await.unwrap();
+    assert_eq!(report.expired_runs, 1);
+    assert_eq!(snapshot(&store, &old).await, (None, None), "history and summary are gone");
+    assert!(store.summary(&recent).await.unwrap().is_some());
+    assert_eq!(store.history(&recent).await.unwrap().unwrap().len(), 4);
+    assert_eq!(store.list_runs(None, Some("completed"), None, 10).await.unwrap().runs, std::slice::from_ref(&recent));
+    let listed = store.list_runs(Some("wf"), None, None, 10).await.unwrap().runs;
+    assert!(!listed.contains(&old) && listed.contains(&recent) && listed.contains(&leased_id), "{listed:?}");
+
+    // Live runs are never expired, and their queued and leased entries stay.
+    let report = store.housekeeping(Millis::MAX).await.unwrap();
+    assert_eq!(report.expired_runs, 1, "only the recent finished run");
+    assert_eq!(snapshot(&store, &recent).await, (None, None));
+    for live in [&leased_id, &queued_id] {
+        assert!(store.summary(live).await.unwrap().is_some());
+    }
+    assert!(store.dispatch_exists(&queued_id, &queued_entry).await.unwrap(), "a queued entry stays");
+    assert!(store.dispatch_exists(&leased_id, &leased.lease.entry).await.unwrap(), "a leased entry stays");
+    assert!(store.renew(std::slice::from_ref(&leased.lease)).await.unwrap().is_empty());
+    assert_eq!(store.commit(work(&two, &leased, true, 3_000)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+    let mut runs: Vec<String> =
+        store.claim("b", 10, BLOCK).await.unwrap().into_iter().map(|c| c.task.unwrap().run).collect();
+    runs.sort();
+    let mut expected = vec![leased_id.to_string(), queued_id.to_string()];
+    expected.sort();
+    assert_eq!(runs, expected, "the queued step and the leased run's next step are claimable");
+    assert_eq!(store.housekeeping(Millis::MAX).await.unwrap().expired_runs, 0);
+}
+
+async fn definitions_are_found_by_hash(store: Arc<dyn Store>) {
+    let first = Arc::new(Workflow::new(definition("alpha", 2, 3)));
+    let second = Arc::new(Workflow::new(definition("beta", 1, 1)));
+    assert_ne!(first.hash, second.hash);
+    store.save_definitions(&[Arc::clone(&first), Arc::clone(&second)]).await.unwrap();
+    for shard in 0..store.shards() {
+        assert_eq!(store.load_definition(shard, &first.hash).await.unwrap().as_ref(), Some(&*first), "shard {shard}");
+        assert_eq!(store.load_definition(shard, &second.hash).await.unwrap().as_ref(), Some(&*second));
+    }
+    assert_eq!(store.load_definition(0, "0000000000000000").await.unwrap(), None);
+    // Saving again is harmless; an edited workflow is another hash, and the old one stays.
+    let edited = Arc::new(Workflow::new(definition("alpha", 3, 3)));
+    assert_ne!(edited.hash, first.hash);
+    store.save_definitions(&[Arc::clone(&first), Arc::clone(&edited)]).await.unwrap();
+    assert_eq!(store.load_definition(3, &first.hash).await.unwrap().as_ref(), Some(&*first));
+    assert_eq!(store.load_definition(3, &edited.hash).await.unwrap().as_ref(), Some(&*edited));
+}
+
+// ---------------------------------------------------------------------------------------------
+// What only the Redis store does, checked on its keys.
+
+/// A finished run's log is compacted into one value; the history reads the same.
+#[test]
+fn redis_compacts_a_finished_runs_log() {
+    let server = RedisServer::start();
+    run(async {
+        let store = redis_store(&server, 4).await;
+        let def = definition("wf", 2, 1);
+        let live = create(&store, new_run(&def, 1, 500, None)).await;
+        let live_log = format!("wfo:{{1}}:log:{live}");
+        assert_eq!(server.cli(&["XLEN", &live_log]).trim(), "1", "a live run's log is a stream");
+        let _ = store.claim("a", 10, BLOCK).await.unwrap();
+
+        let (id, state) = run_to_completion(&store, &def, 1, 1_000).await;
+        let log = format!("wfo:{{1}}:log:{id}");
+        let hist = format!("wfo:{{1}}:hist:{id}");
+        assert_eq!(server.cli(&["EXISTS", &log]).trim(), "0", "the stream is gone");
+        assert_eq!(server.cli(&["TYPE", &hist]).trim(), "string", "the log is one value");
+        let history = store.history(&id).await.unwrap().unwrap();
+        assert_eq!(history.len(), 6);
+        assert_eq!(replayed(&history), state);
+    });
+}

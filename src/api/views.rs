@@ -27,6 +27,7 @@ fn trigger(trigger: &Trigger) -> Value {
         Trigger::Event { event_id, event_type } => {
             json!({ "kind": "event", "eventId": event_id, "eventType": event_type })
         }
+        Trigger::Rerun { run_id, from_step } => json!({ "kind": "rerun", "runId": run_id, "fromStep": from_step }),
     }
 }
 
@@ -47,7 +48,9 @@ pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) 
             for entry in log {
                 match &entry.recorded.transition {
                     Transition::StepStarted { step, attempt } if *step == index => attempts = attempts.max(*attempt),
-                    Transition::StepCompleted { step, output: out, .. } if *step == index => {
+                    Transition::StepCompleted { step, output: out, .. } | Transition::StepReused { step, output: out }
+                        if *step == index =>
+                    {
                         completed = true;
                         output = json_text(out);
                     }
@@ -119,10 +122,12 @@ pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
         Transition::StepFailed { error, retry_at, .. } => json!({ "error": error, "retryAt": retry_at.map(timestamp) }),
         Transition::RunFailed { error } => json!({ "error": error }),
         Transition::RunCancelled { reason } => json!({ "reason": reason }),
+        Transition::StepReused { output, .. } => json!({ "output": json_text(output), "reused": true }),
         Transition::StepStarted { .. }
         | Transition::TimerFired { .. }
         | Transition::RunCompleted
-        | Transition::RunTimedOut => json!({}),
+        | Transition::RunTimedOut
+        | Transition::RunResumed { .. } => json!({}),
     };
     if let (Value::Object(item), Value::Object(extra)) = (&mut item, extra) {
         item.extend(extra);

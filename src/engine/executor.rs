@@ -6,7 +6,7 @@ use crate::actions::{self, StepContext};
 use crate::machine::{self, Effect, Transition};
 use crate::store::{Claimed, Commit, CommitOutcome, Lease, ReadyTask, RunId, StoreError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -14,8 +14,15 @@ use tokio_util::sync::CancellationToken;
 const CLAIM_BLOCK: Duration = Duration::from_secs(1);
 
 impl Engine {
+    /// Claims ready steps for the free executors and, every half lease period, first takes over
+    /// steps whose lease expired. Both are done here because this loop holds every free
+    /// executor's permit while its read blocks: a separate reclaim loop asking for free permits
+    /// would nearly always find none and never take anything over on an idle replica.
     pub(super) async fn claim_loop(self: Arc<Self>) {
         let mut failures = 0u32;
+        let reclaim_every = (self.config.lease_ttl / 2).max(Duration::from_millis(200));
+        let next_reclaim = || Instant::now() + reclaim_every.mul_f64(rand::random_range(0.8..1.2));
+        let mut reclaim_at = next_reclaim();
         loop {
             // Hold permits first, then claim only as many entries as permits held.
             let first = tokio::select! {
@@ -29,9 +36,18 @@ impl Engine {
             while let Ok(permit) = Arc::clone(&self.executors).try_acquire_owned() {
                 permits.push(permit);
             }
+            if Instant::now() >= reclaim_at {
+                reclaim_at = next_reclaim();
+                self.reclaim_expired(&mut permits).await;
+                if permits.is_empty() {
+                    continue;
+                }
+            }
+            // Block no longer than until the next reclaim is due (and never 0: BLOCK 0 is forever).
+            let block = CLAIM_BLOCK.min(reclaim_at.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
             let claimed = tokio::select! {
                 () = self.shutdown.cancelled() => return,
-                claimed = self.store.claim(&self.consumer, permits.len(), CLAIM_BLOCK) => claimed,
+                claimed = self.store.claim(&self.consumer, permits.len(), block) => claimed,
             };
             match claimed {
                 Ok(claimed) => {
@@ -105,31 +121,17 @@ impl Engine {
         }
     }
 
-    /// Takes over steps whose lease expired (their replica died or stalled).
-    pub(super) async fn reclaim_loop(self: Arc<Self>) {
-        let period = (self.config.lease_ttl / 2).max(Duration::from_millis(200));
-        loop {
-            let jitter = rand::random_range(0.8..1.2);
-            if sleep_or_cancelled(&self.shutdown, period.mul_f64(jitter)).await {
-                return;
-            }
-            let mut permits = Vec::new();
-            while let Ok(permit) = Arc::clone(&self.executors).try_acquire_owned() {
-                permits.push(permit);
-            }
-            if permits.is_empty() {
-                continue;
-            }
-            match self.store.reclaim(&self.consumer, self.config.lease_ttl, permits.len()).await {
-                Ok(claimed) => {
-                    for entry in &claimed {
-                        tracing::info!(entry = %entry.lease.entry, shard = entry.lease.shard, deliveries = entry.deliveries, "took over a step whose lease expired");
-                        Counters::add(&self.counters.steps_reclaimed);
-                    }
-                    self.spawn_steps(claimed, &mut permits);
+    /// Takes over steps whose lease expired (their replica died or stalled), as many as `permits`.
+    async fn reclaim_expired(self: &Arc<Self>, permits: &mut Vec<OwnedSemaphorePermit>) {
+        match self.store.reclaim(&self.consumer, self.config.lease_ttl, permits.len()).await {
+            Ok(claimed) => {
+                for entry in &claimed {
+                    tracing::info!(entry = %entry.lease.entry, shard = entry.lease.shard, deliveries = entry.deliveries, "took over a step whose lease expired");
+                    Counters::add(&self.counters.steps_reclaimed);
                 }
-                Err(err) => tracing::warn!(%err, "reclaiming expired leases failed; will retry"),
+                self.spawn_steps(claimed, permits);
             }
+            Err(err) => tracing::warn!(%err, "reclaiming expired leases failed; will retry"),
         }
     }
 
@@ -200,6 +202,7 @@ impl Engine {
                 if err.retryable {
                     machine::step_failure(
                         &workflow.def,
+                        &task.state,
                         step,
                         attempt,
                         err.message,

@@ -167,7 +167,6 @@ impl Engine {
     pub fn start(self: &Arc<Self>) {
         self.tasks.spawn(Arc::clone(self).claim_loop());
         self.tasks.spawn(Arc::clone(self).renew_loop());
-        self.tasks.spawn(Arc::clone(self).reclaim_loop());
         self.tasks.spawn(Arc::clone(self).timer_loop());
         self.tasks.spawn(Arc::clone(self).sweeper_loop());
         self.tasks.spawn(Arc::clone(self).cron_loop());

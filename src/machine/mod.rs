@@ -24,6 +24,9 @@ pub enum Trigger {
     Cron { fire_at: Millis },
     /// An event from the bus, by its stream entry id and type.
     Event { event_id: String, event_type: String },
+    /// `POST /api/runs/:id/rerun`: a new run of another run's definition snapshot, reusing the
+    /// outputs that run recorded for the steps before `from_step`.
+    Rerun { run_id: String, from_step: u32 },
 }
 
 /// A fact about a run. Step numbers are indexes into the run's definition snapshot.
@@ -39,6 +42,11 @@ pub enum Transition {
     StepStarted {
         step: u32,
         attempt: u32,
+    },
+    /// A rerun took this step's output from the run it reruns instead of running it.
+    StepReused {
+        step: u32,
+        output: String,
     },
     StepCompleted {
         step: u32,
@@ -64,6 +72,11 @@ pub enum Transition {
         reason: String,
     },
     RunTimedOut,
+    /// An operator resumed a failed run at its failed step, with a fresh retry budget.
+    RunResumed {
+        step: u32,
+        attempt: u32,
+    },
 }
 
 impl Transition {
@@ -72,6 +85,7 @@ impl Transition {
         match self {
             Transition::RunCreated { .. } => "run_created",
             Transition::StepStarted { .. } => "step_started",
+            Transition::StepReused { .. } => "step_reused",
             Transition::StepCompleted { .. } => "step_completed",
             Transition::StepFailed { .. } => "step_failed",
             Transition::TimerFired { .. } => "timer_fired",
@@ -79,6 +93,7 @@ impl Transition {
             Transition::RunFailed { .. } => "run_failed",
             Transition::RunCancelled { .. } => "run_cancelled",
             Transition::RunTimedOut => "run_timed_out",
+            Transition::RunResumed { .. } => "run_resumed",
         }
     }
 
@@ -88,7 +103,9 @@ impl Transition {
             Transition::StepStarted { step, attempt }
             | Transition::StepCompleted { step, attempt, .. }
             | Transition::StepFailed { step, attempt, .. }
-            | Transition::TimerFired { step, attempt } => Some((*step, *attempt)),
+            | Transition::TimerFired { step, attempt }
+            | Transition::RunResumed { step, attempt } => Some((*step, *attempt)),
+            Transition::StepReused { step, .. } => Some((*step, 0)),
             Transition::RunCreated { .. }
             | Transition::RunCompleted
             | Transition::RunFailed { .. }
@@ -193,6 +210,10 @@ pub struct RunState {
     pub created_at: Millis,
     pub updated_at: Millis,
     pub last_error: Option<StepError>,
+    /// Attempts of the current step made before the run was last resumed: they do not count
+    /// against the step's retry budget.
+    #[serde(default)]
+    pub attempt_offset: u32,
 }
 
 /// A transition that cannot happen in the state it was applied to.
@@ -235,12 +256,27 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
                 created_at: recorded.at,
                 updated_at: recorded.at,
                 last_error: None,
+                attempt_offset: 0,
             }),
             _ => Err(invalid(transition, None, "the run has not been created")),
         };
     };
     if let Transition::RunCreated { .. } = transition {
         return Err(invalid(transition, state, "the run already exists"));
+    }
+    if let Transition::RunResumed { step, attempt } = transition {
+        return match (&current.status, &current.last_error) {
+            (Status::Failed, Some(err)) if err.step == *step && err.attempt + 1 == *attempt => {
+                let mut next = current.clone();
+                next.status = Status::Queued { step: *step, attempt: *attempt };
+                next.attempt_offset = attempt - 1;
+                next.seq += 1;
+                next.updated_at = recorded.at;
+                Ok(next)
+            }
+            (Status::Failed, _) => Err(invalid(transition, state, "a resume must name the failed step and its next attempt")),
+            _ => Err(invalid(transition, state, "only a failed run can be resumed")),
+        };
     }
     if current.status.is_terminal() {
         return Ok(current.clone());
@@ -257,6 +293,15 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
         }
         (Transition::StepStarted { .. }, _) => {
             return Err(invalid(transition, state, "that step attempt is not queued"));
+        }
+        (Transition::StepReused { step: 0, .. }, Status::Pending) => {
+            next.status = Status::Queued { step: 1, attempt: 1 };
+        }
+        (Transition::StepReused { step, .. }, Status::Queued { step: s, attempt: 1 }) if step == s => {
+            next.status = Status::Queued { step: step + 1, attempt: 1 };
+        }
+        (Transition::StepReused { .. }, _) => {
+            return Err(invalid(transition, state, "only a queued step can be reused"));
         }
         (Transition::StepCompleted { step, attempt, .. }, Status::Running { step: s, attempt: a })
             if (step, attempt) == (s, a) && !failed_at(current, *s, *a) =>
@@ -293,7 +338,7 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
         (Transition::RunFailed { .. }, _) => next.status = Status::Failed,
         (Transition::RunCancelled { .. }, _) => next.status = Status::Cancelled,
         (Transition::RunTimedOut, _) => next.status = Status::TimedOut,
-        (Transition::RunCreated { .. }, _) => unreachable!("handled above"),
+        (Transition::RunCreated { .. } | Transition::RunResumed { .. }, _) => unreachable!("handled above"),
     }
     next.seq += 1;
     next.updated_at = recorded.at;
@@ -400,17 +445,20 @@ pub fn advance(
 /// otherwise final. `jitter_unit` is a sample in `[-1, 1]` (the caller's randomness).
 pub fn step_failure(
     definition: &WorkflowDef,
+    state: &RunState,
     step: u32,
     attempt: u32,
     error: String,
     now: Millis,
     jitter_unit: f64,
 ) -> Transition {
+    // Attempts made before a resume do not count against the budget.
+    let counted = attempt.saturating_sub(state.attempt_offset);
     let retry_at = definition
         .steps
         .get(step as usize)
-        .filter(|s| attempt < s.retry.max_attempts)
-        .map(|s| now + s.retry.delay(attempt, jitter_unit).as_millis() as u64);
+        .filter(|s| counted < s.retry.max_attempts)
+        .map(|s| now + s.retry.delay(counted, jitter_unit).as_millis() as u64);
     Transition::StepFailed { step, attempt, error, retry_at }
 }
 

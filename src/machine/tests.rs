@@ -47,6 +47,8 @@ enum Choice {
     Fail,
     Cancel,
     TimeOut,
+    /// Resume the run if it failed (an operator's retry).
+    Resume,
 }
 
 fn choice() -> impl Strategy<Value = Choice> {
@@ -55,6 +57,7 @@ fn choice() -> impl Strategy<Value = Choice> {
         3 => Just(Choice::Fail),
         1 => Just(Choice::Cancel),
         1 => Just(Choice::TimeOut),
+        1 => Just(Choice::Resume),
     ]
 }
 
@@ -66,10 +69,19 @@ fn drive(def: &WorkflowDef, choices: &[Choice], jitter: f64) -> (Vec<Recorded>, 
     let mut log = outcome.appended.clone();
     let mut state = outcome.state.clone();
     for choice in choices {
-        if state.status.is_terminal() {
-            break;
-        }
         now += 10;
+        if state.status.is_terminal() {
+            match (choice, &state.status, &state.last_error) {
+                (Choice::Resume, Status::Failed, Some(err)) => {
+                    let resumed = at(now, Transition::RunResumed { step: err.step, attempt: err.attempt + 1 });
+                    outcome = advance(Some(&state), def, vec![resumed], now).unwrap();
+                    log.extend(outcome.appended.iter().cloned());
+                    state = outcome.state.clone();
+                    continue;
+                }
+                _ => break,
+            }
+        }
         let happened = match (*choice, outcome.effects.first()) {
             (Choice::Cancel, _) => vec![at(now, Transition::RunCancelled { reason: "test".to_owned() })],
             (Choice::TimeOut, _) => vec![at(now, Transition::RunTimedOut)],
@@ -81,9 +93,9 @@ fn drive(def: &WorkflowDef, choices: &[Choice], jitter: f64) -> (Vec<Recorded>, 
                 at(now, Transition::StepStarted { step: *step, attempt: *attempt }),
                 at(now, Transition::StepCompleted { step: *step, attempt: *attempt, output: "{}".to_owned() }),
             ],
-            (Choice::Fail, Some(Effect::Dispatch { step, attempt })) => vec![
+            (Choice::Fail | Choice::Resume, Some(Effect::Dispatch { step, attempt })) => vec![
                 at(now, Transition::StepStarted { step: *step, attempt: *attempt }),
-                at(now, step_failure(def, *step, *attempt, "boom".to_owned(), now, jitter)),
+                at(now, step_failure(def, &state, *step, *attempt, "boom".to_owned(), now, jitter)),
             ],
             (_, other) => panic!("a live run must have an effect, got {other:?} in {:?}", state.status),
         };
@@ -123,7 +135,7 @@ proptest! {
         let def = definition(steps, 2);
         let (log, state) = drive(&def, &choices, 0.0);
         prop_assume!(state.status.is_terminal());
-        for recorded in log.iter().skip(1) {
+        for recorded in log.iter().skip(1).filter(|r| !matches!(r.transition, Transition::RunResumed { .. })) {
             prop_assert_eq!(apply(Some(&state), recorded).unwrap(), state.clone());
         }
         prop_assert!(apply(Some(&state), &log[0]).is_err(), "a second run_created is an error");
@@ -134,7 +146,7 @@ proptest! {
         choices in proptest::collection::vec(choice(), 0..20),
         step in 0u32..4,
         attempt in 0u32..4,
-        kind in 0usize..9,
+        kind in 0usize..11,
     ) {
         let def = definition(3, 3);
         let (_, state) = drive(&def, &choices, 0.5);
@@ -147,6 +159,8 @@ proptest! {
             5 => Transition::RunCompleted,
             6 => Transition::RunFailed { error: "e".to_owned() },
             7 => Transition::RunCancelled { reason: "r".to_owned() },
+            8 => Transition::StepReused { step, output: "{}".to_owned() },
+            9 => Transition::RunResumed { step, attempt },
             _ => Transition::RunTimedOut,
         };
         let result = apply(Some(&state), &at(99, transition.clone()));
@@ -157,6 +171,11 @@ proptest! {
         // Step transitions for an attempt that is not current are always rejected.
         let current = state.status.step_attempt();
         let step_level = matches!(kind, 0..=4);
+        // A resume applies to a failed run only, for its failed step's next attempt.
+        if kind == 9 {
+            let resumable = matches!((&state.status, &state.last_error), (Status::Failed, Some(e)) if e.step == step && e.attempt + 1 == attempt);
+            prop_assert_eq!(result.is_ok(), resumable, "{:?} in {:?}", transition, state.status);
+        }
         if step_level && !state.status.is_terminal() && current != Some((step, attempt)) {
             prop_assert!(result.is_err(), "{:?} accepted in {:?}", transition, state.status);
         }
@@ -202,6 +221,35 @@ fn retries_follow_the_policy_then_the_run_fails_with_the_last_error() {
         Transition::RunFailed { error } => assert!(error.contains("attempt 3") && error.contains("boom"), "{error}"),
         other => panic!("expected run_failed, got {other:?}"),
     }
+}
+
+#[test]
+fn a_resumed_run_retries_its_failed_step_with_a_fresh_budget() {
+    let def = definition(2, 2);
+    use Choice::{Fail, Resume, Succeed};
+    // A choice is spent on each timer firing too (the `Fail` after each retry).
+    let choices = [Succeed, Fail, Fail, Fail, Resume, Fail, Fail, Fail, Resume, Succeed];
+    let (log, state) = drive(&def, &choices, 0.0);
+    assert_eq!(state.status, Status::Completed, "{log:#?}");
+    let resumed: Vec<(u32, u32)> = log
+        .iter()
+        .filter_map(|r| match r.transition {
+            Transition::RunResumed { step, attempt } => Some((step, attempt)),
+            _ => None,
+        })
+        .collect();
+    // Two attempts, failed; resumed at attempt 3 with two more; failed; resumed at attempt 5.
+    assert_eq!(resumed, [(1, 3), (1, 5)]);
+}
+
+#[test]
+fn a_rerun_reuses_outputs_then_runs_the_rest() {
+    let def = definition(3, 1);
+    let created = created();
+    let reused = at(2, Transition::StepReused { step: 0, output: "{\"a\":1}".to_owned() });
+    let outcome = advance(None, &def, vec![created, reused], 2).unwrap();
+    assert_eq!(outcome.state.status, Status::Queued { step: 1, attempt: 1 });
+    assert_eq!(outcome.effects, [Effect::Dispatch { step: 1, attempt: 1 }]);
 }
 
 #[test]

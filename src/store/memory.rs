@@ -473,8 +473,18 @@ impl State {
         claimed
     }
 
+    /// Runs whose timer is due: at most `max` per shard, the earliest of each, as Redis reads
+    /// each shard's timer set.
     fn due_timers(&self, now: Millis, max: usize) -> Vec<RunId> {
-        self.timers.range(..(now.saturating_add(1), String::new())).take(max).map(|(_, id)| id.clone()).collect()
+        let mut per_shard: HashMap<u16, usize> = HashMap::new();
+        let due = self.timers.range(..(now.saturating_add(1), String::new())).map(|(_, id)| id);
+        due.filter(|id| {
+            let taken = per_shard.entry(id.shard).or_default();
+            *taken += 1;
+            *taken <= max
+        })
+        .cloned()
+        .collect()
     }
 
     fn history(&self, id: &RunId) -> Option<Vec<Logged>> {
@@ -965,7 +975,7 @@ mod tests {
         let ended = if succeed {
             Transition::StepCompleted { step, attempt, output: "{}".to_owned() }
         } else {
-            step_failure(def, step, attempt, "boom".to_owned(), now, 0.0)
+            step_failure(def, &task.state, step, attempt, "boom".to_owned(), now, 0.0)
         };
         let happened = vec![Transition::StepStarted { step, attempt }, ended];
         commit_of(def, &task.run.parse().unwrap(), &task.state, Some(claimed.lease.clone()), happened, now)

@@ -305,7 +305,8 @@ pub trait Store: Send + Sync + 'static {
     /// Takes over entries whose lease expired (idle longer than `min_idle`), at most `max`.
     async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<Claimed>>;
 
-    /// Runs whose timer is due at `now`, at most `max`.
+    /// Runs whose timer is due at `now`: at most `max` per shard, the earliest of each (so up
+    /// to `max * shards` in all).
     async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>>;
 
     async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>>;

@@ -324,7 +324,8 @@ impl RedisStore {
             Some((key, ttl)) => {
                 keys.push(self.keys.idempotency(shard, key));
                 args.push(keys.len().to_string().into());
-                args.push(ttl.as_secs().max(1).to_string().into());
+                // `EX` counts whole seconds: round up, so a key is held at least its retention.
+                args.push(ttl.as_millis().div_ceil(1000).max(1).to_string().into());
             }
             None => {
                 args.push("0".into());
@@ -366,16 +367,21 @@ impl RedisStore {
         self.fcall("wfo_v1_commit", keys, args).await
     }
 
-    /// The oldest id of `stream` that consumer group `group` has not handled: its oldest pending
-    /// entry, or the one after its last delivered entry. `None` when the group is missing.
-    async fn oldest_unhandled(&self, stream: &str, group: &str) -> StoreResult<Option<String>> {
+    /// The last id of `stream` delivered to consumer group `group`: the entries after it are
+    /// queued. `None` when the group is missing.
+    async fn last_delivered(&self, stream: &str, group: &str) -> StoreResult<Option<String>> {
         let groups = self.cmd("XINFO", vec!["GROUPS".into(), stream.into()]).await?;
-        let last_delivered = groups.into_array().into_iter().find_map(|info| {
+        Ok(groups.into_array().into_iter().find_map(|info| {
             let info = fields(info);
             let name = field(&info, "name").and_then(text)?;
             (name == group).then(|| field(&info, "last-delivered-id").and_then(text)).flatten()
-        });
-        let Some(last_delivered) = last_delivered else { return Ok(None) };
+        }))
+    }
+
+    /// The oldest id of `stream` that consumer group `group` has not handled: its oldest pending
+    /// entry, or the one after its last delivered entry. `None` when the group is missing.
+    async fn oldest_unhandled(&self, stream: &str, group: &str) -> StoreResult<Option<String>> {
+        let Some(last_delivered) = self.last_delivered(stream, group).await? else { return Ok(None) };
         let pending = self.cmd("XPENDING", vec![stream.into(), group.into()]).await?.into_array();
         let Some(mut oldest) = successor(&last_delivered) else { return Ok(None) };
         if let Some(pending) = pending.get(1).and_then(text) {
@@ -562,7 +568,8 @@ impl Store for RedisStore {
             "COUNT".into(),
             (count as i64).into(),
             "BLOCK".into(),
-            (block.as_millis() as i64).into(),
+            // `BLOCK 0` would wait forever: a zero block waits one millisecond.
+            (block.as_millis().max(1) as i64).into(),
             "STREAMS".into(),
         ];
         args.extend(chosen.iter().map(|s| Value::from(self.keys.ready(*s))));
@@ -735,16 +742,41 @@ impl Store for RedisStore {
 
     async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>> {
         let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
         for shard in 0..self.keys.shards() {
-            let members = self
-                .cmd("ZRANGE", vec![self.keys.index_active(shard).into(), "0".into(), ((max as i64) - 1).into()])
-                .await?
-                .into_array();
-            let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
-            for (run, summary) in runs.iter().zip(self.summaries(&runs).await?) {
-                if let Some(summary) = summary.filter(|s| s.updated_at < before && !super::is_terminal_name(&s.status))
-                {
-                    out.push((run.clone(), summary));
+            // Oldest first, page by page, so that runs busy since `before` do not hide the quiet
+            // ones created after them. A run created at or after `before` cannot be quiet.
+            let (mut found, mut offset) = (0, 0);
+            while found < max {
+                let members = self
+                    .cmd(
+                        "ZRANGEBYSCORE",
+                        vec![
+                            self.keys.index_active(shard).into(),
+                            "-inf".into(),
+                            format!("({before}").into(),
+                            "LIMIT".into(),
+                            (offset as i64).into(),
+                            (max as i64).into(),
+                        ],
+                    )
+                    .await?
+                    .into_array();
+                offset += members.len();
+                let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
+                for (run, summary) in runs.iter().zip(self.summaries(&runs).await?) {
+                    let quiet = summary.filter(|s| s.updated_at < before && !super::is_terminal_name(&s.status));
+                    if let Some(summary) = quiet
+                        && found < max
+                    {
+                        out.push((run.clone(), summary));
+                        found += 1;
+                    }
+                }
+                if members.len() < max {
+                    break;
                 }
             }
         }
@@ -752,8 +784,25 @@ impl Store for RedisStore {
     }
 
     async fn dispatch_exists(&self, run: &RunId, entry: &str) -> StoreResult<bool> {
-        let reply = self.cmd("XRANGE", vec![self.keys.ready(run.shard).into(), entry.into(), entry.into()]).await?;
-        Ok(!reply.into_array().is_empty())
+        // An acknowledged entry stays in the stream until it is trimmed: being in it is not
+        // enough. Queued is checked before pending, so an entry delivered between the two reads
+        // is still seen (an entry only moves forward: queued, pending, acknowledged).
+        if successor(entry).is_none() {
+            return Ok(false); // not a stream id: never handed out
+        }
+        let ready = self.keys.ready(run.shard);
+        if let Some(last_delivered) = self.last_delivered(&ready, WORKERS_GROUP).await?
+            && compare_ids(entry, &last_delivered).is_gt()
+        {
+            let queued = self.cmd("XRANGE", vec![ready.clone().into(), entry.into(), entry.into()]).await?;
+            if !queued.into_array().is_empty() {
+                return Ok(true);
+            }
+        }
+        let pending = self
+            .cmd("XPENDING", vec![ready.into(), WORKERS_GROUP.into(), entry.into(), entry.into(), "1".into()])
+            .await?;
+        Ok(!pending.into_array().is_empty())
     }
 
     async fn has_timer(&self, run: &RunId) -> StoreResult<bool> {
