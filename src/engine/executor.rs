@@ -44,7 +44,8 @@ impl Engine {
                 }
             }
             // Block no longer than until the next reclaim is due (and never 0: BLOCK 0 is forever).
-            let block = CLAIM_BLOCK.min(reclaim_at.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
+            let block =
+                CLAIM_BLOCK.min(reclaim_at.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
             let claimed = tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 claimed = self.store.claim(&self.consumer, permits.len(), block) => claimed,
