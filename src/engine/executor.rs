@@ -26,6 +26,7 @@ impl Engine {
         loop {
             // Hold permits first, then claim only as many entries as permits held.
             let first = tokio::select! {
+                biased; // once stopping, start no new read even if a permit is free
                 () = self.shutdown.cancelled() => return,
                 permit = Arc::clone(&self.executors).acquire_owned() => match permit {
                     Ok(permit) => permit,
@@ -46,10 +47,14 @@ impl Engine {
             // Block no longer than until the next reclaim is due (and never 0: BLOCK 0 is forever).
             let block =
                 CLAIM_BLOCK.min(reclaim_at.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
-            let claimed = tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                claimed = self.store.claim(&self.consumer, permits.len(), block) => claimed,
-            };
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            // Not raced against shutdown: a blocking read that was sent stays blocked in Redis
+            // after its future is dropped, and whatever Redis delivers to it then is pending under
+            // this consumer yet run by no one until its lease expires. The read returns within
+            // `block`; what it brings is run within the grace period like any in-flight step.
+            let claimed = self.store.claim(&self.consumer, permits.len(), block).await;
             match claimed {
                 Ok(claimed) => {
                     failures = 0;
@@ -90,7 +95,9 @@ impl Engine {
         let mut last_renewal = std::time::Instant::now();
         loop {
             let stopping = self.shutdown.is_cancelled();
-            if stopping && self.in_flight.lock().is_empty() {
+            // Every permit back means no step runs here and no read can still bring one (the
+            // claim loop holds permits while it reads).
+            if stopping && self.executors.available_permits() == self.config.max_concurrent_steps {
                 return;
             }
             let wait = if stopping { Duration::from_millis(100) } else { period };
