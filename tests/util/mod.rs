@@ -308,3 +308,38 @@ pub fn workflows_file(dir: &Path, toml: &str) -> PathBuf {
     std::fs::write(&path, toml).expect("write workflows file");
     path
 }
+
+// ---- added for tests/failures.rs ----
+
+impl RedisServer {
+    /// A clean stop: `SHUTDOWN` (with AOF on, Redis fsyncs the file before it exits, so nothing
+    /// acknowledged is lost, unlike [`RedisServer::kill`]), then waits (bounded) for the exit.
+    pub fn stop_clean(&mut self) {
+        let _ = redis_cli(self.port, &["SHUTDOWN"]);
+        if let Some(mut child) = self.child.take() {
+            let exited =
+                wait_for(Duration::from_secs(15), Duration::from_millis(20), || child.try_wait().ok().flatten());
+            if exited.is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("redis-server did not exit within 15 s of SHUTDOWN");
+            }
+        }
+    }
+
+    /// Starts again on the same port and directory after [`RedisServer::stop_clean`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "start_again: the server is still running");
+        self.launch();
+    }
+}
+
+impl Replica {
+    /// The exit status if the process has exited (reaping it), `None` while it runs. Unlike
+    /// [`Replica::wait_exit`], tells a death by signal apart from "still running".
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+}
