@@ -841,7 +841,7 @@ async fn runs_are_listed_newest_first_in_pages(store: Arc<dyn Store>) {
         runs.push((def.id.clone(), now, id));
     }
     // Newest first; equal times by run id, descending.
-    runs.sort_by(|x, y| (y.1, y.2.to_string()).cmp(&(x.1, x.2.to_string())));
+    runs.sort_by_key(|(_, at, id)| std::cmp::Reverse((*at, id.to_string())));
     let newest_first = |workflow: Option<&str>| -> Vec<RunId> {
         runs.iter().filter(|(w, _, _)| workflow.is_none_or(|wf| wf == w)).map(|(_, _, id)| id.clone()).collect()
     };
@@ -871,7 +871,10 @@ async fn runs_are_listed_newest_first_in_pages(store: Arc<dyn Store>) {
     assert_eq!(claimed.len(), runs.len(), "claim(max = 100) reads every shard");
     let mine = claimed.iter().find(|c| c.task.as_ref().unwrap().run == newest_alpha.to_string()).unwrap();
     assert!(matches!(store.commit(work(&a, mine, true, 50_000)).await.unwrap(), CommitOutcome::Applied { .. }));
-    assert_eq!(store.list_runs(Some("alpha"), Some("completed"), None, 10).await.unwrap().runs, [newest_alpha.clone()]);
+    assert_eq!(
+        store.list_runs(Some("alpha"), Some("completed"), None, 10).await.unwrap().runs,
+        std::slice::from_ref(&newest_alpha)
+    );
     assert!(store.list_runs(Some("beta"), Some("completed"), None, 10).await.unwrap().runs.is_empty());
     let pending: Vec<RunId> = newest_first(Some("alpha")).into_iter().skip(1).take(3).collect();
     assert_eq!(store.list_runs(Some("alpha"), Some("pending"), None, 3).await.unwrap().runs, pending);
