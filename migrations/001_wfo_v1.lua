@@ -23,6 +23,8 @@ end
 -- KEYS: 1 run hash, 2 log stream, 3 compacted history, 4 ready stream, 5 timers, 6.. extra keys
 -- ARGV: run id, expected seq (0 = create), lease entry ('' = none), group, consumer,
 --       idempotency key index into KEYS (0 = none), idempotency ttl (s),
+--       n reopened, n x (type, data) (a finished run's whole log, written back as a live log
+--       before the records: resuming a failed run),
 --       n records, n x (type, data), compact ('1' = the run ends: fold the log into KEYS[3]),
 --       n fields, n x (field, value), dispatch data ('' = none), timer due ('' = none),
 --       clear timer ('1'/'0'), n zadd, n x (key index, score, member), n zrem, n x (key index, member)
@@ -36,6 +38,12 @@ local function commit(keys, argv)
 
   if lease ~= '' and not holds(keys[4], group, consumer, lease) then
     return {'lease_lost'}
+  end
+
+  local n_reopen = tonumber(arg())
+  local reopen = {}
+  for i = 1, n_reopen do
+    reopen[i] = {arg(), arg()}
   end
 
   local n_records = tonumber(arg())

@@ -41,6 +41,9 @@ pub struct Settings {
     pub workflows_file: Option<PathBuf>,
     /// `LOG_LEVEL`: error, warn, info (default), debug, trace, or a tracing filter.
     pub log_level: String,
+    /// `API_TOKEN`: when set, the API (all but `/health` and `/metrics`) requires
+    /// `Authorization: Bearer <token>`.
+    pub api_token: Option<String>,
 }
 
 /// A setting that could not be read: names the variable and what is wrong.
@@ -123,6 +126,7 @@ impl Settings {
             event_max_bytes: number(&lookup, "EVENT_MAX_BYTES", 1024 * 1024usize, 1, 64 * 1024 * 1024)?,
             workflows_file: lookup("WORKFLOWS_FILE").map(PathBuf::from),
             log_level: lookup("LOG_LEVEL").unwrap_or_else(|| "info".to_owned()),
+            api_token: lookup("API_TOKEN"),
         })
     }
 }

@@ -1,5 +1,7 @@
-//! The command line: thin. Parse settings, set up tracing, build the store and the engine, serve
-//! until a signal, shut down gracefully.
+//! The command line: thin. Parse settings, set up tracing, build the store and the engine, then
+//! serve until a signal (and shut down gracefully), or do one operator task and exit.
+
+mod cli;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -7,6 +9,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+use workflow_orchestrator::api::ApiState;
 use workflow_orchestrator::config::Settings;
 use workflow_orchestrator::definition::Registry;
 use workflow_orchestrator::engine::{Engine, EngineConfig};
@@ -16,7 +19,7 @@ use workflow_orchestrator::store::{Store, StoreError};
 
 /// A durable workflow engine on Redis Streams. Configured by environment variables (see the
 /// README): REDIS_URL, PORT, KEY_PREFIX, REPLICA_ID, LEASE_TTL, SHARDS, MAX_CONCURRENT_STEPS,
-/// SHUTDOWN_GRACE, WORKFLOWS_FILE, LOG_LEVEL, ...
+/// SHUTDOWN_GRACE, WORKFLOWS_FILE, API_TOKEN, LOG_LEVEL, ...
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -28,7 +31,44 @@ struct Cli {
 enum Command {
     /// Serve the API and run workflows (the default).
     Serve,
-    /// Check the workflow definitions (WORKFLOWS_FILE or the built-in registry) and exit.
+    /// Replay a run's log through the state machine: print its timeline and check that the fold
+    /// equals the stored state (exit 1 and name the entry if not).
+    Replay {
+        run_id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs, newest first.
+    Runs {
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a run of a workflow.
+    Trigger {
+        workflow: String,
+        /// The run's input, a JSON object.
+        #[arg(long, default_value = "{}")]
+        input: String,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Publish an event on the bus.
+    Publish {
+        event_type: String,
+        /// The event's payload, a JSON object.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Check the workflow definitions (WORKFLOWS_FILE or the built-in registry) and list them.
     Workflows,
 }
 
@@ -41,7 +81,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&settings.log_level);
+    let command = cli.command.unwrap_or(Command::Serve);
+    // Operator commands print for people (or machines): only warnings go to the log.
+    let default_level = if matches!(command, Command::Serve) { settings.log_level.as_str() } else { "warn" };
+    init_tracing(default_level);
     let registry = match Registry::load(settings.workflows_file.as_deref()) {
         Ok(registry) => Arc::new(registry),
         Err(err) => {
@@ -56,20 +99,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => runtime.block_on(serve(settings, registry)),
-        Command::Workflows => {
-            for workflow in registry.iter() {
-                let schedule = workflow.def.schedule.as_deref().unwrap_or("-");
-                println!("{:<28} {:<14} {}", workflow.def.id, schedule, workflow.def.events.join(","));
+    let result = runtime.block_on(async {
+        match command {
+            Command::Serve => serve(settings, registry).await.map(|()| ExitCode::SUCCESS),
+            Command::Workflows => {
+                cli::workflows(&registry);
+                Ok(ExitCode::SUCCESS)
             }
-            Ok(())
+            other => {
+                if settings.redis_url.is_none() {
+                    anyhow::bail!("REDIS_URL is not set: operator commands work on the Redis a service runs on");
+                }
+                let engine = open_engine(&settings, registry).await?;
+                match other {
+                    Command::Replay { run_id, json } => cli::replay(&engine, &run_id, json).await,
+                    Command::Runs { workflow, status, limit, json } => {
+                        cli::runs(&engine, workflow.as_deref(), status.as_deref(), limit, json).await
+                    }
+                    Command::Trigger { workflow, input, idempotency_key } => {
+                        cli::trigger(&engine, &workflow, &input, idempotency_key.as_deref()).await
+                    }
+                    Command::Publish { event_type, payload, key } => {
+                        cli::publish(&engine, &event_type, &payload, key.as_deref()).await
+                    }
+                    Command::Serve | Command::Workflows => unreachable!("handled above"),
+                }
+            }
         }
-    };
+    });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
-            tracing::error!("{err:#}");
             eprintln!("workflow-orchestrator: {err:#}");
             ExitCode::FAILURE
         }
@@ -102,6 +162,11 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+async fn open_engine(settings: &Settings, registry: Arc<Registry>) -> anyhow::Result<Arc<Engine>> {
+    let store = open_store(settings).await?;
+    Engine::new(store, registry, EngineConfig::from_settings(settings)).await.context("starting the engine")
+}
+
 /// The URL without its password, for logs.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -111,14 +176,15 @@ fn redact(url: &str) -> String {
 }
 
 async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()> {
-    let store = open_store(&settings).await?;
-    if let Ok(health) = store.health().await {
+    let engine = open_engine(&settings, registry).await?;
+    if let Ok(health) = engine.store_health().await {
         for warning in &health.warnings {
             tracing::warn!("{warning}");
         }
     }
-    let engine =
-        Engine::new(store, registry, EngineConfig::from_settings(&settings)).await.context("starting the engine")?;
+    if settings.api_token.is_none() {
+        tracing::warn!("API_TOKEN is not set: the API is open to anyone who can reach it");
+    }
     let bind: std::net::IpAddr =
         std::env::var("BIND_ADDR").ok().and_then(|a| a.parse().ok()).unwrap_or([0, 0, 0, 0].into());
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, settings.port))
@@ -131,7 +197,8 @@ async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()
     println!("listening on http://{address}");
 
     let stop = CancellationToken::new();
-    let server = tokio::spawn(workflow_orchestrator::api::serve(listener, Arc::clone(&engine), stop.clone()));
+    let state = Arc::new(ApiState { engine: Arc::clone(&engine), token: settings.api_token.clone() });
+    let server = tokio::spawn(workflow_orchestrator::api::serve(listener, state, stop.clone()));
     shutdown_signal().await;
     tracing::info!(grace = ?settings.shutdown_grace, "stopping: no new work is claimed; in-flight steps may finish");
     stop.cancel();

@@ -9,11 +9,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// For 405: the methods the route answers.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), allow: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -47,6 +49,13 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> ApiError {
         match err {
             EngineError::UnknownWorkflow(id) => ApiError::not_found(format!("no workflow `{id}`")),
+            EngineError::UnknownRun(id) => ApiError::not_found(format!("no run `{id}`")),
+            EngineError::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            EngineError::Invalid(message) => ApiError::bad_request(message),
+            EngineError::CorruptLog { .. } => {
+                tracing::error!(%err, "a run's log does not replay");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_log", err.to_string())
+            }
             EngineError::Store(err) => err.into(),
         }
     }

@@ -2,6 +2,7 @@
 //! per route, JSON in and out, errors as `{"error":{"code","message"}}`.
 
 mod error;
+mod metrics;
 pub mod views;
 
 pub use error::ApiError;
@@ -32,9 +33,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Reply = Response<Full<Bytes>>;
 
+/// What the API serves with.
+pub struct ApiState {
+    pub engine: Arc<Engine>,
+    /// `API_TOKEN`: when set, every route but `/health` and `/metrics` requires
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
 /// Serves the API on `listener` until `shutdown` fires, then lets open requests finish (up to
 /// a few seconds).
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, state: Arc<ApiState>, shutdown: CancellationToken) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -49,10 +58,10 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, shutdown: Cancell
                 }
             },
         };
-        let engine = Arc::clone(&engine);
+        let state = Arc::clone(&state);
         let service = service_fn(move |request| {
-            let engine = Arc::clone(&engine);
-            async move { Ok::<_, std::convert::Infallible>(handle(&engine, request).await) }
+            let state = Arc::clone(&state);
+            async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
         });
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -68,19 +77,45 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, shutdown: Cancell
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
+/// What a route answers.
+pub enum Payload {
+    Json(Value),
+    /// A body of another type (`/metrics`).
+    Text(&'static str, String),
+}
+
+type Answer = Result<(StatusCode, Payload), ApiError>;
+
+fn ok_json(status: StatusCode, body: Value) -> Answer {
+    Ok((status, Payload::Json(body)))
+}
+
 /// Answers one request; never panics, whatever the input.
-pub async fn handle(engine: &Engine, request: Request<Incoming>) -> Reply {
+pub async fn handle(state: &ApiState, request: Request<Incoming>) -> Reply {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let result = match tokio::time::timeout(REQUEST_TIMEOUT, route(engine, request)).await {
+    let result = match tokio::time::timeout(REQUEST_TIMEOUT, route(state, request)).await {
         Ok(result) => result,
         Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long")),
     };
     match result {
-        Ok((status, body)) => json_reply(status, &body),
+        Ok((status, Payload::Json(body))) => json_reply(status, &body),
+        Ok((status, Payload::Text(content_type, body))) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            response
+        }
         Err(err) => {
             tracing::debug!(%method, %path, status = %err.status, message = %err.message, "request refused");
-            json_reply(err.status, &err.body())
+            let mut response = json_reply(err.status, &err.body());
+            if let Some(allow) = err.allow {
+                response.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+            }
+            if err.status == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            response
         }
     }
 }
@@ -92,35 +127,135 @@ fn json_reply(status: StatusCode, body: &Value) -> Reply {
     response
 }
 
-type Answer = Result<(StatusCode, Value), ApiError>;
+/// The routes, by path.
+enum Route<'a> {
+    Health,
+    Metrics,
+    OpenApi,
+    Workflows,
+    WorkflowStatus(&'a str),
+    Trigger(&'a str),
+    Events,
+    Runs,
+    Run(&'a str),
+    History(&'a str),
+    Cancel(&'a str),
+    Retry(&'a str),
+    Rerun(&'a str),
+}
 
-async fn route(engine: &Engine, request: Request<Incoming>) -> Answer {
-    let path = request.uri().path().trim_end_matches('/').to_owned();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    let method = request.method().clone();
-    match (segments.as_slice(), &method) {
-        (["health"], &Method::GET) => health(engine).await,
-        (["api", "workflows"], &Method::GET) => Ok((StatusCode::OK, workflows(engine))),
-        (["api", "workflows", id, "trigger"], &Method::POST) => {
-            let id = (*id).to_owned();
-            trigger(engine, &id, request).await
+impl<'a> Route<'a> {
+    fn resolve(segments: &[&'a str]) -> Option<Route<'a>> {
+        Some(match segments {
+            ["health"] => Route::Health,
+            ["metrics"] => Route::Metrics,
+            ["api", "openapi.json"] => Route::OpenApi,
+            ["api", "workflows"] => Route::Workflows,
+            ["api", "workflows", id, "status"] => Route::WorkflowStatus(id),
+            ["api", "workflows", id, "trigger"] => Route::Trigger(id),
+            ["api", "events"] => Route::Events,
+            ["api", "runs"] => Route::Runs,
+            ["api", "runs", id] => Route::Run(id),
+            ["api", "runs", id, "history"] => Route::History(id),
+            ["api", "runs", id, "cancel"] => Route::Cancel(id),
+            ["api", "runs", id, "retry"] => Route::Retry(id),
+            ["api", "runs", id, "rerun"] => Route::Rerun(id),
+            _ => return None,
+        })
+    }
+
+    /// The methods the route answers, as an `Allow` header value.
+    fn allow(&self) -> &'static str {
+        match self {
+            Route::Events => "GET, POST",
+            Route::Trigger(_) | Route::Cancel(_) | Route::Retry(_) | Route::Rerun(_) => "POST",
+            Route::Health
+            | Route::Metrics
+            | Route::OpenApi
+            | Route::Workflows
+            | Route::WorkflowStatus(_)
+            | Route::Runs
+            | Route::Run(_)
+            | Route::History(_) => "GET",
         }
-        (["api", "events"], &Method::GET) => list_events(engine, request.uri().query()).await,
-        (["api", "events"], &Method::POST) => publish_event(engine, request).await,
-        (["api", "runs", id], &Method::GET) => run(engine, id).await,
-        (["api", "runs", id, "history"], &Method::GET) => history(engine, id).await,
-        (["health"], _)
-        | (["api", "workflows"], _)
-        | (["api", "workflows", _, "trigger"], _)
-        | (["api", "runs", _], _)
-        | (["api", "runs", _, "history"], _) => Err(ApiError::new(
+    }
+
+    /// Open without the API token: probes and scrapers.
+    fn is_public(&self) -> bool {
+        matches!(self, Route::Health | Route::Metrics)
+    }
+}
+
+async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
+    let path = request.uri().path().to_owned();
+    let trimmed = if path.len() > 1 { path.trim_end_matches('/') } else { path.as_str() };
+    let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
+    let method = request.method().clone();
+    let Some(route) = Route::resolve(&segments) else {
+        return Err(ApiError::not_found(format!("no route for {method} {path}")));
+    };
+    if !route.allow().split(", ").any(|allowed| allowed == method.as_str()) {
+        let mut err = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{method} is not allowed on {path}"),
-        )),
-        _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
+        );
+        err.allow = Some(route.allow());
+        return Err(err);
+    }
+    if !route.is_public() {
+        authorize(state.token.as_deref(), &request)?;
+    }
+    let engine = &state.engine;
+    let query = request.uri().query().map(str::to_owned);
+    let query = query.as_deref();
+    match route {
+        Route::Health => health(engine).await,
+        Route::Metrics => {
+            metrics::render(engine).await.map(|text| (StatusCode::OK, Payload::Text(metrics::CONTENT_TYPE, text)))
+        }
+        Route::OpenApi => ok_json(StatusCode::OK, openapi()),
+        Route::Workflows => ok_json(StatusCode::OK, workflows(engine)),
+        Route::WorkflowStatus(id) => workflow_status(engine, id).await,
+        Route::Trigger(id) => trigger(engine, id, request).await,
+        Route::Events if method == Method::GET => list_events(engine, query).await,
+        Route::Events => publish_event(engine, request).await,
+        Route::Runs => list_runs(engine, query).await,
+        Route::Run(id) => run(engine, id).await,
+        Route::History(id) => history(engine, id).await,
+        Route::Cancel(id) => cancel(engine, id, request).await,
+        Route::Retry(id) => retry(engine, id, request).await,
+        Route::Rerun(id) => rerun(engine, id, request).await,
     }
 }
+
+/// Checks `Authorization: Bearer <token>` in constant time.
+fn authorize(token: Option<&str>, request: &Request<Incoming>) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq;
+    let Some(token) = token else { return Ok(()) };
+    let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let header = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("this API needs `Authorization: Bearer <API_TOKEN>`"))?;
+    let given = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+    if bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(unauthorized("the bearer token is not valid"))
+    }
+}
+
+fn openapi() -> Value {
+    serde_json::from_str(OPENAPI).unwrap_or_else(|_| json!({}))
+}
+
+/// The OpenAPI 3 document of this API.
+const OPENAPI: &str = include_str!("openapi.json");
 
 async fn health(engine: &Engine) -> Answer {
     let base = json!({
@@ -136,12 +271,12 @@ async fn health(engine: &Engine) -> Answer {
             body["status"] = json!("ok");
             body["storeVersion"] = json!(health.version);
             body["warnings"] = json!(health.warnings);
-            Ok((StatusCode::OK, body))
+            ok_json(StatusCode::OK, body)
         }
         Err(err) => {
             body["status"] = json!("unavailable");
             body["error"] = json!(err.to_string());
-            Ok((StatusCode::SERVICE_UNAVAILABLE, body))
+            ok_json(StatusCode::SERVICE_UNAVAILABLE, body)
         }
     }
 }
@@ -205,6 +340,7 @@ async fn json_body(request: Request<Incoming>) -> Result<Option<Value>, ApiError
 }
 
 async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>) -> Answer {
+    check_workflow_id(workflow_id)?;
     if engine.registry().get(workflow_id).is_none() {
         return Err(ApiError::not_found(format!("no workflow `{workflow_id}`")));
     }
@@ -243,45 +379,176 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
     let key = key.map(|k| format!("api:{workflow_id}:{k}"));
     let triggered = engine.trigger(workflow_id, &input, key.as_deref(), Trigger::Api).await?;
     let status = if triggered.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
-    Ok((
+    ok_json(
         status,
         json!({ "runId": triggered.run_id, "workflowId": workflow_id, "status": "pending", "duplicate": triggered.duplicate }),
-    ))
+    )
 }
 
+/// A run id from a path: malformed is a bad request, well-formed but unknown is not found.
 fn parse_run_id(text: &str) -> Result<RunId, ApiError> {
-    text.parse().map_err(|problem: String| ApiError::not_found(format!("no run `{text}`: {problem}")))
+    text.parse().map_err(|problem: String| ApiError::bad_request(problem))
 }
 
-/// A run's log, folded, with its definition.
-async fn load_run(
-    engine: &Engine,
-    id: &str,
-) -> Result<(RunId, crate::machine::RunState, Vec<crate::store::Logged>, Arc<crate::definition::Workflow>), ApiError> {
+fn check_workflow_id(id: &str) -> Result<(), ApiError> {
+    if crate::definition::valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "`{}` is not a workflow id (a-z, 0-9, `-`, `_`)",
+            id.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+async fn load_run(engine: &Engine, id: &str) -> Result<crate::engine::LoadedRun, ApiError> {
     let run = parse_run_id(id)?;
-    let log = engine.history(&run).await?.ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?;
-    let state = machine::replay(log.iter().map(|l| &l.recorded))
-        .map_err(|(index, err)| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "corrupt_log",
-                format!("log entry {} of run {id} does not replay: {err}", index + 1),
-            )
-        })?
-        .ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?;
-    let workflow = engine.definition(run.shard, &state.definition).await?;
-    Ok((run, state, log, workflow))
+    engine.load(&run).await?.ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))
 }
 
 async fn run(engine: &Engine, id: &str) -> Answer {
-    let (run, state, log, workflow) = load_run(engine, id).await?;
-    Ok((StatusCode::OK, views::run(&run.to_string(), &state, &log, &workflow)))
+    let loaded = load_run(engine, id).await?;
+    ok_json(StatusCode::OK, views::run(&loaded.id.to_string(), &loaded.state, &loaded.log, &loaded.workflow))
 }
 
 async fn history(engine: &Engine, id: &str) -> Answer {
-    let (run, _, log, workflow) = load_run(engine, id).await?;
-    let transitions: Vec<Value> = log.iter().map(|entry| views::transition(entry, &workflow)).collect();
-    Ok((StatusCode::OK, json!({ "runId": run.to_string(), "transitions": transitions })))
+    let loaded = load_run(engine, id).await?;
+    let transitions: Vec<Value> = loaded.log.iter().map(|entry| views::transition(entry, &loaded.workflow)).collect();
+    ok_json(StatusCode::OK, json!({ "runId": loaded.id.to_string(), "transitions": transitions }))
+}
+
+/// An optional JSON object body with only the `known` fields.
+async fn object_body(request: Request<Incoming>, known: &[&str]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match json_body(request).await? {
+        None => Ok(serde_json::Map::new()),
+        Some(Value::Object(body)) => {
+            if let Some(unknown) = body.keys().find(|k| !known.contains(&k.as_str())) {
+                let known = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
+                return Err(ApiError::bad_request(format!("unknown field `{unknown}` (known: {known})")));
+            }
+            Ok(body)
+        }
+        Some(_) => Err(ApiError::bad_request("the body must be a JSON object")),
+    }
+}
+
+async fn cancel(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer {
+    let run = parse_run_id(id)?;
+    let mut body = object_body(request, &["reason"]).await?;
+    let reason = match body.remove("reason") {
+        None | Some(Value::Null) => "cancelled by an operator".to_owned(),
+        Some(Value::String(reason)) if reason.chars().count() <= 500 => reason,
+        Some(_) => return Err(ApiError::bad_request("`reason` must be a string of at most 500 characters")),
+    };
+    let state = engine.cancel(&run, &reason).await?;
+    ok_json(
+        StatusCode::OK,
+        json!({ "runId": run.to_string(), "workflowId": state.workflow, "status": state.status.name() }),
+    )
+}
+
+async fn retry(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer {
+    let run = parse_run_id(id)?;
+    object_body(request, &[]).await?;
+    let state = engine.retry(&run).await?;
+    ok_json(
+        StatusCode::ACCEPTED,
+        json!({ "runId": run.to_string(), "workflowId": state.workflow, "status": state.status.name() }),
+    )
+}
+
+async fn rerun(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer {
+    let run = parse_run_id(id)?;
+    let mut body = object_body(request, &["fromStep", "inputData"]).await?;
+    let from_step = match body.remove("fromStep") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(step)) => Some(step),
+        Some(_) => return Err(ApiError::bad_request("`fromStep` must be a step id (a string)")),
+    };
+    let input = match body.remove("inputData") {
+        None | Some(Value::Null) => None,
+        Some(data @ Value::Object(_)) => Some(data),
+        Some(_) => return Err(ApiError::bad_request("`inputData` must be a JSON object")),
+    };
+    let triggered = engine.rerun(&run, from_step.as_deref(), input.as_ref()).await?;
+    let loaded = engine.load(&triggered.run_id.parse().map_err(ApiError::bad_request)?).await?;
+    let workflow = loaded.map(|l| l.state.workflow).unwrap_or_default();
+    ok_json(
+        StatusCode::ACCEPTED,
+        json!({ "runId": triggered.run_id, "workflowId": workflow, "status": "pending", "rerunOf": run.to_string(), "fromStep": from_step }),
+    )
+}
+
+/// `GET /api/runs`: newest first, a cursor-paginated page of summaries.
+async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
+    let params = query_params(query, &["workflowId", "status", "limit", "cursor"])?;
+    let limit = limit_param(&params, 50, 500)?;
+    let workflow = params.get("workflowId").map(String::as_str);
+    if let Some(workflow) = workflow {
+        check_workflow_id(workflow)?;
+    }
+    let status = params.get("status").map(String::as_str);
+    if let Some(status) = status
+        && !machine::STATUS_NAMES.contains(&status)
+    {
+        return Err(ApiError::bad_request(format!("`status` must be one of {}", machine::STATUS_NAMES.join(", "))));
+    }
+    let cursor = match params.get("cursor") {
+        None => None,
+        Some(text) => Some(
+            text.parse::<RunId>()
+                .map_err(|_| ApiError::bad_request("`cursor` is not a cursor from a previous page"))?,
+        ),
+    };
+    let runs = engine.list_runs(workflow, status, cursor.as_ref(), limit).await?;
+    let next_cursor = (runs.len() == limit).then(|| runs.last().map(ToString::to_string)).flatten();
+    let views = summaries(engine, &runs).await?;
+    ok_json(StatusCode::OK, json!({ "runs": views, "nextCursor": next_cursor }))
+}
+
+/// Summary views of runs (skipping runs deleted meanwhile).
+async fn summaries(engine: &Engine, runs: &[RunId]) -> Result<Vec<Value>, ApiError> {
+    let reads = runs.iter().map(|run| engine.summary(run));
+    let mut out = Vec::with_capacity(runs.len());
+    for (run, summary) in runs.iter().zip(futures::future::join_all(reads).await) {
+        let Some(summary) = summary? else { continue };
+        let step = match summary.step {
+            Some(step) => engine
+                .definition(run.shard, &summary.definition)
+                .await
+                .ok()
+                .and_then(|w| w.def.steps.get(step as usize).map(|s| s.id.clone())),
+            None => None,
+        };
+        out.push(views::summary(&run.to_string(), &summary, step));
+    }
+    Ok(out)
+}
+
+/// `GET /api/workflows/:id/status`.
+async fn workflow_status(engine: &Engine, id: &str) -> Answer {
+    check_workflow_id(id)?;
+    let workflow = engine.registry().get(id).ok_or_else(|| ApiError::not_found(format!("no workflow `{id}`")))?;
+    let mut active = Vec::new();
+    for status in ["pending", "running", "retrying"] {
+        active.extend(engine.list_runs(Some(id), Some(status), None, 20).await?);
+    }
+    active.sort_by_key(|r| std::cmp::Reverse(r.uuid));
+    let recent = engine.list_runs(Some(id), None, None, 20).await?;
+    let counts: serde_json::Map<String, Value> =
+        engine.count_runs(id).await?.into_iter().map(|(status, count)| (status, json!(count))).collect();
+    ok_json(
+        StatusCode::OK,
+        json!({
+            "workflowId": id,
+            "description": workflow.def.description,
+            "schedule": workflow.def.schedule,
+            "nextRunAt": engine.next_fire(workflow).map(views::timestamp),
+            "activeRuns": summaries(engine, &active).await?,
+            "recentRuns": summaries(engine, &recent).await?,
+            "counts": counts,
+        }),
+    )
 }
 
 /// Query parameters as pairs (percent-decoded); a repeated or unknown parameter is an error.
@@ -358,21 +625,21 @@ async fn list_events(engine: &Engine, query: Option<&str>) -> Answer {
     let params = query_params(query, &["limit", "before", "type"])?;
     let limit = limit_param(&params, 50, 500)?;
     let before = params.get("before").map(String::as_str);
-    if let Some(before) = before {
-        if !is_entry_id(before) {
-            return Err(ApiError::bad_request("`before` must be an event id such as `1700000000000-0`"));
-        }
+    if let Some(before) = before
+        && !is_entry_id(before)
+    {
+        return Err(ApiError::bad_request("`before` must be an event id such as `1700000000000-0`"));
     }
     let event_type = params.get("type").map(String::as_str);
-    if let Some(event_type) = event_type {
-        if !crate::definition::valid_event_type(event_type) {
-            return Err(ApiError::bad_request("`type` must match ^[a-z0-9][a-z0-9_.-]{0,127}$"));
-        }
+    if let Some(event_type) = event_type
+        && !crate::definition::valid_event_type(event_type)
+    {
+        return Err(ApiError::bad_request("`type` must match ^[a-z0-9][a-z0-9_.-]{0,127}$"));
     }
     let listed = engine.recent_events(before, event_type, limit).await?;
     let next_cursor = (listed.len() == limit).then(|| listed.last().map(|e| e.entry.id.clone())).flatten();
     let events: Vec<Value> = listed.iter().map(views::event).collect();
-    Ok((StatusCode::OK, json!({ "events": events, "nextCursor": next_cursor })))
+    ok_json(StatusCode::OK, json!({ "events": events, "nextCursor": next_cursor }))
 }
 
 async fn publish_event(engine: &Engine, request: Request<Incoming>) -> Answer {
@@ -404,7 +671,7 @@ async fn publish_event(engine: &Engine, request: Request<Incoming>) -> Answer {
     let key = text_field("key", body.remove("key"))?;
     let source = text_field("source", body.remove("source"))?;
     match engine.publish_event(&event_type, &payload, key.as_deref(), source.as_deref()).await? {
-        Ok(event_id) => Ok((StatusCode::ACCEPTED, json!({ "eventId": event_id, "eventType": event_type }))),
+        Ok(event_id) => ok_json(StatusCode::ACCEPTED, json!({ "eventId": event_id, "eventType": event_type })),
         Err(problem) => Err(ApiError::bad_request(problem)),
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::definition::Workflow;
 use crate::machine::{Millis, RunState, Status, Transition, Trigger};
-use crate::store::{ListedEvent, Logged};
+use crate::store::{ListedEvent, Logged, RunSummary};
 use serde_json::{Value, json};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -48,7 +48,8 @@ pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) 
             for entry in log {
                 match &entry.recorded.transition {
                     Transition::StepStarted { step, attempt } if *step == index => attempts = attempts.max(*attempt),
-                    Transition::StepCompleted { step, output: out, .. } | Transition::StepReused { step, output: out }
+                    Transition::StepCompleted { step, output: out, .. }
+                    | Transition::StepReused { step, output: out }
                         if *step == index =>
                     {
                         completed = true;
@@ -152,5 +153,20 @@ pub fn event(listed: &ListedEvent) -> Value {
         "publishedAt": published_at,
         "handled": listed.started.is_some(),
         "runs": runs,
+    })
+}
+
+/// A run in a list: its summary (`GET /api/runs`, workflow status).
+pub fn summary(run_id: &str, summary: &RunSummary, step: Option<String>) -> Value {
+    let finished = crate::store::is_terminal_name(&summary.status);
+    json!({
+        "runId": run_id,
+        "workflowId": summary.workflow,
+        "status": summary.status,
+        "step": step,
+        "attempt": summary.attempt,
+        "createdAt": timestamp(summary.created_at),
+        "updatedAt": timestamp(summary.updated_at),
+        "durationMs": finished.then(|| summary.updated_at.saturating_sub(summary.created_at)),
     })
 }

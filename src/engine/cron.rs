@@ -149,7 +149,10 @@ impl Engine {
         let triggered = match self.trigger(id, &input, Some(&key), Trigger::Cron { fire_at: fire }).await {
             Ok(triggered) => triggered,
             Err(super::EngineError::Store(err)) => return Err(err),
-            Err(super::EngineError::UnknownWorkflow(_)) => return Ok(()),
+            Err(other) => {
+                tracing::error!(workflow = %id, error = %other, "a cron fire could not start its run");
+                return Ok(());
+            }
         };
         if !triggered.duplicate {
             Counters::add(&self.counters.cron_fires);

@@ -199,6 +199,7 @@ impl Engine {
             result
         };
         let now = self.clock.now();
+        self.metrics.step_took(&workflow.def.id, std::time::Duration::from_millis(now.saturating_sub(started_at)));
         let finished = match outcome {
             Ok(output) => {
                 Counters::add(&self.counters.steps_completed);
@@ -263,6 +264,7 @@ impl Engine {
             Transition::RunFailed { .. } => Some(false),
             _ => None,
         });
+        let workflow = advanced.state.workflow.clone();
         let final_status = advanced.state.status.is_terminal().then(|| advanced.state.status.name());
         let commit = Commit {
             run: run.clone(),
@@ -284,6 +286,9 @@ impl Engine {
                     Some(true) => Counters::add(&self.counters.runs_completed),
                     Some(false) => Counters::add(&self.counters.runs_failed),
                     None => {}
+                }
+                if let Some(completed) = ended {
+                    self.metrics.run_ended(&workflow, completed);
                 }
                 if let Some(status) = final_status {
                     let _ = self.finished.send((run.to_string(), status));

@@ -13,11 +13,15 @@
 mod clock;
 mod cron;
 mod executor;
+mod metrics;
+mod operator;
 mod router;
 mod sweeper;
 mod timers;
 
 pub use clock::Clock;
+pub use metrics::{Metrics, STEP_BUCKETS, WorkflowMetrics};
+pub use operator::LoadedRun;
 
 use crate::definition::{Registry, Workflow};
 use crate::machine::{self, Millis, Recorded, Transition, Trigger};
@@ -68,6 +72,17 @@ impl EngineConfig {
 pub enum EngineError {
     #[error("no workflow `{0}`")]
     UnknownWorkflow(String),
+    #[error("no run `{0}`")]
+    UnknownRun(String),
+    /// The request does not fit the run's state (retrying a run that did not fail, ...).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request itself is wrong (an unknown step, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The run's log does not replay: names the entry.
+    #[error("run {run}: log entry {entry} does not replay: {problem}")]
+    CorruptLog { run: String, entry: u64, problem: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -131,6 +146,7 @@ pub struct Engine {
     /// benchmark. Lossy by design: a slow observer misses announcements, never stalls a commit.
     finished: tokio::sync::broadcast::Sender<(String, &'static str)>,
     pub counters: Counters,
+    pub metrics: Metrics,
 }
 
 impl Engine {
@@ -157,6 +173,7 @@ impl Engine {
             tasks: TaskTracker::new(),
             finished: tokio::sync::broadcast::channel(4096).0,
             counters: Counters::default(),
+            metrics: Metrics::default(),
             config,
         });
         engine.calibrate_clock().await?;
@@ -221,6 +238,23 @@ impl Engine {
         .collect()
     }
 
+    /// Executors busy now.
+    pub fn busy_executors(&self) -> usize {
+        self.config.max_concurrent_steps.saturating_sub(self.executors.available_permits())
+    }
+
+    /// Queue lengths and pending counts of the store's streams.
+    pub async fn stream_stats(&self) -> Result<crate::store::StreamStats, StoreError> {
+        self.store.stream_stats().await
+    }
+
+    /// One round trip to the store, timed.
+    pub async fn store_round_trip(&self) -> Result<Duration, StoreError> {
+        let sent = Instant::now();
+        self.store.now().await?;
+        Ok(sent.elapsed())
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -263,40 +297,49 @@ impl Engine {
     ) -> Result<Triggered, EngineError> {
         let workflow =
             self.registry.get(workflow_id).ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
-        let now = self.clock.now();
         let shard = match idempotency_key {
             // The key's shard, so that the duplicate check and the start are one atomic call.
             Some(key) => crate::store::keys::shard_of(key, self.store.shards()),
             None => rand::random_range(0..self.store.shards()),
         };
+        let key = idempotency_key.map(|k| (k.to_owned(), self.config.idempotency_retention));
+        self.start_run(workflow, shard, input, trigger, Vec::new(), key).await
+    }
+
+    /// Creates a run of `workflow` on `shard`, its first steps possibly reused from another run.
+    async fn start_run(
+        &self,
+        workflow: &Workflow,
+        shard: u16,
+        input: &serde_json::Value,
+        trigger: Trigger,
+        reused: Vec<(u32, String)>,
+        idempotency: Option<(String, Duration)>,
+    ) -> Result<Triggered, EngineError> {
+        let now = self.clock.now();
         let run = RunId::new(shard, now);
-        let created = self.recorded(
-            now,
-            Transition::RunCreated {
-                workflow: workflow.def.id.clone(),
-                definition: workflow.hash.clone(),
-                input: input.to_string(),
-                trigger,
-            },
-        );
-        let advanced = machine::advance(None, &workflow.def, vec![created], now).map_err(|err| {
-            StoreError::Corrupt { key: run.to_string(), problem: format!("a new run cannot start: {err}") }
-        })?;
+        let created = Transition::RunCreated {
+            workflow: workflow.def.id.clone(),
+            definition: workflow.hash.clone(),
+            input: input.to_string(),
+            trigger,
+        };
+        let happened = std::iter::once(created)
+            .chain(reused.into_iter().map(|(step, output)| Transition::StepReused { step, output }))
+            .map(|t| self.recorded(now, t))
+            .collect();
+        let advanced = machine::advance(None, &workflow.def, happened, now)
+            .map_err(|err| EngineError::Invalid(format!("the run cannot start: {err}")))?;
         let dispatch = advanced
             .effects
             .iter()
             .any(|e| matches!(e, machine::Effect::Dispatch { .. }))
             .then(|| advanced.state.clone());
-        let new = NewRun {
-            run: run.clone(),
-            state: advanced.state,
-            records: advanced.appended,
-            dispatch,
-            idempotency: idempotency_key.map(|k| (k.to_owned(), self.config.idempotency_retention)),
-        };
+        let new = NewRun { run: run.clone(), state: advanced.state, records: advanced.appended, dispatch, idempotency };
         match self.store.create_run(new).await? {
             Created::New(run) => {
                 Counters::add(&self.counters.runs_started);
+                self.metrics.run_started(&workflow.def.id);
                 Ok(Triggered { run_id: run.to_string(), duplicate: false })
             }
             Created::Duplicate(first) => Ok(Triggered { run_id: first, duplicate: true }),
@@ -320,6 +363,10 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<RunId>, StoreError> {
         Ok(self.store.list_runs(workflow, status, before, limit).await?.runs)
+    }
+
+    pub async fn count_runs(&self, workflow: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.store.count_runs(workflow).await
     }
 
     /// Recent events, newest first (see [`Store::recent_events`]).

@@ -190,7 +190,7 @@ impl Engine {
 
     async fn start_for(&self, id: &str, event: &Event) -> Result<(), StoreError> {
         let mut started = Vec::new();
-        for workflow in self.registry.iter().filter(|w| w.def.events.iter().any(|e| *e == event.event_type)) {
+        for workflow in self.registry.iter().filter(|w| w.def.events.contains(&event.event_type)) {
             let workflow_id = &workflow.def.id;
             let key = match &event.key {
                 Some(key) => format!("event:key:{key}:{workflow_id}"),
@@ -200,7 +200,9 @@ impl Engine {
             match self.trigger(workflow_id, &event.payload, Some(&key), trigger).await {
                 Ok(triggered) => started.push((workflow_id.clone(), triggered.run_id)),
                 Err(EngineError::Store(err)) => return Err(err),
-                Err(EngineError::UnknownWorkflow(_)) => {}
+                Err(other) => {
+                    tracing::error!(event = %id, workflow = %workflow_id, error = %other, "an event could not start its run")
+                }
             }
         }
         if crash_before_ack() {

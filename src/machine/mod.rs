@@ -274,7 +274,9 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
                 next.updated_at = recorded.at;
                 Ok(next)
             }
-            (Status::Failed, _) => Err(invalid(transition, state, "a resume must name the failed step and its next attempt")),
+            (Status::Failed, _) => {
+                Err(invalid(transition, state, "a resume must name the failed step and its next attempt"))
+            }
             _ => Err(invalid(transition, state, "only a failed run can be resumed")),
         };
     }

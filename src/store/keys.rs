@@ -96,9 +96,14 @@ impl Keys {
         format!("{}:idx:active", self.shard(shard))
     }
 
-    /// Sorted set: runs that ended with `status`, by the time they ended.
+    /// Sorted set: runs that ended with `status`, by creation time.
     pub fn index_finished(&self, shard: u16, status: &str) -> String {
         format!("{}:idx:st:{status}", self.shard(shard))
+    }
+
+    /// Sorted set: a workflow's runs that ended with `status`, by creation time.
+    pub fn index_workflow_finished(&self, shard: u16, workflow: &str, status: &str) -> String {
+        format!("{}:idx:wfst:{workflow}:{status}", self.shard(shard))
     }
 
     /// String: the version of the Lua library the data was written with.

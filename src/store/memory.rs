@@ -18,7 +18,8 @@
 
 use super::{
     BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, Housekeeping, Lease, ListedEvent, Logged, NewRun,
-    ReadyTask, RunId, RunPage, RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult, terminal_name,
+    ReadyTask, RunId, RunPage, RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState};
@@ -208,21 +209,24 @@ struct State {
     crons: HashMap<String, CronState>,
 }
 
+/// An entry's raw fields, binary-safe.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The event bus: a stream read by the consumer group `router`, its dead-letter stream, and the
 /// runs each handled event started.
 #[derive(Debug, Default)]
 struct Bus {
-    entries: BTreeMap<EntryId, Vec<(Vec<u8>, Vec<u8>)>>,
+    entries: BTreeMap<EntryId, Fields>,
     last_id: EntryId,
     delivered: EntryId,
     pending: BTreeMap<EntryId, Pending>,
-    dead: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
+    dead: Vec<(String, Fields)>,
     /// Runs started per event id, until the instant they expire.
     started: HashMap<String, (Vec<(String, String)>, Instant)>,
 }
 
 impl Bus {
-    fn publish(&mut self, fields: Vec<(Vec<u8>, Vec<u8>)>, now: Millis) -> EntryId {
+    fn publish(&mut self, fields: Fields, now: Millis) -> EntryId {
         let id = if now > self.last_id.ms {
             EntryId { ms: now, n: 0 }
         } else {
@@ -371,6 +375,25 @@ impl State {
         }
         self.index_end(&id, &state);
         CommitOutcome::Applied { seq: expected_seq + appended }
+    }
+
+    /// Resumes a finished run: its log is open again and it is live again, if it is still
+    /// finished at the commit's expected seq; then the commit.
+    fn reopen(&mut self, commit: Commit, now: Millis) -> CommitOutcome {
+        let id = commit.run.clone();
+        let Some(run) = self.runs.get_mut(&id) else { return CommitOutcome::Gone };
+        if !run.closed || run.log.len() as u64 != commit.expected_seq || run.summary.seq != commit.expected_seq {
+            return CommitOutcome::Stale;
+        }
+        run.closed = false;
+        let created_at = run.created_at;
+        if let Some((status, at)) = run.finished.take()
+            && let Some(index) = self.finished.get_mut(status)
+        {
+            index.remove(&index_key(at, &id));
+        }
+        self.active.insert(index_key(created_at, &id), id.clone());
+        self.commit(commit, now)
     }
 
     /// Moves a run that ended from the active index to the index of the status it ended with.
@@ -863,7 +886,7 @@ impl Store for MemoryStore {
         let floor = bus.oldest_unhandled();
         let excess = (bus.entries.len() as u64).saturating_sub(max_len) as usize;
         let mut cut = EntryId { ms: min_time, n: 0 };
-        if let Some((last, _)) = bus.entries.iter().take(excess).last() {
+        if let Some((last, _)) = bus.entries.iter().take(excess).next_back() {
             cut = cut.max(EntryId { ms: last.ms, n: last.n + 1 });
         }
         let cut = cut.min(floor);
@@ -878,6 +901,46 @@ impl Store for MemoryStore {
     async fn event_counts(&self) -> StoreResult<(u64, u64)> {
         let state = self.shared.state.lock();
         Ok((state.bus.entries.len() as u64, state.bus.dead.len() as u64))
+    }
+
+    async fn reopen(&self, commit: Commit, _finished_log: &[Recorded]) -> StoreResult<CommitOutcome> {
+        let now = wall_clock()?;
+        let dispatches = commit.dispatch.is_some();
+        let outcome = self.shared.state.lock().reopen(commit, now);
+        if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(outcome)
+    }
+
+    async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {
+        let mut state = self.shared.state.lock();
+        if let (Some(queue), Ok(id)) = (state.ready.get_mut(&run.shard), entry.parse::<EntryId>()) {
+            queue.entries.remove(&id);
+            queue.pending.remove(&id);
+        }
+        Ok(())
+    }
+
+    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>> {
+        let state = self.shared.state.lock();
+        let mut counts: BTreeMap<String, u64> =
+            crate::machine::STATUS_NAMES.iter().map(|status| ((*status).to_owned(), 0)).collect();
+        for run in state.runs.values().filter(|run| run.summary.workflow == workflow) {
+            *counts.entry(run.summary.status.clone()).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn stream_stats(&self) -> StoreResult<StreamStats> {
+        let state = self.shared.state.lock();
+        Ok(StreamStats {
+            ready_length: state.ready.values().map(|q| q.entries.len() as u64).sum(),
+            ready_pending: state.ready.values().map(|q| q.pending.len() as u64).sum(),
+            events_length: state.bus.entries.len() as u64,
+            events_pending: state.bus.pending.len() as u64,
+            events_dead: state.bus.dead.len() as u64,
+        })
     }
 }
 

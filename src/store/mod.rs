@@ -268,6 +268,19 @@ pub struct ListedEvent {
     pub started: Option<Vec<(String, String)>>,
 }
 
+/// Queue lengths for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Entries in the ready streams (queued, leased, or acked and not yet trimmed).
+    pub ready_length: u64,
+    /// Ready entries delivered and not yet acknowledged: steps running (or orphaned).
+    pub ready_pending: u64,
+    pub events_length: u64,
+    /// Events delivered to a router and not yet settled.
+    pub events_pending: u64,
+    pub events_dead: u64,
+}
+
 /// The store the engine runs on.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -292,6 +305,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// The atomic, fenced transition. See [`Commit`].
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome>;
+
+    /// Like [`Store::commit`] for a finished run being resumed: `finished_log` (the run's whole
+    /// log, as read) becomes a live log again before `commit.records` are appended, if the run
+    /// is still finished at `commit.expected_seq`.
+    async fn reopen(&self, commit: Commit, finished_log: &[Recorded]) -> StoreResult<CommitOutcome>;
+
+    /// Deletes a queued ready entry (its run was cancelled): it is never delivered; if it was,
+    /// its lease holder's commit is rejected as stale.
+    async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()>;
 
     /// Acknowledges an entry without a transition (it is obsolete), if it is still ours.
     async fn ack(&self, lease: &Lease) -> StoreResult<()>;
@@ -324,7 +346,9 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the run has a timer set.
     async fn has_timer(&self, run: &RunId) -> StoreResult<bool>;
 
-    /// Newest runs first, optionally of one workflow and/or status, before `before` (cursor).
+    /// Newest runs first (by creation), optionally of one workflow and/or status, created
+    /// before `before` (the last run of the previous page). Finished statuses are indexed, so a
+    /// page costs O(page); live statuses are filtered from the shard's live runs.
     async fn list_runs(
         &self,
         workflow: Option<&str>,
@@ -332,6 +356,10 @@ pub trait Store: Send + Sync + 'static {
         before: Option<&RunId>,
         limit: usize,
     ) -> StoreResult<RunPage>;
+
+    /// How many stored runs of `workflow` are in each status (live statuses counted over at
+    /// most 1,000 live runs per shard).
+    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>>;
 
     /// Trims ready streams behind their consumers and deletes finished runs older than
     /// `retain_until`.
@@ -381,6 +409,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// The bus stream's length and the dead-letter stream's length.
     async fn event_counts(&self) -> StoreResult<(u64, u64)>;
+
+    async fn stream_stats(&self) -> StoreResult<StreamStats>;
 }
 
 /// The summary fields of a status.

@@ -11,6 +11,7 @@ use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::{
     BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, Housekeeping, Lease, ListedEvent, Logged, NewRun,
     ReadyTask, RunId, RunPage, RunState, RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult,
+    StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded};
@@ -129,6 +130,14 @@ fn successor(id: &str) -> Option<String> {
     let (ms, seq) = id.split_once('-')?;
     let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
     Some(if seq == u64::MAX { format!("{}-0", ms + 1) } else { format!("{ms}-{}", seq + 1) })
+}
+
+/// A run's creation time, from its time-ordered id.
+fn created_ms(run: &RunId) -> Millis {
+    run.uuid.get_timestamp().map_or(0, |t| {
+        let (secs, nanos) = t.to_unix();
+        secs * 1000 + u64::from(nanos / 1_000_000)
+    })
 }
 
 fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
@@ -301,6 +310,7 @@ impl RedisStore {
         timer: Option<Millis>,
         clear_timer: bool,
         idempotency: Option<&(String, Duration)>,
+        reopen: &[Recorded],
         zadd: Vec<(String, Millis)>,
         zrem: Vec<String>,
         compact: bool,
@@ -331,6 +341,11 @@ impl RedisStore {
                 args.push("0".into());
                 args.push("0".into());
             }
+        }
+        args.push(reopen.len().to_string().into());
+        for recorded in reopen {
+            args.push(recorded.transition.kind().into());
+            args.push(Value::Bytes(encode_recorded(recorded).into()));
         }
         args.push(records.len().to_string().into());
         for recorded in records {
@@ -384,12 +399,72 @@ impl RedisStore {
         let Some(last_delivered) = self.last_delivered(stream, group).await? else { return Ok(None) };
         let pending = self.cmd("XPENDING", vec![stream.into(), group.into()]).await?.into_array();
         let Some(mut oldest) = successor(&last_delivered) else { return Ok(None) };
-        if let Some(pending) = pending.get(1).and_then(text) {
-            if compare_ids(&pending, &oldest).is_lt() {
-                oldest = pending;
-            }
+        if let Some(pending) = pending.get(1).and_then(text)
+            && compare_ids(&pending, &oldest).is_lt()
+        {
+            oldest = pending;
         }
         Ok(Some(oldest))
+    }
+
+    /// A commit, optionally reopening a finished run's log first.
+    async fn apply_commit(&self, commit: Commit, reopen: &[Recorded]) -> StoreResult<CommitOutcome> {
+        let shard = commit.run.shard;
+        let terminal = commit.state.status.is_terminal();
+        let summary = RunSummary::of(&commit.state);
+        let fields: Vec<(&'static str, String)> = summary_fields(&summary)
+            .into_iter()
+            .filter(|(name, _)| !matches!(*name, "workflow" | "definition" | "created_at"))
+            .collect();
+        let state = &commit.state;
+        let status = state.status.name();
+        let (zadd, zrem) = if terminal {
+            (
+                vec![
+                    (self.keys.index_finished(shard, status), state.created_at),
+                    (self.keys.index_workflow_finished(shard, &state.workflow, status), state.created_at),
+                ],
+                vec![self.keys.index_active(shard)],
+            )
+        } else if !reopen.is_empty() {
+            // Back among the live runs, out of the finished ones (it was `failed`).
+            (
+                vec![(self.keys.index_active(shard), state.created_at)],
+                vec![
+                    self.keys.index_finished(shard, "failed"),
+                    self.keys.index_workflow_finished(shard, &state.workflow, "failed"),
+                ],
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let reply = self
+            .call_commit(
+                &commit.run,
+                commit.expected_seq,
+                commit.lease.as_ref(),
+                &commit.records,
+                fields,
+                commit.dispatch.as_ref(),
+                commit.timer,
+                commit.clear_timer || terminal,
+                None,
+                reopen,
+                zadd,
+                zrem,
+                terminal && !commit.records.is_empty(),
+            )
+            .await?;
+        let (tag, rest) = outcome(reply)?;
+        Ok(match tag.as_str() {
+            "ok" => {
+                CommitOutcome::Applied { seq: rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0) }
+            }
+            "stale" => CommitOutcome::Stale,
+            "lease_lost" => CommitOutcome::LeaseLost,
+            "gone" => CommitOutcome::Gone,
+            other => return Err(corrupt(&self.keys.run(&commit.run), format!("commit answered `{other}`"))),
+        })
     }
 
     async fn summaries(&self, runs: &[RunId]) -> StoreResult<Vec<Option<RunSummary>>> {
@@ -483,6 +558,7 @@ impl Store for RedisStore {
                 None,
                 false,
                 new.idempotency.as_ref(),
+                &[],
                 zadd,
                 Vec::new(),
                 false,
@@ -498,47 +574,16 @@ impl Store for RedisStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        let shard = commit.run.shard;
-        let terminal = commit.state.status.is_terminal();
-        let summary = RunSummary::of(&commit.state);
-        let fields: Vec<(&'static str, String)> = summary_fields(&summary)
-            .into_iter()
-            .filter(|(name, _)| !matches!(*name, "workflow" | "definition" | "created_at"))
-            .collect();
-        let (zadd, zrem) = if terminal {
-            (
-                vec![(self.keys.index_finished(shard, commit.state.status.name()), commit.state.updated_at)],
-                vec![self.keys.index_active(shard)],
-            )
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        let reply = self
-            .call_commit(
-                &commit.run,
-                commit.expected_seq,
-                commit.lease.as_ref(),
-                &commit.records,
-                fields,
-                commit.dispatch.as_ref(),
-                commit.timer,
-                commit.clear_timer || terminal,
-                None,
-                zadd,
-                zrem,
-                terminal && !commit.records.is_empty(),
-            )
-            .await?;
-        let (tag, rest) = outcome(reply)?;
-        Ok(match tag.as_str() {
-            "ok" => {
-                CommitOutcome::Applied { seq: rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0) }
-            }
-            "stale" => CommitOutcome::Stale,
-            "lease_lost" => CommitOutcome::LeaseLost,
-            "gone" => CommitOutcome::Gone,
-            other => return Err(corrupt(&self.keys.run(&commit.run), format!("commit answered `{other}`"))),
-        })
+        self.apply_commit(commit, &[]).await
+    }
+
+    async fn reopen(&self, commit: Commit, finished_log: &[Recorded]) -> StoreResult<CommitOutcome> {
+        self.apply_commit(commit, finished_log).await
+    }
+
+    async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {
+        self.cmd("XDEL", vec![self.keys.ready(run.shard).into(), entry.into()]).await?;
+        Ok(())
     }
 
     async fn ack(&self, lease: &Lease) -> StoreResult<()> {
@@ -817,22 +862,19 @@ impl Store for RedisStore {
         before: Option<&RunId>,
         limit: usize,
     ) -> StoreResult<RunPage> {
-        let max_score = before.map_or_else(
-            || "+inf".to_owned(),
-            |b| {
-                b.uuid
-                    .get_timestamp()
-                    .map_or(0, |t| t.to_unix().0 * 1000 + u64::from(t.to_unix().1 / 1_000_000))
-                    .to_string()
-            },
-        );
-        // Over-fetch so that runs created in the same millisecond as the cursor, and runs of
-        // another status, do not shorten the page.
-        let fetch = (limit * 4 + 16) as i64;
+        let max_score = before.map_or_else(|| "+inf".to_owned(), |b| created_ms(b).to_string());
+        let live_status = status.filter(|s| !super::is_terminal_name(s));
+        // Finished statuses and "any status" have an index of their own: read the page from
+        // each shard (over-fetching for runs created in the cursor's millisecond) and merge.
+        // Live statuses come from the shard's live runs, filtered.
+        let fetch = if live_status.is_some() { 1000 } else { (limit + 16) as i64 };
         let reads = (0..self.keys.shards()).map(|shard| {
-            let key = match workflow {
-                Some(w) => self.keys.index_workflow(shard, w),
-                None => self.keys.index_all(shard),
+            let key = match (workflow, status) {
+                (_, Some(_)) if live_status.is_some() => self.keys.index_active(shard),
+                (Some(w), Some(s)) => self.keys.index_workflow_finished(shard, w, s),
+                (None, Some(s)) => self.keys.index_finished(shard, s),
+                (Some(w), None) => self.keys.index_workflow(shard, w),
+                (None, None) => self.keys.index_all(shard),
             };
             self.cmd(
                 "ZREVRANGEBYSCORE",
@@ -847,22 +889,50 @@ impl Store for RedisStore {
         if let Some(cursor) = before {
             candidates.retain(|r| r.uuid < cursor.uuid);
         }
+        let Some(live_status) = live_status else {
+            candidates.truncate(limit);
+            return Ok(RunPage { runs: candidates });
+        };
         let mut runs = Vec::new();
-        if let Some(status) = status {
-            for chunk in candidates.chunks(limit.max(1) * 2) {
-                for (run, summary) in chunk.iter().zip(self.summaries(chunk).await?) {
-                    if summary.is_some_and(|s| s.status == status) && runs.len() < limit {
-                        runs.push(run.clone());
-                    }
-                }
-                if runs.len() >= limit {
-                    break;
+        for chunk in candidates.chunks(limit.max(1) * 2) {
+            for (run, summary) in chunk.iter().zip(self.summaries(chunk).await?) {
+                let wanted =
+                    summary.is_some_and(|s| s.status == live_status && workflow.is_none_or(|w| s.workflow == w));
+                if wanted && runs.len() < limit {
+                    runs.push(run.clone());
                 }
             }
-        } else {
-            runs = candidates.into_iter().take(limit).collect();
+            if runs.len() >= limit {
+                break;
+            }
         }
         Ok(RunPage { runs })
+    }
+
+    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>> {
+        let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for status in ["completed", "failed", "cancelled", "timed_out"] {
+            let reads = (0..self.keys.shards()).map(|shard| {
+                self.cmd("ZCARD", vec![self.keys.index_workflow_finished(shard, workflow, status).into()])
+            });
+            let mut total = 0;
+            for reply in join_all(reads).await {
+                total += text(&reply?).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+            }
+            counts.insert(status.to_owned(), total);
+        }
+        for status in ["pending", "running", "retrying"] {
+            counts.insert(status.to_owned(), 0);
+        }
+        for shard in 0..self.keys.shards() {
+            let members =
+                self.cmd("ZRANGE", vec![self.keys.index_active(shard).into(), "0".into(), "999".into()]).await?;
+            let runs: Vec<RunId> = members.into_array().iter().filter_map(|m| text(m)?.parse().ok()).collect();
+            for summary in self.summaries(&runs).await?.into_iter().flatten().filter(|s| s.workflow == workflow) {
+                *counts.entry(summary.status).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
     }
 
     async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
@@ -876,6 +946,8 @@ impl Store for RedisStore {
             report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
 
             for status in ["completed", "failed", "cancelled", "timed_out"] {
+                // Oldest created first; a run is kept until it has been finished for the
+                // whole retention (its last update is its end).
                 let index = self.keys.index_finished(shard, status);
                 let members = self
                     .cmd(
@@ -891,11 +963,18 @@ impl Store for RedisStore {
                     )
                     .await?
                     .into_array();
-                let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
+                let candidates: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
+                let mut runs = Vec::new();
+                let mut summaries = Vec::new();
+                for (run, summary) in candidates.iter().zip(self.summaries(&candidates).await?) {
+                    if summary.as_ref().is_none_or(|s| s.updated_at < retain_until) {
+                        runs.push(run.clone());
+                        summaries.push(summary);
+                    }
+                }
                 if runs.is_empty() {
                     continue;
                 }
-                let summaries = self.summaries(&runs).await?;
                 let mut doomed: Vec<Value> = Vec::new();
                 for run in &runs {
                     doomed.extend([self.keys.run(run), self.keys.history(run), self.keys.log(run)].map(Value::from));
@@ -908,6 +987,10 @@ impl Store for RedisStore {
                     if let Some(summary) = summary {
                         by_index
                             .entry(self.keys.index_workflow(shard, &summary.workflow))
+                            .or_default()
+                            .push(run.to_string().into());
+                        by_index
+                            .entry(self.keys.index_workflow_finished(shard, &summary.workflow, status))
                             .or_default()
                             .push(run.to_string().into());
                     }
@@ -1168,10 +1251,10 @@ impl Store for RedisStore {
                 .await?,
                 0,
             );
-            if let Some(last) = oldest.last().and_then(|e| successor(&e.id)) {
-                if compare_ids(&last, &cut).is_gt() {
-                    cut = last;
-                }
+            if let Some(last) = oldest.last().and_then(|e| successor(&e.id))
+                && compare_ids(&last, &cut).is_gt()
+            {
+                cut = last;
             }
         }
         if compare_ids(&floor, &cut).is_lt() {
@@ -1186,5 +1269,27 @@ impl Store for RedisStore {
         let bus = length(self.cmd("XLEN", vec![self.keys.events().into()]).await?);
         let dead = length(self.cmd("XLEN", vec![self.keys.events_dead().into()]).await?);
         Ok((bus, dead))
+    }
+
+    async fn stream_stats(&self) -> StoreResult<StreamStats> {
+        let number = |reply: &Value| text(reply).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        let pending_count = |reply: Value| reply.into_array().first().map_or(0, number);
+        let mut stats = StreamStats::default();
+        let lengths = (0..self.keys.shards()).map(|shard| self.cmd("XLEN", vec![self.keys.ready(shard).into()]));
+        let pendings = (0..self.keys.shards())
+            .map(|shard| self.cmd("XPENDING", vec![self.keys.ready(shard).into(), WORKERS_GROUP.into()]));
+        let (lengths, pendings) = futures::join!(join_all(lengths), join_all(pendings));
+        for reply in lengths {
+            stats.ready_length += number(&reply?);
+        }
+        for reply in pendings {
+            stats.ready_pending += pending_count(reply?);
+        }
+        let (events, dead) = self.event_counts().await?;
+        stats.events_length = events;
+        stats.events_dead = dead;
+        stats.events_pending =
+            pending_count(self.cmd("XPENDING", vec![self.keys.events().into(), ROUTER_GROUP.into()]).await?);
+        Ok(stats)
     }
 }

@@ -1,0 +1,195 @@
+//! Operator commands against the Redis a service runs on: replay, runs, trigger, publish,
+//! workflows.
+
+use anyhow::{Context, bail};
+use std::process::ExitCode;
+use workflow_orchestrator::api::views;
+use workflow_orchestrator::definition::Registry;
+use workflow_orchestrator::engine::{Engine, EngineError};
+use workflow_orchestrator::machine::{self, Transition, Trigger};
+use workflow_orchestrator::store::{RunId, RunSummary};
+
+pub fn workflows(registry: &Registry) {
+    for workflow in registry.iter() {
+        let schedule = workflow.def.schedule.as_deref().unwrap_or("-");
+        println!("{:<28} {:<16} {}", workflow.def.id, schedule, workflow.def.events.join(","));
+    }
+}
+
+fn parse_object(what: &str, text: &str) -> anyhow::Result<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON"))?;
+    if !value.is_object() {
+        bail!("{what} must be a JSON object");
+    }
+    Ok(value)
+}
+
+/// Folds the run's log through the state machine, prints the timeline, and checks the fold
+/// against the stored summary.
+pub async fn replay(engine: &Engine, run_id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let run: RunId = run_id.parse().map_err(anyhow::Error::msg)?;
+    let log = match engine.history(&run).await {
+        Ok(Some(log)) => log,
+        Ok(None) => bail!("no run `{run_id}`"),
+        Err(err) => {
+            eprintln!("replay of {run_id} FAILED: the log cannot be read: {err}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut state = None;
+    for entry in &log {
+        match machine::apply(state.as_ref(), &entry.recorded) {
+            Ok(next) => state = Some(next),
+            Err(err) => {
+                eprintln!(
+                    "replay of {run_id} FAILED at log entry {} ({}): {err}",
+                    entry.seq,
+                    entry.recorded.transition.kind()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    let Some(state) = state else { bail!("run `{run_id}` has an empty log") };
+    let workflow = engine.definition(run.shard, &state.definition).await?;
+    let stored: Option<RunSummary> = engine.summary(&run).await?;
+    let consistent = stored.as_ref().is_some_and(|s| s.matches(&state));
+    if json {
+        let transitions: Vec<serde_json::Value> = log.iter().map(|entry| views::transition(entry, &workflow)).collect();
+        let out = serde_json::json!({
+            "runId": run_id,
+            "workflowId": state.workflow,
+            "status": state.status.name(),
+            "seq": state.seq,
+            "consistent": consistent,
+            "stored": stored.as_ref().map(|s| serde_json::json!({ "status": s.status, "seq": s.seq })),
+            "transitions": transitions,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("run {run_id}  workflow {}  definition {}", state.workflow, state.definition);
+        println!(
+            "{:<4} {:<24} {:<15} {:<20} {:>7} {:<16} {:>10}  detail",
+            "seq", "time", "transition", "step", "attempt", "replica", "took"
+        );
+        let mut started: std::collections::HashMap<(u32, u32), u64> = std::collections::HashMap::new();
+        for entry in &log {
+            let recorded = &entry.recorded;
+            let (step, attempt) = recorded.transition.step_attempt().unwrap_or((u32::MAX, 0));
+            let step_name = workflow.def.steps.get(step as usize).map_or("-", |s| s.id.as_str());
+            let took = match &recorded.transition {
+                Transition::StepStarted { step, attempt } => {
+                    started.insert((*step, *attempt), recorded.at);
+                    String::new()
+                }
+                Transition::StepCompleted { step, attempt, .. } | Transition::StepFailed { step, attempt, .. } => {
+                    started
+                        .get(&(*step, *attempt))
+                        .map_or_else(String::new, |at| format!("{}ms", recorded.at.saturating_sub(*at)))
+                }
+                _ => String::new(),
+            };
+            let detail = match &recorded.transition {
+                Transition::RunCreated { trigger, .. } => match trigger {
+                    Trigger::Api => "trigger api".to_owned(),
+                    Trigger::Cron { fire_at } => format!("cron fire {}", views::timestamp(*fire_at)),
+                    Trigger::Event { event_id, event_type } => format!("event {event_type} {event_id}"),
+                    Trigger::Rerun { run_id, from_step } => format!("rerun of {run_id} from step {from_step}"),
+                },
+                Transition::StepFailed { error, retry_at, .. } => match retry_at {
+                    Some(at) => format!("error: {error} (retry at {})", views::timestamp(*at)),
+                    None => format!("error: {error}"),
+                },
+                Transition::RunFailed { error } => format!("error: {error}"),
+                Transition::RunCancelled { reason } => format!("reason: {reason}"),
+                Transition::StepReused { .. } => "output reused".to_owned(),
+                _ => String::new(),
+            };
+            let attempt = if attempt == 0 { "-".to_owned() } else { attempt.to_string() };
+            println!(
+                "{:<4} {:<24} {:<15} {:<20} {:>7} {:<16} {:>10}  {}",
+                entry.seq,
+                views::timestamp(recorded.at),
+                recorded.transition.kind(),
+                step_name,
+                attempt,
+                recorded.replica.as_deref().unwrap_or("-"),
+                took,
+                detail.chars().take(200).collect::<String>()
+            );
+        }
+        println!("replayed state: {} (seq {})", state.status.name(), state.seq);
+        match &stored {
+            Some(s) if consistent => println!("stored state:   {} (seq {}): consistent", s.status, s.seq),
+            Some(s) => println!("stored state:   {} (seq {}): DIFFERS from the replay", s.status, s.seq),
+            None => println!("stored state:   missing"),
+        }
+    }
+    if consistent {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("replay of {run_id} FAILED: the fold of the log does not equal the stored state");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+pub async fn runs(
+    engine: &Engine,
+    workflow: Option<&str>,
+    status: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(status) = status
+        && !machine::STATUS_NAMES.contains(&status)
+    {
+        bail!("--status must be one of {}", machine::STATUS_NAMES.join(", "));
+    }
+    let runs = engine.list_runs(workflow, status, None, limit.clamp(1, 1000)).await?;
+    let mut rows = Vec::new();
+    for run in &runs {
+        if let Some(summary) = engine.summary(run).await? {
+            rows.push((run.to_string(), summary));
+        }
+    }
+    if json {
+        let out: Vec<serde_json::Value> = rows.iter().map(|(id, s)| views::summary(id, s, None)).collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{:<38} {:<26} {:<10} {:<24} {:<24}", "run", "workflow", "status", "created", "updated");
+        for (id, s) in rows {
+            println!(
+                "{id:<38} {:<26} {:<10} {:<24} {:<24}",
+                s.workflow,
+                s.status,
+                views::timestamp(s.created_at),
+                views::timestamp(s.updated_at)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn trigger(engine: &Engine, workflow: &str, input: &str, key: Option<&str>) -> anyhow::Result<ExitCode> {
+    let input = parse_object("--input", input)?;
+    let key = key.map(|k| format!("api:{workflow}:{k}"));
+    match engine.trigger(workflow, &input, key.as_deref(), Trigger::Api).await {
+        Ok(triggered) => {
+            println!("{}", triggered.run_id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(EngineError::UnknownWorkflow(id)) => bail!("no workflow `{id}` (see `workflow-orchestrator workflows`)"),
+        Err(err) => Err(err.into()),
+    }
+}
+
+pub async fn publish(engine: &Engine, event_type: &str, payload: &str, key: Option<&str>) -> anyhow::Result<ExitCode> {
+    let payload = parse_object("--payload", payload)?;
+    match engine.publish_event(event_type, &payload, key, Some("cli")).await? {
+        Ok(id) => {
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(problem) => bail!("{problem}"),
+    }
+}

@@ -1,0 +1,167 @@
+//! What operators do to runs: read them (replayed from their logs), cancel, retry (resume a
+//! failed run at its failed step) and rerun (a new run of the same definition snapshot that
+//! reuses the recorded outputs of the steps before a chosen one).
+
+use super::{Engine, EngineError, Triggered};
+use crate::definition::Workflow;
+use crate::machine::{self, RunState, Status, Transition, Trigger};
+use crate::store::{Commit, CommitOutcome, Logged, RunId};
+use std::sync::Arc;
+
+/// How often an operator action retries after losing a race with the run's own progress.
+const OPERATOR_ATTEMPTS: usize = 5;
+
+/// A run as its log says it is.
+#[derive(Debug, Clone)]
+pub struct LoadedRun {
+    pub id: RunId,
+    pub log: Vec<Logged>,
+    pub state: RunState,
+    pub workflow: Arc<Workflow>,
+}
+
+impl Engine {
+    /// Reads a run's log and folds it: the run's state by replay.
+    pub async fn load(&self, run: &RunId) -> Result<Option<LoadedRun>, EngineError> {
+        let Some(log) = self.store.history(run).await? else { return Ok(None) };
+        let state = match machine::replay(log.iter().map(|l| &l.recorded)) {
+            Ok(Some(state)) => state,
+            Ok(None) => return Ok(None),
+            Err((index, err)) => {
+                let entry = log.get(index).map_or(index as u64 + 1, |l| l.seq);
+                return Err(EngineError::CorruptLog { run: run.to_string(), entry, problem: err.to_string() });
+            }
+        };
+        let workflow = self.definition(run.shard, &state.definition).await?;
+        Ok(Some(LoadedRun { id: run.clone(), log, state, workflow }))
+    }
+
+    async fn load_existing(&self, run: &RunId) -> Result<LoadedRun, EngineError> {
+        self.load(run).await?.ok_or_else(|| EngineError::UnknownRun(run.to_string()))
+    }
+
+    /// Cancels a live run. A step running now finishes, but its outcome is discarded by the
+    /// fence; a step still queued is withdrawn.
+    pub async fn cancel(&self, run: &RunId, reason: &str) -> Result<RunState, EngineError> {
+        for _ in 0..OPERATOR_ATTEMPTS {
+            let loaded = self.load_existing(run).await?;
+            if loaded.state.status.is_terminal() {
+                return Err(EngineError::Conflict(format!("run {run} is already {}", loaded.state.status.name())));
+            }
+            let queued = self.store.summary(run).await?.and_then(|s| s.ready_entry);
+            let now = self.clock.now();
+            let cancelled = self.recorded(now, Transition::RunCancelled { reason: reason.to_owned() });
+            let advanced = machine::advance(Some(&loaded.state), &loaded.workflow.def, vec![cancelled], now)
+                .map_err(|err| EngineError::Conflict(err.to_string()))?;
+            let state = advanced.state.clone();
+            match self.commit_advanced(run, loaded.state.seq, None, advanced, true).await? {
+                CommitOutcome::Applied { .. } => {
+                    if let Some(entry) = queued {
+                        self.store.retract(run, &entry).await?;
+                    }
+                    return Ok(state);
+                }
+                CommitOutcome::Stale => continue,
+                CommitOutcome::Gone | CommitOutcome::LeaseLost => {
+                    return Err(EngineError::Conflict(format!("run {run} finished meanwhile")));
+                }
+            }
+        }
+        Err(EngineError::Conflict(format!("run {run} kept changing; try again")))
+    }
+
+    /// Resumes a failed run at its failed step, with a fresh retry budget.
+    pub async fn retry(&self, run: &RunId) -> Result<RunState, EngineError> {
+        for _ in 0..OPERATOR_ATTEMPTS {
+            let loaded = self.load_existing(run).await?;
+            let (step, attempt) = match (&loaded.state.status, &loaded.state.last_error) {
+                (Status::Failed, Some(err)) => (err.step, err.attempt + 1),
+                (status, _) => {
+                    return Err(EngineError::Conflict(format!(
+                        "only a failed run can be retried; run {run} is {}",
+                        status.name()
+                    )));
+                }
+            };
+            let now = self.clock.now();
+            let resumed = self.recorded(now, Transition::RunResumed { step, attempt });
+            let advanced = machine::advance(Some(&loaded.state), &loaded.workflow.def, vec![resumed], now)
+                .map_err(|err| EngineError::Conflict(err.to_string()))?;
+            let dispatch = advanced
+                .effects
+                .iter()
+                .any(|e| matches!(e, machine::Effect::Dispatch { .. }))
+                .then(|| advanced.state.clone());
+            let state = advanced.state.clone();
+            let commit = Commit {
+                run: run.clone(),
+                expected_seq: loaded.state.seq,
+                lease: None,
+                records: advanced.appended,
+                state: advanced.state,
+                dispatch,
+                timer: None,
+                clear_timer: false,
+            };
+            let finished_log: Vec<_> = loaded.log.into_iter().map(|l| l.recorded).collect();
+            match self.store.reopen(commit, &finished_log).await? {
+                CommitOutcome::Applied { .. } => return Ok(state),
+                CommitOutcome::Stale => continue,
+                CommitOutcome::Gone | CommitOutcome::LeaseLost => {
+                    return Err(EngineError::UnknownRun(run.to_string()));
+                }
+            }
+        }
+        Err(EngineError::Conflict(format!("run {run} kept changing; try again")))
+    }
+
+    /// Starts a new run of `run`'s definition snapshot, reusing the outputs it recorded for the
+    /// steps before `from_step` (default: the first, so nothing is reused), with `input` or the
+    /// original input.
+    pub async fn rerun(
+        &self,
+        run: &RunId,
+        from_step: Option<&str>,
+        input: Option<&serde_json::Value>,
+    ) -> Result<Triggered, EngineError> {
+        let loaded = self.load_existing(run).await?;
+        let steps = &loaded.workflow.def.steps;
+        let from = match from_step {
+            None => 0,
+            Some(id) => steps.iter().position(|s| s.id == id).ok_or_else(|| {
+                let known: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
+                EngineError::Invalid(format!(
+                    "`fromStep`: the workflow has no step `{id}` (steps: {})",
+                    known.join(", ")
+                ))
+            })? as u32,
+        };
+        let mut reused = Vec::with_capacity(from as usize);
+        for step in 0..from {
+            let output = loaded.log.iter().rev().find_map(|l| match &l.recorded.transition {
+                Transition::StepCompleted { step: s, output, .. } | Transition::StepReused { step: s, output }
+                    if *s == step =>
+                {
+                    Some(output.clone())
+                }
+                _ => None,
+            });
+            match output {
+                Some(output) => reused.push((step, output)),
+                None => {
+                    return Err(EngineError::Invalid(format!(
+                        "`fromStep`: step `{}` has no recorded output in run {run} to reuse",
+                        steps[step as usize].id
+                    )));
+                }
+            }
+        }
+        let input = match input {
+            Some(input) => input.clone(),
+            None => serde_json::from_str(&loaded.state.input).unwrap_or_else(|_| serde_json::json!({})),
+        };
+        let trigger = Trigger::Rerun { run_id: run.to_string(), from_step: from };
+        // The same shard as the source run: its definition snapshot is stored there.
+        self.start_run(&loaded.workflow, run.shard, &input, trigger, reused, None).await
+    }
+}
