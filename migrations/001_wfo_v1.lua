@@ -165,6 +165,25 @@ local function renew(keys, argv)
   return lost
 end
 
+-- Claims up to `max` new entries for `consumer` from the streams in KEYS, in order, without
+-- blocking: exact, however few executors are free and however many shards there are.
+-- KEYS: ready streams. ARGV: group, consumer, max. Returns {{key index, id, fields}...}.
+local function claim(keys, argv)
+  local group, consumer, left = argv[1], argv[2], tonumber(argv[3])
+  local out = {}
+  for i = 1, #keys do
+    if left <= 0 then break end
+    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', left, 'STREAMS', keys[i], '>')
+    if reply then
+      for _, entry in ipairs(reply[1][2]) do
+        out[#out + 1] = {i, entry[1], entry[2]}
+        left = left - 1
+      end
+    end
+  end
+  return out
+end
+
 -- Acknowledges an entry if `consumer` still holds it. KEYS: 1 ready. ARGV: group, consumer, id.
 local function ack(keys, argv)
   if holds(keys[1], argv[1], argv[2], argv[3]) then
@@ -222,6 +241,7 @@ end
 redis.register_function('wfo_v1_commit', commit)
 redis.register_function('wfo_v1_cron_advance', cron_advance)
 redis.register_function('wfo_v1_renew', renew)
+redis.register_function('wfo_v1_claim', claim)
 redis.register_function('wfo_v1_ack', ack)
 redis.register_function('wfo_v1_reclaim', reclaim)
 redis.register_function('wfo_v1_dead_letter', dead_letter)

@@ -75,12 +75,23 @@ impl Engine {
     fn spawn_steps(self: &Arc<Self>, claimed: Vec<Claimed>, permits: &mut Vec<OwnedSemaphorePermit>) {
         for entry in claimed {
             let Ok(task) = entry.task else { continue }; // dead-lettered by the store
-            let Some(permit) = permits.pop() else {
-                tracing::error!("claimed more entries than free executors; leaving the rest to lease expiry");
-                break;
-            };
+            let permit = permits.pop();
             let engine = Arc::clone(self);
             self.tasks.spawn(async move {
+                // A read may bring a few more entries than free executors (see `Store::claim`):
+                // those wait here for the next free one, their leases renewed meanwhile.
+                let permit = match permit {
+                    Some(permit) => permit,
+                    None => {
+                        engine.in_flight.lock().insert(entry.lease.clone(), engine.abort_steps.child_token());
+                        let permit = Arc::clone(&engine.executors).acquire_owned().await;
+                        engine.in_flight.lock().remove(&entry.lease);
+                        match permit {
+                            Ok(permit) => permit,
+                            Err(_) => return,
+                        }
+                    }
+                };
                 engine.execute(entry.lease, entry.deliveries, task).await;
                 drop(permit);
             });

@@ -318,7 +318,8 @@ pub trait Store: Send + Sync + 'static {
     /// Acknowledges an entry without a transition (it is obsolete), if it is still ours.
     async fn ack(&self, lease: &Lease) -> StoreResult<()>;
 
-    /// New ready entries for `consumer`, at most `max`, waiting up to `block` for one.
+    /// New ready entries for `consumer`, at most `max` when any are queued; otherwise waits up
+    /// to `block` for one, and what arrives then may exceed `max` by up to one per shard.
     async fn claim(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<Claimed>>;
 
     /// Renews the leases still held by their consumers; returns the ones no longer held.

@@ -600,12 +600,36 @@ impl Store for RedisStore {
         if max == 0 {
             return Ok(Vec::new());
         }
-        // COUNT applies per stream: read at most `max` in all, from `max` shards when fewer
-        // executors are free than there are shards.
         let shards = self.keys.shards() as usize;
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
-        let chosen: Vec<u16> = (0..shards.min(max)).map(|i| ((start + i) % shards) as u16).collect();
-        let count = (max / chosen.len()).max(1);
+        let all: Vec<u16> = (0..shards).map(|i| ((start + i) % shards) as u16).collect();
+        // COUNT applies per stream. With fewer free executors than shards, first take exactly
+        // `max` from whichever shards have work, without blocking, in one call.
+        if max < shards {
+            let keys: Vec<String> = all.iter().map(|s| self.keys.ready(*s)).collect();
+            let reply = self
+                .fcall("wfo_v1_claim", keys, vec![WORKERS_GROUP.into(), consumer.into(), (max as i64).into()])
+                .await?;
+            let mut claimed = Vec::new();
+            for entry in reply.into_array() {
+                let mut parts = entry.into_array().into_iter();
+                let (Some(index), Some(id), Some(body)) = (parts.next(), parts.next(), parts.next()) else { continue };
+                let (Some(index), Some(id)) = (text(&index).and_then(|i| i.parse::<usize>().ok()), text(&id)) else {
+                    continue;
+                };
+                let Some(&shard) = all.get(index.saturating_sub(1)) else { continue };
+                claimed.push(self.decode_claimed(shard, id, &fields(body), 1, consumer));
+            }
+            if !claimed.is_empty() {
+                self.bury(&claimed).await?;
+                return Ok(claimed);
+            }
+        }
+        // Then wait for work on every shard. With fewer executors free than shards, entries
+        // arriving on several shards in the same instant can bring more than `max` (at most
+        // one per shard): the caller queues them for the next free executor.
+        let chosen = all;
+        let count = (max / shards).max(1);
         let mut args: Vec<Value> = vec![
             "GROUP".into(),
             WORKERS_GROUP.into(),
