@@ -5,3 +5,5 @@ mod conformance;
 mod failures;
 mod smoke;
 mod triggers;
+mod api;
+mod replay;
