@@ -66,6 +66,8 @@ pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) 
             } else if current.is_some_and(|(step, _)| step == index) {
                 match state.status {
                     Status::Retrying { .. } => "retrying",
+                    Status::Sleeping { .. } => "sleeping",
+                    Status::Waiting { .. } => "waiting",
                     Status::Pending => "pending",
                     _ => "running",
                 }
@@ -124,6 +126,10 @@ pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
         Transition::RunFailed { error } => json!({ "error": error }),
         Transition::RunCancelled { reason } => json!({ "reason": reason }),
         Transition::StepReused { output, .. } => json!({ "output": json_text(output), "reused": true }),
+        Transition::StepSuspended { until, event, .. } => json!({ "until": timestamp(*until), "event": event }),
+        Transition::EventReceived { event_id, payload, .. } => {
+            json!({ "eventId": event_id, "payload": json_text(payload) })
+        }
         Transition::StepStarted { .. }
         | Transition::TimerFired { .. }
         | Transition::RunCompleted

@@ -64,6 +64,21 @@ pub enum Transition {
         step: u32,
         attempt: u32,
     },
+    /// The step parks the run without holding an executor: until `until` (a sleep), or until an
+    /// event of type `event` arrives, `until` being the time-out (a wait).
+    StepSuspended {
+        step: u32,
+        attempt: u32,
+        until: Millis,
+        event: Option<String>,
+    },
+    /// The event a waiting step waited for arrived.
+    EventReceived {
+        step: u32,
+        attempt: u32,
+        event_id: String,
+        payload: String,
+    },
     RunCompleted,
     RunFailed {
         error: String,
@@ -89,6 +104,9 @@ impl Transition {
             Transition::StepCompleted { .. } => "step_completed",
             Transition::StepFailed { .. } => "step_failed",
             Transition::TimerFired { .. } => "timer_fired",
+            Transition::StepSuspended { event: None, .. } => "step_sleeping",
+            Transition::StepSuspended { event: Some(_), .. } => "step_waiting",
+            Transition::EventReceived { .. } => "event_received",
             Transition::RunCompleted => "run_completed",
             Transition::RunFailed { .. } => "run_failed",
             Transition::RunCancelled { .. } => "run_cancelled",
@@ -104,6 +122,8 @@ impl Transition {
             | Transition::StepCompleted { step, attempt, .. }
             | Transition::StepFailed { step, attempt, .. }
             | Transition::TimerFired { step, attempt }
+            | Transition::StepSuspended { step, attempt, .. }
+            | Transition::EventReceived { step, attempt, .. }
             | Transition::RunResumed { step, attempt } => Some((*step, *attempt)),
             Transition::StepReused { step, .. } => Some((*step, 0)),
             Transition::RunCreated { .. }
@@ -145,6 +165,19 @@ pub enum Status {
         attempt: u32,
         due: Millis,
     },
+    /// `step` sleeps until `until`.
+    Sleeping {
+        step: u32,
+        attempt: u32,
+        until: Millis,
+    },
+    /// `step` waits for an event of type `event`, at most until `until`.
+    Waiting {
+        step: u32,
+        attempt: u32,
+        event: String,
+        until: Millis,
+    },
     Completed,
     Failed,
     Cancelled,
@@ -155,7 +188,12 @@ impl Status {
     pub fn is_terminal(&self) -> bool {
         match self {
             Status::Completed | Status::Failed | Status::Cancelled | Status::TimedOut => true,
-            Status::Pending | Status::Queued { .. } | Status::Running { .. } | Status::Retrying { .. } => false,
+            Status::Pending
+            | Status::Queued { .. }
+            | Status::Running { .. }
+            | Status::Retrying { .. }
+            | Status::Sleeping { .. }
+            | Status::Waiting { .. } => false,
         }
     }
 
@@ -165,6 +203,8 @@ impl Status {
             Status::Pending => "pending",
             Status::Queued { .. } | Status::Running { .. } => "running",
             Status::Retrying { .. } => "retrying",
+            Status::Sleeping { .. } => "sleeping",
+            Status::Waiting { .. } => "waiting",
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
@@ -178,14 +218,17 @@ impl Status {
             Status::Pending => Some((0, 1)),
             Status::Queued { step, attempt }
             | Status::Running { step, attempt }
-            | Status::Retrying { step, attempt, .. } => Some((*step, *attempt)),
+            | Status::Retrying { step, attempt, .. }
+            | Status::Sleeping { step, attempt, .. }
+            | Status::Waiting { step, attempt, .. } => Some((*step, *attempt)),
             Status::Completed | Status::Failed | Status::Cancelled | Status::TimedOut => None,
         }
     }
 }
 
 /// Every public status name, in the order the API documents them.
-pub const STATUS_NAMES: [&str; 7] = ["pending", "running", "retrying", "completed", "failed", "cancelled", "timed_out"];
+pub const STATUS_NAMES: [&str; 9] =
+    ["pending", "running", "retrying", "sleeping", "waiting", "completed", "failed", "cancelled", "timed_out"];
 
 /// The last failure of a step, kept so the run can report it and `next` can fail the run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,6 +368,31 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
         (Transition::StepFailed { .. }, _) => {
             return Err(invalid(transition, state, "that step attempt is not running"));
         }
+        (Transition::StepSuspended { step, attempt, until, event }, Status::Running { step: s, attempt: a })
+            if (step, attempt) == (s, a) && !failed_at(current, *s, *a) =>
+        {
+            next.status = match event {
+                None => Status::Sleeping { step: *step, attempt: *attempt, until: *until },
+                Some(event) => Status::Waiting { step: *step, attempt: *attempt, event: event.clone(), until: *until },
+            };
+        }
+        (Transition::StepSuspended { .. }, _) => {
+            return Err(invalid(transition, state, "that step attempt is not running"));
+        }
+        (Transition::EventReceived { step, attempt, .. }, Status::Waiting { step: s, attempt: a, .. })
+            if (step, attempt) == (s, a) =>
+        {
+            next.status = Status::Running { step: *step, attempt: *attempt };
+        }
+        (Transition::EventReceived { .. }, _) => {
+            return Err(invalid(transition, state, "that step attempt is not waiting for an event"));
+        }
+        (
+            Transition::TimerFired { step, attempt },
+            Status::Sleeping { step: s, attempt: a, .. } | Status::Waiting { step: s, attempt: a, .. },
+        ) if (step, attempt) == (s, a) => {
+            next.status = Status::Running { step: *step, attempt: *attempt };
+        }
         (Transition::TimerFired { step, attempt }, Status::Retrying { step: s, attempt: a, .. })
             if (step, attempt) == (s, a) =>
         {
@@ -388,6 +456,7 @@ pub fn next(state: &RunState, definition: &WorkflowDef, _now: Millis) -> Vec<Eff
             _ => Vec::new(),
         },
         Status::Retrying { due, .. } => vec![Effect::SetTimer { due: *due }],
+        Status::Sleeping { until, .. } | Status::Waiting { until, .. } => vec![Effect::SetTimer { due: *until }],
         Status::Completed | Status::Failed | Status::Cancelled | Status::TimedOut => Vec::new(),
     }
 }

@@ -49,6 +49,10 @@ enum Choice {
     TimeOut,
     /// Resume the run if it failed (an operator's retry).
     Resume,
+    /// The step sleeps (a timer wakes it).
+    Sleep,
+    /// The step waits for an event (which arrives, or the time-out fires).
+    Wait,
 }
 
 fn choice() -> impl Strategy<Value = Choice> {
@@ -58,6 +62,8 @@ fn choice() -> impl Strategy<Value = Choice> {
         1 => Just(Choice::Cancel),
         1 => Just(Choice::TimeOut),
         1 => Just(Choice::Resume),
+        1 => Just(Choice::Sleep),
+        1 => Just(Choice::Wait),
     ]
 }
 
@@ -85,10 +91,41 @@ fn drive(def: &WorkflowDef, choices: &[Choice], jitter: f64) -> (Vec<Recorded>, 
         let happened = match (*choice, outcome.effects.first()) {
             (Choice::Cancel, _) => vec![at(now, Transition::RunCancelled { reason: "test".to_owned() })],
             (Choice::TimeOut, _) => vec![at(now, Transition::RunTimedOut)],
-            (_, Some(Effect::SetTimer { .. })) => {
+            (choice, Some(Effect::SetTimer { .. })) => {
                 let (step, attempt) = state.status.step_attempt().unwrap();
-                vec![at(now, Transition::TimerFired { step, attempt })]
+                let completed = at(now, Transition::StepCompleted { step, attempt, output: "{}".to_owned() });
+                match (&state.status, choice) {
+                    // A parked step wakes (its event, or its timer) and completes in one commit.
+                    (Status::Waiting { .. }, Choice::Succeed) => vec![
+                        at(
+                            now,
+                            Transition::EventReceived {
+                                step,
+                                attempt,
+                                event_id: "1-0".to_owned(),
+                                payload: "{}".to_owned(),
+                            },
+                        ),
+                        completed,
+                    ],
+                    (Status::Sleeping { .. } | Status::Waiting { .. }, _) => {
+                        vec![at(now, Transition::TimerFired { step, attempt }), completed]
+                    }
+                    _ => vec![at(now, Transition::TimerFired { step, attempt })],
+                }
             }
+            (Choice::Sleep | Choice::Wait, Some(Effect::Dispatch { step, attempt })) => vec![
+                at(now, Transition::StepStarted { step: *step, attempt: *attempt }),
+                at(
+                    now,
+                    Transition::StepSuspended {
+                        step: *step,
+                        attempt: *attempt,
+                        until: now + 100,
+                        event: matches!(choice, Choice::Wait).then(|| "user.verified".to_owned()),
+                    },
+                ),
+            ],
             (Choice::Succeed, Some(Effect::Dispatch { step, attempt })) => vec![
                 at(now, Transition::StepStarted { step: *step, attempt: *attempt }),
                 at(now, Transition::StepCompleted { step: *step, attempt: *attempt, output: "{}".to_owned() }),
@@ -146,7 +183,7 @@ proptest! {
         choices in proptest::collection::vec(choice(), 0..20),
         step in 0u32..4,
         attempt in 0u32..4,
-        kind in 0usize..11,
+        kind in 0usize..13,
     ) {
         let def = definition(3, 3);
         let (_, state) = drive(&def, &choices, 0.5);
@@ -161,6 +198,8 @@ proptest! {
             7 => Transition::RunCancelled { reason: "r".to_owned() },
             8 => Transition::StepReused { step, output: "{}".to_owned() },
             9 => Transition::RunResumed { step, attempt },
+            10 => Transition::StepSuspended { step, attempt, until: 5, event: None },
+            11 => Transition::EventReceived { step, attempt, event_id: "1-0".to_owned(), payload: "{}".to_owned() },
             _ => Transition::RunTimedOut,
         };
         let result = apply(Some(&state), &at(99, transition.clone()));
@@ -170,7 +209,7 @@ proptest! {
             }
         // Step transitions for an attempt that is not current are always rejected.
         let current = state.status.step_attempt();
-        let step_level = matches!(kind, 0..=4);
+        let step_level = matches!(kind, 0..=4 | 10 | 11);
         // A resume applies to a failed run only, for its failed step's next attempt.
         if kind == 9 {
             let resumable = matches!((&state.status, &state.last_error), (Status::Failed, Some(e)) if e.step == step && e.attempt + 1 == attempt);
