@@ -108,6 +108,7 @@ mod tests {
             step_id: "s".into(),
             attempt: 2,
             input: r#"{"a":1}"#.into(),
+            steps: Default::default(),
         }
     }
 
@@ -126,7 +127,7 @@ mod tests {
             &spec(&[
                 "sh",
                 "-c",
-                "printf '%s|%s|%s|%s' \"$WFO_STEP_ID\" \"$WFO_ATTEMPT\" \"$WFO_IDEMPOTENCY_KEY\" \"$WFO_INPUT\"",
+                "printf '%s|%s|%s|%s|and more' \"$WFO_STEP_ID\" \"$WFO_ATTEMPT\" \"$WFO_IDEMPOTENCY_KEY\" \"$WFO_INPUT\"",
             ]),
             &context(),
             CancellationToken::new(),

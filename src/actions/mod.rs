@@ -1,11 +1,26 @@
-//! What a step does. Each action gets the step's context and a cancellation token (fired when
-//! the step times out, its lease is lost or the replica stops) and returns the step's output as
-//! JSON text, or an error saying whether trying again may help.
+//! What a step does. [`Actions::run`] runs a step's action to its end (or until its cancellation
+//! token fires: time-out, lost lease, shutdown) and returns its output as JSON, or says that the
+//! step parks the run (`sleep`, `wait_for_event`), or fails saying whether trying again may help.
+//!
+//! Actions reach the rest of the system only through [`Services`], which the engine implements.
+//! Built-in actions ([`Builtin`]) are Rust code behind one small trait; a library user can
+//! implement it and register more with [`Actions::register`].
 
+pub mod builtins;
 mod exec;
+mod http;
+pub mod template;
 
 use crate::definition::{ActionSpec, StepDef};
+use crate::machine::Millis;
+use async_trait::async_trait;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+pub use http::sign;
 
 /// Everything an action may know about the step it runs.
 #[derive(Debug, Clone)]
@@ -16,6 +31,9 @@ pub struct StepContext {
     pub attempt: u32,
     /// The run's input, as JSON text.
     pub input: String,
+    /// Outputs of the run's earlier steps, by step id (filled when the step's templates name
+    /// them).
+    pub steps: serde_json::Map<String, Value>,
 }
 
 impl StepContext {
@@ -23,6 +41,10 @@ impl StepContext {
     /// this to whatever it calls to make repeats harmless.
     pub fn idempotency_key(&self) -> String {
         format!("{}:{}", self.run_id, self.step_id)
+    }
+
+    fn input_value(&self) -> Value {
+        serde_json::from_str(&self.input).unwrap_or(Value::Null)
     }
 }
 
@@ -45,10 +67,290 @@ impl ActionError {
     }
 }
 
-/// Runs a step's action to its end or until `cancel` fires. The step timeout is the caller's.
-pub async fn run(step: &StepDef, context: &StepContext, cancel: CancellationToken) -> Result<String, ActionError> {
-    match &step.action {
-        ActionSpec::Noop => Ok(context.input.clone()),
-        ActionSpec::Exec(spec) => exec::run(spec, context, cancel).await,
+/// What the engine offers actions.
+#[async_trait]
+pub trait Services: Send + Sync {
+    /// The store's clock.
+    fn now(&self) -> Millis;
+    /// Appends an event to the bus; returns its id.
+    async fn publish(&self, event_type: &str, payload: &Value, key: Option<&str>) -> Result<String, ActionError>;
+    /// A small durable value (a sync cursor, say), shared by every replica.
+    async fn get_value(&self, key: &str) -> Result<Option<String>, ActionError>;
+    async fn set_value(&self, key: &str, value: &str) -> Result<(), ActionError>;
+    /// Runs and events since `since`, summarised (for digests).
+    async fn activity(&self, since: Millis) -> Result<Value, ActionError>;
+    /// The orchestrator's own housekeeping: trims streams, expires finished runs, reports the
+    /// store's memory and queues.
+    async fn housekeeping(&self) -> Result<Value, ActionError>;
+}
+
+/// A named action written in Rust.
+#[async_trait]
+pub trait Builtin: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Runs with its parameters (templates already resolved).
+    async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError>;
+}
+
+/// What a built-in gets.
+pub struct BuiltinCall<'a> {
+    pub params: Value,
+    pub step: &'a StepContext,
+    pub services: &'a dyn Services,
+    pub http: &'a reqwest::Client,
+    pub cancel: CancellationToken,
+}
+
+impl BuiltinCall<'_> {
+    /// A string parameter, or an error naming it.
+    pub fn text(&self, name: &str) -> Result<String, ActionError> {
+        match self.params.get(name) {
+            Some(Value::String(text)) if !text.is_empty() => Ok(text.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            _ => Err(ActionError::fatal(format!("parameter `{name}` is required (a non-empty string)"))),
+        }
+    }
+
+    pub fn text_or(&self, name: &str, default: &str) -> String {
+        self.text(name).unwrap_or_else(|_| default.to_owned())
+    }
+
+    pub fn number_or(&self, name: &str, default: u64) -> Result<u64, ActionError> {
+        match self.params.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Number(n)) => {
+                n.as_u64().ok_or_else(|| ActionError::fatal(format!("parameter `{name}` must be a whole number")))
+            }
+            Some(Value::String(s)) if s.is_empty() => Ok(default),
+            Some(Value::String(s)) => s
+                .trim()
+                .parse()
+                .map_err(|_| ActionError::fatal(format!("parameter `{name}`: `{s}` is not a whole number"))),
+            Some(_) => Err(ActionError::fatal(format!("parameter `{name}` must be a whole number"))),
+        }
+    }
+
+    pub fn duration_or(&self, name: &str, default: Duration) -> Result<Duration, ActionError> {
+        match self.params.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::String(s)) if s.is_empty() => Ok(default),
+            Some(Value::String(s)) => {
+                crate::definition::parse_duration(s).map_err(|p| ActionError::fatal(format!("parameter `{name}`: {p}")))
+            }
+            Some(_) => Err(ActionError::fatal(format!("parameter `{name}` must be a duration such as `30s`"))),
+        }
+    }
+
+    /// A list parameter: a JSON array of strings, or a comma-separated string.
+    pub fn list(&self, name: &str) -> Vec<String> {
+        match self.params.get(name) {
+            Some(Value::Array(items)) => {
+                items.iter().filter_map(|v| v.as_str().map(str::to_owned)).filter(|s| !s.is_empty()).collect()
+            }
+            Some(Value::String(s)) => {
+                s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Where actions send things, from the environment.
+#[derive(Debug, Clone, Default)]
+pub struct ActionConfig {
+    /// `NOTIFY_WEBHOOK_URL`: the Communications Hub webhook.
+    pub notify_url: Option<String>,
+    /// `WEBHOOK_SECRET`: signs notifications (HMAC-SHA256 over the body).
+    pub webhook_secret: Option<String>,
+    /// `INNGEST_EVENT_KEY`.
+    pub inngest_event_key: Option<String>,
+    /// `INNGEST_BASE_URL` (default `https://inn.gs`).
+    pub inngest_base_url: String,
+}
+
+impl ActionConfig {
+    pub fn from_env() -> ActionConfig {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        ActionConfig {
+            notify_url: var("NOTIFY_WEBHOOK_URL"),
+            webhook_secret: var("WEBHOOK_SECRET"),
+            inngest_event_key: var("INNGEST_EVENT_KEY"),
+            inngest_base_url: var("INNGEST_BASE_URL").unwrap_or_else(|| "https://inn.gs".to_owned()),
+        }
+    }
+}
+
+/// What running a step's action came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The step's output, as JSON text.
+    Done(String),
+    /// The run parks until `until`, or until an event of type `event` arrives (a wait).
+    Park { until: Millis, event: Option<String> },
+}
+
+/// The actions of a replica: the HTTP client, where things are sent, the built-ins.
+pub struct Actions {
+    config: ActionConfig,
+    http: reqwest::Client,
+    builtins: HashMap<&'static str, Arc<dyn Builtin>>,
+}
+
+impl Actions {
+    /// With the standard built-ins registered.
+    pub fn new(config: ActionConfig) -> Actions {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("workflow-orchestrator/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        let mut actions = Actions { config, http, builtins: HashMap::new() };
+        for builtin in builtins::standard() {
+            actions.register(builtin);
+        }
+        actions
+    }
+
+    /// Adds (or replaces) a built-in action.
+    pub fn register(&mut self, builtin: Arc<dyn Builtin>) {
+        self.builtins.insert(builtin.name(), builtin);
+    }
+
+    /// The names of the registered built-ins.
+    pub fn builtin_names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.builtins.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn has_builtin(&self, name: &str) -> bool {
+        self.builtins.contains_key(name)
+    }
+
+    /// Whether running `step` needs the outputs of earlier steps (its templates name them).
+    pub fn needs_outputs(step: &StepDef) -> bool {
+        let action = serde_json::to_string(&step.action).unwrap_or_default();
+        template::mentions_steps(&action) || step.when.as_deref().is_some_and(template::mentions_steps)
+    }
+
+    /// Runs a step's action to its end or until `cancel` fires. The step timeout is the caller's.
+    pub async fn run(
+        &self,
+        step: &StepDef,
+        context: &StepContext,
+        services: &dyn Services,
+        cancel: CancellationToken,
+    ) -> Result<Outcome, ActionError> {
+        let input = context.input_value();
+        let scope = template::Scope {
+            input: &input,
+            steps: &context.steps,
+            run: serde_json::json!({
+                "id": context.run_id, "workflow": context.workflow_id, "step": context.step_id, "attempt": context.attempt,
+            }),
+        };
+        let render = |value: &Value| template::render_value(value, &scope).map_err(ActionError::fatal);
+        let render_str = |text: &str| template::render_str(text, &scope).map_err(ActionError::fatal);
+        if let Some(when) = &step.when {
+            let value = template::render_value(&Value::String(when.clone()), &scope).map_err(ActionError::fatal)?;
+            if !template::truthy(&value) {
+                return Ok(Outcome::Done(serde_json::json!({ "skipped": true }).to_string()));
+            }
+        }
+        let done = |value: Value| Ok(Outcome::Done(value.to_string()));
+        match &step.action {
+            ActionSpec::Noop => Ok(Outcome::Done(context.input.clone())),
+            ActionSpec::Exec(spec) => exec::run(spec, context, cancel).await.map(Outcome::Done),
+            ActionSpec::Http(spec) => {
+                let rendered = http::Request {
+                    url: render_str(&spec.url)?,
+                    headers: spec
+                        .headers
+                        .iter()
+                        .map(|(name, value)| Ok((name.clone(), render_str(value)?)))
+                        .collect::<Result<_, ActionError>>()?,
+                    body: spec.body.as_ref().map(render).transpose()?,
+                };
+                done(http::request(&self.http, spec, rendered, context, cancel).await?)
+            }
+            ActionSpec::Publish(spec) => {
+                let event = render_str(&spec.event)?;
+                let payload = match &spec.payload {
+                    Some(payload) => render(payload)?,
+                    None => serde_json::json!({}),
+                };
+                let key = spec.key.as_deref().map(render_str).transpose()?;
+                // The default key makes a retried step publish once.
+                let key = key.unwrap_or_else(|| context.idempotency_key());
+                let id = services.publish(&event, &payload, Some(&key)).await?;
+                done(serde_json::json!({ "eventId": id, "eventType": event }))
+            }
+            ActionSpec::Notify(spec) => {
+                let message = render(&spec.message)?;
+                let body = serde_json::json!({
+                    "channel": spec.channel.as_deref().map(render_str).transpose()?,
+                    "severity": spec.severity.as_deref().map(render_str).transpose()?.unwrap_or_else(|| "info".to_owned()),
+                    "message": message,
+                    "workflowId": context.workflow_id,
+                    "runId": context.run_id,
+                    "stepId": context.step_id,
+                });
+                done(http::notify(&self.http, &self.config, &body, context, cancel).await?)
+            }
+            ActionSpec::Inngest(spec) => {
+                let data = match &spec.data {
+                    Some(data) => render(data)?,
+                    None => serde_json::json!({}),
+                };
+                let event = render_str(&spec.event)?;
+                done(http::inngest(&self.http, &self.config, &event, &data, context, cancel).await?)
+            }
+            ActionSpec::Sleep(spec) => {
+                Ok(Outcome::Park { until: services.now() + spec.duration.as_millis() as Millis, event: None })
+            }
+            ActionSpec::WaitForEvent(spec) => Ok(Outcome::Park {
+                until: services.now() + spec.timeout.as_millis() as Millis,
+                event: Some(spec.event.clone()),
+            }),
+            ActionSpec::Builtin(spec) => {
+                let builtin = self.builtins.get(spec.name.as_str()).ok_or_else(|| {
+                    ActionError::fatal(format!(
+                        "no built-in action `{}` (known: {})",
+                        spec.name,
+                        self.builtin_names().join(", ")
+                    ))
+                })?;
+                let call =
+                    BuiltinCall { params: render(&spec.params)?, step: context, services, http: &self.http, cancel };
+                done(builtin.run(call).await?)
+            }
+        }
+    }
+
+    /// Whether an event's payload satisfies a waiting step's correlation rule, for a run whose
+    /// input is `input`.
+    pub fn correlates(step: &StepDef, input: &str, payload: &Value) -> bool {
+        let ActionSpec::WaitForEvent(spec) = &step.action else { return false };
+        let Some(rule) = &spec.correlate else { return true };
+        let input: Value = serde_json::from_str(input).unwrap_or(Value::Null);
+        let steps = serde_json::Map::new();
+        let scope = template::Scope { input: &input, steps: &steps, run: Value::Null };
+        let Ok(expected) = template::render_value(&Value::String(rule.equals.clone()), &scope) else { return false };
+        let mut actual = payload;
+        for part in rule.field.split('.') {
+            match actual.get(part) {
+                Some(next) => actual = next,
+                None => return false,
+            }
+        }
+        // 7 and "7" are the same user id, as far as correlation goes.
+        actual == &expected || text_of(actual) == text_of(&expected)
+    }
+}
+
+fn text_of(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }

@@ -530,13 +530,17 @@ async fn workflow_status(engine: &Engine, id: &str) -> Answer {
     check_workflow_id(id)?;
     let workflow = engine.registry().get(id).ok_or_else(|| ApiError::not_found(format!("no workflow `{id}`")))?;
     let mut active = Vec::new();
-    for status in ["pending", "running", "retrying"] {
+    for status in machine::STATUS_NAMES.into_iter().filter(|s| !crate::store::is_terminal_name(s)) {
         active.extend(engine.list_runs(Some(id), Some(status), None, 20).await?);
     }
     active.sort_by_key(|r| std::cmp::Reverse(r.uuid));
     let recent = engine.list_runs(Some(id), None, None, 20).await?;
-    let counts: serde_json::Map<String, Value> =
-        engine.count_runs(id).await?.into_iter().map(|(status, count)| (status, json!(count))).collect();
+    // Every status, counted or not: the stores only report the ones they saw.
+    let mut counts: serde_json::Map<String, Value> =
+        machine::STATUS_NAMES.iter().map(|status| ((*status).to_owned(), json!(0))).collect();
+    for (status, count) in engine.count_runs(id).await? {
+        counts.insert(status, json!(count));
+    }
     ok_json(
         StatusCode::OK,
         json!({
@@ -611,30 +615,37 @@ fn limit_param(
     }
 }
 
-fn is_entry_id(text: &str) -> bool {
-    text.split_once('-').is_some_and(|(ms, seq)| {
-        !ms.is_empty()
-            && !seq.is_empty()
-            && ms.len() <= 20
-            && seq.len() <= 20
-            && ms.bytes().chain(seq.bytes()).all(|b| b.is_ascii_digit())
-    })
+/// An event (stream entry) id `<ms>-<seq>`, both parts decimal and within u64 as Redis wants.
+fn entry_id(text: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = text.split_once('-')?;
+    let number = |part: &str| {
+        (!part.is_empty() && part.len() <= 20 && part.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| part.parse::<u64>().ok())
+            .flatten()
+    };
+    Some((number(ms)?, number(seq)?))
 }
 
 async fn list_events(engine: &Engine, query: Option<&str>) -> Answer {
     let params = query_params(query, &["limit", "before", "type"])?;
     let limit = limit_param(&params, 50, 500)?;
     let before = params.get("before").map(String::as_str);
-    if let Some(before) = before
-        && !is_entry_id(before)
-    {
-        return Err(ApiError::bad_request("`before` must be an event id such as `1700000000000-0`"));
-    }
+    let before_id = match before {
+        None => None,
+        Some(before) => Some(
+            entry_id(before)
+                .ok_or_else(|| ApiError::bad_request("`before` must be an event id such as `1700000000000-0`"))?,
+        ),
+    };
     let event_type = params.get("type").map(String::as_str);
     if let Some(event_type) = event_type
         && !crate::definition::valid_event_type(event_type)
     {
         return Err(ApiError::bad_request("`type` must match ^[a-z0-9][a-z0-9_.-]{0,127}$"));
+    }
+    if before_id == Some((0, 0)) {
+        // Nothing comes before the first possible id (and Redis refuses that range).
+        return ok_json(StatusCode::OK, json!({ "events": [], "nextCursor": null }));
     }
     let listed = engine.recent_events(before, event_type, limit).await?;
     let next_cursor = (listed.len() == limit).then(|| listed.last().map(|e| e.entry.id.clone())).flatten();

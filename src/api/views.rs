@@ -146,7 +146,8 @@ pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
 pub fn event(listed: &ListedEvent) -> Value {
     let entry = &listed.entry;
     let text = |name: &str| entry.field(name).map(|v| String::from_utf8_lossy(v).into_owned());
-    let published_at = entry.id.split_once('-').and_then(|(ms, _)| ms.parse::<Millis>().ok()).map(timestamp);
+    // Entry ids are `<ms>-<seq>` by construction (Redis and the memory store alike).
+    let published_at = timestamp(entry.id.split_once('-').and_then(|(ms, _)| ms.parse::<Millis>().ok()).unwrap_or(0));
     let runs = listed.started.as_ref().map(|runs| {
         runs.iter().map(|(workflow, run)| json!({ "workflowId": workflow, "runId": run })).collect::<Vec<_>>()
     });

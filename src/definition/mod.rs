@@ -3,6 +3,7 @@
 //!
 //! Nothing here does I/O beyond reading the one file it is asked to read.
 
+pub mod actions;
 pub mod duration;
 pub mod schedule;
 
@@ -65,6 +66,10 @@ pub struct WorkflowDef {
 pub struct StepDef {
     pub id: String,
     pub action: ActionSpec,
+    /// A template (`${steps.wait.timedOut}`): the step runs only when it is truthy; otherwise it
+    /// completes at once with `{"skipped": true}`.
+    #[serde(default)]
+    pub when: Option<String>,
     #[serde(with = "duration::serde_human")]
     pub timeout: Duration,
     pub retry: RetryPolicy,
@@ -78,6 +83,13 @@ pub enum ActionSpec {
     Noop,
     /// Runs an argv directly (no shell of ours), with a timeout and bounded output capture.
     Exec(ExecSpec),
+    Http(actions::HttpSpec),
+    Publish(actions::PublishSpec),
+    Notify(actions::NotifySpec),
+    Sleep(actions::SleepSpec),
+    WaitForEvent(actions::WaitSpec),
+    Inngest(actions::InngestSpec),
+    Builtin(actions::BuiltinSpec),
 }
 
 impl ActionSpec {
@@ -85,6 +97,13 @@ impl ActionSpec {
         match self {
             ActionSpec::Noop => "noop",
             ActionSpec::Exec(_) => "exec",
+            ActionSpec::Http(_) => "http",
+            ActionSpec::Publish(_) => "publish",
+            ActionSpec::Notify(_) => "notify",
+            ActionSpec::Sleep(_) => "sleep",
+            ActionSpec::WaitForEvent(_) => "wait_for_event",
+            ActionSpec::Inngest(_) => "inngest",
+            ActionSpec::Builtin(_) => "builtin",
         }
     }
 }
@@ -296,6 +315,8 @@ struct RawStep {
     id: String,
     action: String,
     #[serde(default)]
+    when: Option<String>,
+    #[serde(default)]
     with: Option<toml::Value>,
     timeout: Option<String>,
     retry: Option<RawRetry>,
@@ -382,7 +403,7 @@ impl RawWorkflow {
                 }
                 None => RetryPolicy::default(),
             };
-            steps.push(StepDef { id: raw.id, action, timeout, retry });
+            steps.push(StepDef { id: raw.id, action, when: raw.when, timeout, retry });
         }
         Ok(WorkflowDef {
             id: self.id,
@@ -445,7 +466,14 @@ fn parse_action(action: &str, with: Option<toml::Value>) -> Result<ActionSpec, (
             }
             Ok(ActionSpec::Exec(spec))
         }
-        other => Err(("action", format!("unknown action `{other}` (known: noop, exec)"))),
+        other => actions::parse_more(other, with).unwrap_or_else(|| {
+            Err((
+                "action",
+                format!(
+                    "unknown action `{other}` (known: noop, exec, http, publish, notify, sleep, wait_for_event, inngest, builtin)"
+                ),
+            ))
+        }),
     }
 }
 

@@ -17,7 +17,8 @@ pub enum Catchup {
     /// Start one run, for the latest missed fire.
     #[default]
     Latest,
-    /// Start a run for every missed fire within `catchup_window` (at most [`MAX_CATCHUP`]).
+    /// Start a run for every missed fire within `catchup_window` (at most [`MAX_CATCHUP`], the
+    /// newest; older ones are skipped).
     All,
 }
 
@@ -73,6 +74,14 @@ impl Schedule {
         Some(next.timestamp_millis() as Millis)
     }
 
+    /// The newest fire at or before `until`.
+    pub fn latest_until(&self, until: Millis) -> Option<Millis> {
+        // Fires fall on whole seconds: search from the second `until` falls in.
+        let start = self.at(until - until % 1000)?;
+        let previous = self.cron.find_previous_occurrence(&start, true).ok()?;
+        Some(previous.timestamp_millis() as Millis).filter(|fire| *fire <= until)
+    }
+
     /// Fires in `(after, until]`, oldest first, at most `max`.
     pub fn fires_between(&self, after: Millis, until: Millis, max: usize) -> Vec<Millis> {
         let mut fires = Vec::new();
@@ -104,6 +113,43 @@ mod tests {
         let every_two_seconds = Schedule::parse("*/2 * * * * *", None).unwrap();
         assert_eq!(every_two_seconds.fires_between(0, 7_000, 10), vec![2_000, 4_000, 6_000]);
         assert_eq!(every_two_seconds.fires_between(0, 100_000, 3).len(), 3);
+    }
+
+    #[test]
+    fn the_latest_fire_until_a_time() {
+        let every_two_seconds = Schedule::parse("*/2 * * * * *", None).unwrap();
+        let t0 = 1_800_000_000_000; // a multiple of 2 s
+        assert_eq!(every_two_seconds.latest_until(t0), Some(t0));
+        assert_eq!(every_two_seconds.latest_until(t0 + 1), Some(t0));
+        assert_eq!(every_two_seconds.latest_until(t0 + 1_999), Some(t0));
+        assert_eq!(every_two_seconds.latest_until(t0 + 2_000), Some(t0 + 2_000));
+        assert_eq!(every_two_seconds.latest_until(t0 - 1), Some(t0 - 2_000));
+        let every_five = Schedule::parse("*/5 * * * *", None).unwrap();
+        assert_eq!(every_five.latest_until(16 * MINUTE + 59_999), Some(15 * MINUTE));
+        assert_eq!(every_five.latest_until(15 * MINUTE), Some(15 * MINUTE));
+        // 02:00 Berlin on 1970-01-02 is 01:00 UTC that day.
+        let berlin = Schedule::parse("0 2 * * *", Some("Europe/Berlin")).unwrap();
+        assert_eq!(berlin.latest_until(48 * 60 * MINUTE), Some((24 + 1) * 60 * MINUTE));
+        // Agrees with the forward walk, across both of Berlin's 2027 clock changes (March 28,
+        // when 02:00 does not exist, and October 31, when 02:00-03:00 happens twice).
+        let spring = 1_806_000_000_000; // 2027-03-25
+        let autumn = 1_824_700_000_000; // 2027-10-29
+        let hourly_berlin = Schedule::parse("30 * * * *", Some("Europe/Berlin")).unwrap();
+        for (schedule, from, span) in [
+            (&every_two_seconds, t0, 60 * MINUTE),
+            (&every_five, t0, 3 * 24 * 60 * MINUTE),
+            (&berlin, spring, 10 * 24 * 60 * MINUTE),
+            (&berlin, autumn, 10 * 24 * 60 * MINUTE),
+            (&hourly_berlin, spring, 5 * 24 * 60 * MINUTE),
+            (&hourly_berlin, autumn, 5 * 24 * 60 * MINUTE),
+        ] {
+            let fires = schedule.fires_between(from, from + span, 100_000);
+            assert!(fires.len() > 2);
+            assert_eq!(schedule.latest_until(fires[0]), Some(fires[0]));
+            for pair in fires.windows(2) {
+                assert_eq!(schedule.latest_until(pair[1] - 1), Some(pair[0]));
+            }
+        }
     }
 
     #[test]

@@ -19,6 +19,8 @@ const FIRES_PER_TICK: usize = 100;
 /// Fires younger than this at start-up are not "missed": running replicas may be about to
 /// handle them.
 const CATCHUP_GRACE: Duration = Duration::from_secs(2);
+/// Missed fires are counted up to this many per outage (counting is a walk over the schedule).
+const MAX_COUNTED: usize = 100_000;
 
 impl Engine {
     pub(super) async fn cron_loop(self: Arc<Self>) {
@@ -81,38 +83,57 @@ impl Engine {
             // Never fired anywhere: nothing was missed.
             return Ok(now);
         };
-        let missed = schedule.fires_between(last, now, MAX_CATCHUP + 1);
-        // Under `skip`, a fire this recent may simply not be handled yet by replicas that are
-        // running: it is left to the normal path rather than skipped.
+        // Missed fires are found from the newest back rather than listed from `last`: after a
+        // long outage there are more of them than any bound, and listing only the oldest ones
+        // made `latest` run a stale fire, `all` look outside its window, and `skip` hand every
+        // fire past the bound to the normal path, which started them all.
+        let newest_until = |until: Millis| schedule.latest_until(until).filter(|fire| *fire > last);
         let recent = now.saturating_sub(CATCHUP_GRACE.as_millis() as u64);
-        let (run, skip, resume): (Vec<Millis>, Vec<Millis>, Millis) = match workflow.def.catchup {
+        // The fires to run (oldest first), the newest fire skipped (every missed fire up to it is
+        // skipped, and all of them are older than those run), and where the normal path resumes.
+        let (run, skipped_until, resume): (Vec<Millis>, Option<Millis>, Millis) = match workflow.def.catchup {
             Catchup::Skip => {
-                let skip: Vec<Millis> = missed.iter().copied().filter(|fire| *fire < recent).collect();
-                let resume = skip.last().copied().unwrap_or(last);
-                (Vec::new(), skip, resume)
+                // Under `skip`, a fire this recent may simply not be handled yet by replicas that
+                // are running: it is left to the normal path rather than skipped.
+                let skipped_until = newest_until(recent.saturating_sub(1));
+                (Vec::new(), skipped_until, skipped_until.unwrap_or(last))
             }
-            Catchup::Latest => match missed.split_last() {
-                Some((latest, older)) => (vec![*latest], older.to_vec(), now),
-                None => (Vec::new(), Vec::new(), now),
+            Catchup::Latest => match newest_until(now) {
+                Some(latest) => (vec![latest], newest_until(latest.saturating_sub(1)), now),
+                None => (Vec::new(), None, now),
             },
             Catchup::All => {
                 let window_start = now.saturating_sub(workflow.def.catchup_window.as_millis() as u64);
-                let (run, skip) = missed.iter().partition(|fire| **fire >= window_start);
-                (run, skip, now)
+                let mut run = Vec::new();
+                let mut cursor = now;
+                while run.len() < MAX_CATCHUP {
+                    match newest_until(cursor) {
+                        Some(fire) if fire >= window_start => {
+                            run.push(fire);
+                            cursor = fire.saturating_sub(1);
+                        }
+                        _ => break,
+                    }
+                }
+                run.reverse();
+                let skipped_until = newest_until(run.first().map_or(now, |first| first.saturating_sub(1)));
+                (run, skipped_until, now)
             }
         };
-        if let (Some(first), Some(latest)) = (skip.first(), skip.last()) {
+        if let Some(skipped_until) = skipped_until {
+            let skipped = schedule.fires_between(last, skipped_until, MAX_COUNTED).len();
             tracing::warn!(
                 workflow = %id,
-                missed = skip.len(),
-                first = %crate::api::views::timestamp(*first),
+                missed = skipped,
+                first = %schedule.next_after(last).map(crate::api::views::timestamp).unwrap_or_default(),
+                last = %crate::api::views::timestamp(skipped_until),
                 policy = ?workflow.def.catchup,
                 "fires missed while no replica ran are not started (catch-up policy)"
             );
-            self.counters.cron_missed.fetch_add(skip.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            self.store.cron_advance(id, *latest, None).await?;
+            self.counters.cron_missed.fetch_add(skipped as u64, std::sync::atomic::Ordering::Relaxed);
+            self.store.cron_advance(id, skipped_until, None).await?;
         }
-        for fire in run.iter().take(MAX_CATCHUP) {
+        for fire in &run {
             tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(*fire), "catching up a missed fire");
             self.fire(workflow, *fire).await?;
         }

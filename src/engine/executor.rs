@@ -196,25 +196,34 @@ impl Engine {
                 step_def.id, self.config.max_deliveries
             )))
         } else {
+            // Earlier outputs only when the step's templates name them: a read of the log.
+            let steps =
+                if actions::Actions::needs_outputs(step_def) { self.outputs(run).await? } else { Default::default() };
             let context = StepContext {
                 run_id: task.run.clone(),
                 workflow_id: workflow.def.id.clone(),
                 step_id: step_def.id.clone(),
                 attempt,
                 input: task.state.input.clone(),
+                steps,
             };
             let cancel = self.abort_steps.child_token();
             self.in_flight.lock().insert(lease.clone(), cancel.clone());
-            let result = run_with_timeout(step_def, &context, cancel).await;
+            let result = self.run_with_timeout(step_def, &context, cancel).await;
             self.in_flight.lock().remove(lease);
             result
         };
         let now = self.clock.now();
         self.metrics.step_took(&workflow.def.id, std::time::Duration::from_millis(now.saturating_sub(started_at)));
+        let mut parked_on = None;
         let finished = match outcome {
-            Ok(output) => {
+            Ok(actions::Outcome::Done(output)) => {
                 Counters::add(&self.counters.steps_completed);
                 Transition::StepCompleted { step, attempt, output }
+            }
+            Ok(actions::Outcome::Park { until, event }) => {
+                parked_on = event.clone().map(|event| (event, until));
+                Transition::StepSuspended { step, attempt, until, event }
             }
             Err(err) => {
                 Counters::add(&self.counters.steps_failed);
@@ -246,8 +255,31 @@ impl Engine {
             }
         };
         let expected_seq = task.state.seq;
-        self.commit_advanced(run, expected_seq, Some(lease.clone()), advanced, false).await?;
+        let outcome = self.commit_advanced(run, expected_seq, Some(lease.clone()), advanced, false).await?;
+        if let (Some((event, until)), CommitOutcome::Applied { .. }) = (parked_on, outcome) {
+            // Found by the router when the event arrives. Not atomic with the commit: the
+            // sweeper registers a waiting run again if this is lost.
+            self.store.add_wait(&event, run, until).await?;
+        }
         Ok(())
+    }
+
+    /// The outputs of a run's completed (or reused) steps, by step id.
+    pub(super) async fn outputs(&self, run: &RunId) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
+        let mut outputs = serde_json::Map::new();
+        let Some(log) = self.store.history(run).await? else { return Ok(outputs) };
+        let Some(workflow) = self.store.summary(run).await?.map(|s| s.definition) else { return Ok(outputs) };
+        let workflow = self.definition(run.shard, &workflow).await?;
+        for entry in &log {
+            if let Transition::StepCompleted { step, output, .. } | Transition::StepReused { step, output } =
+                &entry.recorded.transition
+                && let Some(def) = workflow.def.steps.get(*step as usize)
+            {
+                let value = serde_json::from_str(output).unwrap_or_else(|_| serde_json::Value::String(output.clone()));
+                outputs.insert(def.id.clone(), value);
+            }
+        }
+        Ok(outputs)
     }
 
     /// Commits an advanced state: its transitions, and the effects they imply.
@@ -324,25 +356,28 @@ impl Engine {
     }
 }
 
-/// Runs the action until it ends or its timeout; on timeout the action is cancelled and awaited,
-/// so that it cleans up (an `exec` kills its whole process group).
-async fn run_with_timeout(
-    step: &crate::definition::StepDef,
-    context: &StepContext,
-    cancel: CancellationToken,
-) -> Result<String, actions::ActionError> {
-    let action = actions::run(step, context, cancel.clone());
-    tokio::pin!(action);
-    tokio::select! {
-        result = &mut action => result,
-        () = tokio::time::sleep(step.timeout) => {
-            cancel.cancel();
-            let _ = action.await;
-            Err(actions::ActionError::retryable(format!(
-                "step `{}` timed out after {}",
-                step.id,
-                crate::definition::format_duration(step.timeout)
-            )))
+impl Engine {
+    /// Runs the action until it ends or its timeout; on timeout the action is cancelled and
+    /// awaited, so that it cleans up (an `exec` kills its whole process group).
+    async fn run_with_timeout(
+        &self,
+        step: &crate::definition::StepDef,
+        context: &StepContext,
+        cancel: CancellationToken,
+    ) -> Result<actions::Outcome, actions::ActionError> {
+        let action = self.actions.run(step, context, self, cancel.clone());
+        tokio::pin!(action);
+        tokio::select! {
+            result = &mut action => result,
+            () = tokio::time::sleep(step.timeout) => {
+                cancel.cancel();
+                let _ = action.await;
+                Err(actions::ActionError::retryable(format!(
+                    "step `{}` timed out after {}",
+                    step.id,
+                    crate::definition::format_duration(step.timeout)
+                )))
+            }
         }
     }
 }

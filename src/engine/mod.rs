@@ -16,6 +16,7 @@ mod executor;
 mod metrics;
 mod operator;
 mod router;
+mod services;
 mod sweeper;
 mod timers;
 
@@ -145,6 +146,8 @@ pub struct Engine {
     /// Announces runs this replica finished (id, status), for in-process observers such as the
     /// benchmark. Lossy by design: a slow observer misses announcements, never stalls a commit.
     finished: tokio::sync::broadcast::Sender<(String, &'static str)>,
+    /// What steps do: the HTTP client, where notifications go, the built-ins.
+    actions: crate::actions::Actions,
     pub counters: Counters,
     pub metrics: Metrics,
 }
@@ -155,6 +158,33 @@ impl Engine {
         registry: Arc<Registry>,
         config: EngineConfig,
     ) -> Result<Arc<Engine>, EngineError> {
+        let actions = crate::actions::Actions::new(crate::actions::ActionConfig::from_env());
+        Engine::with_actions(store, registry, config, actions).await
+    }
+
+    /// With actions of the caller's (more built-ins, another configuration). Refuses a registry
+    /// whose steps name built-ins that are not registered.
+    pub async fn with_actions(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        config: EngineConfig,
+        actions: crate::actions::Actions,
+    ) -> Result<Arc<Engine>, EngineError> {
+        for workflow in registry.iter() {
+            for step in &workflow.def.steps {
+                if let crate::definition::ActionSpec::Builtin(spec) = &step.action
+                    && !actions.has_builtin(&spec.name)
+                {
+                    return Err(EngineError::Invalid(format!(
+                        "workflow `{}`: step `{}`: no built-in action `{}` (known: {})",
+                        workflow.def.id,
+                        step.id,
+                        spec.name,
+                        actions.builtin_names().join(", ")
+                    )));
+                }
+            }
+        }
         let incarnation = uuid::Uuid::now_v7().simple().to_string();
         let consumer = format!("{}:{}", config.replica_id, &incarnation[incarnation.len() - 8..]);
         let workflows: Vec<Arc<Workflow>> = registry.iter().cloned().collect();
@@ -172,6 +202,7 @@ impl Engine {
             abort_steps: CancellationToken::new(),
             tasks: TaskTracker::new(),
             finished: tokio::sync::broadcast::channel(4096).0,
+            actions,
             counters: Counters::default(),
             metrics: Metrics::default(),
             config,

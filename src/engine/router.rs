@@ -7,7 +7,7 @@
 
 use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
 use crate::definition::valid_event_type;
-use crate::machine::Trigger;
+use crate::machine::{Transition, Trigger};
 use crate::store::{BusEntry, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -181,6 +181,50 @@ impl Engine {
         }
     }
 
+    /// Wakes the runs waiting for this event whose correlation rule it satisfies.
+    async fn wake_waiting(&self, id: &str, event: &Event) -> Result<(), StoreError> {
+        for run in self.store.waiting(&event.event_type).await? {
+            let loaded = match self.load(&run).await {
+                Ok(Some(loaded)) => loaded,
+                Ok(None) => {
+                    self.store.remove_wait(&event.event_type, &run).await?;
+                    continue;
+                }
+                Err(EngineError::Store(err)) => return Err(err),
+                Err(err) => {
+                    tracing::error!(run = %run, %err, "a waiting run cannot be read; leaving it to its time-out");
+                    continue;
+                }
+            };
+            let crate::machine::Status::Waiting { step, attempt, event: ref awaited, .. } = loaded.state.status else {
+                // Woken or ended meanwhile: the registration is stale.
+                self.store.remove_wait(&event.event_type, &run).await?;
+                continue;
+            };
+            let Some(step_def) = loaded.workflow.def.steps.get(step as usize) else { continue };
+            if *awaited != event.event_type
+                || !crate::actions::Actions::correlates(step_def, &loaded.state.input, &event.payload)
+            {
+                continue;
+            }
+            let payload = event.payload.to_string();
+            let output = serde_json::json!({
+                "timedOut": false,
+                "event": { "id": id, "type": event.event_type, "payload": event.payload },
+            })
+            .to_string();
+            let woke = Transition::EventReceived { step, attempt, event_id: id.to_owned(), payload };
+            let now = self.clock.now();
+            if let crate::store::CommitOutcome::Applied { .. } =
+                self.wake(&run, &loaded.state, &loaded.workflow, woke, output, now).await?
+            {
+                tracing::info!(run = %run, event = %id, "event woke a waiting run");
+                self.store.remove_wait(&event.event_type, &run).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn dead_letter(&self, entry: &BusEntry, reason: &str) -> Result<(), StoreError> {
         tracing::warn!(event = %entry.id, %reason, "malformed event moved to the dead-letter stream");
         self.store.dead_letter_event(entry, reason).await?;
@@ -205,6 +249,7 @@ impl Engine {
                 }
             }
         }
+        self.wake_waiting(id, event).await?;
         if crash_before_ack() {
             // Fault injection for the crash-recovery tests: die like `kill -9` would, after
             // the runs were started and before the event is acknowledged.

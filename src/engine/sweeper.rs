@@ -47,6 +47,9 @@ impl Engine {
         let before = self.clock.now().saturating_sub(quiet_for.as_millis() as u64);
         let mut requeued = 0;
         for (run, summary) in self.store.quiet_runs(before, SWEEP_BATCH).await? {
+            if summary.status == "waiting" {
+                self.register_wait(&run).await?;
+            }
             if self.is_orphan(&run, &summary).await? {
                 tracing::warn!(run = %run, status = %summary.status, "run has no queued step, no lease and no timer: re-queueing it");
                 self.requeue(&run).await?;
@@ -63,9 +66,21 @@ impl Engine {
                 Some(entry) => Ok(!self.store.dispatch_exists(run, entry).await?),
                 None => Ok(true),
             },
-            "retrying" => Ok(!self.store.has_timer(run).await?),
+            "retrying" | "sleeping" | "waiting" => Ok(!self.store.has_timer(run).await?),
             _ => Ok(false),
         }
+    }
+
+    /// Registers a waiting run for its event again (idempotent): the registration is written
+    /// after the commit that parks the run, so a crash in between could lose it.
+    async fn register_wait(&self, run: &RunId) -> Result<(), StoreError> {
+        let Some(log) = self.store.history(run).await? else { return Ok(()) };
+        if let Ok(Some(state)) = machine::replay(log.iter().map(|l| &l.recorded))
+            && let machine::Status::Waiting { event, until, .. } = state.status
+        {
+            self.store.add_wait(&event, run, until).await?;
+        }
+        Ok(())
     }
 
     /// Re-derives a run's effects from its log and performs them again (fenced by its seq).

@@ -49,7 +49,20 @@ impl Engine {
                     .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
                 self.commit_advanced(run, state.seq, None, advanced, true).await?;
             }
-            Status::Retrying { .. } => {} // due by the set's score, not yet by the log: clocks; next poll.
+            Status::Sleeping { step, attempt, until } if until <= now => {
+                let output = serde_json::json!({ "sleptUntil": crate::api::views::timestamp(until) }).to_string();
+                self.wake(run, &state, &workflow, Transition::TimerFired { step, attempt }, output, now).await?;
+            }
+            Status::Waiting { step, attempt, ref event, until } if until <= now => {
+                // The wait timed out: the step completes saying so, and later steps may branch
+                // on it (`when = "${steps.<id>.timedOut}"`).
+                let event = event.clone();
+                let output = serde_json::json!({ "timedOut": true, "event": null }).to_string();
+                self.wake(run, &state, &workflow, Transition::TimerFired { step, attempt }, output, now).await?;
+                self.store.remove_wait(&event, run).await?;
+            }
+            // Due by the set's score, not yet by the log: clocks; next poll.
+            Status::Retrying { .. } | Status::Sleeping { .. } | Status::Waiting { .. } => {}
             _ => {
                 // The run no longer waits on a timer: drop the stale one.
                 let commit = Commit {
@@ -66,5 +79,26 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Wakes a parked step (`woke`: its timer or its event) and completes it with `output`, in
+    /// one commit that also queues what comes next.
+    pub(super) async fn wake(
+        &self,
+        run: &RunId,
+        state: &machine::RunState,
+        workflow: &crate::definition::Workflow,
+        woke: Transition,
+        output: String,
+        now: machine::Millis,
+    ) -> Result<crate::store::CommitOutcome, StoreError> {
+        let Some((step, attempt)) = woke.step_attempt() else {
+            return Err(StoreError::Corrupt { key: run.to_string(), problem: "a wake-up without a step".to_owned() });
+        };
+        let happened =
+            vec![self.recorded(now, woke), self.recorded(now, Transition::StepCompleted { step, attempt, output })];
+        let advanced = machine::advance(Some(state), &workflow.def, happened, now)
+            .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
+        self.commit_advanced(run, state.seq, None, advanced, true).await
     }
 }

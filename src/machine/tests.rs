@@ -17,6 +17,7 @@ fn definition(steps: usize, max_attempts: u32) -> WorkflowDef {
             .map(|i| StepDef {
                 id: format!("s{i}"),
                 action: ActionSpec::Noop,
+                when: None,
                 timeout: Duration::from_secs(1),
                 retry: RetryPolicy { max_attempts, ..RetryPolicy::default() },
             })

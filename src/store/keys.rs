@@ -126,6 +126,16 @@ impl Keys {
         format!("{}:events:runs:{id}", self.prefix)
     }
 
+    /// Sorted set: runs waiting for events of type `event`, by their time-out.
+    pub fn waits(&self, event: &str) -> String {
+        format!("{}:waits:{event}", self.prefix)
+    }
+
+    /// String: a small shared value of the actions (a sync cursor, say).
+    pub fn value(&self, key: &str) -> String {
+        format!("{}:kv:{key}", self.prefix)
+    }
+
     /// Hash: a workflow schedule's shared state (last fire, last run, buffered fire).
     pub fn cron(&self, workflow: &str) -> String {
         format!("{}:cron:{workflow}", self.prefix)

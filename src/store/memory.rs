@@ -207,6 +207,10 @@ struct State {
     bus: Bus,
     /// Schedules' shared state, by workflow.
     crons: HashMap<String, CronState>,
+    /// Runs waiting for events, by event type.
+    waits: HashMap<String, BTreeMap<RunId, Millis>>,
+    /// Small shared values of the actions.
+    values: HashMap<String, String>,
 }
 
 /// An entry's raw fields, binary-safe.
@@ -942,6 +946,42 @@ impl Store for MemoryStore {
             events_dead: state.bus.dead.len() as u64,
         })
     }
+
+    async fn add_wait(&self, event: &str, run: &RunId, until: Millis) -> StoreResult<()> {
+        self.shared.state.lock().waits.entry(event.to_owned()).or_default().insert(run.clone(), until);
+        Ok(())
+    }
+
+    async fn remove_wait(&self, event: &str, run: &RunId) -> StoreResult<()> {
+        if let Some(waits) = self.shared.state.lock().waits.get_mut(event) {
+            waits.remove(run);
+        }
+        Ok(())
+    }
+
+    async fn waiting(&self, event: &str) -> StoreResult<Vec<RunId>> {
+        Ok(self
+            .shared
+            .state
+            .lock()
+            .waits
+            .get(event)
+            .map(|w| w.keys().take(1000).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn get_value(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(self.shared.state.lock().values.get(key).cloned())
+    }
+
+    async fn set_value(&self, key: &str, value: &str) -> StoreResult<()> {
+        self.shared.state.lock().values.insert(key.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    async fn memory_used(&self) -> StoreResult<Option<u64>> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]
@@ -964,6 +1004,7 @@ mod tests {
                 .map(|i| StepDef {
                     id: format!("s{i}"),
                     action: ActionSpec::Noop,
+                    when: None,
                     timeout: Duration::from_secs(1),
                     retry: RetryPolicy { max_attempts, ..RetryPolicy::default() },
                 })

@@ -412,6 +412,34 @@ pub trait Store: Send + Sync + 'static {
     async fn event_counts(&self) -> StoreResult<(u64, u64)>;
 
     async fn stream_stats(&self) -> StoreResult<StreamStats>;
+
+    // ---- runs waiting for events ----
+
+    /// Registers a run waiting for events of type `event` until `until`.
+    async fn add_wait(&self, event: &str, run: &RunId, until: Millis) -> StoreResult<()>;
+
+    async fn remove_wait(&self, event: &str, run: &RunId) -> StoreResult<()>;
+
+    /// Runs registered as waiting for `event` (at most 1,000).
+    async fn waiting(&self, event: &str) -> StoreResult<Vec<RunId>>;
+
+    // ---- small shared values (a sync cursor, say) ----
+
+    async fn get_value(&self, key: &str) -> StoreResult<Option<String>>;
+
+    async fn set_value(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    /// Bytes of memory the store uses, where it can tell.
+    async fn memory_used(&self) -> StoreResult<Option<u64>>;
+}
+
+/// Orders stream entry ids (`<ms>-<seq>`) numerically.
+pub fn compare_entry_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    let parse = |id: &str| {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
+    };
+    parse(a).cmp(&parse(b))
 }
 
 /// The summary fields of a status.

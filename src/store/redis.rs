@@ -140,13 +140,7 @@ fn created_ms(run: &RunId) -> Millis {
     })
 }
 
-fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
-    let parse = |id: &str| {
-        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
-    };
-    parse(a).cmp(&parse(b))
-}
+use super::compare_entry_ids as compare_ids;
 
 impl RedisStore {
     /// Connects, refuses Redis older than 7.0, loads the Lua library and creates the consumer
@@ -1315,5 +1309,34 @@ impl Store for RedisStore {
         stats.events_pending =
             pending_count(self.cmd("XPENDING", vec![self.keys.events().into(), ROUTER_GROUP.into()]).await?);
         Ok(stats)
+    }
+
+    async fn add_wait(&self, event: &str, run: &RunId, until: Millis) -> StoreResult<()> {
+        self.cmd("ZADD", vec![self.keys.waits(event).into(), until.to_string().into(), run.to_string().into()]).await?;
+        Ok(())
+    }
+
+    async fn remove_wait(&self, event: &str, run: &RunId) -> StoreResult<()> {
+        self.cmd("ZREM", vec![self.keys.waits(event).into(), run.to_string().into()]).await?;
+        Ok(())
+    }
+
+    async fn waiting(&self, event: &str) -> StoreResult<Vec<RunId>> {
+        let reply = self.cmd("ZRANGE", vec![self.keys.waits(event).into(), "0".into(), "999".into()]).await?;
+        Ok(reply.into_array().iter().filter_map(|m| text(m)?.parse().ok()).collect())
+    }
+
+    async fn get_value(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(text(&self.cmd("GET", vec![self.keys.value(key).into()]).await?))
+    }
+
+    async fn set_value(&self, key: &str, value: &str) -> StoreResult<()> {
+        self.cmd("SET", vec![self.keys.value(key).into(), value.into()]).await?;
+        Ok(())
+    }
+
+    async fn memory_used(&self) -> StoreResult<Option<u64>> {
+        let info = text(&self.cmd("INFO", vec!["memory".into()]).await?).unwrap_or_default();
+        Ok(info.lines().find_map(|line| line.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()))
     }
 }
