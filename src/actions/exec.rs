@@ -109,6 +109,7 @@ mod tests {
             attempt: 2,
             input: r#"{"a":1}"#.into(),
             steps: Default::default(),
+            trigger: serde_json::Value::Null,
         }
     }
 

@@ -34,6 +34,8 @@ pub struct StepContext {
     /// Outputs of the run's earlier steps, by step id (filled when the step's templates name
     /// them).
     pub steps: serde_json::Map<String, Value>,
+    /// What started the run: `{"kind": "api"|"cron"|"event"|"rerun", "eventType", "eventId", ...}`.
+    pub trigger: Value,
 }
 
 impl StepContext {
@@ -246,16 +248,20 @@ impl Actions {
             input: &input,
             steps: &context.steps,
             run: serde_json::json!({
-                "id": context.run_id, "workflow": context.workflow_id, "step": context.step_id, "attempt": context.attempt,
+                "id": context.run_id,
+                "workflow": context.workflow_id,
+                "step": context.step_id,
+                "attempt": context.attempt,
+                "trigger": context.trigger,
+                "eventType": context.trigger.get("eventType"),
             }),
         };
         let render = |value: &Value| template::render_value(value, &scope).map_err(ActionError::fatal);
         let render_str = |text: &str| template::render_str(text, &scope).map_err(ActionError::fatal);
-        if let Some(when) = &step.when {
-            let value = template::render_value(&Value::String(when.clone()), &scope).map_err(ActionError::fatal)?;
-            if !template::truthy(&value) {
-                return Ok(Outcome::Done(serde_json::json!({ "skipped": true }).to_string()));
-            }
+        if let Some(when) = &step.when
+            && !template::condition(when, &scope).map_err(ActionError::fatal)?
+        {
+            return Ok(Outcome::Done(serde_json::json!({ "skipped": true }).to_string()));
         }
         let done = |value: Value| Ok(Outcome::Done(value.to_string()));
         match &step.action {

@@ -103,6 +103,19 @@ pub fn truthy(value: &Value) -> bool {
     }
 }
 
+/// Evaluates a `when` condition: a template (truthy or not), or `<template> == <text>` /
+/// `<template> != <text>` comparing the rendered value's text.
+pub fn condition(text: &str, scope: &Scope) -> Result<bool, String> {
+    for (operator, equal) in [("==", true), ("!=", false)] {
+        if let Some((left, right)) = text.split_once(operator) {
+            let left = render_str(left.trim(), scope)?;
+            let right = render_str(right.trim().trim_matches('"'), scope)?;
+            return Ok((left == right) == equal);
+        }
+    }
+    Ok(truthy(&render_string(text, scope)?))
+}
+
 /// Whether a text holds a template naming earlier steps' outputs.
 pub fn mentions_steps(text: &str) -> bool {
     text.contains("${steps.") || text.contains("${ steps.")
@@ -140,6 +153,17 @@ mod tests {
             assert!(render_str("${secret.x}", scope).unwrap_err().contains("unknown root"));
             assert!(render_str("${env.WFO_SURELY_UNSET_VARIABLE}", scope).unwrap_err().contains("not set"));
             assert!(render_str("${input.userId", scope).unwrap_err().contains("unclosed"));
+        });
+    }
+
+    #[test]
+    fn conditions_compare_text() {
+        with_scope(|scope| {
+            assert!(condition("${input.userId} == 7", scope).unwrap());
+            assert!(condition("${run.id} != r2", scope).unwrap());
+            assert!(!condition("${input.userId} == \"8\"", scope).unwrap());
+            assert!(condition("${steps.fetch.body.items}", scope).unwrap());
+            assert!(!condition("${steps.fetch.body.next}", scope).unwrap());
         });
     }
 

@@ -142,6 +142,7 @@ enum Route<'a> {
     Cancel(&'a str),
     Retry(&'a str),
     Rerun(&'a str),
+    InngestWebhook,
 }
 
 impl<'a> Route<'a> {
@@ -160,6 +161,7 @@ impl<'a> Route<'a> {
             ["api", "runs", id, "cancel"] => Route::Cancel(id),
             ["api", "runs", id, "retry"] => Route::Retry(id),
             ["api", "runs", id, "rerun"] => Route::Rerun(id),
+            ["api", "webhooks", "inngest"] => Route::InngestWebhook,
             _ => return None,
         })
     }
@@ -168,7 +170,7 @@ impl<'a> Route<'a> {
     fn allow(&self) -> &'static str {
         match self {
             Route::Events => "GET, POST",
-            Route::Trigger(_) | Route::Cancel(_) | Route::Retry(_) | Route::Rerun(_) => "POST",
+            Route::Trigger(_) | Route::Cancel(_) | Route::Retry(_) | Route::Rerun(_) | Route::InngestWebhook => "POST",
             Route::Health
             | Route::Metrics
             | Route::OpenApi
@@ -180,9 +182,10 @@ impl<'a> Route<'a> {
         }
     }
 
-    /// Open without the API token: probes and scrapers.
+    /// Open without the API token: probes, scrapers, and the Inngest webhook (which carries a
+    /// signature of its own).
     fn is_public(&self) -> bool {
-        matches!(self, Route::Health | Route::Metrics)
+        matches!(self, Route::Health | Route::Metrics | Route::InngestWebhook)
     }
 }
 
@@ -226,6 +229,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
         Route::Cancel(id) => cancel(engine, id, request).await,
         Route::Retry(id) => retry(engine, id, request).await,
         Route::Rerun(id) => rerun(engine, id, request).await,
+        Route::InngestWebhook => inngest_webhook(engine, request).await,
     }
 }
 
@@ -682,6 +686,78 @@ async fn publish_event(engine: &Engine, request: Request<Incoming>) -> Answer {
     let key = text_field("key", body.remove("key"))?;
     let source = text_field("source", body.remove("source"))?;
     match engine.publish_event(&event_type, &payload, key.as_deref(), source.as_deref()).await? {
+        Ok(event_id) => ok_json(StatusCode::ACCEPTED, json!({ "eventId": event_id, "eventType": event_type })),
+        Err(problem) => Err(ApiError::bad_request(problem)),
+    }
+}
+
+/// How far an Inngest signature's timestamp may be from now.
+const INNGEST_SIGNATURE_SKEW_SECS: u64 = 300;
+
+/// `POST /api/webhooks/inngest`: a signed callback from Inngest (`X-Inngest-Signature:
+/// t=<unix seconds>&s=<hex HMAC-SHA256 of body + t>`, keyed with `INNGEST_SIGNING_KEY` without
+/// its `signkey-<env>-` prefix), published onto the bus: `{"name": "rayanava/leads.scored",
+/// "data": {...}}` becomes an event of type `rayanava.leads.scored` with `data` as its payload.
+async fn inngest_webhook(engine: &Engine, request: Request<Incoming>) -> Answer {
+    use subtle::ConstantTimeEq;
+    let Some(key) = std::env::var("INNGEST_SIGNING_KEY").ok().filter(|k| !k.is_empty()) else {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_configured", "INNGEST_SIGNING_KEY is not set"));
+    };
+    let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", message);
+    let header = request
+        .headers()
+        .get("x-inngest-signature")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| unauthorized("missing X-Inngest-Signature"))?;
+    let mut timestamp = None;
+    let mut signature = None;
+    for part in header.split('&') {
+        match part.split_once('=') {
+            Some(("t", t)) => timestamp = t.parse::<u64>().ok(),
+            Some(("s", s)) => signature = Some(s.to_owned()),
+            _ => {}
+        }
+    }
+    let (Some(timestamp), Some(signature)) = (timestamp, signature) else {
+        return Err(unauthorized("X-Inngest-Signature must be `t=<seconds>&s=<hex>`"));
+    };
+    let now_secs = engine.now() / 1000;
+    if now_secs.abs_diff(timestamp) > INNGEST_SIGNATURE_SKEW_SECS {
+        return Err(unauthorized("the signature's timestamp is too old or in the future"));
+    }
+    let bytes = Limited::new(request.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is too large"))?
+        .to_bytes();
+    let key =
+        key.split_once("signkey-").map_or(key.as_str(), |(_, rest)| rest.split_once('-').map_or(rest, |(_, k)| k));
+    let mut signed = bytes.to_vec();
+    signed.extend_from_slice(timestamp.to_string().as_bytes());
+    let expected = crate::actions::sign(key, &signed);
+    let expected = expected.trim_start_matches("sha256=");
+    if !bool::from(expected.as_bytes().ct_eq(signature.to_ascii_lowercase().as_bytes())) {
+        return Err(unauthorized("the signature does not match"));
+    }
+    let body: Value = serde_json::from_slice(&bytes)
+        .map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))?;
+    let name = body.get("name").and_then(Value::as_str).ok_or_else(|| ApiError::bad_request("`name` is required"))?;
+    let event_type: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '_' | '.' | '-' => c,
+            _ => '.',
+        })
+        .collect();
+    let payload = match body.get("data") {
+        Some(data @ Value::Object(_)) => data.clone(),
+        None | Some(Value::Null) => json!({}),
+        Some(other) => json!({ "data": other }),
+    };
+    let key = body.get("id").and_then(Value::as_str).map(|id| format!("inngest:{id}"));
+    match engine.publish_event(&event_type, &payload, key.as_deref(), Some("inngest")).await? {
         Ok(event_id) => ok_json(StatusCode::ACCEPTED, json!({ "eventId": event_id, "eventType": event_type })),
         Err(problem) => Err(ApiError::bad_request(problem)),
     }

@@ -20,7 +20,8 @@ fn step_id(workflow: &Workflow, step: u32) -> Value {
     workflow.def.steps.get(step as usize).map_or(Value::Null, |s| Value::String(s.id.clone()))
 }
 
-fn trigger(trigger: &Trigger) -> Value {
+/// What started a run, as JSON.
+pub fn trigger(trigger: &Trigger) -> Value {
     match trigger {
         Trigger::Api => json!({ "kind": "api" }),
         Trigger::Cron { fire_at } => json!({ "kind": "cron", "fireAt": timestamp(*fire_at) }),
@@ -83,11 +84,16 @@ pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) 
             json!({ "id": def.id, "status": status, "attempts": attempts, "output": output, "error": error })
         })
         .collect();
-    let run_error = log.iter().rev().find_map(|entry| match &entry.recorded.transition {
-        Transition::RunFailed { error } => Some(error.clone()),
-        Transition::RunCancelled { reason } => Some(format!("cancelled: {reason}")),
-        _ => None,
-    });
+    // The error that ended the run: a failure before the run was last resumed is history only.
+    let run_error = log
+        .iter()
+        .rev()
+        .take_while(|entry| !matches!(entry.recorded.transition, Transition::RunResumed { .. }))
+        .find_map(|entry| match &entry.recorded.transition {
+            Transition::RunFailed { error } => Some(error.clone()),
+            Transition::RunCancelled { reason } => Some(format!("cancelled: {reason}")),
+            _ => None,
+        });
     json!({
         "runId": run_id,
         "workflowId": state.workflow,

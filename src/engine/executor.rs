@@ -206,6 +206,7 @@ impl Engine {
                 attempt,
                 input: task.state.input.clone(),
                 steps,
+                trigger: crate::api::views::trigger(&task.state.trigger),
             };
             let cancel = self.abort_steps.child_token();
             self.in_flight.lock().insert(lease.clone(), cancel.clone());

@@ -181,8 +181,10 @@ impl Engine {
         }
     }
 
-    /// Wakes the runs waiting for this event whose correlation rule it satisfies.
-    async fn wake_waiting(&self, id: &str, event: &Event) -> Result<(), StoreError> {
+    /// Wakes the runs waiting for this event whose correlation rule it satisfies; returns the
+    /// workflows of the runs it woke.
+    async fn wake_waiting(&self, id: &str, event: &Event) -> Result<Vec<String>, StoreError> {
+        let mut woken = Vec::new();
         for run in self.store.waiting(&event.event_type).await? {
             let loaded = match self.load(&run).await {
                 Ok(Some(loaded)) => loaded,
@@ -220,9 +222,10 @@ impl Engine {
             {
                 tracing::info!(run = %run, event = %id, "event woke a waiting run");
                 self.store.remove_wait(&event.event_type, &run).await?;
+                woken.push(loaded.state.workflow.clone());
             }
         }
-        Ok(())
+        Ok(woken)
     }
 
     async fn dead_letter(&self, entry: &BusEntry, reason: &str) -> Result<(), StoreError> {
@@ -233,8 +236,14 @@ impl Engine {
     }
 
     async fn start_for(&self, id: &str, event: &Event) -> Result<(), StoreError> {
+        // Runs waiting for this event go first; a workflow whose run the event woke is not also
+        // started anew by it (a `user.verified` continues the onboarding that waits for it, and
+        // starts one only when none waits).
+        let woken = self.wake_waiting(id, event).await?;
         let mut started = Vec::new();
-        for workflow in self.registry.iter().filter(|w| w.def.events.contains(&event.event_type)) {
+        for workflow in
+            self.registry.iter().filter(|w| w.def.events.contains(&event.event_type) && !woken.contains(&w.def.id))
+        {
             let workflow_id = &workflow.def.id;
             let key = match &event.key {
                 Some(key) => format!("event:key:{key}:{workflow_id}"),
@@ -249,7 +258,6 @@ impl Engine {
                 }
             }
         }
-        self.wake_waiting(id, event).await?;
         if crash_before_ack() {
             // Fault injection for the crash-recovery tests: die like `kill -9` would, after
             // the runs were started and before the event is acknowledged.
