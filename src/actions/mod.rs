@@ -84,6 +84,8 @@ pub trait Services: Send + Sync {
     /// The orchestrator's own housekeeping: trims streams, expires finished runs, reports the
     /// store's memory and queues.
     async fn housekeeping(&self) -> Result<Value, ActionError>;
+    /// The store's security-relevant settings: `{"kind", "authenticated", "warnings": [...]}`.
+    async fn store_report(&self) -> Result<Value, ActionError>;
 }
 
 /// A named action written in Rust.
@@ -333,14 +335,14 @@ impl Actions {
         }
     }
 
-    /// Whether an event's payload satisfies a waiting step's correlation rule, for a run whose
-    /// input is `input`.
-    pub fn correlates(step: &StepDef, input: &str, payload: &Value) -> bool {
+    /// Whether an event's payload satisfies a waiting step's correlation rule, for run `run_id`
+    /// whose input is `input` (the rule may name `${input...}` and `${run.id}`).
+    pub fn correlates(step: &StepDef, run_id: &str, input: &str, payload: &Value) -> bool {
         let ActionSpec::WaitForEvent(spec) = &step.action else { return false };
         let Some(rule) = &spec.correlate else { return true };
         let input: Value = serde_json::from_str(input).unwrap_or(Value::Null);
         let steps = serde_json::Map::new();
-        let scope = template::Scope { input: &input, steps: &steps, run: Value::Null };
+        let scope = template::Scope { input: &input, steps: &steps, run: serde_json::json!({ "id": run_id }) };
         let Ok(expected) = template::render_value(&Value::String(rule.equals.clone()), &scope) else { return false };
         let mut actual = payload;
         for part in rule.field.split('.') {

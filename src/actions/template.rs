@@ -27,11 +27,18 @@ impl Scope<'_> {
                 (output.clone(), parts.collect())
             }
             "env" => {
+                // `${env.NAME:-default}`: the default when NAME is unset or empty.
                 let name: Vec<&str> = parts.collect();
                 let name = name.join(".");
-                return std::env::var(&name)
-                    .map(Value::String)
-                    .map_err(|_| format!("`${{env.{name}}}`: the environment variable {name} is not set"));
+                let (name, default) = match name.split_once(":-") {
+                    Some((name, default)) => (name.to_owned(), Some(default.to_owned())),
+                    None => (name, None),
+                };
+                return match (std::env::var(&name).ok().filter(|v| !v.is_empty()), default) {
+                    (Some(value), _) => Ok(Value::String(value)),
+                    (None, Some(default)) => Ok(Value::String(default)),
+                    (None, None) => Err(format!("`${{env.{name}}}`: the environment variable {name} is not set")),
+                };
             }
             other => return Err(format!("`${{{path}}}`: unknown root `{other}` (input, steps, env, run)")),
         };
@@ -152,6 +159,8 @@ mod tests {
             assert!(render_str("${steps.nope.x}", scope).unwrap_err().contains("`nope`"));
             assert!(render_str("${secret.x}", scope).unwrap_err().contains("unknown root"));
             assert!(render_str("${env.WFO_SURELY_UNSET_VARIABLE}", scope).unwrap_err().contains("not set"));
+            assert_eq!(render_str("${env.WFO_SURELY_UNSET_VARIABLE:-fallback}", scope).unwrap(), "fallback");
+            assert_eq!(render_str("${env.WFO_SURELY_UNSET_VARIABLE:-}", scope).unwrap(), "");
             assert!(render_str("${input.userId", scope).unwrap_err().contains("unclosed"));
         });
     }

@@ -46,6 +46,8 @@ pub struct EngineConfig {
     pub max_deliveries: u64,
     pub run_retention: Duration,
     pub idempotency_retention: Duration,
+    /// Whether the store connection authenticates (a password in `REDIS_URL`), for audits.
+    pub store_authenticated: bool,
     pub events_max_len: u64,
     pub events_retention: Duration,
     pub event_max_bytes: usize,
@@ -61,6 +63,10 @@ impl EngineConfig {
             max_deliveries: settings.max_deliveries,
             run_retention: settings.run_retention,
             idempotency_retention: settings.idempotency_retention,
+            store_authenticated: settings
+                .redis_url
+                .as_deref()
+                .is_some_and(|url| url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).is_some()),
             events_max_len: settings.events_max_len,
             events_retention: settings.events_retention,
             event_max_bytes: settings.event_max_bytes,

@@ -205,7 +205,7 @@ impl Engine {
             };
             let Some(step_def) = loaded.workflow.def.steps.get(step as usize) else { continue };
             if *awaited != event.event_type
-                || !crate::actions::Actions::correlates(step_def, &loaded.state.input, &event.payload)
+                || !crate::actions::Actions::correlates(step_def, &run.to_string(), &loaded.state.input, &event.payload)
             {
                 continue;
             }

@@ -85,6 +85,16 @@ impl Services for Engine {
         }))
     }
 
+    async fn store_report(&self) -> Result<Value, ActionError> {
+        let health = self.store.health().await.map_err(unavailable)?;
+        Ok(json!({
+            "kind": health.kind.name(),
+            "version": health.version,
+            "authenticated": self.config.store_authenticated,
+            "warnings": health.warnings,
+        }))
+    }
+
     async fn housekeeping(&self) -> Result<Value, ActionError> {
         let now = self.clock.now();
         let retain_until = now.saturating_sub(self.config.run_retention.as_millis() as u64);
