@@ -7,3 +7,6 @@ mod smoke;
 mod triggers;
 mod api;
 mod replay;
+mod workflows_data;
+mod workflows_http;
+mod workflows_flows;
