@@ -343,3 +343,192 @@ impl Replica {
         Some(status)
     }
 }
+
+// ---- added for tests/replay.rs and tests/api.rs ----
+
+/// What a one-shot run of our binary printed, and how it exited.
+#[derive(Debug)]
+pub struct CommandOutput {
+    /// The exit code (`None`: killed by a signal, or by us after the time limit).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ReplicaConfig {
+    /// Runs our binary once with `args` (an operator command: `replay <runId>`, `runs`,
+    /// `trigger`, `publish`) in the environment a replica started from this config gets (minus
+    /// `PORT`, `BIND_ADDR` and `REPLICA_ID`); waits for the exit, at most 60 s (then kills it).
+    pub fn command(&self, args: &[&str]) -> CommandOutput {
+        let mut command = Command::new(binary());
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(url) = &self.redis_url {
+            command.env("REDIS_URL", url);
+        }
+        if let Some(file) = &self.workflows_file {
+            command.env("WORKFLOWS_FILE", file);
+        }
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start the binary");
+        let read = |stream: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                if let Some(mut stream) = stream {
+                    let _ = stream.read_to_end(&mut text);
+                }
+                String::from_utf8_lossy(&text).into_owned()
+            })
+        };
+        let stdout = read(child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
+        let stderr = read(child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
+        let status = wait_for(Duration::from_secs(60), Duration::from_millis(20), || child.try_wait().ok().flatten());
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        CommandOutput {
+            code: status.and_then(|s| s.code()),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        }
+    }
+}
+
+/// A request received by a [`FakeServer`].
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == &name.to_ascii_lowercase()).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+}
+
+/// A small HTTP/1.1 server on 127.0.0.1 standing in for an outside service (the CMS, the app,
+/// the Communications Hub, Inngest): it answers with `respond` and records every request.
+/// Stopped when dropped.
+pub struct FakeServer {
+    pub port: u16,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A response of a [`FakeServer`]: status, content type, body.
+pub type Reply = (u16, &'static str, Vec<u8>);
+
+impl FakeServer {
+    pub fn start(respond: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> FakeServer {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a fake server");
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let respond = std::sync::Arc::new(respond);
+        let (log, stopping) = (std::sync::Arc::clone(&received), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let (log, respond) = (std::sync::Arc::clone(&log), std::sync::Arc::clone(&respond));
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    // Headers, then as much body as Content-Length says (bounded reads).
+                    let (head_end, length) = loop {
+                        let Ok(n) = stream.read(&mut chunk) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (end + 4, length);
+                        }
+                        if buffer.len() > 1 << 20 {
+                            return;
+                        }
+                    };
+                    while buffer.len() < head_end + length {
+                        let Ok(n) = stream.read(&mut chunk) else { return };
+                        if n == 0 {
+                            break;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+                    let mut lines = head.lines();
+                    let mut request_line = lines.next().unwrap_or("").split_whitespace();
+                    let method = request_line.next().unwrap_or("").to_owned();
+                    let target = request_line.next().unwrap_or("").to_owned();
+                    let headers = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                        .collect();
+                    let body = buffer[head_end..(head_end + length).min(buffer.len())].to_vec();
+                    let request = Received { method, target, headers, body };
+                    let (status, content_type, body) = respond(&request);
+                    log.lock().unwrap().push(request);
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.write_all(&body);
+                });
+            }
+        });
+        FakeServer { port, received, stop }
+    }
+
+    /// A server that answers every request 200 `{}`.
+    pub fn ok() -> FakeServer {
+        FakeServer::start(|_| (200, "application/json", b"{}".to_vec()))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
