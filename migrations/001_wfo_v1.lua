@@ -67,6 +67,24 @@ local function commit(keys, argv)
       return {'stale'}
     end
   elseif n_records > 0 then
+    if n_reopen > 0 then
+      -- Resuming a finished run: its compacted log becomes a live log again (`1-0` ...), if the
+      -- run is still finished exactly as the caller read it; then the records follow as usual.
+      if redis.call('EXISTS', keys[2]) == 1 then
+        return {'stale'}
+      end
+      local seq = redis.call('HGET', keys[1], 'seq')
+      if not seq or redis.call('EXISTS', keys[3]) == 0 then
+        return {'gone'}
+      end
+      if tonumber(seq) ~= expected or n_reopen ~= expected then
+        return {'stale'}
+      end
+      for i = 1, n_reopen do
+        redis.call('XADD', keys[2], i .. '-0', 'type', reopen[i][1], 'data', reopen[i][2])
+      end
+      redis.call('DEL', keys[3])
+    end
     local last = redis.call('XREVRANGE', keys[2], '+', '-', 'COUNT', 1)
     if #last == 0 then
       -- No live log: the run ended (its log was compacted) or does not exist.
