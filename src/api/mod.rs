@@ -245,7 +245,9 @@ fn authorize(token: Option<&str>, request: &Request<Incoming>) -> Result<(), Api
     let given = header
         .to_str()
         .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(|h| {
+            h.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, token)| token)
+        })
         .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
     if bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())) {
         Ok(())
@@ -701,7 +703,12 @@ const INNGEST_SIGNATURE_SKEW_SECS: u64 = 300;
 async fn inngest_webhook(engine: &Engine, request: Request<Incoming>) -> Answer {
     use subtle::ConstantTimeEq;
     let Some(key) = std::env::var("INNGEST_SIGNING_KEY").ok().filter(|k| !k.is_empty()) else {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_configured", "INNGEST_SIGNING_KEY is not set"));
+        // Not enabled here: as if the route did not exist.
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            "the Inngest webhook is off: INNGEST_SIGNING_KEY is not set",
+        ));
     };
     let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", message);
     let header = request
