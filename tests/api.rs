@@ -1205,6 +1205,6 @@ fn the_inngest_webhook_needs_no_api_token_but_a_valid_fresh_signature() {
 fn the_inngest_webhook_without_a_signing_key_refuses_with_not_configured() {
     let service = Service::start(&[]);
     let answer = service.post_json("/api/webhooks/inngest", &json!({ "name": "a.b" }));
-    answer.assert_error(503, "not_configured");
+    answer.assert_error(404, "not_configured");
     assert_eq!(service.get_ok("/api/events")["events"], json!([]));
 }
