@@ -2,11 +2,14 @@
 # Run every check and test of workflow-orchestrator.
 #
 # Works on a fresh Debian/Ubuntu machine where only the Rust toolchain is
-# installed: missing system tools (redis-server, redis-tools, docker-compose)
-# are installed from the distribution's packages with apt-get.
+# installed: missing system tools (redis-server, redis-tools, docker-compose,
+# python3-venv) are installed from the distribution's packages with apt-get,
+# and schemathesis from PyPI into a virtualenv at target/venv.
 #
 # The tests start their own private redis-server processes on loopback ports;
-# this script never starts a shared Redis.
+# this script never starts a shared Redis. After `cargo test`,
+# scripts/schemathesis.sh fuzzes the HTTP API of a served binary against its
+# OpenAPI document.
 #
 # Usage: scripts/test.sh [extra args passed to `cargo test --all-targets`]
 #   e.g. scripts/test.sh -- --nocapture
@@ -102,6 +105,25 @@ for component in rustfmt clippy; do
 done
 echo "rust: $(rustc --version); $(cargo fmt --version); $(cargo clippy --version)"
 
+# schemathesis (from PyPI, pinned) fuzzes the HTTP API against its OpenAPI document; it lives in
+# a virtualenv under target/ so that nothing is installed into the system's Python.
+SCHEMATHESIS_VERSION=4.32.5
+VENV=target/venv
+if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null || true)" != "schemathesis, version $SCHEMATHESIS_VERSION" ]; then
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        echo "python3 with venv not found: installing python3 and python3-venv"
+        apt_install python3 python3-venv
+        require python3
+    fi
+    if [ ! -x "$VENV/bin/pip" ]; then
+        echo "creating the virtualenv $VENV"
+        python3 -m venv --clear "$VENV"
+    fi
+    echo "installing schemathesis==$SCHEMATHESIS_VERSION into $VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+echo "schemathesis: $("$VENV/bin/schemathesis" --version) ($VENV)"
+
 section "docker-compose config check"
 docker-compose -f docker/docker-compose.yml config -q
 echo "docker/docker-compose.yml: OK"
@@ -114,5 +136,8 @@ cargo clippy --all-targets -- -D warnings
 
 section "cargo test"
 cargo test --all-targets "$@"
+
+section "schemathesis against a live server"
+SCHEMATHESIS="$VENV/bin/schemathesis" scripts/schemathesis.sh
 
 section "all checks passed"
