@@ -960,7 +960,9 @@ impl Store for RedisStore {
             // Trim only behind every consumer: below the oldest pending entry and the group's
             // last delivered one, so no queued or leased step is ever dropped.
             let Some(min_id) = self.oldest_unhandled(&ready, WORKERS_GROUP).await? else { continue };
-            let trimmed = self.cmd("XTRIM", vec![ready.into(), "MINID".into(), "~".into(), min_id.into()]).await?;
+            let trimmed = self
+                .cmd("XTRIM", vec![ready.into(), "MINID".into(), "~".into(), min_id.into(), "LIMIT".into(), "0".into()])
+                .await?;
             report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
 
             for status in ["completed", "failed", "cancelled", "timed_out"] {
@@ -1278,7 +1280,9 @@ impl Store for RedisStore {
         if compare_ids(&floor, &cut).is_lt() {
             cut = floor;
         }
-        let trimmed = self.cmd("XTRIM", vec![stream.into(), "MINID".into(), "~".into(), cut.into()]).await?;
+        let trimmed = self
+            .cmd("XTRIM", vec![stream.into(), "MINID".into(), "~".into(), cut.into(), "LIMIT".into(), "0".into()])
+            .await?;
         Ok(text(&trimmed).and_then(|t| t.parse().ok()).unwrap_or(0))
     }
 
