@@ -3,7 +3,23 @@
 use super::Builtin;
 use std::sync::Arc;
 
+mod bounded_http;
+mod cache_warm;
+mod cms_sync;
+mod digest;
+mod health_probe;
+mod housekeeping;
+
 /// The built-ins every replica has.
 pub fn standard() -> Vec<Arc<dyn Builtin>> {
-    Vec::new()
+    let mut builtins: Vec<Arc<dyn Builtin>> = Vec::new();
+    // cms-sync, health-monitoring, cache-warmup, performance-optimization, notification-digest
+    builtins.extend([
+        Arc::new(cms_sync::CmsSync) as Arc<dyn Builtin>,
+        Arc::new(health_probe::HealthProbe),
+        Arc::new(cache_warm::CacheWarm),
+        Arc::new(housekeeping::Housekeeping),
+        Arc::new(digest::Digest),
+    ]);
+    builtins
 }
