@@ -9,6 +9,8 @@ mod cms_sync;
 mod digest;
 mod health_probe;
 mod housekeeping;
+mod sales_leads;
+mod security_audit;
 
 /// The built-ins every replica has.
 pub fn standard() -> Vec<Arc<dyn Builtin>> {
@@ -20,6 +22,11 @@ pub fn standard() -> Vec<Arc<dyn Builtin>> {
         Arc::new(cache_warm::CacheWarm),
         Arc::new(housekeeping::Housekeeping),
         Arc::new(digest::Digest),
+    ]);
+    // sales-operations, security-audit
+    builtins.extend([
+        Arc::new(sales_leads::SalesLeads) as Arc<dyn Builtin>,
+        Arc::new(security_audit::SecurityAudit),
     ]);
     builtins
 }
