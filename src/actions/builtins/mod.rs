@@ -9,6 +9,8 @@ mod cms_sync;
 mod digest;
 mod health_probe;
 mod housekeeping;
+mod log_rotation;
+mod pg_backup;
 mod sales_leads;
 mod security_audit;
 
@@ -28,5 +30,7 @@ pub fn standard() -> Vec<Arc<dyn Builtin>> {
         Arc::new(sales_leads::SalesLeads) as Arc<dyn Builtin>,
         Arc::new(security_audit::SecurityAudit),
     ]);
+    // database-backup, log-rotation
+    builtins.extend([Arc::new(pg_backup::PgBackup) as Arc<dyn Builtin>, Arc::new(log_rotation::LogRotation)]);
     builtins
 }
