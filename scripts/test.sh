@@ -3,8 +3,8 @@
 #
 # Works on a fresh Debian/Ubuntu machine where only the Rust toolchain is
 # installed: missing system tools (redis-server, redis-tools, docker-compose,
-# python3-venv) are installed from the distribution's packages with apt-get,
-# and schemathesis from PyPI into a virtualenv at target/venv.
+# postgresql, python3-venv) are installed from the distribution's packages
+# with apt-get, and schemathesis from PyPI into a virtualenv at target/venv.
 #
 # The tests start their own private redis-server processes on loopback ports;
 # this script never starts a shared Redis. After `cargo test`,
@@ -66,17 +66,20 @@ remove_policy_rc() {
         POLICY_RC_CREATED=0
     fi
 }
-trap remove_policy_rc EXIT
-
-section "system dependencies"
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-    echo "redis-server/redis-cli not found: installing redis-server and redis-tools"
+forbid_service_starts() {
     if [ ! -e "$POLICY_RC" ]; then
         printf '#!/bin/sh\n# temporary, from workflow-orchestrator scripts/test.sh\nexit 101\n' \
             | "${SUDO[@]}" tee "$POLICY_RC" >/dev/null
         "${SUDO[@]}" chmod 0755 "$POLICY_RC"
         POLICY_RC_CREATED=1
     fi
+}
+trap remove_policy_rc EXIT
+
+section "system dependencies"
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    echo "redis-server/redis-cli not found: installing redis-server and redis-tools"
+    forbid_service_starts
     apt_install redis-server redis-tools
     remove_policy_rc
     require redis-server
@@ -90,6 +93,26 @@ if ! command -v docker-compose >/dev/null 2>&1; then
     require docker-compose
 fi
 echo "docker-compose: $(command -v docker-compose) ($(docker-compose version --short 2>/dev/null || docker-compose version | head -n1))"
+
+# PostgreSQL for the database-backup tests: they run a private server of their own from
+# /usr/lib/postgresql/<version>/bin (initdb, postgres; as the `postgres` user the package creates,
+# since postgres refuses root), and the backup runs pg_dump/pg_restore from PATH. The package
+# would start a system-wide cluster on port 5432 as it installs: service starts are forbidden
+# during the install, as for redis.
+postgres_bin() {
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1
+}
+if [ -z "$(postgres_bin)" ] || [ ! -x "$(postgres_bin)/initdb" ] || [ ! -x "$(postgres_bin)/postgres" ] \
+    || ! command -v pg_dump >/dev/null 2>&1 || ! command -v pg_restore >/dev/null 2>&1 \
+    || ! id -u postgres >/dev/null 2>&1; then
+    echo "PostgreSQL not found: installing postgresql"
+    forbid_service_starts
+    apt_install postgresql
+    remove_policy_rc
+    require pg_dump
+    require pg_restore
+fi
+echo "postgresql: $(postgres_bin) ($("$(postgres_bin)/postgres" --version)); pg_dump: $(command -v pg_dump)"
 
 # rustfmt and clippy are rustup components that a minimal toolchain lacks.
 for component in rustfmt clippy; do

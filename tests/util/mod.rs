@@ -532,3 +532,215 @@ impl Drop for FakeServer {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+// ---- added for tests/workflows_data.rs: a private PostgreSQL ----
+
+/// The newest `/usr/lib/postgresql/<version>/bin` (Debian's `postgresql` package, which
+/// scripts/test.sh installs): `initdb`, `postgres`, `psql`, `pg_dump`, `pg_restore`, ...
+pub fn postgres_bin_dir() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            (bin.join("postgres").exists() && bin.join("initdb").exists()).then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).expect(
+        "PostgreSQL must be installed: /usr/lib/postgresql/<version>/bin (scripts/test.sh installs Debian's postgresql)",
+    )
+}
+
+/// A private PostgreSQL server on 127.0.0.1 (a fresh cluster in a temporary directory, its unix
+/// socket there too), stopped when dropped. The superuser is `postgres`, with a password (TCP
+/// connections use scram-sha-256), so that a test exercises real authentication. When the tests
+/// run as root, `initdb` and `postgres` (which refuse root) run as the `postgres` user that
+/// Debian's package creates.
+pub struct PostgresServer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub bin: PathBuf,
+    pub user: String,
+    pub password: String,
+    child: Option<Child>,
+}
+
+impl PostgresServer {
+    /// initdb, then start, then wait (bounded) until it accepts connections.
+    pub fn start() -> PostgresServer {
+        let bin = postgres_bin_dir();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = PostgresServer {
+            port: free_port(),
+            dir,
+            bin,
+            user: "postgres".to_owned(),
+            // Characters a URL must percent-encode, on purpose.
+            password: "wfo-p@ss:w/rd".to_owned(),
+            child: None,
+        };
+        server.start_inner()
+    }
+
+    fn start_inner(mut self) -> PostgresServer {
+        let root = self.dir.path().to_path_buf();
+        let password_file = root.join("pwfile");
+        std::fs::write(&password_file, format!("{}\n", self.password)).expect("write the password file");
+        let as_root = unsafe { libc::geteuid() } == 0;
+        let ids = as_root.then(|| {
+            let id = |flag: &str| -> u32 {
+                let output = Command::new("id").args([flag, "postgres"]).output().expect("run id");
+                String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or_else(|_| {
+                    panic!("running as root, the tests start PostgreSQL as the `postgres` user, which does not exist")
+                })
+            };
+            (id("-u"), id("-g"))
+        });
+        if ids.is_some() {
+            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status().expect("chown");
+            assert!(status.success(), "chown -R postgres {}", root.display());
+        }
+        let as_postgres = |command: &mut Command| {
+            use std::os::unix::process::CommandExt;
+            if let Some((uid, gid)) = ids {
+                command.uid(uid).gid(gid);
+            }
+            command.current_dir(&root).env("LC_ALL", "C").stdin(Stdio::null());
+        };
+
+        let mut initdb = Command::new(self.bin.join("initdb"));
+        initdb
+            .arg("--pgdata")
+            .arg(root.join("data"))
+            .args(["--username", &self.user, "--auth-host=scram-sha-256", "--auth-local=trust"])
+            .args(["--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+            .arg(format!("--pwfile={}", password_file.display()));
+        as_postgres(&mut initdb);
+        let output = initdb.output().expect("run initdb");
+        assert!(
+            output.status.success(),
+            "initdb failed: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+
+        let log = std::fs::File::create(root.join("postgres.log")).expect("postgres log file");
+        let mut postgres = Command::new(self.bin.join("postgres"));
+        postgres.arg("-D").arg(root.join("data")).args(["-p", &self.port.to_string()]);
+        for setting in [
+            "listen_addresses=127.0.0.1".to_owned(),
+            format!("unix_socket_directories={}", root.display()),
+            "fsync=off".to_owned(),
+            "synchronous_commit=off".to_owned(),
+            "full_page_writes=off".to_owned(),
+            "max_connections=30".to_owned(),
+            "shared_buffers=16MB".to_owned(),
+        ] {
+            postgres.args(["-c", &setting]);
+        }
+        as_postgres(&mut postgres);
+        postgres.stdout(log.try_clone().expect("log file")).stderr(log);
+        self.child = Some(postgres.spawn().expect("start postgres"));
+
+        let ready = wait_for(Duration::from_secs(30), Duration::from_millis(100), || {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("postgres exited ({status}) while starting; log:\n{}", self.log_text());
+            }
+            self.psql_output("postgres", "SELECT 1").ok().filter(|out| out.trim() == "1").map(|_| ())
+        });
+        if ready.is_none() {
+            panic!("postgres did not accept connections within 30 s; log:\n{}", self.log_text());
+        }
+        self
+    }
+
+    /// What the server logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// `postgres://postgres:<password, percent-encoded>@127.0.0.1:<port>/<database>`.
+    pub fn url(&self, database: &str) -> String {
+        let encoded: String = self
+            .password
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        format!("postgres://{}:{encoded}@127.0.0.1:{}/{database}", self.user, self.port)
+    }
+
+    /// A program of the server's version (`pg_restore`, `pg_dump`, `psql`, ...), set up to reach
+    /// this server: `PGHOST`, `PGPORT`, `PGUSER` and `PGPASSWORD` in its environment.
+    pub fn tool(&self, name: &str) -> Command {
+        let mut command = Command::new(self.bin.join(name));
+        command
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", &self.user)
+            .env("PGPASSWORD", &self.password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn psql_output(&self, database: &str, sql: &str) -> Result<String, String> {
+        let mut command = self.tool("psql");
+        command
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", database, "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().map_err(|err| format!("cannot start psql: {err}"))?;
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("psql stdin");
+            stdin.write_all(sql.as_bytes()).map_err(|err| format!("writing to psql: {err}"))?;
+        }
+        let output = child.wait_with_output().map_err(|err| format!("waiting for psql: {err}"))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    /// Runs SQL (a script: statements run one by one, stopping at the first error, which panics)
+    /// in `database`; returns what psql printed (unaligned, tuples only: `a|b` lines).
+    pub fn psql(&self, database: &str, sql: &str) -> String {
+        self.psql_output(database, sql).unwrap_or_else(|err| panic!("psql on {database} failed: {err}\nSQL:\n{sql}"))
+    }
+
+    pub fn create_database(&self, name: &str) {
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\";"));
+    }
+
+    /// Immediate shutdown (SIGQUIT), then waits (bounded) for the exit; SIGKILL after 15 s.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGQUIT);
+            let exited =
+                wait_for(Duration::from_secs(15), Duration::from_millis(20), || child.try_wait().ok().flatten());
+            if exited.is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
