@@ -26,11 +26,14 @@ use std::time::Duration;
 /// The Lua library, versioned: its name carries the schema version.
 const LIBRARY: &str = include_str!("../../migrations/001_wfo_v1.lua");
 const SCHEMA_VERSION: u64 = 1;
+/// Connections for non-blocking commands.
+const POOL_SIZE: usize = 4;
 
 pub struct RedisStore {
-    /// Pipelined connection for every non-blocking command: concurrent callers' commands are
-    /// written back to back without waiting for each other's replies.
-    client: fred::prelude::Client,
+    /// Pipelined connections for every non-blocking command, used in turn: concurrent callers'
+    /// commands are written back to back without waiting for each other's replies, and a few
+    /// connections spread the client-side encoding and decoding over threads.
+    client: fred::prelude::Pool,
     /// Its own connection for `XREADGROUP ... BLOCK` on the ready streams, which holds a
     /// connection while it waits.
     blocking: fred::prelude::Client,
@@ -148,21 +151,29 @@ impl RedisStore {
     pub async fn connect(url: &str, prefix: &str, shards: u16) -> StoreResult<RedisStore> {
         let config =
             Config::from_url(url).map_err(|err| StoreError::Fatal(format!("REDIS_URL is not usable: {err}")))?;
-        let build = |command_timeout: Duration| {
-            fred::types::Builder::from_config(config.clone())
+        let builder = |command_timeout: Duration| {
+            let mut builder = fred::types::Builder::from_config(config.clone());
+            builder
                 .with_connection_config(|c| {
                     c.connection_timeout = Duration::from_secs(5);
                     c.max_command_attempts = 3;
                 })
                 .with_performance_config(|p| p.default_command_timeout = command_timeout)
-                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+            builder
+        };
+        let build = |command_timeout: Duration| {
+            builder(command_timeout)
                 .build()
                 .map_err(|err| StoreError::Fatal(format!("cannot build the Redis client: {err}")))
         };
-        let client = build(Duration::from_secs(10))?;
+        let client = builder(Duration::from_secs(10))
+            .build_pool(POOL_SIZE)
+            .map_err(|err| StoreError::Fatal(format!("cannot build the Redis client: {err}")))?;
+        client.init().await.map_err(|err| StoreError::Unavailable(format!("cannot connect to Redis: {err}")))?;
         let blocking = build(Duration::from_secs(15))?;
         let events_blocking = build(Duration::from_secs(15))?;
-        for c in [&client, &blocking, &events_blocking] {
+        for c in [&blocking, &events_blocking] {
             c.init().await.map_err(|err| StoreError::Unavailable(format!("cannot connect to Redis: {err}")))?;
         }
         let store = RedisStore {
