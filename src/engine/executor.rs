@@ -261,6 +261,9 @@ impl Engine {
             // Found by the router when the event arrives. Not atomic with the commit: the
             // sweeper registers a waiting run again if this is lost.
             self.store.add_wait(&event, run, until).await?;
+            // An event that came after the run started and before this registration was not
+            // seen by the router for this run: look for it.
+            self.look_back_for(run, &event, task.state.created_at).await?;
         }
         Ok(())
     }

@@ -186,46 +186,77 @@ impl Engine {
     async fn wake_waiting(&self, id: &str, event: &Event) -> Result<Vec<String>, StoreError> {
         let mut woken = Vec::new();
         for run in self.store.waiting(&event.event_type).await? {
-            let loaded = match self.load(&run).await {
-                Ok(Some(loaded)) => loaded,
-                Ok(None) => {
-                    self.store.remove_wait(&event.event_type, &run).await?;
-                    continue;
-                }
-                Err(EngineError::Store(err)) => return Err(err),
-                Err(err) => {
-                    tracing::error!(run = %run, %err, "a waiting run cannot be read; leaving it to its time-out");
-                    continue;
-                }
-            };
-            let crate::machine::Status::Waiting { step, attempt, event: ref awaited, .. } = loaded.state.status else {
-                // Woken or ended meanwhile: the registration is stale.
-                self.store.remove_wait(&event.event_type, &run).await?;
-                continue;
-            };
-            let Some(step_def) = loaded.workflow.def.steps.get(step as usize) else { continue };
-            if *awaited != event.event_type
-                || !crate::actions::Actions::correlates(step_def, &run.to_string(), &loaded.state.input, &event.payload)
-            {
-                continue;
-            }
-            let payload = event.payload.to_string();
-            let output = serde_json::json!({
-                "timedOut": false,
-                "event": { "id": id, "type": event.event_type, "payload": event.payload },
-            })
-            .to_string();
-            let woke = Transition::EventReceived { step, attempt, event_id: id.to_owned(), payload };
-            let now = self.clock.now();
-            if let crate::store::CommitOutcome::Applied { .. } =
-                self.wake(&run, &loaded.state, &loaded.workflow, woke, output, now).await?
-            {
-                tracing::info!(run = %run, event = %id, "event woke a waiting run");
-                self.store.remove_wait(&event.event_type, &run).await?;
-                woken.push(loaded.state.workflow.clone());
+            if let Some(workflow) = self.wake_one(&run, id, event).await? {
+                woken.push(workflow);
             }
         }
         Ok(woken)
+    }
+
+    /// Wakes `run` with the event `id` if it waits for it (type and correlation); returns its
+    /// workflow if it did.
+    async fn wake_one(&self, run: &crate::store::RunId, id: &str, event: &Event) -> Result<Option<String>, StoreError> {
+        let loaded = match self.load(run).await {
+            Ok(Some(loaded)) => loaded,
+            Ok(None) => {
+                self.store.remove_wait(&event.event_type, run).await?;
+                return Ok(None);
+            }
+            Err(EngineError::Store(err)) => return Err(err),
+            Err(err) => {
+                tracing::error!(run = %run, %err, "a waiting run cannot be read; leaving it to its time-out");
+                return Ok(None);
+            }
+        };
+        let crate::machine::Status::Waiting { step, attempt, event: ref awaited, .. } = loaded.state.status else {
+            // Woken or ended meanwhile: the registration is stale.
+            self.store.remove_wait(&event.event_type, run).await?;
+            return Ok(None);
+        };
+        let Some(step_def) = loaded.workflow.def.steps.get(step as usize) else { return Ok(None) };
+        if *awaited != event.event_type
+            || !crate::actions::Actions::correlates(step_def, &run.to_string(), &loaded.state.input, &event.payload)
+        {
+            return Ok(None);
+        }
+        let payload = event.payload.to_string();
+        let output = serde_json::json!({
+            "timedOut": false,
+            "event": { "id": id, "type": event.event_type, "payload": event.payload },
+        })
+        .to_string();
+        let woke = Transition::EventReceived { step, attempt, event_id: id.to_owned(), payload };
+        let now = self.clock.now();
+        match self.wake(run, &loaded.state, &loaded.workflow, woke, output, now).await? {
+            crate::store::CommitOutcome::Applied { .. } => {
+                tracing::info!(run = %run, event = %id, "event woke a waiting run");
+                self.store.remove_wait(&event.event_type, run).await?;
+                Ok(Some(loaded.state.workflow.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// After a step parked its run to wait for `event_type`: an event of that type may have
+    /// arrived since the run started and before it was registered as waiting (the router then
+    /// did not find it). Looks back over the bus (the last 1,000 events) for one, oldest first,
+    /// and wakes the run with the first that matches.
+    pub(super) async fn look_back_for(
+        &self,
+        run: &crate::store::RunId,
+        event_type: &str,
+        since: crate::machine::Millis,
+    ) -> Result<(), StoreError> {
+        let since = format!("{since}-0");
+        let mut recent = self.store.recent_events(None, Some(event_type), 100, 1000).await?;
+        recent.retain(|listed| crate::store::compare_entry_ids(&listed.entry.id, &since).is_ge());
+        for listed in recent.iter().rev() {
+            let Ok(event) = parse_event(&listed.entry, self.config.event_max_bytes) else { continue };
+            if self.wake_one(run, &listed.entry.id, &event).await?.is_some() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     async fn dead_letter(&self, entry: &BusEntry, reason: &str) -> Result<(), StoreError> {
