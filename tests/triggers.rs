@@ -865,7 +865,8 @@ fn redis_cli_xadd_of_each_seed_event_type_starts_exactly_the_workflows_of_the_ta
             let id = run.trigger["eventId"].as_str().unwrap();
             let listed_run = &listed[id]["runs"][0]["runId"];
             assert_eq!(listed_run, run.id.as_str(), "the event lists the run that names it");
-            a.wait_terminal(&run.id, Duration::from_secs(20));
+            // Ended, or parked (user-onboarding waits for the user's verification).
+            a.wait_settled(&run.id, Duration::from_secs(20));
         }
     }
     let routed = counter_sum(&[&a, &b], "eventsRouted");
@@ -899,9 +900,8 @@ fn a_router_killed_between_starting_the_run_and_acking_never_starts_it_twice() {
     assert_eq!(run.created_by, "crashes", "the one run is the one the dead router started");
     assert_eq!(listed[&id]["runs"], json!([{ "workflowId": "user-onboarding", "runId": run.id }]));
     // The run itself goes on too (the surviving replica takes its step over once the dead one's
-    // lease expires). Terminal is what matters here: the built-in steps are placeholders today
-    // and may need configuration once they do real work.
-    let finished = survivor.wait_terminal(&run.id, Duration::from_secs(30));
+    // lease expires), as far as it goes alone: user-onboarding then waits for `user.verified`.
+    let finished = survivor.wait_settled(&run.id, Duration::from_secs(30));
     eprintln!("the event's run {} ended {}", run.id, finished["status"]);
     assert_eq!(router_backlog(&redis).map(|(pending, _)| pending), Some(0));
     assert!(

@@ -270,6 +270,22 @@ impl Replica {
         body["transitions"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Waits (bounded) until the run has ended or parked (waiting for an event, sleeping): it
+    /// went on as far as it can without outside help. Returns it.
+    pub fn wait_settled(&self, run_id: &str, limit: Duration) -> Value {
+        wait_for(limit, Duration::from_millis(50), || {
+            let (status, body) = self.get(&format!("/api/runs/{run_id}"));
+            let settled = matches!(
+                body["status"].as_str(),
+                Some("completed" | "failed" | "cancelled" | "timed_out" | "waiting" | "sleeping")
+            );
+            (status == 200 && settled).then_some(body)
+        })
+        .unwrap_or_else(|| {
+            panic!("run {run_id} did not settle within {limit:?}: {}", self.get(&format!("/api/runs/{run_id}")).1)
+        })
+    }
+
     /// Waits (bounded) until the run is in a terminal state; returns it.
     pub fn wait_terminal(&self, run_id: &str, limit: Duration) -> Value {
         wait_for(limit, Duration::from_millis(50), || {
