@@ -574,6 +574,9 @@ impl Store for RedisStore {
             (tag, rest) if tag == "duplicate" => {
                 Ok(Created::Duplicate(rest.first().and_then(text).unwrap_or_default()))
             }
+            // The run id is fresh, so a log already there is this very call's: the client resent
+            // it after a lost reply (a reconnect), and the first one created the run.
+            (tag, _) if tag == "stale" => Ok(Created::New(new.run)),
             (tag, _) => Err(corrupt(&self.keys.run(&new.run), format!("creating a run answered `{tag}`"))),
         }
     }
