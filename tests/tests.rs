@@ -1,12 +1,12 @@
 mod util;
 
+mod api;
 mod chaos;
 mod conformance;
 mod failures;
+mod replay;
 mod smoke;
 mod triggers;
-mod api;
-mod replay;
 mod workflows_data;
-mod workflows_http;
 mod workflows_flows;
+mod workflows_http;

@@ -26,10 +26,7 @@ pub fn standard() -> Vec<Arc<dyn Builtin>> {
         Arc::new(digest::Digest),
     ]);
     // sales-operations, security-audit
-    builtins.extend([
-        Arc::new(sales_leads::SalesLeads) as Arc<dyn Builtin>,
-        Arc::new(security_audit::SecurityAudit),
-    ]);
+    builtins.extend([Arc::new(sales_leads::SalesLeads) as Arc<dyn Builtin>, Arc::new(security_audit::SecurityAudit)]);
     // database-backup, log-rotation
     builtins.extend([Arc::new(pg_backup::PgBackup) as Arc<dyn Builtin>, Arc::new(log_rotation::LogRotation)]);
     builtins
