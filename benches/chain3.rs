@@ -597,6 +597,14 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench targets too, with no arguments: nothing to measure.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.is_empty() {
+        eprintln!(
+            "chain3: a benchmark; run it with `cargo bench --bench chain3 -- --port PORT` (nothing to do without arguments)"
+        );
+        return;
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(problem) => {

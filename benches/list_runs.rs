@@ -1,0 +1,196 @@
+//! `list_runs`: how fast `GET /api/runs` pages are with 100,000 stored runs.
+//!
+//! Fills a private Redis on 127.0.0.1:`--port` (FLUSHALLed first: never point it at a Redis you
+//! care about) with `--runs` runs (default 100,000) of three one-step `noop` workflows, run to
+//! completion by one in-process engine (every tenth fails, so the status filter has something to
+//! find), then times the pages the API serves: a page is the store's `list_runs` plus one summary
+//! read per run listed, as `GET /api/runs` does. Each query is timed over `--repeat` pages
+//! (default 200): the first page, pages deep in the cursor chain, and each filter.
+//!
+//! ```sh
+//! cargo bench --bench list_runs -- --port 6390 --runs 100000
+//! ```
+//!
+//! Prints one JSON line on stdout: per query, p50 and p99 in milliseconds.
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use workflow_orchestrator::config::Settings;
+use workflow_orchestrator::definition::Registry;
+use workflow_orchestrator::engine::{Engine, EngineConfig};
+use workflow_orchestrator::machine::Trigger;
+use workflow_orchestrator::store::redis::RedisStore;
+use workflow_orchestrator::store::{RunId, Store};
+
+const DEFINITIONS: &str = r#"
+[[workflow]]
+id = "alpha"
+[[workflow.step]]
+id = "only"
+action = "noop"
+
+[[workflow]]
+id = "beta"
+[[workflow.step]]
+id = "only"
+action = "noop"
+
+[[workflow]]
+id = "flaky"
+[[workflow.step]]
+id = "only"
+action = "exec"
+with = { command = ["false"] }
+retry = { max_attempts = 1 }
+"#;
+
+const PAGE: usize = 50;
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+/// One command to the private Redis over a plain socket (FLUSHALL), reading one reply line.
+fn flushall(port: u16) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.write_all(b"*1\r\n$8\r\nFLUSHALL\r\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(())
+}
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    (samples[index] * 1000.0).round() / 1000.0
+}
+
+/// A page as the API serves it: the ids, then each run's summary.
+async fn page(engine: &Engine, workflow: Option<&str>, status: Option<&str>, cursor: Option<&RunId>) -> Vec<RunId> {
+    let runs = engine.list_runs(workflow, status, cursor, PAGE).await.expect("a page");
+    let reads = runs.iter().map(|run| engine.summary(run));
+    for summary in futures::future::join_all(reads).await {
+        summary.expect("a summary");
+    }
+    runs
+}
+
+async fn time<F, Fut>(repeat: usize, mut query: F) -> Value
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = usize>,
+{
+    let mut samples = Vec::with_capacity(repeat);
+    let mut listed = 0;
+    for i in 0..repeat {
+        let started = Instant::now();
+        listed = query(i).await;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    json!({ "p50_ms": percentile(&mut samples, 0.5), "p99_ms": percentile(&mut samples, 0.99), "runs_per_page": listed })
+}
+
+async fn run(port: u16, total: usize, repeat: usize) -> Result<Value, String> {
+    flushall(port).map_err(|err| format!("cannot reach 127.0.0.1:{port}: {err}"))?;
+    let registry = Arc::new(Registry::parse("list_runs benchmark", DEFINITIONS).map_err(|e| e.to_string())?);
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "wfo", 16).await.map_err(|e| e.to_string())?,
+    );
+    let defaults = Settings::from_lookup(|_| None).map_err(|e| e.to_string())?;
+    let config = EngineConfig {
+        replica_id: "bench".to_owned(),
+        max_concurrent_steps: 64,
+        ..EngineConfig::from_settings(&defaults)
+    };
+    let engine = Engine::new(store, Arc::clone(&registry), config).await.map_err(|e| e.to_string())?;
+    engine.start();
+
+    // Fill: at most 500 triggers in flight; wait until every run ended.
+    let started = Instant::now();
+    let mut finished = engine.subscribe_finished();
+    let mut in_flight = FuturesUnordered::new();
+    for i in 0..total {
+        let workflow = if i % 10 == 9 {
+            "flaky"
+        } else if i % 2 == 0 {
+            "alpha"
+        } else {
+            "beta"
+        };
+        let engine = Arc::clone(&engine);
+        in_flight.push(async move { engine.trigger(workflow, &json!({ "i": i }), None, Trigger::Api).await });
+        if in_flight.len() >= 500 {
+            in_flight.next().await.transpose().map_err(|e| e.to_string())?;
+        }
+    }
+    while let Some(result) = in_flight.next().await {
+        result.map_err(|e| e.to_string())?;
+    }
+    let mut ended = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while ended < total && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), finished.recv()).await {
+            Ok(Ok(_)) => ended += 1,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(missed))) => ended += missed as usize,
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    let fill_s = started.elapsed().as_secs_f64();
+    eprintln!("[list_runs] {total} runs stored in {fill_s:.1} s ({ended} seen ending)");
+
+    // The cursor chain, to time pages deep in it.
+    let mut cursors: Vec<Option<RunId>> = vec![None];
+    for _ in 0..40 {
+        let page = engine
+            .list_runs(None, None, cursors.last().cloned().flatten().as_ref(), PAGE)
+            .await
+            .map_err(|e| e.to_string())?;
+        match page.last() {
+            Some(last) if page.len() == PAGE => cursors.push(Some(last.clone())),
+            _ => break,
+        }
+    }
+    let engine = &engine;
+    let cursors = &cursors;
+    let results = json!({
+        "first_page": time(repeat, |_| async move { page(engine, None, None, None).await.len() }).await,
+        "deep_pages": time(repeat, |i| async move { page(engine, None, None, cursors[i % cursors.len()].as_ref()).await.len() }).await,
+        "by_workflow": time(repeat, |_| async move { page(engine, Some("alpha"), None, None).await.len() }).await,
+        "by_status_failed": time(repeat, |_| async move { page(engine, None, Some("failed"), None).await.len() }).await,
+        "by_workflow_and_status": time(repeat, |_| async move { page(engine, Some("flaky"), Some("failed"), None).await.len() }).await,
+    });
+    engine.shutdown().await;
+    Ok(
+        json!({ "bench": "list_runs", "runs_stored": total, "page": PAGE, "repeat": repeat, "fill_s": (fill_s * 10.0).round() / 10.0, "queries": results }),
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo test --all-targets` runs bench targets too, with no arguments: nothing to measure.
+    if args.len() <= 1 {
+        eprintln!("list_runs: a benchmark; run it with `cargo bench --bench list_runs -- --port PORT`");
+        return;
+    }
+    let Some(port) = flag(&args, "--port").and_then(|p| p.parse::<u16>().ok()).filter(|p| *p > 0) else {
+        eprintln!(
+            "usage: cargo bench --bench list_runs -- --port PORT [--runs 100000] [--repeat 200]\n--port is required: the private redis-server this benchmark FLUSHALLs"
+        );
+        std::process::exit(2);
+    };
+    let total = flag(&args, "--runs").and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let repeat = flag(&args, "--repeat").and_then(|n| n.parse().ok()).unwrap_or(200);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+    match runtime.block_on(run(port, total, repeat)) {
+        Ok(report) => println!("{report}"),
+        Err(problem) => {
+            eprintln!("list_runs: {problem}");
+            std::process::exit(1);
+        }
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
