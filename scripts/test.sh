@@ -158,9 +158,21 @@ section "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 
 section "cargo test"
-cargo test --all-targets "$@"
+TEST_LOG="$(mktemp)"
+set +e
+cargo test --all-targets "$@" 2>&1 | tee "$TEST_LOG"
+TEST_STATUS=${PIPESTATUS[0]}
+set -e
+if [ "$TEST_STATUS" -ne 0 ]; then
+    rm -f "$TEST_LOG"
+    exit "$TEST_STATUS"
+fi
 
 section "schemathesis against a live server"
 SCHEMATHESIS="$VENV/bin/schemathesis" scripts/schemathesis.sh
 
 section "all checks passed"
+# One closing line for whoever reads the end of this output: every cargo test binary's counts.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$TEST_LOG"
+rm -f "$TEST_LOG"
