@@ -131,7 +131,7 @@ echo "rust: $(rustc --version); $(cargo fmt --version); $(cargo clippy --version
 # schemathesis (from PyPI, pinned) fuzzes the HTTP API against its OpenAPI document; it lives in
 # a virtualenv under target/ so that nothing is installed into the system's Python.
 SCHEMATHESIS_VERSION=4.32.5
-VENV=target/venv
+VENV="$PWD/target/venv"
 if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null || true)" != "schemathesis, version $SCHEMATHESIS_VERSION" ]; then
     if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
         echo "python3 with venv not found: installing python3 and python3-venv"
