@@ -27,8 +27,10 @@ end
 --       before the records: resuming a failed run),
 --       n records, n x (type, data), compact ('1' = the run ends: fold the log into KEYS[3]),
 --       n fields, n x (field, value), dispatch data ('' = none), timer due ('' = none),
---       clear timer ('1'/'0'), n zadd, n x (key index, score, member), n zrem, n x (key index, member)
--- Returns {'ok', seq, ready entry id or ''} | {'duplicate', run id} | {'stale'} | {'lease_lost'} | {'gone'}
+--       clear timer ('1'/'0'), n zadd, n x (key index, score, member), n zrem, n x (key index, member),
+--       fetch next ('1': also claim one new entry of the shard for the lease's consumer)
+-- Returns {'ok', seq, ready entry id or '' [, next id, next fields]} | {'duplicate', run id} |
+--         {'stale'} | {'lease_lost'} | {'gone'}
 local function commit(keys, argv)
   local arg = cursor(argv)
   local run_id = arg()
@@ -167,6 +169,15 @@ local function commit(keys, argv)
 
   if lease ~= '' then
     redis.call('XACK', keys[4], group, lease)
+  end
+  -- The executor may take its next step in the same round trip (often the step just queued):
+  -- one new entry of this shard's ready stream, for the same consumer.
+  if arg() == '1' and lease ~= '' then
+    local next = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', keys[4], '>')
+    if next then
+      local entry = next[1][2][1]
+      return {'ok', expected + n_records, ready_id, entry[1], entry[2]}
+    end
   end
   return {'ok', expected + n_records, ready_id}
 end

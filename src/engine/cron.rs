@@ -22,18 +22,26 @@ const CATCHUP_GRACE: Duration = Duration::from_secs(2);
 /// Missed fires are counted up to this many per outage (counting is a walk over the schedule).
 const MAX_COUNTED: usize = 100_000;
 
+/// This replica's position in one schedule.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Fires up to this time have been looked at by this replica (`None`: not yet started).
+    checked_until: Option<Millis>,
+    /// Under `skip`: fires from just before start-up, decided once their grace has passed.
+    deferred: Vec<Millis>,
+}
+
 impl Engine {
     pub(super) async fn cron_loop(self: Arc<Self>) {
         let schedules: Vec<Arc<Workflow>> = self.registry.iter().filter(|w| w.schedule.is_some()).cloned().collect();
         if schedules.is_empty() {
             return;
         }
-        // Per schedule: fires up to this time have been looked at by this replica.
-        let mut checked: Vec<Option<Millis>> = vec![None; schedules.len()];
+        let mut cursors: Vec<Cursor> = schedules.iter().map(|_| Cursor::default()).collect();
         loop {
             let now = self.clock.now();
-            for (workflow, checked_until) in schedules.iter().zip(checked.iter_mut()) {
-                if let Err(err) = self.tick_schedule(workflow, checked_until, now).await {
+            for (workflow, cursor) in schedules.iter().zip(cursors.iter_mut()) {
+                if let Err(err) = self.tick_schedule(workflow, cursor, now).await {
                     tracing::warn!(workflow = %workflow.def.id, %err, "evaluating the schedule failed; will retry");
                 }
             }
@@ -43,22 +51,21 @@ impl Engine {
         }
     }
 
-    async fn tick_schedule(
-        &self,
-        workflow: &Workflow,
-        checked_until: &mut Option<Millis>,
-        now: Millis,
-    ) -> Result<(), StoreError> {
+    async fn tick_schedule(&self, workflow: &Workflow, cursor: &mut Cursor, now: Millis) -> Result<(), StoreError> {
         let Some(schedule) = &workflow.schedule else { return Ok(()) };
+        let checked_until = &mut cursor.checked_until;
         let from = match *checked_until {
             Some(from) => from,
             None => {
                 // First look since this replica started: fires missed while no replica ran.
-                let caught_up = self.catch_up(workflow, now).await?;
+                let (caught_up, deferred) = self.catch_up(workflow, now).await?;
+                cursor.deferred = deferred;
                 *checked_until = Some(caught_up);
                 caught_up
             }
         };
+        self.settle_deferred(workflow, &mut cursor.deferred, now).await?;
+        let checked_until = &mut cursor.checked_until;
         let fires = schedule.fires_between(from, now, FIRES_PER_TICK);
         let caught_up = fires.len() < FIRES_PER_TICK;
         for fire in fires {
@@ -74,14 +81,40 @@ impl Engine {
         Ok(())
     }
 
+    /// Under `skip`, fires of the last moments before start-up, once their grace has passed:
+    /// one that no running replica handled by then was missed, and is skipped.
+    async fn settle_deferred(
+        &self,
+        workflow: &Workflow,
+        deferred: &mut Vec<Millis>,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let grace = CATCHUP_GRACE.as_millis() as u64;
+        let due: Vec<Millis> = deferred.iter().copied().filter(|fire| fire + grace <= now).collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        deferred.retain(|fire| fire + grace > now);
+        let id = &workflow.def.id;
+        let handled = self.store.cron_state(id).await?.last_fire;
+        let missed: Vec<Millis> = due.into_iter().filter(|fire| handled.is_none_or(|last| last < *fire)).collect();
+        if let Some(newest) = missed.last() {
+            tracing::warn!(workflow = %id, missed = missed.len(), last = %crate::api::views::timestamp(*newest), "fires missed while no replica ran are not started (catch-up policy skip)");
+            self.counters.cron_missed.fetch_add(missed.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.store.cron_advance(id, *newest, None).await?;
+        }
+        Ok(())
+    }
+
     /// Applies the catch-up policy to fires missed since the last one any replica handled;
-    /// returns the time from which the normal path takes over.
-    async fn catch_up(&self, workflow: &Workflow, now: Millis) -> Result<Millis, StoreError> {
-        let Some(schedule) = &workflow.schedule else { return Ok(now) };
+    /// returns the time from which the normal path takes over, and (under `skip`) the fires too
+    /// recent to call missed yet.
+    async fn catch_up(&self, workflow: &Workflow, now: Millis) -> Result<(Millis, Vec<Millis>), StoreError> {
+        let Some(schedule) = &workflow.schedule else { return Ok((now, Vec::new())) };
         let id = &workflow.def.id;
         let Some(last) = self.store.cron_state(id).await?.last_fire else {
             // Never fired anywhere: nothing was missed.
-            return Ok(now);
+            return Ok((now, Vec::new()));
         };
         // Missed fires are found from the newest back rather than listed from `last`: after a
         // long outage there are more of them than any bound, and listing only the oldest ones
@@ -91,12 +124,15 @@ impl Engine {
         let recent = now.saturating_sub(CATCHUP_GRACE.as_millis() as u64);
         // The fires to run (oldest first), the newest fire skipped (every missed fire up to it is
         // skipped, and all of them are older than those run), and where the normal path resumes.
+        let mut deferred = Vec::new();
         let (run, skipped_until, resume): (Vec<Millis>, Option<Millis>, Millis) = match workflow.def.catchup {
             Catchup::Skip => {
                 // Under `skip`, a fire this recent may simply not be handled yet by replicas that
-                // are running: it is left to the normal path rather than skipped.
+                // are running: it is neither started nor skipped until its grace has passed
+                // (`settle_deferred`); then, if no replica handled it, it was missed.
                 let skipped_until = newest_until(recent.saturating_sub(1));
-                (Vec::new(), skipped_until, skipped_until.unwrap_or(last))
+                deferred = schedule.fires_between(skipped_until.unwrap_or(last).max(last), now, 16);
+                (Vec::new(), skipped_until, now)
             }
             Catchup::Latest => match newest_until(now) {
                 Some(latest) => (vec![latest], newest_until(latest.saturating_sub(1)), now),
@@ -137,7 +173,7 @@ impl Engine {
             tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(*fire), "catching up a missed fire");
             self.fire(workflow, *fire).await?;
         }
-        Ok(resume)
+        Ok((resume, deferred))
     }
 
     /// Handles one fire: skips it if another replica already did, applies the overlap policy,

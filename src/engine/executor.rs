@@ -154,34 +154,47 @@ impl Engine {
         }
     }
 
-    /// Runs one claimed step and commits its outcome.
+    /// Runs one claimed step and commits its outcome; then, with the same executor, the step
+    /// the commit claimed for it in the same round trip, if any (often the run's next step).
     async fn execute(self: &Arc<Self>, lease: Lease, deliveries: u64, task: ReadyTask) {
-        let run: RunId = match task.run.parse() {
-            Ok(run) => run,
-            Err(problem) => {
-                tracing::error!(%problem, "ready entry names no valid run; dropping it");
-                let _ = self.store.ack(&lease).await;
-                return;
+        let mut next = Some((lease, deliveries, task));
+        while let Some((lease, deliveries, task)) = next.take() {
+            let run: RunId = match task.run.parse() {
+                Ok(run) => run,
+                Err(problem) => {
+                    tracing::error!(%problem, "ready entry names no valid run; dropping it");
+                    let _ = self.store.ack(&lease).await;
+                    continue;
+                }
+            };
+            match self.execute_step(&run, &lease, deliveries, task).await {
+                Ok(Some(claimed)) => {
+                    if let Ok(task) = claimed.task {
+                        next = Some((claimed.lease, claimed.deliveries, task));
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    // The entry stays pending: after the lease expires another replica (or this
+                    // one) takes it over, up to the delivery bound.
+                    tracing::warn!(run = %run, %err, "step not committed; it will be retried after its lease expires");
+                }
             }
-        };
-        if let Err(err) = self.execute_step(&run, &lease, deliveries, task).await {
-            // The entry stays pending: after the lease expires another replica (or this one)
-            // takes it over, up to the delivery bound.
-            tracing::warn!(run = %run, %err, "step not committed; it will be retried after its lease expires");
         }
     }
 
+    /// Returns the entry claimed along with the commit, to run next.
     async fn execute_step(
         self: &Arc<Self>,
         run: &RunId,
         lease: &Lease,
         deliveries: u64,
         task: ReadyTask,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Claimed>, StoreError> {
         let workflow = self.definition(run.shard, &task.state.definition).await?;
         let Some((step, attempt)) = task.state.status.step_attempt() else {
             self.store.ack(lease).await?;
-            return Ok(());
+            return Ok(None);
         };
         let Some(step_def) = workflow.def.steps.get(step as usize) else {
             return Err(StoreError::Corrupt {
@@ -252,11 +265,18 @@ impl Engine {
                 // The queued state itself cannot take this outcome: never loop on it.
                 tracing::error!(run = %run, %invalid, "step outcome does not apply to the queued state; dropping the entry");
                 self.store.ack(lease).await?;
-                return Ok(());
+                return Ok(None);
             }
         };
         let expected_seq = task.state.seq;
-        let outcome = self.commit_advanced(run, expected_seq, Some(lease.clone()), advanced, false).await?;
+        // When the run goes on, take a next step in the same round trip (usually the run's own
+        // next step, just queued), unless stopping. Not after a run's last step: there the
+        // claim loop's batched reads serve better than a read per run.
+        let goes_on = advanced.effects.iter().any(|e| matches!(e, Effect::Dispatch { .. }));
+        let fetch_next = goes_on && !self.shutdown.is_cancelled();
+        let (outcome, next) = self
+            .commit_advanced_then_claim(run, expected_seq, Some(lease.clone()), advanced, false, fetch_next)
+            .await?;
         if let (Some((event, until)), CommitOutcome::Applied { .. }) = (parked_on, outcome) {
             // Found by the router when the event arrives. Not atomic with the commit: the
             // sweeper registers a waiting run again if this is lost.
@@ -265,7 +285,7 @@ impl Engine {
             // seen by the router for this run: look for it.
             self.look_back_for(run, &event, task.state.created_at).await?;
         }
-        Ok(())
+        Ok(next)
     }
 
     /// The outputs of a run's completed (or reused) steps, by step id.
@@ -295,6 +315,20 @@ impl Engine {
         advanced: machine::Advanced,
         clear_timer: bool,
     ) -> Result<CommitOutcome, StoreError> {
+        Ok(self.commit_advanced_then_claim(run, expected_seq, lease, advanced, clear_timer, false).await?.0)
+    }
+
+    /// [`Engine::commit_advanced`], with (`fetch_next`, and a lease) one more ready entry of the
+    /// shard claimed for this executor in the same round trip.
+    async fn commit_advanced_then_claim(
+        &self,
+        run: &RunId,
+        expected_seq: u64,
+        lease: Option<Lease>,
+        advanced: machine::Advanced,
+        clear_timer: bool,
+        fetch_next: bool,
+    ) -> Result<(CommitOutcome, Option<Claimed>), StoreError> {
         let mut dispatch = None;
         let mut timer = None;
         for effect in &advanced.effects {
@@ -323,7 +357,11 @@ impl Engine {
             timer,
             clear_timer,
         };
-        let outcome = self.store.commit(commit).await?;
+        let (outcome, next) = if fetch_next {
+            self.store.commit_and_claim(commit).await?
+        } else {
+            (self.store.commit(commit).await?, None)
+        };
         match &outcome {
             CommitOutcome::Applied { .. } => {
                 if retrying {
@@ -356,7 +394,7 @@ impl Engine {
             }
             CommitOutcome::Gone => tracing::info!(run = %run, "run is finished or gone; discarding the outcome"),
         }
-        Ok(outcome)
+        Ok((outcome, next))
     }
 }
 

@@ -306,6 +306,13 @@ pub trait Store: Send + Sync + 'static {
     /// The atomic, fenced transition. See [`Commit`].
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome>;
 
+    /// A leased commit that, when applied, also claims one new ready entry of the run's shard
+    /// for the lease's consumer, in the same round trip (an executor's next step, often the one
+    /// just queued).
+    async fn commit_and_claim(&self, commit: Commit) -> StoreResult<(CommitOutcome, Option<Claimed>)> {
+        Ok((self.commit(commit).await?, None))
+    }
+
     /// Like [`Store::commit`] for a finished run being resumed: `finished_log` (the run's whole
     /// log, as read) becomes a live log again before `commit.records` are appended, if the run
     /// is still finished at `commit.expected_seq`.

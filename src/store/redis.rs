@@ -319,6 +319,7 @@ impl RedisStore {
         zadd: Vec<(String, Millis)>,
         zrem: Vec<String>,
         compact: bool,
+        fetch_next: bool,
     ) -> StoreResult<Value> {
         let shard = run.shard;
         let run_text = run.to_string();
@@ -384,6 +385,7 @@ impl RedisStore {
             args.push(keys.len().to_string().into());
             args.push(run_text.clone().into());
         }
+        args.push(if fetch_next { "1" } else { "0" }.into());
         self.fcall("wfo_v1_commit", keys, args).await
     }
 
@@ -412,12 +414,18 @@ impl RedisStore {
         Ok(Some(oldest))
     }
 
-    /// A commit, optionally reopening a finished run's log first.
-    async fn apply_commit(&self, commit: Commit, reopen: &[Recorded]) -> StoreResult<CommitOutcome> {
+    /// A commit, optionally reopening a finished run's log first, optionally claiming the
+    /// lease's consumer one new entry of the shard in the same call.
+    async fn apply_commit(
+        &self,
+        commit: Commit,
+        reopen: &[Recorded],
+        fetch_next: bool,
+    ) -> StoreResult<(CommitOutcome, Option<Claimed>)> {
         let shard = commit.run.shard;
         let terminal = commit.state.status.is_terminal();
         let summary = RunSummary::of(&commit.state);
-        let fields: Vec<(&'static str, String)> = summary_fields(&summary)
+        let summary_fields: Vec<(&'static str, String)> = summary_fields(&summary)
             .into_iter()
             .filter(|(name, _)| !matches!(*name, "workflow" | "definition" | "created_at"))
             .collect();
@@ -449,7 +457,7 @@ impl RedisStore {
                 commit.expected_seq,
                 commit.lease.as_ref(),
                 &commit.records,
-                fields,
+                summary_fields,
                 commit.dispatch.as_ref(),
                 commit.timer,
                 commit.clear_timer || terminal,
@@ -458,16 +466,28 @@ impl RedisStore {
                 zadd,
                 zrem,
                 terminal && !commit.records.is_empty(),
+                fetch_next && commit.lease.is_some(),
             )
             .await?;
         let (tag, rest) = outcome(reply)?;
         Ok(match tag.as_str() {
             "ok" => {
-                CommitOutcome::Applied { seq: rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0) }
+                let seq = rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let mut rest = rest.into_iter().skip(2);
+                let next = match (rest.next(), rest.next(), &commit.lease) {
+                    (Some(id), Some(body), Some(lease)) => {
+                        text(&id).map(|id| self.decode_claimed(shard, id, &fields(body), 1, &lease.consumer))
+                    }
+                    _ => None,
+                };
+                if let Some(next) = &next {
+                    self.bury(std::slice::from_ref(next)).await?;
+                }
+                (CommitOutcome::Applied { seq }, next.filter(|n| n.task.is_ok()))
             }
-            "stale" => CommitOutcome::Stale,
-            "lease_lost" => CommitOutcome::LeaseLost,
-            "gone" => CommitOutcome::Gone,
+            "stale" => (CommitOutcome::Stale, None),
+            "lease_lost" => (CommitOutcome::LeaseLost, None),
+            "gone" => (CommitOutcome::Gone, None),
             other => return Err(corrupt(&self.keys.run(&commit.run), format!("commit answered `{other}`"))),
         })
     }
@@ -567,6 +587,7 @@ impl Store for RedisStore {
                 zadd,
                 Vec::new(),
                 false,
+                false,
             )
             .await?;
         match outcome(reply)? {
@@ -582,11 +603,15 @@ impl Store for RedisStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        self.apply_commit(commit, &[]).await
+        Ok(self.apply_commit(commit, &[], false).await?.0)
+    }
+
+    async fn commit_and_claim(&self, commit: Commit) -> StoreResult<(CommitOutcome, Option<Claimed>)> {
+        self.apply_commit(commit, &[], true).await
     }
 
     async fn reopen(&self, commit: Commit, finished_log: &[Recorded]) -> StoreResult<CommitOutcome> {
-        self.apply_commit(commit, finished_log).await
+        Ok(self.apply_commit(commit, finished_log, false).await?.0)
     }
 
     async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {
