@@ -12,9 +12,6 @@
 //! No assertion is on how long something took. Cron tests necessarily relate fire times to the
 //! wall clock (which fires fell inside the window the test watched), always with slack of at
 //! least a second around the 250 ms cron tick. Every loop is bounded in count and time.
-//!
-//! One test is `#[ignore]`d: it shows a known deviation (under `catchup = "skip"`, a missed fire
-//! within the scheduler's 2 s start-up grace still runs); see its comment.
 
 use crate::util::{RedisServer, Replica, ReplicaConfig, redis_cli, wait_for, workflows_file};
 use serde_json::{Value, json};
@@ -600,23 +597,18 @@ action = "noop"
 }
 
 /// Every four seconds, down from 0.5 s after a fire M to M + 14.5 s: M+4, M+8 and M+12 are
-/// missed, the latest 2.5 s before the restart, so older than the scheduler's 2 s start-up grace
-/// (a fire younger than that at start-up is left to the normal path, as running replicas may be
-/// about to handle it; see the ignored test below for what that does to a missed fire).
+/// missed, the latest 2.5 s before the restart, so older than the scheduler's 2 s start-up grace.
 #[test]
 fn with_catchup_skip_no_missed_fire_runs_after_all_replicas_were_down() {
     let _serial = serial();
     catchup_skip_starts_no_missed_fire(4000, 500, 14_000);
 }
 
-/// KNOWN DEVIATION (see the report of issue 3): a fire younger than `CATCHUP_GRACE` (2 s) when
-/// the first replica starts is left to the normal path even when no replica was running at its
-/// time, so under `catchup = "skip"` the latest missed fire runs (up to 2 s late) whenever the
-/// restart falls within 2 s of it; on a two-second schedule that is always, and `skip` behaves
-/// like `latest`. Down from 0.4 s after a fire M to M + 7.4 s: M+2, M+4, M+6 are missed and M+6
-/// (1.4 s before the restart) is started today. Run with `--ignored` to see it.
+/// A fire younger than the start-up grace (2 s) when the first replica starts may be one that
+/// running replicas are about to handle, so it is decided only once the grace has passed: no
+/// replica handled it, so it was missed, and under `skip` it does not run. Down from 0.4 s after a
+/// fire M to M + 7.4 s: M+2, M+4, M+6 are missed, M+6 only 1.4 s before the restart.
 #[test]
-#[ignore = "known deviation: under catchup = skip a missed fire within the 2 s start-up grace still runs"]
 fn with_catchup_skip_a_missed_fire_just_before_the_restart_does_not_run_either() {
     let _serial = serial();
     catchup_skip_starts_no_missed_fire(2000, 400, 7_000);
