@@ -2,6 +2,7 @@
 //! HMAC-SHA256) and `inngest` (Inngest's event API). Connection errors and 5xx are worth a retry;
 //! a 4xx is not (unless the step says so). Response bodies are read up to a bound.
 
+use super::builtins::bounded_http::{checked_url, describe};
 use super::{ActionConfig, ActionError, StepContext};
 use crate::definition::actions::HttpSpec;
 use hmac::{Hmac, Mac};
@@ -63,34 +64,6 @@ async fn send(
     } else {
         Err(ActionError::fatal(message))
     }
-}
-
-/// An error without the URL's query string (which may carry secrets).
-fn describe(err: &reqwest::Error) -> String {
-    let kind = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
-        "could not connect"
-    } else if err.is_request() {
-        "request failed"
-    } else {
-        "failed"
-    };
-    let mut source = std::error::Error::source(err);
-    let mut detail = String::new();
-    while let Some(inner) = source {
-        detail = inner.to_string();
-        source = inner.source();
-    }
-    if detail.is_empty() { kind.to_owned() } else { format!("{kind} ({detail})") }
-}
-
-fn checked_url(url: &str) -> Result<reqwest::Url, ActionError> {
-    let parsed = reqwest::Url::parse(url).map_err(|err| ActionError::fatal(format!("`{url}` is not a URL: {err}")))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(ActionError::fatal(format!("`{url}`: only http and https URLs")));
-    }
-    Ok(parsed)
 }
 
 /// An `http` step's request, its templates resolved.

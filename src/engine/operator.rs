@@ -5,7 +5,7 @@
 use super::{Engine, EngineError, Triggered};
 use crate::definition::Workflow;
 use crate::machine::{self, RunState, Status, Transition, Trigger};
-use crate::store::{Commit, CommitOutcome, Logged, RunId};
+use crate::store::{Commit, CommitOutcome, Logged, RunId, StoreError};
 use std::sync::Arc;
 
 /// How often an operator action retries after losing a race with the run's own progress.
@@ -34,6 +34,16 @@ impl Engine {
         };
         let workflow = self.definition(run.shard, &state.definition).await?;
         Ok(Some(LoadedRun { id: run.clone(), log, state, workflow }))
+    }
+
+    /// [`Engine::load`] for the engine's loops, whose errors are the store's: a log that does not
+    /// replay is corrupt data.
+    pub(super) async fn load_for_loop(&self, run: &RunId) -> Result<Option<LoadedRun>, StoreError> {
+        match self.load(run).await {
+            Ok(loaded) => Ok(loaded),
+            Err(EngineError::Store(err)) => Err(err),
+            Err(other) => Err(StoreError::Corrupt { key: run.to_string(), problem: other.to_string() }),
+        }
     }
 
     async fn load_existing(&self, run: &RunId) -> Result<LoadedRun, EngineError> {

@@ -74,9 +74,8 @@ impl Engine {
     /// Registers a waiting run for its event again (idempotent): the registration is written
     /// after the commit that parks the run, so a crash in between could lose it.
     async fn register_wait(&self, run: &RunId) -> Result<(), StoreError> {
-        let Some(log) = self.store.history(run).await? else { return Ok(()) };
-        if let Ok(Some(state)) = machine::replay(log.iter().map(|l| &l.recorded))
-            && let machine::Status::Waiting { event, until, .. } = state.status
+        if let Some(loaded) = self.load_for_loop(run).await?
+            && let machine::Status::Waiting { event, until, .. } = loaded.state.status
         {
             self.store.add_wait(&event, run, until).await?;
         }
@@ -85,14 +84,7 @@ impl Engine {
 
     /// Re-derives a run's effects from its log and performs them again (fenced by its seq).
     async fn requeue(&self, run: &RunId) -> Result<(), StoreError> {
-        let Some(log) = self.store.history(run).await? else { return Ok(()) };
-        let state = machine::replay(log.iter().map(|l| &l.recorded))
-            .map_err(|(index, err)| StoreError::Corrupt {
-                key: run.to_string(),
-                problem: format!("log entry {}: {err}", index + 1),
-            })?
-            .ok_or_else(|| StoreError::Corrupt { key: run.to_string(), problem: "empty log".to_owned() })?;
-        let workflow = self.definition(run.shard, &state.definition).await?;
+        let Some(super::LoadedRun { state, workflow, .. }) = self.load_for_loop(run).await? else { return Ok(()) };
         let now = self.clock.now();
         let advanced = machine::advance(Some(&state), &workflow.def, Vec::new(), now)
             .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;

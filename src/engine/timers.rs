@@ -34,14 +34,7 @@ impl Engine {
     }
 
     async fn fire_timer(&self, run: &RunId, now: machine::Millis) -> Result<(), StoreError> {
-        let Some(log) = self.store.history(run).await? else { return Ok(()) };
-        let state = machine::replay(log.iter().map(|l| &l.recorded))
-            .map_err(|(index, err)| StoreError::Corrupt {
-                key: run.to_string(),
-                problem: format!("log entry {}: {err}", index + 1),
-            })?
-            .ok_or_else(|| StoreError::Corrupt { key: run.to_string(), problem: "empty log".to_owned() })?;
-        let workflow = self.definition(run.shard, &state.definition).await?;
+        let Some(super::LoadedRun { state, workflow, .. }) = self.load_for_loop(run).await? else { return Ok(()) };
         match state.status {
             Status::Retrying { step, attempt, due } if due <= now => {
                 let fired = self.recorded(now, Transition::TimerFired { step, attempt });

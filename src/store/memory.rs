@@ -96,6 +96,13 @@ impl fmt::Display for EntryId {
     }
 }
 
+impl EntryId {
+    /// The id `XADD <stream> *` gives after `self` at `now`: never going backwards.
+    fn next(self, now: Millis) -> EntryId {
+        if now > self.ms { EntryId { ms: now, n: 0 } } else { EntryId { ms: self.ms, n: self.n + 1 } }
+    }
+}
+
 impl FromStr for EntryId {
     type Err = ();
     fn from_str(text: &str) -> Result<EntryId, ()> {
@@ -129,11 +136,7 @@ struct ReadyQueue {
 impl ReadyQueue {
     /// Appends a task, as `XADD <stream> * ...`.
     fn push(&mut self, task: ReadyTask, now: Millis) -> EntryId {
-        let id = if now > self.last_id.ms {
-            EntryId { ms: now, n: 0 }
-        } else {
-            EntryId { ms: self.last_id.ms, n: self.last_id.n + 1 }
-        };
+        let id = self.last_id.next(now);
         self.last_id = id;
         self.entries.insert(id, task);
         id
@@ -231,11 +234,7 @@ struct Bus {
 
 impl Bus {
     fn publish(&mut self, fields: Fields, now: Millis) -> EntryId {
-        let id = if now > self.last_id.ms {
-            EntryId { ms: now, n: 0 }
-        } else {
-            EntryId { ms: self.last_id.ms, n: self.last_id.n + 1 }
-        };
+        let id = self.last_id.next(now);
         self.last_id = id;
         self.entries.insert(id, fields);
         id

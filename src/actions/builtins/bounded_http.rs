@@ -7,7 +7,7 @@ use crate::actions::ActionError;
 use tokio_util::sync::CancellationToken;
 
 /// Parses an http(s) URL, or says why not (a configuration error: not worth a retry).
-pub(super) fn checked_url(url: &str) -> Result<reqwest::Url, ActionError> {
+pub(crate) fn checked_url(url: &str) -> Result<reqwest::Url, ActionError> {
     let parsed = reqwest::Url::parse(url.trim())
         .map_err(|err| ActionError::fatal(format!("`{}` is not a URL: {err}", redacted(url))))?;
     if !matches!(parsed.scheme(), "http" | "https") {
@@ -22,7 +22,7 @@ pub(super) fn place(url: &reqwest::Url) -> String {
 }
 
 /// A URL as it may be shown (outputs, messages, keys): a password in it is replaced by `***`.
-pub(super) fn redacted(url: &str) -> String {
+pub(crate) fn redacted(url: &str) -> String {
     match reqwest::Url::parse(url.trim()) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));
@@ -33,7 +33,7 @@ pub(super) fn redacted(url: &str) -> String {
 }
 
 /// A reqwest error without the URL (its query string may carry secrets).
-pub(super) fn describe(err: &reqwest::Error) -> String {
+pub(crate) fn describe(err: &reqwest::Error) -> String {
     let kind = if err.is_timeout() {
         "timed out"
     } else if err.is_connect() {

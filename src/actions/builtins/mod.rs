@@ -3,7 +3,7 @@
 use super::Builtin;
 use std::sync::Arc;
 
-mod bounded_http;
+pub(super) mod bounded_http;
 mod cache_warm;
 mod cms_sync;
 mod digest;
