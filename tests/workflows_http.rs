@@ -21,20 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const SECRET: &str = "hub-secret-for-tests";
 const CMS_TOKEN: &str = "cms-token-never-logged";
 
-/// The registry of the ten workflows. The default registry (`src/definition/builtin.toml`, used
-/// when `WORKFLOWS_FILE` is unset) is being switched over to `/tmp/builtin.next.toml` by another
-/// change; until that lands, the tests read the next registry from there, and once the in-tree
-/// file is the new one (its steps name the `cms_sync` built-in) they read that.
+/// The registry of the ten workflows: the built-in default (`src/definition/builtin.toml`, used
+/// when `WORKFLOWS_FILE` is unset); the tests copy its entries verbatim.
 fn registry_text() -> String {
-    let in_tree = include_str!("../src/definition/builtin.toml");
-    if default_registry_switched() {
-        return in_tree.to_owned();
-    }
-    std::fs::read_to_string("/tmp/builtin.next.toml").expect("the next built-in registry at /tmp/builtin.next.toml")
-}
-
-fn default_registry_switched() -> bool {
-    include_str!("../src/definition/builtin.toml").contains("name = \"cms_sync\"")
+    include_str!("../src/definition/builtin.toml").to_owned()
 }
 
 /// The `[[workflow]]` entry `id` of the registry, verbatim (up to the next entry).
@@ -555,13 +545,9 @@ fn notification_digest_counts_the_days_runs_and_sends_them_signed() {
 
 #[test]
 fn the_registry_lists_exactly_the_ten_workflows_with_the_specs_schedules() {
-    // The default registry (WORKFLOWS_FILE unset) is being switched over to the file at
-    // /tmp/builtin.next.toml by another change. Until that lands, the replica gets a copy of
-    // that file as WORKFLOWS_FILE; once the in-tree default is the new registry, no
-    // WORKFLOWS_FILE at all, so that this test is about the default registry itself.
+    // The default registry: no WORKFLOWS_FILE.
     let dir = tempfile::tempdir().unwrap();
-    let file = (!default_registry_switched()).then(|| workflows_file(dir.path(), &registry_text()));
-    let replica = ReplicaConfig::new(None, file.as_deref(), dir.path()).start("registry");
+    let replica = ReplicaConfig::new(None, None, dir.path()).start("registry");
     let (status, body) = replica.get("/api/workflows");
     assert_eq!(status, 200, "{body}");
     let listed: Vec<(String, Value, Value)> = body["workflows"]
