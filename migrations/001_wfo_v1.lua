@@ -259,15 +259,18 @@ end
 
 -- Records a handled cron fire; the last fire only moves forward.
 -- KEYS: 1 the schedule's hash. ARGV: fire (ms), run id ('' = none started).
+-- Returns 1 if this call moved the last fire forward, 0 if another replica had already.
 local function cron_advance(keys, argv)
   local last = tonumber(redis.call('HGET', keys[1], 'last_fire') or '0')
+  local advanced = 0
   if tonumber(argv[1]) > last then
     redis.call('HSET', keys[1], 'last_fire', argv[1])
+    advanced = 1
   end
   if argv[2] ~= '' then
     redis.call('HSET', keys[1], 'last_run', argv[2])
   end
-  return 1
+  return advanced
 end
 
 redis.register_function('wfo_v1_commit', commit)

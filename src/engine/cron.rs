@@ -185,15 +185,21 @@ impl Engine {
             return Ok(()); // handled by another replica
         }
         if workflow.def.overlap != Overlap::Allow && self.previous_run_active(state.last_run.as_deref()).await? {
+            // Only the replica whose record moves the last fire forward logs and counts the
+            // decision: replicas deciding at the same moment decide alike, once. (A buffered fire
+            // is kept before the record, so that a crash in between cannot lose it.)
             let buffered = workflow.def.overlap == Overlap::Buffer && state.buffered.is_none();
             if buffered {
                 self.store.cron_buffer(id, Some(fire)).await?;
-                tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(fire), "previous run still active: fire buffered");
-            } else {
-                Counters::add(&self.counters.cron_skipped);
-                tracing::warn!(workflow = %id, fire = %crate::api::views::timestamp(fire), previous = ?state.last_run, "previous run still active: fire skipped (overlap policy)");
             }
-            self.store.cron_advance(id, fire, None).await?;
+            if self.store.cron_advance(id, fire, None).await? {
+                if buffered {
+                    tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(fire), "previous run still active: fire buffered");
+                } else {
+                    Counters::add(&self.counters.cron_skipped);
+                    tracing::warn!(workflow = %id, fire = %crate::api::views::timestamp(fire), previous = ?state.last_run, "previous run still active: fire skipped (overlap policy)");
+                }
+            }
             return Ok(());
         }
         self.start_fire(workflow, fire).await
@@ -215,7 +221,8 @@ impl Engine {
             Counters::add(&self.counters.cron_fires);
             tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(fire), run = %triggered.run_id, "cron fire started a run");
         }
-        self.store.cron_advance(id, fire, Some(&triggered.run_id)).await
+        self.store.cron_advance(id, fire, Some(&triggered.run_id)).await?;
+        Ok(())
     }
 
     /// Starts the buffered fire once the previous run has ended.

@@ -768,16 +768,17 @@ impl Store for MemoryStore {
         Ok(self.shared.state.lock().crons.get(workflow).cloned().unwrap_or_default())
     }
 
-    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<()> {
+    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<bool> {
         let mut state = self.shared.state.lock();
         let cron = state.crons.entry(workflow.to_owned()).or_default();
-        if cron.last_fire.is_none_or(|last| fire > last) {
+        let advanced = cron.last_fire.is_none_or(|last| fire > last);
+        if advanced {
             cron.last_fire = Some(fire);
         }
         if let Some(run) = run {
             cron.last_run = Some(run.to_owned());
         }
-        Ok(())
+        Ok(advanced)
     }
 
     async fn cron_buffer(&self, workflow: &str, fire: Option<Millis>) -> StoreResult<()> {

@@ -379,7 +379,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records that `fire` was handled (the stored last fire only moves forward) and, when a run
     /// was started for it, which.
-    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<()>;
+    /// Returns whether this call moved the last fire forward (another replica may have first).
+    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<bool>;
 
     /// Sets (or, with `None`, clears) the buffered fire.
     async fn cron_buffer(&self, workflow: &str, fire: Option<Millis>) -> StoreResult<()>;

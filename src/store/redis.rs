@@ -1080,14 +1080,15 @@ impl Store for RedisStore {
         Ok(state)
     }
 
-    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<()> {
-        self.fcall(
-            "wfo_v1_cron_advance",
-            vec![self.keys.cron(workflow)],
-            vec![fire.to_string().into(), run.unwrap_or("").into()],
-        )
-        .await?;
-        Ok(())
+    async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<bool> {
+        let reply = self
+            .fcall(
+                "wfo_v1_cron_advance",
+                vec![self.keys.cron(workflow)],
+                vec![fire.to_string().into(), run.unwrap_or("").into()],
+            )
+            .await?;
+        Ok(text(&reply).as_deref() == Some("1"))
     }
 
     async fn cron_buffer(&self, workflow: &str, fire: Option<Millis>) -> StoreResult<()> {
