@@ -120,11 +120,13 @@ struct Pending {
     deliveries: u64,
 }
 
-/// One shard's ready stream with its consumer group.
-#[derive(Debug, Default)]
-struct ReadyQueue {
-    /// The stream: entries stay until housekeeping trims those neither queued nor pending.
-    entries: BTreeMap<EntryId, ReadyTask>,
+/// A stream read by one consumer group, as Redis keeps one: entries with increasing ids, the
+/// group's last-delivered id and its pending list. Each shard's ready stream (group `workers`)
+/// and the event bus (group `router`) are one.
+#[derive(Debug)]
+struct GroupStream<T> {
+    /// The stream: entries stay until trimmed (housekeeping keeps the queued and pending ones).
+    entries: BTreeMap<EntryId, T>,
     /// The newest id handed out, so far: `XADD *` never goes backwards.
     last_id: EntryId,
     /// The group's last-delivered id: entries above it are queued.
@@ -133,12 +135,26 @@ struct ReadyQueue {
     pending: BTreeMap<EntryId, Pending>,
 }
 
-impl ReadyQueue {
-    /// Appends a task, as `XADD <stream> * ...`.
-    fn push(&mut self, task: ReadyTask, now: Millis) -> EntryId {
+impl<T> Default for GroupStream<T> {
+    fn default() -> Self {
+        GroupStream {
+            entries: BTreeMap::new(),
+            last_id: EntryId::default(),
+            delivered: EntryId::default(),
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+/// One shard's ready stream with its consumer group `workers`.
+type ReadyQueue = GroupStream<ReadyTask>;
+
+impl<T> GroupStream<T> {
+    /// Appends an entry, as `XADD <stream> * ...`.
+    fn push(&mut self, value: T, now: Millis) -> EntryId {
         let id = self.last_id.next(now);
         self.last_id = id;
-        self.entries.insert(id, task);
+        self.entries.insert(id, value);
         id
     }
 
@@ -154,6 +170,57 @@ impl ReadyQueue {
         {
             self.pending.remove(&id);
         }
+    }
+
+    /// Delivers up to `max` new entries to `consumer`, as `XREADGROUP ... >`.
+    fn read(&mut self, consumer: &str, max: usize, instant: Instant) -> Vec<(EntryId, &T)> {
+        let ids: Vec<EntryId> = self
+            .entries
+            .range((Bound::Excluded(self.delivered), Bound::Unbounded))
+            .take(max)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.delivered = *id;
+            self.pending.insert(*id, Pending { owner: consumer.to_owned(), since: instant, deliveries: 1 });
+        }
+        ids.into_iter().filter_map(|id| self.entries.get(&id).map(|value| (id, value))).collect()
+    }
+
+    /// Takes over up to `max` entries idle at least `min_idle`, whoever holds them, as
+    /// `XAUTOCLAIM`; with their delivery counts. An entry deleted from the stream while pending
+    /// cannot be worked: it leaves the pending list.
+    fn reclaim(&mut self, consumer: &str, min_idle: Duration, max: usize, instant: Instant) -> Vec<(EntryId, u64, &T)> {
+        let idle: Vec<EntryId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| instant.saturating_duration_since(p.since) >= min_idle)
+            .map(|(id, _)| *id)
+            .take(max)
+            .collect();
+        let mut taken = Vec::new();
+        for id in idle {
+            if !self.entries.contains_key(&id) {
+                self.pending.remove(&id);
+                continue;
+            }
+            let pending = self.pending.get_mut(&id).expect("collected from the pending list");
+            pending.owner = consumer.to_owned();
+            pending.since = instant;
+            pending.deliveries += 1;
+            taken.push((id, pending.deliveries));
+        }
+        taken
+            .into_iter()
+            .filter_map(|(id, deliveries)| self.entries.get(&id).map(|value| (id, deliveries, value)))
+            .collect()
+    }
+
+    /// The oldest id the group has not handled: its oldest pending entry, or the one after its
+    /// last delivered one.
+    fn oldest_unhandled(&self) -> EntryId {
+        let after_delivered = EntryId { ms: self.delivered.ms, n: self.delivered.n + 1 };
+        self.pending.keys().next().copied().map_or(after_delivered, |p| p.min(after_delivered))
     }
 }
 
@@ -223,10 +290,7 @@ type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 /// runs each handled event started.
 #[derive(Debug, Default)]
 struct Bus {
-    entries: BTreeMap<EntryId, Fields>,
-    last_id: EntryId,
-    delivered: EntryId,
-    pending: BTreeMap<EntryId, Pending>,
+    stream: GroupStream<Fields>,
     dead: Vec<(String, Fields)>,
     /// Runs started per event id, until the instant they expire.
     started: HashMap<String, (Vec<(String, String)>, Instant)>,
@@ -234,60 +298,27 @@ struct Bus {
 
 impl Bus {
     fn publish(&mut self, fields: Fields, now: Millis) -> EntryId {
-        let id = self.last_id.next(now);
-        self.last_id = id;
-        self.entries.insert(id, fields);
-        id
-    }
-
-    fn entry(&self, id: EntryId, deliveries: u64) -> Option<BusEntry> {
-        self.entries.get(&id).map(|fields| BusEntry { id: id.to_string(), fields: fields.clone(), deliveries })
+        self.stream.push(fields, now)
     }
 
     fn read(&mut self, consumer: &str, max: usize, instant: Instant) -> Vec<BusEntry> {
-        let ids: Vec<EntryId> = self
-            .entries
-            .range((Bound::Excluded(self.delivered), Bound::Unbounded))
-            .take(max)
-            .map(|(id, _)| *id)
-            .collect();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            self.delivered = id;
-            self.pending.insert(id, Pending { owner: consumer.to_owned(), since: instant, deliveries: 1 });
-            out.extend(self.entry(id, 1));
-        }
-        out
+        let read = self.stream.read(consumer, max, instant);
+        read.into_iter()
+            .map(|(id, fields)| BusEntry { id: id.to_string(), fields: fields.clone(), deliveries: 1 })
+            .collect()
     }
 
     fn reclaim(&mut self, consumer: &str, min_idle: Duration, max: usize, instant: Instant) -> Vec<BusEntry> {
-        let idle: Vec<EntryId> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| instant.saturating_duration_since(p.since) >= min_idle)
-            .map(|(id, _)| *id)
-            .take(max)
-            .collect();
-        let mut out = Vec::new();
-        for id in idle {
-            if !self.entries.contains_key(&id) {
-                self.pending.remove(&id);
-                continue;
-            }
-            let pending = self.pending.get_mut(&id).expect("collected from the pending list");
-            pending.owner = consumer.to_owned();
-            pending.since = instant;
-            pending.deliveries += 1;
-            let deliveries = pending.deliveries;
-            out.extend(self.entry(id, deliveries));
-        }
-        out
+        let taken = self.stream.reclaim(consumer, min_idle, max, instant);
+        taken
+            .into_iter()
+            .map(|(id, deliveries, fields)| BusEntry { id: id.to_string(), fields: fields.clone(), deliveries })
+            .collect()
     }
 
     /// The oldest id the router has not handled.
     fn oldest_unhandled(&self) -> EntryId {
-        let after_delivered = EntryId { ms: self.delivered.ms, n: self.delivered.n + 1 };
-        self.pending.keys().next().copied().map_or(after_delivered, |p| p.min(after_delivered))
+        self.stream.oldest_unhandled()
     }
 }
 
@@ -419,15 +450,12 @@ impl State {
         self.next_shard = (first + 1) % shards;
         for shard in (first..shards).chain(0..first) {
             let Some(queue) = self.ready.get_mut(&shard) else { continue };
-            let after = (Bound::Excluded(queue.delivered), Bound::Unbounded);
-            for (id, task) in queue.entries.range(after).take(max - claimed.len()) {
-                queue.pending.insert(*id, Pending { owner: consumer.to_owned(), since: instant, deliveries: 1 });
+            for (id, task) in queue.read(consumer, max - claimed.len(), instant) {
                 claimed.push(Claimed {
                     lease: Lease { shard, entry: id.to_string(), consumer: consumer.to_owned() },
                     deliveries: 1,
                     task: Ok(task.clone()),
                 });
-                queue.delivered = *id;
             }
             if claimed.len() == max {
                 break;
@@ -469,31 +497,12 @@ impl State {
                 break;
             }
             let Some(queue) = self.ready.get_mut(&shard) else { continue };
-            let mut deleted = Vec::new();
-            for (id, pending) in &mut queue.pending {
-                if claimed.len() == max {
-                    break;
-                }
-                if instant.saturating_duration_since(pending.since) < min_idle {
-                    continue;
-                }
-                let Some(task) = queue.entries.get(id) else {
-                    // Deleted from the stream while pending: it cannot be worked (the sweeper
-                    // re-queues its run from the run's own state).
-                    deleted.push(*id);
-                    continue;
-                };
-                pending.owner = consumer.to_owned();
-                pending.since = instant;
-                pending.deliveries += 1;
+            for (id, deliveries, task) in queue.reclaim(consumer, min_idle, max - claimed.len(), instant) {
                 claimed.push(Claimed {
                     lease: Lease { shard, entry: id.to_string(), consumer: consumer.to_owned() },
-                    deliveries: pending.deliveries,
+                    deliveries,
                     task: Ok(task.clone()),
                 });
-            }
-            for id in deleted {
-                queue.pending.remove(&id);
             }
         }
         claimed
@@ -823,7 +832,7 @@ impl Store for MemoryStore {
             state.bus.started.insert(id.to_owned(), (started.to_vec(), expires));
         }
         if let Ok(id) = id.parse::<EntryId>() {
-            state.bus.pending.remove(&id);
+            state.bus.stream.pending.remove(&id);
         }
         Ok(())
     }
@@ -838,7 +847,7 @@ impl Store for MemoryStore {
             state.bus.dead.remove(0);
         }
         if let Ok(id) = entry.id.parse::<EntryId>() {
-            state.bus.pending.remove(&id);
+            state.bus.stream.pending.remove(&id);
         }
         Ok(())
     }
@@ -860,6 +869,7 @@ impl Store for MemoryStore {
         let handled_below = bus.oldest_unhandled();
         let now = Instant::now();
         let out = bus
+            .stream
             .entries
             .range((Bound::Unbounded, upper))
             .rev()
@@ -870,7 +880,7 @@ impl Store for MemoryStore {
             })
             .take(limit)
             .map(|(id, fields)| {
-                let handled = *id < handled_below && !bus.pending.contains_key(id);
+                let handled = *id < handled_below && !bus.stream.pending.contains_key(id);
                 let started = handled.then(|| {
                     bus.started
                         .get(&id.to_string())
@@ -888,15 +898,15 @@ impl Store for MemoryStore {
         let mut state = self.shared.state.lock();
         let bus = &mut state.bus;
         let floor = bus.oldest_unhandled();
-        let excess = (bus.entries.len() as u64).saturating_sub(max_len) as usize;
+        let excess = (bus.stream.entries.len() as u64).saturating_sub(max_len) as usize;
         let mut cut = EntryId { ms: min_time, n: 0 };
-        if let Some((last, _)) = bus.entries.iter().take(excess).next_back() {
+        if let Some((last, _)) = bus.stream.entries.iter().take(excess).next_back() {
             cut = cut.max(EntryId { ms: last.ms, n: last.n + 1 });
         }
         let cut = cut.min(floor);
-        let keep = bus.entries.split_off(&cut);
-        let trimmed = bus.entries.len() as u64;
-        bus.entries = keep;
+        let keep = bus.stream.entries.split_off(&cut);
+        let trimmed = bus.stream.entries.len() as u64;
+        bus.stream.entries = keep;
         let now = Instant::now();
         bus.started.retain(|_, (_, expires)| *expires > now);
         Ok(trimmed)
@@ -904,7 +914,7 @@ impl Store for MemoryStore {
 
     async fn event_counts(&self) -> StoreResult<(u64, u64)> {
         let state = self.shared.state.lock();
-        Ok((state.bus.entries.len() as u64, state.bus.dead.len() as u64))
+        Ok((state.bus.stream.entries.len() as u64, state.bus.dead.len() as u64))
     }
 
     async fn reopen(&self, commit: Commit, _finished_log: &[Recorded]) -> StoreResult<CommitOutcome> {
@@ -941,8 +951,8 @@ impl Store for MemoryStore {
         Ok(StreamStats {
             ready_length: state.ready.values().map(|q| q.entries.len() as u64).sum(),
             ready_pending: state.ready.values().map(|q| q.pending.len() as u64).sum(),
-            events_length: state.bus.entries.len() as u64,
-            events_pending: state.bus.pending.len() as u64,
+            events_length: state.bus.stream.entries.len() as u64,
+            events_pending: state.bus.stream.pending.len() as u64,
             events_dead: state.bus.dead.len() as u64,
         })
     }
