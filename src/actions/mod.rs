@@ -233,8 +233,14 @@ impl Actions {
 
     /// Whether running `step` needs the outputs of earlier steps (its templates name them).
     pub fn needs_outputs(step: &StepDef) -> bool {
-        let action = serde_json::to_string(&step.action).unwrap_or_default();
-        template::mentions_steps(&action) || step.when.as_deref().is_some_and(template::mentions_steps)
+        if step.when.as_deref().is_some_and(template::mentions_steps) {
+            return true;
+        }
+        match &step.action {
+            // No templates in their parameters: nothing to look at on the hot path.
+            ActionSpec::Noop | ActionSpec::Exec(_) => false,
+            action => template::mentions_steps(&serde_json::to_string(action).unwrap_or_default()),
+        }
     }
 
     /// Runs a step's action to its end or until `cancel` fires. The step timeout is the caller's.

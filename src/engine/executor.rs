@@ -210,8 +210,11 @@ impl Engine {
             )))
         } else {
             // Earlier outputs only when the step's templates name them: a read of the log.
-            let steps =
-                if actions::Actions::needs_outputs(step_def) { self.outputs(run).await? } else { Default::default() };
+            let steps = if actions::Actions::needs_outputs(step_def) {
+                self.outputs(run, &workflow).await?
+            } else {
+                Default::default()
+            };
             let context = StepContext {
                 run_id: task.run.clone(),
                 workflow_id: workflow.def.id.clone(),
@@ -289,11 +292,13 @@ impl Engine {
     }
 
     /// The outputs of a run's completed (or reused) steps, by step id.
-    pub(super) async fn outputs(&self, run: &RunId) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
+    pub(super) async fn outputs(
+        &self,
+        run: &RunId,
+        workflow: &crate::definition::Workflow,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
         let mut outputs = serde_json::Map::new();
         let Some(log) = self.store.history(run).await? else { return Ok(outputs) };
-        let Some(workflow) = self.store.summary(run).await?.map(|s| s.definition) else { return Ok(outputs) };
-        let workflow = self.definition(run.shard, &workflow).await?;
         for entry in &log {
             if let Transition::StepCompleted { step, output, .. } | Transition::StepReused { step, output } =
                 &entry.recorded.transition
