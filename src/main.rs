@@ -157,7 +157,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
             tracing::warn!(
                 "REDIS_URL is not set: running on the EMBEDDED IN-MEMORY STORE. One process only; nothing survives a restart. Set REDIS_URL for durable, multi-replica operation."
             );
-            Ok(Arc::new(MemoryStore::new(settings.shards, settings.lease_ttl)))
+            Ok(Arc::new(MemoryStore::new(settings.shards)))
         }
     }
 }

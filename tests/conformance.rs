@@ -25,9 +25,6 @@ use workflow_orchestrator::store::{
     Claimed, Commit, CommitOutcome, Created, Lease, Logged, NewRun, RunId, RunSummary, Store,
 };
 
-/// The lease time given to the memory store (only reported; `reclaim`'s `min_idle` judges).
-const LEASE_TTL: Duration = Duration::from_secs(30);
-
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
 const BLOCK: Duration = Duration::from_millis(200);
 
@@ -42,7 +39,7 @@ fn run<F: Future<Output = ()>>(check: F) {
 }
 
 fn memory_store(shards: u16) -> Arc<dyn Store> {
-    Arc::new(MemoryStore::new(shards, LEASE_TTL))
+    Arc::new(MemoryStore::new(shards))
 }
 
 async fn redis_store(redis: &RedisServer, shards: u16) -> Arc<dyn Store> {

@@ -51,27 +51,20 @@ struct Shared {
     /// Wakes the router's blocked reads when an event is published.
     published: Notify,
     shards: u16,
-    lease_ttl: Duration,
 }
 
 impl MemoryStore {
-    /// A new, empty store spreading runs over `shards` shards (at least one).
-    pub fn new(shards: u16, lease_ttl: Duration) -> MemoryStore {
+    /// A new, empty store spreading runs over `shards` shards (at least one). Lease expiry is
+    /// judged by `reclaim`'s `min_idle`, as in Redis, so the store keeps no lease time.
+    pub fn new(shards: u16) -> MemoryStore {
         MemoryStore {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 dispatched: Notify::new(),
                 published: Notify::new(),
                 shards: shards.max(1),
-                lease_ttl,
             }),
         }
-    }
-
-    /// The lease time the store was configured with. Only reported: expiry is judged by
-    /// `reclaim`'s `min_idle`, as in Redis.
-    pub fn lease_ttl(&self) -> Duration {
-        self.shared.lease_ttl
     }
 }
 
@@ -1023,7 +1016,7 @@ mod tests {
     }
 
     fn store() -> MemoryStore {
-        MemoryStore::new(4, Duration::from_secs(30))
+        MemoryStore::new(4)
     }
 
     fn record(at: Millis, transition: Transition) -> Recorded {
