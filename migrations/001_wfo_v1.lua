@@ -182,6 +182,47 @@ local function commit(keys, argv)
   return {'ok', expected + n_records, ready_id}
 end
 
+-- Orders two stream ids (`ms-seq`): -1, 0 or 1.
+local function compare_ids(a, b)
+  local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
+  local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
+  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
+  if a_ms ~= b_ms then return a_ms < b_ms and -1 or 1 end
+  a_seq, b_seq = tonumber(a_seq), tonumber(b_seq)
+  if a_seq ~= b_seq then return a_seq < b_seq and -1 or 1 end
+  return 0
+end
+
+-- Is entry `id` of `stream` still live for `group`: leased (pending under some consumer), or
+-- queued (in the stream and after the group's last delivered id)? An acknowledged entry stays
+-- in the stream until it is trimmed, so being in it is not enough.
+local function live_entry(stream, group, id)
+  if #redis.call('XPENDING', stream, group, id, id, 1) == 1 then return true end
+  if #redis.call('XRANGE', stream, id, id) == 0 then return false end
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local name, last
+    for f = 1, #info, 2 do
+      if info[f] == 'name' then name = info[f + 1] end
+      if info[f] == 'last-delivered-id' then last = info[f + 1] end
+    end
+    if name == group then return compare_ids(id, last) > 0 end
+  end
+  return false
+end
+
+-- The sweeper's re-queue of a run it found with no queued step, no lease and no timer: the same
+-- arguments as `commit`, but refused as stale when the run's ready entry is live after all (the
+-- sweeper judged from reads that were not one snapshot). Judged here, in the same atomic call as
+-- the append, so that a re-queue never adds a second ready entry beside a live one, however
+-- many replicas sweep at once.
+local function requeue(keys, argv)
+  local entry = redis.call('HGET', keys[1], 'ready_entry')
+  if entry and entry ~= '' and live_entry(keys[4], argv[4], entry) then
+    return {'stale'}
+  end
+  return commit(keys, argv)
+end
+
 -- Renews leases: resets the idle time of the entries `consumer` still holds.
 -- KEYS: 1 ready stream. ARGV: group, consumer, entry ids... Returns the ids it no longer holds.
 local function renew(keys, argv)
@@ -273,10 +314,202 @@ local function cron_advance(keys, argv)
   return advanced
 end
 
+-- ---- The event bus: anyone may XADD anything, so every read of it is cut to size here, in
+-- Redis, before a replica sees it; and entries with ids ahead of the clock are removed so that
+-- Redis can keep giving new entries ids. Each function touches one key (cluster-safe).
+
+-- An entry of the bus as a replica may see it: `{id, fields}` when its field names and values
+-- total at most `max` bytes; else `{id, cut fields, total bytes, value sizes}`, where each of the
+-- first 64 fields keeps a `keep`-byte prefix of its value (and of its name), and value sizes are
+-- the original sizes of the kept values. `#value` of a Lua string costs nothing.
+local function bus_cut(entry, max, keep)
+  local fields = entry[2]
+  local total = 0
+  for f = 1, #fields do
+    total = total + #fields[f]
+  end
+  if total <= max then
+    return {entry[1], fields}
+  end
+  local cut, sizes = {}, {}
+  for f = 1, math.min(#fields, 128), 2 do
+    cut[#cut + 1] = string.sub(fields[f], 1, 256)
+    cut[#cut + 1] = string.sub(fields[f + 1] or '', 1, keep)
+    sizes[#sizes + 1] = #(fields[f + 1] or '')
+  end
+  return {entry[1], cut, total, sizes}
+end
+
+-- Bytes an entry as returned by `bus_cut` carries.
+local function bus_weight(cut)
+  local weight = 0
+  for _, part in ipairs(cut[2]) do weight = weight + #part end
+  return weight
+end
+
+-- The store's clock in ms.
+local function bus_now()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- The ms part of an entry id, as a number.
+local function bus_ms(id)
+  return tonumber(string.match(id, '^(%d+)-')) or 0
+end
+
+-- New bus entries for the router, cut to size, read a few at a time so that neither this call
+-- nor its reply holds more than about `budget` bytes (the rest stays queued for the next read).
+-- KEYS: 1 bus. ARGV: group, consumer, count, max, keep, budget. Returns cut entries.
+local function bus_read(keys, argv)
+  local group, consumer = argv[1], argv[2]
+  local left, max, keep, budget = tonumber(argv[3]), tonumber(argv[4]), tonumber(argv[5]), tonumber(argv[6])
+  local out, weight = {}, 0
+  while left > 0 and weight < budget do
+    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', math.min(left, 10),
+      'STREAMS', keys[1], '>')
+    if not reply then break end
+    local entries = reply[1][2]
+    for _, entry in ipairs(entries) do
+      local cut = bus_cut(entry, max, keep)
+      out[#out + 1] = cut
+      weight = weight + bus_weight(cut)
+    end
+    left = left - #entries
+    if #entries == 0 then break end
+  end
+  return out
+end
+
+-- Takes over bus entries idle longer than the lease, cut to size, with their delivery counts;
+-- entries deleted while pending leave the pending list.
+-- KEYS: 1 bus. ARGV: group, consumer, min idle ms, count, max, keep.
+-- Returns {{id, fields, total or 0, sizes or {}, deliveries}...}.
+local function bus_reclaim(keys, argv)
+  local group, consumer, idle = argv[1], argv[2], argv[3]
+  local left, max, keep = tonumber(argv[4]), tonumber(argv[5]), tonumber(argv[6])
+  local out, start = {}, '0-0'
+  while left > 0 do
+    local claimed = redis.call('XAUTOCLAIM', keys[1], group, consumer, idle, start, 'COUNT', math.min(left, 10))
+    for _, entry in ipairs(claimed[2]) do
+      local pending = redis.call('XPENDING', keys[1], group, entry[1], entry[1], 1)
+      local cut = bus_cut(entry, max, keep)
+      local deliveries = 1
+      if #pending == 1 then deliveries = pending[1][4] end
+      out[#out + 1] = {cut[1], cut[2], cut[3] or 0, cut[4] or {}, deliveries}
+      left = left - 1
+    end
+    for _, id in ipairs(claimed[3] or {}) do
+      redis.call('XACK', keys[1], group, id)
+    end
+    start = claimed[1]
+    if start == '0-0' then break end
+  end
+  return out
+end
+
+-- A range of a stream (the bus or its dead letters), cut to size, read a few at a time.
+-- KEYS: 1 stream. ARGV: 'rev' or 'fwd', start, end (as XRANGE/XREVRANGE take them), count, max,
+-- keep. Returns cut entries.
+local function bus_range(keys, argv)
+  local command = argv[1] == 'rev' and 'XREVRANGE' or 'XRANGE'
+  local from, to = argv[2], argv[3]
+  local left, max, keep = tonumber(argv[4]), tonumber(argv[5]), tonumber(argv[6])
+  local out = {}
+  while left > 0 do
+    local entries = redis.call(command, keys[1], from, to, 'COUNT', math.min(left, 10))
+    for _, entry in ipairs(entries) do
+      out[#out + 1] = bus_cut(entry, max, keep)
+    end
+    left = left - #entries
+    if #entries < 10 then break end
+    from = '(' .. entries[#entries][1]
+  end
+  return out
+end
+
+-- Appends an event, as `XADD * ...`, unless Redis cannot give it an id at most `tolerance` ms
+-- ahead of its clock (an entry with an id far ahead, or at the very end of the id space, was
+-- written): then nothing is appended and the caller repairs the bus (`bus_drop`) and retries.
+-- KEYS: 1 bus. ARGV: tolerance ms, field, value, ... Returns {'ok', id} | {'hostile', why}.
+local function bus_publish(keys, argv)
+  local tolerance = tonumber(argv[1])
+  local added = redis.pcall('XADD', keys[1], '*', unpack(argv, 2))
+  if type(added) == 'table' and added.err then
+    -- "The stream has exhausted the last possible ID" / "The ID specified in XADD is equal or
+    -- smaller than the target stream top item": the ids; anything else is not ours to repair.
+    if string.find(added.err, ' ID', 1, true) then
+      return {'hostile', added.err}
+    end
+    return redis.error_reply(added.err)
+  end
+  if bus_ms(added) > bus_now() + tolerance then
+    redis.call('XDEL', keys[1], added)
+    return {'hostile', 'the next id, ' .. added .. ', is ahead of the clock'}
+  end
+  return {'ok', added}
+end
+
+-- Removes the given bus entries (already dead-lettered by the caller) that are still more than
+-- `tolerance` ms ahead of the clock, and, once none is left, sets the stream's last id back to
+-- its top entry (or now), and the router group's last delivered id back to it, so that `XADD *`
+-- gives ids by the clock again. MAXDELETEDID goes back with it: XSETID refuses one above the
+-- last id.
+-- KEYS: 1 bus. ARGV: group, tolerance ms, ids... Returns {'ok', removed, last id} | {'more', removed}.
+local function bus_drop(keys, argv)
+  local group, limit = argv[1], bus_now() + tonumber(argv[2])
+  local removed = 0
+  if redis.call('EXISTS', keys[1]) == 0 then
+    return {'ok', 0, ''}
+  end
+  for i = 3, #argv do
+    if bus_ms(argv[i]) > limit then
+      redis.call('XACK', keys[1], group, argv[i])
+      removed = removed + redis.call('XDEL', keys[1], argv[i])
+    end
+  end
+  if #redis.call('XRANGE', keys[1], string.format('%.0f-0', limit + 1), '+', 'COUNT', 1) > 0 then
+    return {'more', removed}
+  end
+  local now = string.format('%.0f-0', bus_now())
+  local last = now
+  local top = redis.call('XREVRANGE', keys[1], '+', '-', 'COUNT', 1)
+  if #top == 1 and bus_ms(top[1][1]) >= bus_ms(now) then
+    last = top[1][1]
+  end
+  local info = redis.call('XINFO', 'STREAM', keys[1])
+  local generated = last
+  for f = 1, #info, 2 do
+    if info[f] == 'last-generated-id' then generated = info[f + 1] end
+  end
+  if bus_ms(generated) > limit then
+    redis.call('XSETID', keys[1], last, 'MAXDELETEDID', last)
+  else
+    last = generated
+  end
+  for _, group_info in ipairs(redis.call('XINFO', 'GROUPS', keys[1])) do
+    local name, delivered
+    for f = 1, #group_info, 2 do
+      if group_info[f] == 'name' then name = group_info[f + 1] end
+      if group_info[f] == 'last-delivered-id' then delivered = group_info[f + 1] end
+    end
+    if name == group and delivered and bus_ms(delivered) > limit then
+      redis.call('XGROUP', 'SETID', keys[1], group, last)
+    end
+  end
+  return {'ok', removed, last}
+end
+
 redis.register_function('wfo_v1_commit', commit)
+redis.register_function('wfo_v1_requeue', requeue)
 redis.register_function('wfo_v1_cron_advance', cron_advance)
 redis.register_function('wfo_v1_renew', renew)
 redis.register_function('wfo_v1_claim', claim)
 redis.register_function('wfo_v1_ack', ack)
 redis.register_function('wfo_v1_reclaim', reclaim)
 redis.register_function('wfo_v1_dead_letter', dead_letter)
+redis.register_function('wfo_v1_bus_read', bus_read)
+redis.register_function('wfo_v1_bus_reclaim', bus_reclaim)
+redis.register_function('wfo_v1_bus_range', bus_range)
+redis.register_function('wfo_v1_bus_publish', bus_publish)
+redis.register_function('wfo_v1_bus_drop', bus_drop)

@@ -1,6 +1,7 @@
 //! Settings, from the environment, with the defaults a user would expect.
 
 use crate::definition::parse_duration;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,8 +43,18 @@ pub struct Settings {
     /// `LOG_LEVEL`: error, warn, info (default), debug, trace, or a tracing filter.
     pub log_level: String,
     /// `API_TOKEN`: when set, the API (all but `/health` and `/metrics`) requires
-    /// `Authorization: Bearer <token>`.
+    /// `Authorization: Bearer <token>`. Surrounding whitespace is trimmed (with a warning): a
+    /// token pasted with a trailing space or newline would otherwise lock everyone out.
     pub api_token: Option<String>,
+    /// `BIND_ADDR`: the address to listen on. Unset: `127.0.0.1` without `API_TOKEN` (an open
+    /// API stays on this machine unless the operator says otherwise), `0.0.0.0` with one.
+    pub bind_addr: IpAddr,
+    /// `ALLOWED_HOSTS`: comma-separated host names (without port) that the `Host` header may
+    /// name when no `API_TOKEN` is set, beside loopback names and IP addresses (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
+    /// Things worth a warning at start-up, found while reading the settings (logged by `main`
+    /// once logging is set up).
+    pub warnings: Vec<String>,
 }
 
 /// A setting that could not be read: names the variable and what is wrong.
@@ -109,6 +120,42 @@ impl Settings {
                 problem: "must start with redis://, rediss:// or redis-cluster://".to_owned(),
             });
         }
+        let mut warnings = Vec::new();
+        let api_token = match lookup("API_TOKEN") {
+            Some(raw) if raw.trim() != raw => {
+                warnings.push(
+                    "API_TOKEN has surrounding whitespace; it was trimmed (clients send the token without it)"
+                        .to_owned(),
+                );
+                Some(raw.trim().to_owned())
+            }
+            other => other.filter(|token| !token.is_empty()),
+        };
+        let bind_addr = match lookup("BIND_ADDR") {
+            None if api_token.is_none() => IpAddr::from([127, 0, 0, 1]),
+            None => IpAddr::from([0, 0, 0, 0]),
+            Some(text) => text.trim().parse().map_err(|_| SettingsError {
+                variable: "BIND_ADDR",
+                problem: format!("`{text}` is not an IP address (such as 127.0.0.1, 0.0.0.0 or ::)"),
+            })?,
+        };
+        let allowed_hosts = match lookup("ALLOWED_HOSTS") {
+            None => Vec::new(),
+            Some(text) => {
+                let hosts: Vec<String> =
+                    text.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
+                if let Some(bad) = hosts
+                    .iter()
+                    .find(|h| !h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')))
+                {
+                    return Err(SettingsError {
+                        variable: "ALLOWED_HOSTS",
+                        problem: format!("`{bad}` is not a host name (comma-separated names, without port)"),
+                    });
+                }
+                hosts
+            }
+        };
         Ok(Settings {
             port: number(&lookup, "PORT", 5003u16, 0, u16::MAX)?,
             redis_url,
@@ -126,7 +173,10 @@ impl Settings {
             event_max_bytes: number(&lookup, "EVENT_MAX_BYTES", 1024 * 1024usize, 1, 64 * 1024 * 1024)?,
             workflows_file: lookup("WORKFLOWS_FILE").map(PathBuf::from),
             log_level: lookup("LOG_LEVEL").unwrap_or_else(|| "info".to_owned()),
-            api_token: lookup("API_TOKEN"),
+            api_token,
+            bind_addr,
+            allowed_hosts,
+            warnings,
         })
     }
 }
@@ -166,5 +216,29 @@ mod tests {
         let err = settings(&[("REDIS_URL", "localhost:6379")]).unwrap_err();
         assert_eq!(err.variable, "REDIS_URL");
         assert_eq!(settings(&[("SHUTDOWN_GRACE", "200ms")]).unwrap().shutdown_grace, Duration::from_millis(200));
+        assert_eq!(settings(&[("BIND_ADDR", "everywhere")]).unwrap_err().variable, "BIND_ADDR");
+        assert_eq!(settings(&[("ALLOWED_HOSTS", "a.example:80")]).unwrap_err().variable, "ALLOWED_HOSTS");
+    }
+
+    #[test]
+    fn an_open_api_binds_to_loopback_unless_told_otherwise() {
+        assert_eq!(settings(&[]).unwrap().bind_addr, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(settings(&[("API_TOKEN", "t")]).unwrap().bind_addr, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(settings(&[("BIND_ADDR", "0.0.0.0")]).unwrap().bind_addr, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(settings(&[("BIND_ADDR", "::1")]).unwrap().bind_addr, "::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_token_with_surrounding_whitespace_is_trimmed_with_a_warning() {
+        let s = settings(&[("API_TOKEN", " secret \n")]).unwrap();
+        assert_eq!(s.api_token.as_deref(), Some("secret"));
+        assert!(s.warnings.iter().any(|w| w.contains("API_TOKEN")), "{:?}", s.warnings);
+        assert!(settings(&[("API_TOKEN", "secret")]).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn allowed_hosts_are_a_comma_separated_lowercased_list() {
+        let s = settings(&[("ALLOWED_HOSTS", "Orchestrator-1, api.example.com,,")]).unwrap();
+        assert_eq!(s.allowed_hosts, vec!["orchestrator-1".to_owned(), "api.example.com".to_owned()]);
     }
 }

@@ -19,7 +19,7 @@ use workflow_orchestrator::store::{Store, StoreError};
 
 /// A durable workflow engine on Redis Streams. Configured by environment variables (see the
 /// README): REDIS_URL, PORT, KEY_PREFIX, REPLICA_ID, LEASE_TTL, SHARDS, MAX_CONCURRENT_STEPS,
-/// SHUTDOWN_GRACE, WORKFLOWS_FILE, API_TOKEN, LOG_LEVEL, ...
+/// SHUTDOWN_GRACE, WORKFLOWS_FILE, API_TOKEN, BIND_ADDR, ALLOWED_HOSTS, LOG_LEVEL, ...
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -182,11 +182,23 @@ async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()
             tracing::warn!("{warning}");
         }
     }
-    if settings.api_token.is_none() {
-        tracing::warn!("API_TOKEN is not set: the API is open to anyone who can reach it");
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
     }
-    let bind: std::net::IpAddr =
-        std::env::var("BIND_ADDR").ok().and_then(|a| a.parse().ok()).unwrap_or([0, 0, 0, 0].into());
+    let bind = settings.bind_addr;
+    if settings.api_token.is_none() {
+        if bind.is_loopback() {
+            tracing::warn!(
+                %bind,
+                "API_TOKEN is not set: the API is open to anyone on this machine (listening on loopback only; set API_TOKEN, then BIND_ADDR, to serve other machines)"
+            );
+        } else {
+            tracing::warn!(
+                %bind,
+                "API_TOKEN is not set: the API is open to anyone who can reach it; only loopback, IP-address and ALLOWED_HOSTS Host headers are accepted"
+            );
+        }
+    }
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, settings.port))
         .await
         .with_context(|| format!("cannot listen on {bind}:{}", settings.port))?;
@@ -197,7 +209,8 @@ async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()
     println!("listening on http://{address}");
 
     let stop = CancellationToken::new();
-    let state = Arc::new(ApiState { engine: Arc::clone(&engine), token: settings.api_token.clone() });
+    let state =
+        Arc::new(ApiState::new(Arc::clone(&engine), settings.api_token.clone(), settings.allowed_hosts.clone()));
     let server = tokio::spawn(workflow_orchestrator::api::serve(listener, state, stop.clone()));
     shutdown_signal().await;
     tracing::info!(grace = ?settings.shutdown_grace, "stopping: no new work is claimed; in-flight steps may finish");

@@ -185,6 +185,10 @@ impl Call {
     fn send(self) -> Answer {
         let result = match &self.body {
             Some(bytes) => self.request.send_bytes(bytes),
+            // Every POST must say it is JSON, even without a body (a cross-site form cannot).
+            None if self.request.method() == "POST" && self.request.header("content-type").is_none() => {
+                self.request.set("Content-Type", "application/json").call()
+            }
             None => self.request.call(),
         };
         let response = match result {
@@ -330,7 +334,7 @@ fn health_openapi_workflows_and_metrics_answer_with_their_shapes() {
 }
 
 /// The routes the service answers, as OpenAPI path templates with their methods.
-const ROUTES: [(&str, &[&str]); 14] = [
+const ROUTES: [(&str, &[&str]); 15] = [
     ("/health", &["get"]),
     ("/metrics", &["get"]),
     ("/api/openapi.json", &["get"]),
@@ -338,6 +342,7 @@ const ROUTES: [(&str, &[&str]); 14] = [
     ("/api/workflows/{workflowId}/status", &["get"]),
     ("/api/workflows/{workflowId}/trigger", &["post"]),
     ("/api/events", &["get", "post"]),
+    ("/api/events/dead", &["get"]),
     ("/api/runs", &["get"]),
     ("/api/runs/{runId}", &["get"]),
     ("/api/runs/{runId}/history", &["get"]),
@@ -1021,16 +1026,16 @@ fn unknown_routes_are_404_and_wrong_methods_are_405_with_an_allow_header() {
 
     let run = |suffix: &str| format!("/api/runs/{UNKNOWN_RUN}{suffix}");
     let cases: Vec<(&str, String, &str)> = vec![
-        ("POST", "/health".to_owned(), "GET"),
-        ("POST", "/metrics".to_owned(), "GET"),
-        ("PUT", "/api/openapi.json".to_owned(), "GET"),
-        ("DELETE", "/api/workflows".to_owned(), "GET"),
-        ("POST", "/api/workflows/two/status".to_owned(), "GET"),
+        ("POST", "/health".to_owned(), "GET, HEAD"),
+        ("POST", "/metrics".to_owned(), "GET, HEAD"),
+        ("PUT", "/api/openapi.json".to_owned(), "GET, HEAD"),
+        ("DELETE", "/api/workflows".to_owned(), "GET, HEAD"),
+        ("POST", "/api/workflows/two/status".to_owned(), "GET, HEAD"),
         ("GET", "/api/workflows/two/trigger".to_owned(), "POST"),
-        ("PUT", "/api/events".to_owned(), "GET, POST"),
-        ("DELETE", "/api/runs".to_owned(), "GET"),
-        ("DELETE", run(""), "GET"),
-        ("PATCH", run("/history"), "GET"),
+        ("PUT", "/api/events".to_owned(), "GET, HEAD, POST"),
+        ("DELETE", "/api/runs".to_owned(), "GET, HEAD"),
+        ("DELETE", run(""), "GET, HEAD"),
+        ("PATCH", run("/history"), "GET, HEAD"),
         ("GET", run("/cancel"), "POST"),
         ("GET", run("/retry"), "POST"),
         ("GET", run("/rerun"), "POST"),

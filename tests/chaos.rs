@@ -17,16 +17,16 @@ use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{RunId, Store};
 
 /// An HTTP agent whose every call is bounded: a killed or frozen replica must never hang a test.
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(2)).timeout(Duration::from_secs(10)).build()
 }
 
-fn get(agent: &ureq::Agent, port: u16, path: &str) -> (u16, Value) {
+pub(crate) fn get(agent: &ureq::Agent, port: u16, path: &str) -> (u16, Value) {
     http(agent.get(&format!("http://127.0.0.1:{port}{path}")).call())
 }
 
 /// A replica's `/health` counters (empty when it does not answer).
-fn counters(agent: &ureq::Agent, port: u16) -> BTreeMap<String, u64> {
+pub(crate) fn counters(agent: &ureq::Agent, port: u16) -> BTreeMap<String, u64> {
     let (_, health) = get(agent, port, "/health");
     health["counters"]
         .as_object()
@@ -35,7 +35,7 @@ fn counters(agent: &ureq::Agent, port: u16) -> BTreeMap<String, u64> {
 }
 
 /// The lines of a file (none if it does not exist yet).
-fn lines(path: &Path) -> Vec<String> {
+pub(crate) fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_owned).collect()
 }
 
@@ -67,22 +67,22 @@ fn five_random_steps(effects: &Path) -> String {
 
 /// What triggering the runs over HTTP gave.
 #[derive(Debug, Default)]
-struct Triggered {
+pub(crate) struct Triggered {
     /// Runs whose trigger was answered 202: the ones the engine promised to finish.
-    accepted: Vec<String>,
+    pub(crate) accepted: Vec<String>,
     /// Triggers that hit a dead replica and were sent again to another one.
-    resent: usize,
+    pub(crate) resent: usize,
     /// Triggers that no replica answered within the attempts allowed.
-    unanswered: usize,
+    pub(crate) unanswered: usize,
     /// Answers other than 202 from a live replica (a bug: nothing here is malformed).
-    refused: Vec<(u16, Value)>,
+    pub(crate) refused: Vec<(u16, Value)>,
 }
 
 /// Triggers `count` runs, spread round robin over the replicas' current ports; a trigger that
 /// meets a dead replica (connection refused or cut) goes to the next one, up to 30 times.
 /// A cut connection may have created a run all the same: it is not counted (no 202), and it
 /// must still finish, like every run.
-fn trigger_runs(ports: &Mutex<Vec<u16>>, count: usize) -> Triggered {
+pub(crate) fn trigger_runs(ports: &Mutex<Vec<u16>>, count: usize) -> Triggered {
     let agent = agent();
     let mut out = Triggered::default();
     for i in 0..count {

@@ -96,6 +96,7 @@ conformance! {
     due_timers_are_limited_per_shard = due_timers_are_limited_per_shard(4);
     quiet_runs_are_live_runs_not_updated_since = quiet_runs_are_live_runs_not_updated_since(4);
     dispatch_exists_while_queued_or_leased = dispatch_exists_while_queued_or_leased(4);
+    a_requeue_loses_to_a_live_entry = requeue_loses_to_a_live_entry(4);
     runs_are_listed_newest_first_in_pages = runs_are_listed_newest_first_in_pages(16);
     housekeeping_deletes_only_runs_that_ended_before_the_retention = housekeeping_expires_old_finished_runs(4);
     definitions_are_found_by_hash_on_every_shard = definitions_are_found_by_hash(16);
@@ -826,6 +827,39 @@ async fn dispatch_exists_while_queued_or_leased(store: Arc<dyn Store>) {
     let other = RunId::new(3, 1_000);
     assert!(!store.dispatch_exists(&other, &requeued).await.unwrap(), "entries are per shard");
     assert!(!store.dispatch_exists(&id, "99999999999999-0").await.unwrap());
+}
+
+/// Issue 8: the sweeper's re-queue is refused while the run's entry is queued or leased (its
+/// first look came from reads that were not one snapshot), and applies once the entry is gone;
+/// it never adds a second entry beside a live one.
+async fn requeue_loses_to_a_live_entry(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let id = create(&store, new_run(&def, 2, 1_000, None)).await;
+    let entry = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
+    let state = replayed(&store.history(&id).await.unwrap().unwrap());
+    let requeue = Commit { dispatch: Some(state.clone()), ..timer_only(&id, &state, None, false) };
+
+    assert_eq!(store.requeue(requeue.clone()).await.unwrap(), CommitOutcome::Stale, "queued: refused");
+    let claimed = claim_one(&store, "a").await;
+    assert_eq!(claimed.lease.entry, entry);
+    assert_eq!(store.requeue(requeue.clone()).await.unwrap(), CommitOutcome::Stale, "leased: refused");
+    assert!(nothing_claimable(&store, "b").await, "a refused re-queue queues nothing");
+    assert_eq!(store.summary(&id).await.unwrap().unwrap().ready_entry.as_deref(), Some(entry.as_str()));
+
+    // The entry acknowledged without a transition (its work lost): now the run is an orphan.
+    store.ack(&claimed.lease).await.unwrap();
+    assert_eq!(store.requeue(requeue.clone()).await.unwrap(), CommitOutcome::Applied { seq: 1 });
+    let requeued = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
+    assert_ne!(requeued, entry);
+    // A second sweeper with the same view loses to the entry the first one queued.
+    assert_eq!(store.requeue(requeue.clone()).await.unwrap(), CommitOutcome::Stale, "re-queued already");
+    let claimed = claim_one(&store, "c").await;
+    assert_eq!(claimed.lease.entry, requeued);
+    assert!(nothing_claimable(&store, "c").await, "one entry, not two");
+    // A re-queue computed from an older seq is stale as any commit is.
+    let behind = Commit { expected_seq: 0, ..requeue };
+    store.ack(&claimed.lease).await.unwrap();
+    assert_eq!(store.requeue(behind).await.unwrap(), CommitOutcome::Stale);
 }
 
 async fn runs_are_listed_newest_first_in_pages(store: Arc<dyn Store>) {

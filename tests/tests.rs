@@ -4,6 +4,7 @@ mod api;
 mod chaos;
 mod conformance;
 mod failures;
+mod hardening;
 mod replay;
 mod smoke;
 mod triggers;

@@ -31,7 +31,7 @@ overlap = "allow"
 id = "welcome"
 action = "notify"
 when = "${run.eventType} == user.registered"
-with = { channel = "users", message = { template = "welcome", userId = "${input.userId}", email = "${input.email}" } }
+with = { channel = "users", message = { template = "welcome", userId = "${input.userId}", email = "${input.email:-}" } }
 [[workflow.step]]
 id = "await-verification"
 action = "wait_for_event"
@@ -41,11 +41,11 @@ with = { event = "user.verified", correlate = { field = "userId", equals = "${in
 id = "reminder"
 action = "notify"
 when = "${steps.await-verification.timedOut}"
-with = { channel = "users", message = { template = "verify-reminder", userId = "${input.userId}", email = "${input.email}" } }
+with = { channel = "users", message = { template = "verify-reminder", userId = "${input.userId}", email = "${input.email:-}" } }
 [[workflow.step]]
 id = "getting-started"
 action = "notify"
-with = { channel = "users", message = { template = "getting-started", userId = "${input.userId}", email = "${input.email}" } }
+with = { channel = "users", message = { template = "getting-started", userId = "${input.userId}", email = "${input.email:-}" } }
 "#;
 
 const SALES_OPERATIONS: &str = r#"

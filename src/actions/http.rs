@@ -6,6 +6,7 @@ use super::builtins::bounded_http::{checked_url, describe};
 use super::{ActionConfig, ActionError, StepContext};
 use crate::definition::actions::HttpSpec;
 use hmac::{Hmac, Mac};
+use reqwest::header::{HeaderName, HeaderValue};
 use serde_json::Value;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
@@ -85,12 +86,27 @@ pub async fn request(
     let what = format!("{} {}{}", spec.method, url.origin().ascii_serialization(), url.path());
     let mut request = client.request(method, url).header("Idempotency-Key", context.idempotency_key());
     for (name, value) in rendered.headers {
+        let (name, value) = header(&name, &value)?;
         request = request.header(name, value);
     }
     if let Some(body) = &rendered.body {
         request = request.json(body);
     }
     send(request, &spec.expect, spec.retry_on_4xx, spec.max_response, &what, cancel).await
+}
+
+/// A header of an `http` step, checked: a rendered value holding CR, LF or another control
+/// character (a run's input trying to add headers) fails the step for good, naming the header
+/// but not the value (it may be a credential).
+fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), ActionError> {
+    let name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| ActionError::fatal(format!("header `{name}`: not a valid header name")))?;
+    let value = HeaderValue::from_str(value).map_err(|_| {
+        ActionError::fatal(format!(
+            "header `{name}`: its rendered value holds a character no header may carry (CR, LF or another control character); refused"
+        ))
+    })?;
+    Ok((name, value))
 }
 
 /// POSTs a message to the Communications Hub, signed in `X-Molochain-Signature`.
@@ -132,6 +148,8 @@ pub async fn inngest(
     cancel: CancellationToken,
 ) -> Result<Value, ActionError> {
     let key = config.inngest_event_key.as_deref().ok_or_else(|| ActionError::fatal("INNGEST_EVENT_KEY is not set"))?;
+    // The key is one path segment, whatever it holds.
+    let key = super::template::encode_component(key);
     let url = checked_url(&format!("{}/e/{key}", config.inngest_base_url.trim_end_matches('/')))?;
     // The event id makes Inngest drop a repeat of the same step's send.
     let body = serde_json::json!({ "name": event, "data": data, "id": context.idempotency_key() });

@@ -11,6 +11,7 @@ mod exec;
 mod http;
 pub mod template;
 
+use crate::definition::actions::BuiltinSpec;
 use crate::definition::{ActionSpec, StepDef};
 use crate::machine::Millis;
 use async_trait::async_trait;
@@ -92,6 +93,13 @@ pub trait Services: Send + Sync {
 #[async_trait]
 pub trait Builtin: Send + Sync {
     fn name(&self) -> &'static str;
+    /// The parameters that choose where the built-in connects, what it runs or which files it
+    /// writes: only the definition and the operator's environment may set them (literal text
+    /// and `${env...}` templates), never a run's input, steps or run values. Checked when a
+    /// replica starts, by [`Actions::check_builtin`].
+    fn operator_params(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Runs with its parameters (templates already resolved).
     async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError>;
 }
@@ -143,6 +151,19 @@ impl BuiltinCall<'_> {
             }
             Some(_) => Err(ActionError::fatal(format!("parameter `{name}` must be a duration such as `30s`"))),
         }
+    }
+
+    /// A directory parameter: a path with no `..` component, so that a value that came from a
+    /// run's input (through a template) cannot walk out of the directory the author meant.
+    pub fn directory(&self, name: &str) -> Result<std::path::PathBuf, ActionError> {
+        let text = self.text(name)?;
+        let path = std::path::PathBuf::from(&text);
+        if text.contains('\0') || path.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(ActionError::fatal(format!(
+                "parameter `{name}`: `{text}` has a `..` component (or a NUL); name the directory without one"
+            )));
+        }
+        Ok(path)
     }
 
     /// A list parameter: a JSON array of strings, or a comma-separated string.
@@ -206,6 +227,7 @@ impl Actions {
         let http = reqwest::Client::builder()
             .user_agent(concat!("workflow-orchestrator/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
+            .redirect(same_host_redirects())
             .build()
             .unwrap_or_default();
         let mut actions = Actions { config, http, builtins: HashMap::new() };
@@ -229,6 +251,27 @@ impl Actions {
 
     pub fn has_builtin(&self, name: &str) -> bool {
         self.builtins.contains_key(name)
+    }
+
+    /// Whether a step's built-in is registered, and its operator-only parameters
+    /// ([`Builtin::operator_params`]) hold no template a run could fill; says what is wrong.
+    pub fn check_builtin(&self, spec: &BuiltinSpec) -> Result<(), String> {
+        let builtin = self.builtins.get(spec.name.as_str()).ok_or_else(|| {
+            format!("no built-in action `{}` (known: {})", spec.name, self.builtin_names().join(", "))
+        })?;
+        for name in builtin.operator_params() {
+            let Some(value) = spec.params.get(*name) else { continue };
+            let text = value.to_string();
+            if let Some(template) = crate::definition::actions::templates(&text).into_iter().find(|t| t.root() != "env")
+            {
+                return Err(format!(
+                    "`{}`: parameter `{name}` holds `${{{}}}`, but it chooses where `{}` connects, what it runs or \
+                     which files it writes: only literal text and `${{env.NAME}}` may set it, never a run's values",
+                    spec.name, template.path, spec.name
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether running `step` needs the outputs of earlier steps (its templates name them).
@@ -277,7 +320,8 @@ impl Actions {
             ActionSpec::Exec(spec) => exec::run(spec, context, cancel).await.map(Outcome::Done),
             ActionSpec::Http(spec) => {
                 let rendered = http::Request {
-                    url: render_str(&spec.url)?,
+                    url: template::render_url(&spec.url, spec.allow_dynamic_host, &scope)
+                        .map_err(ActionError::fatal)?,
                     headers: spec
                         .headers
                         .iter()
@@ -360,6 +404,23 @@ impl Actions {
         // 7 and "7" are the same user id, as far as correlation goes.
         actual == &expected || text_of(actual) == text_of(&expected)
     }
+}
+
+/// Redirects are followed only while they stay on the host the request was sent to: an open
+/// redirect there (`/login?next=${input.url}`, its value encoded as it should be) must not carry
+/// the step's headers, credentials the author set for that host among them, to a host a run's
+/// input chose. A redirect elsewhere ends the request with its 3xx, which fails the step.
+fn same_host_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first().map(|url| url.host_str().map(str::to_owned));
+        if attempt.previous().len() > 10 {
+            attempt.error("more than 10 redirects")
+        } else if first.is_some_and(|host| host.as_deref() == attempt.url().host_str()) {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
 }
 
 fn text_of(value: &Value) -> String {

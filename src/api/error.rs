@@ -11,11 +11,13 @@ pub struct ApiError {
     pub message: String,
     /// For 405: the methods the route answers.
     pub allow: Option<&'static str>,
+    /// For 503 when busy: seconds after which a retry is welcome (`Retry-After`).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), allow: None }
+        ApiError { status, code, message: message.into(), allow: None, retry_after: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {

@@ -17,7 +17,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-pub async fn render(engine: &Engine) -> Result<String, ApiError> {
+/// Renders the metrics; the store's part waits at most `store_deadline` (a scrape must not hang
+/// on an unreachable store) and is skipped at once when the store is known to be down.
+pub async fn render(engine: &Engine, store_deadline: std::time::Duration) -> Result<String, ApiError> {
     let mut out = String::with_capacity(4096);
     let replica = engine.counter_values();
     let counters: [(&str, &str, &str); 13] = [
@@ -80,8 +82,13 @@ pub async fn render(engine: &Engine) -> Result<String, ApiError> {
     let _ = writeln!(out, "wfo_executors_busy {}", engine.busy_executors());
 
     // The store's side: answered only if the store is reachable.
-    match (engine.stream_stats().await, engine.store_round_trip().await) {
-        (Ok(stats), Ok(round_trip)) => {
+    let store_side = async { (engine.stream_stats().await, engine.store_round_trip().await) };
+    let answered = match engine.store_problem() {
+        Some(_) => None,
+        None => tokio::time::timeout(store_deadline, store_side).await.ok(),
+    };
+    match answered {
+        Some((Ok(stats), Ok(round_trip))) => {
             family(&mut out, "wfo_stream_length", "gauge", "Entries in the store's streams.");
             let _ = writeln!(out, "wfo_stream_length{{stream=\"ready\"}} {}", stats.ready_length);
             let _ = writeln!(out, "wfo_stream_length{{stream=\"events\"}} {}", stats.events_length);
@@ -89,6 +96,13 @@ pub async fn render(engine: &Engine) -> Result<String, ApiError> {
             family(&mut out, "wfo_stream_pending", "gauge", "Entries delivered and not yet acknowledged.");
             let _ = writeln!(out, "wfo_stream_pending{{stream=\"ready\"}} {}", stats.ready_pending);
             let _ = writeln!(out, "wfo_stream_pending{{stream=\"events\"}} {}", stats.events_pending);
+            family(
+                &mut out,
+                "wfo_events_hostile_removed_total",
+                "counter",
+                "Bus entries removed (and dead-lettered) because their ids were far ahead of the clock, by any replica.",
+            );
+            let _ = writeln!(out, "wfo_events_hostile_removed_total {}", stats.events_hostile_removed);
             family(&mut out, "wfo_store_round_trip_seconds", "gauge", "One round trip to the store, measured now.");
             let _ = writeln!(out, "wfo_store_round_trip_seconds {}", round_trip.as_secs_f64());
             family(&mut out, "wfo_store_up", "gauge", "Whether the store answered.");

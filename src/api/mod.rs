@@ -11,9 +11,9 @@ use crate::engine::Engine;
 use crate::machine::{self, Trigger};
 use crate::store::RunId;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderValue, ORIGIN};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -22,10 +22,21 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest body of the Inngest webhook: it is read before its signature can be checked, by
+/// anyone, so it is kept small (Inngest's callbacks are a few KiB).
+pub const WEBHOOK_MAX_BODY_BYTES: usize = 64 * 1024;
+/// How many unauthenticated bodies (the webhook's) may be being read at once; beyond, 503 at
+/// once with `Retry-After`, so that slow clients cannot pin memory or tasks.
+pub const MAX_UNAUTHENTICATED_BODIES: usize = 32;
+/// How long a client may take to send a request body before it is answered 408.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `/health` and `/metrics` wait for the store before reporting it unreachable.
+pub const STORE_CHECK_DEADLINE: Duration = Duration::from_secs(2);
 /// Longest an idempotency key may be.
 const MAX_IDEMPOTENCY_KEY: usize = 200;
 /// How long a request may take before it is answered 503.
@@ -39,6 +50,17 @@ pub struct ApiState {
     /// `API_TOKEN`: when set, every route but `/health` and `/metrics` requires
     /// `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// `ALLOWED_HOSTS`: with no token, the host names a `Host` header may carry beside
+    /// loopback names and IP addresses (lowercase, without port).
+    pub allowed_hosts: Vec<String>,
+    /// Permits for reading unauthenticated bodies (see [`MAX_UNAUTHENTICATED_BODIES`]).
+    unauthenticated_bodies: Semaphore,
+}
+
+impl ApiState {
+    pub fn new(engine: Arc<Engine>, token: Option<String>, allowed_hosts: Vec<String>) -> ApiState {
+        ApiState { engine, token, allowed_hosts, unauthenticated_bodies: Semaphore::new(MAX_UNAUTHENTICATED_BODIES) }
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` fires, then lets open requests finish (up to
@@ -112,6 +134,13 @@ pub async fn handle(state: &ApiState, request: Request<Incoming>) -> Reply {
             if let Some(allow) = err.allow {
                 response.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
             }
+            if let Some(seconds) = err.retry_after {
+                response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            if matches!(err.status, StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE) {
+                // The body was left unread: this connection cannot carry another request.
+                response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            }
             if err.status == StatusCode::UNAUTHORIZED {
                 response.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
@@ -136,6 +165,7 @@ enum Route<'a> {
     WorkflowStatus(&'a str),
     Trigger(&'a str),
     Events,
+    DeadEvents,
     Runs,
     Run(&'a str),
     History(&'a str),
@@ -155,6 +185,7 @@ impl<'a> Route<'a> {
             ["api", "workflows", id, "status"] => Route::WorkflowStatus(id),
             ["api", "workflows", id, "trigger"] => Route::Trigger(id),
             ["api", "events"] => Route::Events,
+            ["api", "events", "dead"] => Route::DeadEvents,
             ["api", "runs"] => Route::Runs,
             ["api", "runs", id] => Route::Run(id),
             ["api", "runs", id, "history"] => Route::History(id),
@@ -166,19 +197,21 @@ impl<'a> Route<'a> {
         })
     }
 
-    /// The methods the route answers, as an `Allow` header value.
+    /// The methods the route answers, as an `Allow` header value (HEAD wherever GET: the same
+    /// answer without its body).
     fn allow(&self) -> &'static str {
         match self {
-            Route::Events => "GET, POST",
+            Route::Events => "GET, HEAD, POST",
             Route::Trigger(_) | Route::Cancel(_) | Route::Retry(_) | Route::Rerun(_) | Route::InngestWebhook => "POST",
             Route::Health
             | Route::Metrics
             | Route::OpenApi
             | Route::Workflows
             | Route::WorkflowStatus(_)
+            | Route::DeadEvents
             | Route::Runs
             | Route::Run(_)
-            | Route::History(_) => "GET",
+            | Route::History(_) => "GET, HEAD",
         }
     }
 
@@ -187,6 +220,12 @@ impl<'a> Route<'a> {
     fn is_public(&self) -> bool {
         matches!(self, Route::Health | Route::Metrics | Route::InngestWebhook)
     }
+
+    /// Whether answering needs the store (so that a store known to be down is a fast 503).
+    /// `/health` and `/metrics` report on the store themselves.
+    fn needs_store(&self) -> bool {
+        !matches!(self, Route::Health | Route::Metrics | Route::OpenApi | Route::Workflows)
+    }
 }
 
 async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
@@ -194,6 +233,9 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
     let trimmed = if path.len() > 1 { path.trim_end_matches('/') } else { path.as_str() };
     let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
     let method = request.method().clone();
+    if state.token.is_none() {
+        check_host(request.headers(), &state.allowed_hosts)?;
+    }
     let Some(route) = Route::resolve(&segments) else {
         return Err(ApiError::not_found(format!("no route for {method} {path}")));
     };
@@ -206,22 +248,39 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
         err.allow = Some(route.allow());
         return Err(err);
     }
+    if !method.is_safe() {
+        check_same_origin(request.headers())?;
+    }
     if !route.is_public() {
         authorize(state.token.as_deref(), &request)?;
     }
+    // The webhook is authenticated by its signature, whatever the content type Inngest sends.
+    if method == Method::POST && !matches!(route, Route::InngestWebhook) {
+        require_json_content_type(request.headers())?;
+    }
     let engine = &state.engine;
+    if route.needs_store()
+        && let Some(problem) = engine.store_problem()
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("store unavailable: {problem}"),
+        ));
+    }
     let query = request.uri().query().map(str::to_owned);
     let query = query.as_deref();
     match route {
         Route::Health => health(engine).await,
-        Route::Metrics => {
-            metrics::render(engine).await.map(|text| (StatusCode::OK, Payload::Text(metrics::CONTENT_TYPE, text)))
-        }
+        Route::Metrics => metrics::render(engine, STORE_CHECK_DEADLINE)
+            .await
+            .map(|text| (StatusCode::OK, Payload::Text(metrics::CONTENT_TYPE, text))),
         Route::OpenApi => ok_json(StatusCode::OK, openapi()),
         Route::Workflows => ok_json(StatusCode::OK, workflows(engine)),
         Route::WorkflowStatus(id) => workflow_status(engine, id).await,
         Route::Trigger(id) => trigger(engine, id, request).await,
-        Route::Events if method == Method::GET => list_events(engine, query).await,
+        Route::DeadEvents => list_dead_events(engine, query).await,
+        Route::Events if method != Method::POST => list_events(engine, query).await,
         Route::Events => publish_event(engine, request).await,
         Route::Runs => list_runs(engine, query).await,
         Route::Run(id) => run(engine, id).await,
@@ -229,18 +288,187 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
         Route::Cancel(id) => cancel(engine, id, request).await,
         Route::Retry(id) => retry(engine, id, request).await,
         Route::Rerun(id) => rerun(engine, id, request).await,
-        Route::InngestWebhook => inngest_webhook(engine, request).await,
+        Route::InngestWebhook => inngest_webhook(state, request).await,
     }
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time.
+/// Without a token, refuses a `Host` that is not loopback, an IP address or an `ALLOWED_HOSTS`
+/// name: a DNS-rebinding page (served from a name its owner points at this machine) would
+/// otherwise read and act on the open API as if from the same origin. A rebinding page can only
+/// ever send its own name, so an IP literal is always safe. No `Host` (HTTP/1.0) is no browser.
+fn check_host(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+    let Some(host) = headers.get(HOST) else { return Ok(()) };
+    let refused = |shown: &str| {
+        ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_not_allowed",
+            format!(
+                "Host `{shown}` is not served here: without API_TOKEN only loopback names, IP addresses and ALLOWED_HOSTS are"
+            ),
+        )
+    };
+    let host = host.to_str().map_err(|_| refused("(not ASCII)"))?;
+    let shown: String = host.chars().take(100).collect();
+    let name = host_name(host).ok_or_else(|| refused(&shown))?;
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let loopback = name == "localhost" || name.ends_with(".localhost");
+    if loopback || name.parse::<std::net::IpAddr>().is_ok() || allowed.contains(&name) {
+        Ok(())
+    } else {
+        Err(refused(&shown))
+    }
+}
+
+/// The host of a `Host` header value (`name`, `name:port`, `[v6]:port`), without its port.
+fn host_name(authority: &str) -> Option<&str> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        return (after.is_empty() || after.strip_prefix(':').is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
+            .then_some(v6);
+    }
+    let name = match authority.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        Some(_) => return None,
+        None => authority,
+    };
+    (!name.is_empty()).then_some(name)
+}
+
+/// Refuses a state-changing request a browser sent from another origin (a page the operator
+/// visits could otherwise trigger workflows: a bodiless POST needs no CORS preflight). Browsers
+/// say so in `Sec-Fetch-Site` and `Origin`; `same-site` is refused too (another port or
+/// subdomain, such as a local dev server, is another origin). A request with neither header
+/// is not from a browser, and passes. Done whether or not a token is set.
+fn check_same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+    let refused = |message: String| ApiError::new(StatusCode::FORBIDDEN, "cross_origin", message);
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("?");
+        if !matches!(site, "same-origin" | "none") {
+            return Err(refused(format!(
+                "cross-site request refused (Sec-Fetch-Site: {}): state-changing requests must come from this server's own origin",
+                site.chars().take(40).collect::<String>()
+            )));
+        }
+    }
+    if let Some(origin) = headers.get(ORIGIN) {
+        let origin = origin.to_str().unwrap_or("?");
+        let host = headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        if !same_origin(origin, host) {
+            return Err(refused(format!(
+                "cross-origin request refused (Origin: {}): state-changing requests must come from this server's own origin",
+                origin.chars().take(100).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the authority `host` the request was sent to,
+/// a scheme's default port written or not.
+fn same_origin(origin: &str, host: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else { return false };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => "80",
+        "https" => "443",
+        _ => return false,
+    };
+    let strip = |a: &str| {
+        let a = a.to_ascii_lowercase();
+        a.strip_suffix(&format!(":{default_port}")).map(str::to_owned).unwrap_or(a)
+    };
+    !host.is_empty() && !authority.contains('/') && strip(authority) == strip(host)
+}
+
+/// Every POST says `Content-Type: application/json`, even with an empty body: a browser can
+/// send a form or `text/plain` cross-site without a preflight, never JSON.
+fn require_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let is_json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send Content-Type: application/json on every POST, even with an empty body",
+        ))
+    }
+}
+
+/// Reads a body of at most `limit` bytes within [`BODY_READ_TIMEOUT`]: 413 beyond the limit
+/// (without buffering any of it when `Content-Length` says so), 408 when it does not arrive in
+/// time. Only `limit` bytes are ever held.
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request bodies are limited to {limit} bytes here"),
+        )
+    };
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut body = request.into_body();
+    if declared.is_some_and(|length| length > limit as u64) {
+        if declared.is_some_and(|length| length <= MAX_DRAIN_BYTES as u64) {
+            drain(&mut body, deadline).await;
+        }
+        return Err(too_large());
+    }
+    let mut read = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
+                ));
+            }
+            Ok(None) => return Ok(Bytes::from(read)),
+            Ok(Some(Err(err))) => return Err(ApiError::bad_request(format!("could not read the request body: {err}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            if read.len() + data.len() > limit {
+                drain(&mut body, deadline).await;
+                return Err(too_large());
+            }
+            read.extend_from_slice(data);
+        }
+    }
+}
+
+/// At most this much of a refused body is read (and dropped) before answering 413.
+const MAX_DRAIN_BYTES: usize = 2 * 1024 * 1024;
+
+/// Reads and drops what is left of a refused body, up to [`MAX_DRAIN_BYTES`] and `deadline`: a
+/// client still sending would otherwise see the connection reset instead of reading the 413.
+async fn drain(body: &mut Incoming, deadline: tokio::time::Instant) {
+    let mut left = MAX_DRAIN_BYTES;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+        let size = frame.data_ref().map_or(0, Bytes::len);
+        if size >= left {
+            return;
+        }
+        left -= size;
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time. More than one `Authorization`
+/// header is refused, token or not: which one counts would be up to each proxy on the way.
 fn authorize(token: Option<&str>, request: &Request<Incoming>) -> Result<(), ApiError> {
     use subtle::ConstantTimeEq;
+    if request.headers().get_all(AUTHORIZATION).iter().nth(1).is_some() {
+        return Err(ApiError::bad_request("more than one Authorization header; send exactly one"));
+    }
     let Some(token) = token else { return Ok(()) };
     let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let header = request
         .headers()
-        .get(hyper::header::AUTHORIZATION)
+        .get(AUTHORIZATION)
         .ok_or_else(|| unauthorized("this API needs `Authorization: Bearer <API_TOKEN>`"))?;
     let given = header
         .to_str()
@@ -272,16 +500,36 @@ async fn health(engine: &Engine) -> Answer {
         "counters": engine.counter_values().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<String, Value>>(),
     });
     let mut body = base;
-    match engine.store_health().await {
+    // A store known to be down is reported at once; one that does not answer, after a short
+    // deadline: a probe must not hang on it.
+    let checked = match engine.store_problem() {
+        Some(problem) => Err(format!("store unavailable: {problem}")),
+        None => match tokio::time::timeout(STORE_CHECK_DEADLINE, engine.store_health()).await {
+            Ok(Ok(health)) => Ok(health),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err(match engine.store_problem() {
+                Some(problem) => format!("store unavailable: {problem}"),
+                None => format!("store unavailable: no answer within {} s", STORE_CHECK_DEADLINE.as_secs()),
+            }),
+        },
+    };
+    match checked {
         Ok(health) => {
             body["status"] = json!("ok");
+            body["storeStatus"] = json!("ok");
             body["storeVersion"] = json!(health.version);
             body["warnings"] = json!(health.warnings);
+            body["bus"] = json!({
+                "hostileEntriesRemoved": health.bus.hostile_removed,
+                "lastHostileEntry": health.bus.last_hostile.as_ref().map(|(id, _)| id),
+                "lastHostileRemovedAt": health.bus.last_hostile.as_ref().map(|(_, at)| views::timestamp(*at)),
+            });
             ok_json(StatusCode::OK, body)
         }
-        Err(err) => {
+        Err(message) => {
             body["status"] = json!("unavailable");
-            body["error"] = json!(err.to_string());
+            body["storeStatus"] = json!("unreachable");
+            body["error"] = json!(message);
             ok_json(StatusCode::SERVICE_UNAVAILABLE, body)
         }
     }
@@ -309,36 +557,11 @@ fn workflows(engine: &Engine) -> Value {
     json!({ "workflows": list })
 }
 
-/// Reads a JSON body (bounded), requiring `application/json` when a body is present.
+/// Reads a JSON body (bounded in size and time; the content type was checked by `route`).
 async fn json_body(request: Request<Incoming>) -> Result<Option<Value>, ApiError> {
-    let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let bytes = Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|err| {
-            if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
-                )
-            } else {
-                ApiError::bad_request(format!("could not read the request body: {err}"))
-            }
-        })?
-        .to_bytes();
+    let bytes = read_body(request, MAX_BODY_BYTES).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
-    }
-    let is_json = content_type
-        .as_deref()
-        .is_some_and(|ct| ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
-    if !is_json {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body as Content-Type: application/json",
-        ));
     }
     serde_json::from_slice(&bytes)
         .map(Some)
@@ -654,9 +877,49 @@ async fn list_events(engine: &Engine, query: Option<&str>) -> Answer {
         return ok_json(StatusCode::OK, json!({ "events": [], "nextCursor": null }));
     }
     let listed = engine.recent_events(before, event_type, limit).await?;
-    let next_cursor = (listed.len() == limit).then(|| listed.last().map(|e| e.entry.id.clone())).flatten();
-    let events: Vec<Value> = listed.iter().map(views::event).collect();
+    let (events, cut_short) = bounded(listed.iter().map(|e| (e.entry.id.as_str(), views::event(e))));
+    let next_cursor =
+        if cut_short || listed.len() == limit { events.last().map(|(id, _)| id.to_owned()) } else { None };
+    let events: Vec<Value> = events.into_iter().map(|(_, event)| event).collect();
     ok_json(StatusCode::OK, json!({ "events": events, "nextCursor": next_cursor }))
+}
+
+/// About the most a listing of bus entries answers: each entry is cut to size already
+/// (`LISTED_ENTRY_CAP`), and a page stops before it would pass this (the cursor goes on).
+const LISTING_BUDGET: usize = 1024 * 1024;
+
+/// The items of a listing that fit in [`LISTING_BUDGET`] (at least one), and whether some did
+/// not.
+fn bounded<'a>(items: impl Iterator<Item = (&'a str, Value)>) -> (Vec<(&'a str, Value)>, bool) {
+    let mut kept = Vec::new();
+    let mut size = 0;
+    for (id, item) in items {
+        size += item.to_string().len() + 1;
+        if size > LISTING_BUDGET && !kept.is_empty() {
+            return (kept, true);
+        }
+        kept.push((id, item));
+    }
+    (kept, false)
+}
+
+/// `GET /api/events/dead`: the bus's dead letters, newest first, each with its reason.
+async fn list_dead_events(engine: &Engine, query: Option<&str>) -> Answer {
+    let params = query_params(query, &["limit", "before"])?;
+    let limit = limit_param(&params, 50, 500)?;
+    let before = params.get("before").map(String::as_str);
+    if let Some(before) = before {
+        match entry_id(before) {
+            Some((0, 0)) => return ok_json(StatusCode::OK, json!({ "deadLetters": [], "nextCursor": null })),
+            Some(_) => {}
+            None => return Err(ApiError::bad_request("`before` must be a dead letter id such as `1700000000000-0`")),
+        }
+    }
+    let dead = engine.dead_events(before, limit).await?;
+    let (letters, cut_short) = bounded(dead.iter().map(|entry| (entry.id.as_str(), views::dead_letter(entry))));
+    let next_cursor = if cut_short || dead.len() == limit { letters.last().map(|(id, _)| id.to_owned()) } else { None };
+    let letters: Vec<Value> = letters.into_iter().map(|(_, letter)| letter).collect();
+    ok_json(StatusCode::OK, json!({ "deadLetters": letters, "nextCursor": next_cursor }))
 }
 
 async fn publish_event(engine: &Engine, request: Request<Incoming>) -> Answer {
@@ -695,12 +958,22 @@ async fn publish_event(engine: &Engine, request: Request<Incoming>) -> Answer {
 
 /// How far an Inngest signature's timestamp may be from now.
 const INNGEST_SIGNATURE_SKEW_SECS: u64 = 300;
+/// How long a signature is remembered as seen: as long as it can be accepted (its timestamp
+/// up to the skew either side of now), plus a margin.
+const INNGEST_SIGNATURE_MEMORY: Duration = Duration::from_secs(2 * INNGEST_SIGNATURE_SKEW_SECS + 60);
 
 /// `POST /api/webhooks/inngest`: a signed callback from Inngest (`X-Inngest-Signature:
 /// t=<unix seconds>&s=<hex HMAC-SHA256 of body + t>`, keyed with `INNGEST_SIGNING_KEY` without
 /// its `signkey-<env>-` prefix), published onto the bus: `{"name": "rayanava/leads.scored",
 /// "data": {...}}` becomes an event of type `rayanava.leads.scored` with `data` as its payload.
-async fn inngest_webhook(engine: &Engine, request: Request<Incoming>) -> Answer {
+///
+/// Anyone can reach it, so everything that costs memory waits for the cheap checks: the
+/// header's shape and age first, then a small body (64 KiB) read by at most
+/// [`MAX_UNAUTHENTICATED_BODIES`] requests at once within [`BODY_READ_TIMEOUT`]. A signature
+/// already seen (in the store, so on any replica) is a replay: 200 `duplicate: true`, nothing
+/// published.
+async fn inngest_webhook(state: &ApiState, request: Request<Incoming>) -> Answer {
+    let engine = &state.engine;
     use subtle::ConstantTimeEq;
     let Some(key) = std::env::var("INNGEST_SIGNING_KEY").ok().filter(|k| !k.is_empty()) else {
         // Not enabled here: as if the route did not exist.
@@ -733,11 +1006,19 @@ async fn inngest_webhook(engine: &Engine, request: Request<Incoming>) -> Answer 
     if now_secs.abs_diff(timestamp) > INNGEST_SIGNATURE_SKEW_SECS {
         return Err(unauthorized("the signature's timestamp is too old or in the future"));
     }
-    let bytes = Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is too large"))?
-        .to_bytes();
+    let Ok(_reading) = state.unauthenticated_bodies.try_acquire() else {
+        let mut busy = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{MAX_UNAUTHENTICATED_BODIES} webhook requests are being read already; retry shortly"),
+        );
+        busy.retry_after = Some(1);
+        return Err(busy);
+    };
+    let bytes = read_body(request, WEBHOOK_MAX_BODY_BYTES).await?;
+    // The body is in: what the bound protects (memory held by senders not yet authenticated)
+    // is no longer at stake, and a slow store must not keep verified callbacks out.
+    drop(_reading);
     let key =
         key.split_once("signkey-").map_or(key.as_str(), |(_, rest)| rest.split_once('-').map_or(rest, |(_, k)| k));
     let mut signed = bytes.to_vec();
@@ -764,8 +1045,97 @@ async fn inngest_webhook(engine: &Engine, request: Request<Incoming>) -> Answer 
         Some(other) => json!({ "data": other }),
     };
     let key = body.get("id").and_then(Value::as_str).map(|id| format!("inngest:{id}"));
-    match engine.publish_event(&event_type, &payload, key.as_deref(), Some("inngest")).await? {
-        Ok(event_id) => ok_json(StatusCode::ACCEPTED, json!({ "eventId": event_id, "eventType": event_type })),
+    let seen = format!("inngest-signature:{}", signature.to_ascii_lowercase());
+    if !engine.mark_seen(&seen, INNGEST_SIGNATURE_MEMORY).await? {
+        return ok_json(StatusCode::OK, json!({ "eventType": event_type, "duplicate": true }));
+    }
+    let published = engine.publish_event(&event_type, &payload, key.as_deref(), Some("inngest")).await;
+    if published.is_err() {
+        // Not published: the sender's retry of the same signed callback must not be taken for
+        // a replay. (If taking the mark back fails too, the callback answers 503 either way.)
+        let _ = engine.forget_seen(&seen).await;
+    }
+    match published? {
+        Ok(event_id) => {
+            ok_json(StatusCode::ACCEPTED, json!({ "eventId": event_id, "eventType": event_type, "duplicate": false }))
+        }
         Err(problem) => Err(ApiError::bad_request(problem)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (hyper::header::HeaderName::from_static(k), HeaderValue::from_str(v).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn host_names_lose_their_port_and_brackets() {
+        assert_eq!(host_name("localhost:5003"), Some("localhost"));
+        assert_eq!(host_name("example.com"), Some("example.com"));
+        assert_eq!(host_name("[::1]:5003"), Some("::1"));
+        assert_eq!(host_name("[::1]"), Some("::1"));
+        assert_eq!(host_name("[::1]x"), None);
+        assert_eq!(host_name("a:b"), None);
+        assert_eq!(host_name(":80"), None);
+    }
+
+    #[test]
+    fn only_loopback_ip_and_allowed_hosts_pass_without_a_token() {
+        let allowed = vec!["gateway".to_owned()];
+        for ok in
+            ["localhost", "localhost:1", "api.localhost", "127.0.0.1:5003", "[::1]:5003", "10.0.0.5", "Gateway:80"]
+        {
+            assert!(check_host(&headers(&[("host", ok)]), &allowed).is_ok(), "{ok}");
+        }
+        for refused in ["evil.example", "localhost.evil.example", "gateway.evil", "1.2.3.4.evil"] {
+            let err = check_host(&headers(&[("host", refused)]), &allowed).unwrap_err();
+            assert_eq!(err.status, StatusCode::MISDIRECTED_REQUEST, "{refused}");
+        }
+        assert!(check_host(&HeaderMap::new(), &allowed).is_ok(), "no Host: not a browser");
+    }
+
+    #[test]
+    fn a_state_changing_request_must_come_from_the_same_origin_or_no_browser() {
+        let host = ("host", "127.0.0.1:5003");
+        for ok in [
+            vec![host],
+            vec![host, ("origin", "http://127.0.0.1:5003")],
+            vec![("host", "api.example.com"), ("origin", "https://api.example.com")],
+            vec![("host", "api.example.com:443"), ("origin", "https://api.example.com")],
+            vec![host, ("sec-fetch-site", "same-origin")],
+            vec![host, ("sec-fetch-site", "none")],
+        ] {
+            assert!(check_same_origin(&headers(&ok)).is_ok(), "{ok:?}");
+        }
+        for refused in [
+            vec![host, ("origin", "http://evil.example")],
+            vec![host, ("origin", "http://127.0.0.1:5004")],
+            vec![host, ("origin", "null")],
+            vec![host, ("origin", "http://127.0.0.1:5003/path")],
+            vec![host, ("sec-fetch-site", "cross-site")],
+            vec![host, ("sec-fetch-site", "same-site")],
+            vec![("origin", "http://127.0.0.1:5003")],
+        ] {
+            let err = check_same_origin(&headers(&refused)).unwrap_err();
+            assert_eq!((err.status, err.code), (StatusCode::FORBIDDEN, "cross_origin"), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn posts_must_say_json() {
+        assert!(require_json_content_type(&headers(&[("content-type", "application/json; charset=utf-8")])).is_ok());
+        assert!(require_json_content_type(&headers(&[("content-type", "Application/JSON")])).is_ok());
+        for refused in [vec![], vec![("content-type", "text/plain")], vec![("content-type", "application/jsonx")]] {
+            assert_eq!(
+                require_json_content_type(&headers(&refused)).unwrap_err().status,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            );
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::definition::Workflow;
 use crate::machine::{Millis, RunState, Status, Transition, Trigger};
-use crate::store::{ListedEvent, Logged, RunSummary};
+use crate::store::{BusEntry, ListedEvent, Logged, RunSummary};
 use serde_json::{Value, json};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -157,15 +157,54 @@ pub fn event(listed: &ListedEvent) -> Value {
     let runs = listed.started.as_ref().map(|runs| {
         runs.iter().map(|(workflow, run)| json!({ "workflowId": workflow, "runId": run })).collect::<Vec<_>>()
     });
-    json!({
+    // An entry too large to list whole (see `LISTED_ENTRY_CAP`) shows a prefix of each field:
+    // the payload's is not JSON, so it is a string then, with the payload's size.
+    let truncated = entry.oversized.is_some();
+    let payload = match text("payload") {
+        None => json!({}),
+        Some(prefix) if truncated => Value::String(prefix),
+        Some(payload) => json_text(&payload),
+    };
+    let mut item = json!({
         "eventId": entry.id,
         "eventType": text("type"),
-        "payload": text("payload").map_or(json!({}), |p| json_text(&p)),
+        "payload": payload,
+        "truncated": truncated,
         "key": text("key"),
         "source": text("source"),
         "publishedAt": published_at,
         "handled": listed.started.is_some(),
         "runs": runs,
+    });
+    if truncated {
+        item["payloadBytes"] = json!(entry.value_bytes("payload"));
+        item["bytes"] = json!(entry.total_bytes());
+    }
+    item
+}
+
+/// One dead letter of `GET /api/events/dead`: why, which entry, and what it held (a dead
+/// letter keeps a prefix of each field; a listing may cut it further).
+pub fn dead_letter(letter: &BusEntry) -> Value {
+    let text = |name: &str| letter.field(name).map(|v| String::from_utf8_lossy(v).into_owned());
+    let ours = ["reason", "entry", "bytes", "truncated"];
+    let fields: serde_json::Map<String, Value> = letter
+        .fields
+        .iter()
+        .filter(|(name, _)| !ours.iter().any(|ours| ours.as_bytes() == name.as_slice()))
+        .map(|(name, value)| {
+            (String::from_utf8_lossy(name).into_owned(), Value::String(String::from_utf8_lossy(value).into_owned()))
+        })
+        .collect();
+    let at = letter.id.split_once('-').and_then(|(ms, _)| ms.parse::<Millis>().ok()).unwrap_or(0);
+    json!({
+        "deadLetterId": letter.id,
+        "eventId": text("entry"),
+        "reason": text("reason"),
+        "bytes": text("bytes").and_then(|b| b.parse::<u64>().ok()),
+        "truncated": text("truncated").as_deref() == Some("1") || letter.oversized.is_some(),
+        "deadLetteredAt": timestamp(at),
+        "fields": fields,
     })
 }
 

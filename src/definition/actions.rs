@@ -27,6 +27,11 @@ pub struct HttpSpec {
     /// Bytes of response body kept.
     #[serde(default = "HttpSpec::default_max_response")]
     pub max_response: usize,
+    /// Whether templates other than `${env...}` may supply the URL's scheme, userinfo, host or
+    /// port (off by default: a run's input must not choose where a request goes). Left out of
+    /// the snapshot when off, so definitions that do not use it keep their hashes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_dynamic_host: bool,
 }
 
 impl HttpSpec {
@@ -106,6 +111,101 @@ pub struct BuiltinSpec {
     pub params: serde_json::Value,
 }
 
+/// One `${...}` of a text: where it is (`start..end`, braces included) and what it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template<'a> {
+    pub start: usize,
+    pub end: usize,
+    /// The text between the braces, trimmed: `input.id`, `env.NAME:-default`.
+    pub path: &'a str,
+}
+
+impl Template<'_> {
+    /// `input`, `steps`, `env`, `run` (or whatever else was written).
+    pub fn root(&self) -> &str {
+        self.path.split(['.', ':']).next().unwrap_or("").trim()
+    }
+}
+
+/// The templates of a text, in order; an unclosed `${` ends the list (rendering reports it).
+pub fn templates(text: &str) -> Vec<Template<'_>> {
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(offset) = text[from..].find("${") {
+        let start = from + offset;
+        let Some(length) = text[start + 2..].find('}') else { break };
+        let end = start + 2 + length + 1;
+        found.push(Template { start, end, path: text[start + 2..end - 1].trim() });
+        from = end;
+    }
+    found
+}
+
+/// How many bytes at the start of a URL template make its origin (scheme, userinfo, host and
+/// port): up to the first literal `/`, `?` or `#` after a literal `scheme://`; or, when the URL
+/// starts with a template and no literal `://` comes first, that template alone (it supplies the
+/// whole origin, as `${env.CMS_API_URL}/items` does). Templates in the origin are rendered as they
+/// are; those after it are percent-encoded for the part of the URL they land in.
+pub fn url_origin_len(url: &str) -> usize {
+    let found = templates(url);
+    let inside = |at: usize| found.iter().find(|t| (t.start..t.end).contains(&at));
+    // The first literal character that ends a scheme, a path segment, a query or a fragment.
+    let mut at = 0;
+    let mut scheme_end = None;
+    while at < url.len() {
+        if let Some(template) = inside(at) {
+            at = template.end;
+            continue;
+        }
+        let rest = &url[at..];
+        if rest.starts_with("://") {
+            scheme_end = Some(at + 3);
+            break;
+        }
+        if rest.starts_with(['/', '?', '#', ':']) {
+            break;
+        }
+        at += rest.chars().next().map_or(1, char::len_utf8);
+    }
+    let Some(authority_start) = scheme_end else {
+        return found.first().filter(|t| t.start == 0).map_or(0, |t| t.end);
+    };
+    let mut at = authority_start;
+    while at < url.len() {
+        if let Some(template) = inside(at) {
+            at = template.end;
+            continue;
+        }
+        if url[at..].starts_with(['/', '?', '#']) {
+            return at;
+        }
+        at += url[at..].chars().next().map_or(1, char::len_utf8);
+    }
+    url.len()
+}
+
+/// Refuses a URL whose origin a run could choose: a template other than `${env...}` (operator
+/// configuration) in its scheme, userinfo, host or port, unless `allow_dynamic_host`.
+fn check_url_origin(spec: &HttpSpec) -> Result<(), (&'static str, String)> {
+    if spec.allow_dynamic_host {
+        return Ok(());
+    }
+    let origin = url_origin_len(&spec.url);
+    match templates(&spec.url).into_iter().find(|t| t.start < origin && t.root() != "env") {
+        Some(template) => Err((
+            "with.url",
+            format!(
+                "`${{{}}}` would choose the scheme, host or port of `{}`: a run's input, steps and run \
+                 values may only fill the path, query and fragment (they are percent-encoded there). \
+                 Put them after a literal `/`, supply the origin from `${{env.NAME}}`, or set \
+                 `allow_dynamic_host = true` in `with` if the host really is chosen per run",
+                template.path, spec.url
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(
     action: &str,
     with: Option<toml::Value>,
@@ -137,6 +237,7 @@ pub(super) fn parse_more(
             if spec.expect.iter().any(|s| !(100..=599).contains(s)) {
                 return Err(("with.expect", "statuses are between 100 and 599".to_owned()));
             }
+            check_url_origin(&spec)?;
             Ok(ActionSpec::Http(HttpSpec { method, ..spec }))
         }),
         "publish" => parse::<PublishSpec>(action, with, "{ event = \"type\", payload = { ... } }").and_then(|spec| {

@@ -464,6 +464,7 @@ fn parse_action(action: &str, with: Option<toml::Value>) -> Result<ActionSpec, (
             if spec.max_output == 0 || spec.max_output > 16 * 1024 * 1024 {
                 return Err(("with.max_output", "must be between 1 and 16777216 bytes".to_owned()));
             }
+            refuse_exec_templates(&spec)?;
             Ok(ActionSpec::Exec(spec))
         }
         other => actions::parse_more(other, with).unwrap_or_else(|| {
@@ -475,6 +476,32 @@ fn parse_action(action: &str, with: Option<toml::Value>) -> Result<ActionSpec, (
             ))
         }),
     }
+}
+
+/// `exec` never renders templates: a template in an argv, an environment value or a directory
+/// would be a run's input reaching a command line. The author reads the input from the process
+/// instead, so a template there is refused rather than passed on as text the author did not
+/// mean. Only templates naming our roots are refused: a shell's own `${HOME}` is no template
+/// (no shell variable name holds a `.`).
+fn refuse_exec_templates(spec: &ExecSpec) -> Result<(), (&'static str, String)> {
+    let ours = |text: &str| {
+        actions::templates(text).iter().any(|t| {
+            matches!(t.root(), "input" | "steps" | "env" | "run") && t.path[t.root().len()..].starts_with(['.', ':'])
+        })
+    };
+    let advice = "`exec` does not render templates (no run value ever reaches a command line): \
+                  read the run's input from the file named by WFO_INPUT_FILE (its JSON), from \
+                  stdin, or from WFO_INPUT (small inputs only), e.g. with `jq`";
+    if let Some((index, arg)) = spec.command.iter().enumerate().find(|(_, arg)| ours(arg)) {
+        return Err(("with.command", format!("argument {index} `{arg}` holds a template; {advice}")));
+    }
+    if let Some((name, value)) = spec.env.iter().find(|(name, value)| ours(name) || ours(value)) {
+        return Err(("with.env", format!("`{name} = \"{value}\"` holds a template; {advice}")));
+    }
+    if let Some(cwd) = spec.cwd.as_deref().filter(|cwd| ours(cwd)) {
+        return Err(("with.cwd", format!("`{cwd}` holds a template; {advice}")));
+    }
+    Ok(())
 }
 
 /// The event type syntax of the bus: `^[a-z0-9][a-z0-9_.-]{0,127}$`.
@@ -571,6 +598,76 @@ retry = { max_attempts = 5, initial_backoff = "1s", max_backoff = "1m", multipli
                 "security-audit"
             ]
         );
+    }
+
+    fn one_step(action: &str, with: &str) -> Result<Registry, DefinitionError> {
+        let text =
+            format!("[[workflow]]\nid = \"wf\"\n[[workflow.step]]\nid = \"s\"\naction = \"{action}\"\nwith = {with}\n");
+        Registry::parse("t.toml", &text)
+    }
+
+    #[test]
+    fn a_url_whose_origin_a_run_could_choose_is_refused_unless_allowed() {
+        for url in [
+            "http://app.internal${input.path}",
+            "http://${input.host}/x",
+            "http://app:${input.port}/x",
+            "http://${input.user}@app/x",
+            "${input.scheme}://app/x",
+            "${steps.find.url}",
+            "${run.trigger.url}/x",
+            "https://${env.HOST}${input.rest}",
+        ] {
+            let err = one_step("http", &format!("{{ url = \"{url}\" }}")).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("step[0].with.url"), "{url}: {err}");
+            assert!(err.to_string().contains("workflow `wf`") && err.problem.contains("allow_dynamic_host"), "{err}");
+            let allowed = one_step("http", &format!("{{ url = \"{url}\", allow_dynamic_host = true }}"));
+            assert!(allowed.is_ok(), "{url}: {allowed:?}");
+        }
+        for url in [
+            "http://127.0.0.1:8080/items/${input.id}?q=${input.q}#${run.id}",
+            "${env.CMS_API_URL}/items/${input.id}",
+            "${env.OPTIMIZE_HOOK_URL:-}",
+            "https://${env.HOST}:${env.PORT:-443}/x?next=https://${input.host}/",
+            "${env.BASE}/redirect?to=https://${input.host}",
+        ] {
+            assert!(one_step("http", &format!("{{ url = \"{url}\" }}")).is_ok(), "{url}");
+        }
+        // Off by default, and left out of the snapshot then (hashes of older definitions hold).
+        let registry = one_step("http", "{ url = \"http://h/x\" }").unwrap();
+        assert!(!registry.get("wf").unwrap().snapshot.contains("allow_dynamic_host"));
+    }
+
+    #[test]
+    fn url_origins_end_at_the_first_literal_path_query_or_fragment() {
+        use actions::url_origin_len;
+        fn origin(url: &str) -> &str {
+            &url[..url_origin_len(url)]
+        }
+        assert_eq!(origin("http://h:1/a/${input.x}"), "http://h:1");
+        assert_eq!(origin("http://h?x=${input.x}"), "http://h");
+        assert_eq!(origin("http://h${input.x}/a"), "http://h${input.x}");
+        assert_eq!(origin("${env.A}/b"), "${env.A}");
+        assert_eq!(origin("${env.A:-http://x/y}"), "${env.A:-http://x/y}");
+        assert_eq!(origin("${env.S}://${env.H}/p"), "${env.S}://${env.H}");
+        assert_eq!(origin("/relative/${input.x}"), "");
+    }
+
+    #[test]
+    fn exec_refuses_templates_in_its_command_env_and_cwd() {
+        for (with, field) in [
+            (r#"{ command = ["echo", "${input.name}"] }"#, "step[0].with.command"),
+            (r#"{ command = ["sh", "-c", "echo ${ env.HOME }"] }"#, "step[0].with.command"),
+            (r#"{ command = ["true"], env = { NAME = "${input.name}" } }"#, "step[0].with.env"),
+            (r#"{ command = ["true"], cwd = "/srv/${steps.a.dir}" }"#, "step[0].with.cwd"),
+        ] {
+            let err = one_step("exec", with).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{err}");
+            assert!(err.problem.contains("WFO_INPUT_FILE"), "{err}");
+            assert!(err.to_string().starts_with("t.toml: workflow `wf`"), "{err}");
+        }
+        // A shell's own variables are no templates of ours.
+        assert!(one_step("exec", r#"{ command = ["sh", "-c", "echo ${HOME} $WFO_INPUT"] }"#).is_ok());
     }
 
     #[test]

@@ -10,6 +10,18 @@ use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+/// Which of the store's commit calls a commit goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CommitPath {
+    /// [`crate::store::Store::commit`].
+    Plain,
+    /// [`crate::store::Store::commit_and_claim`]: a leased commit that also claims the
+    /// executor's next entry in the same round trip.
+    ThenClaim,
+    /// [`crate::store::Store::requeue`]: the sweeper's, refused when the run's entry is live.
+    Requeue,
+}
+
 /// How long one blocking read waits for work before looking at the shutdown token again.
 const CLAIM_BLOCK: Duration = Duration::from_secs(1);
 
@@ -92,7 +104,9 @@ impl Engine {
                         }
                     }
                 };
+                let busy = engine.metrics.executor_busy();
                 engine.execute(entry.lease, entry.deliveries, task).await;
+                drop(busy);
                 drop(permit);
             });
         }
@@ -276,10 +290,9 @@ impl Engine {
         // next step, just queued), unless stopping. Not after a run's last step: there the
         // claim loop's batched reads serve better than a read per run.
         let goes_on = advanced.effects.iter().any(|e| matches!(e, Effect::Dispatch { .. }));
-        let fetch_next = goes_on && !self.shutdown.is_cancelled();
-        let (outcome, next) = self
-            .commit_advanced_then_claim(run, expected_seq, Some(lease.clone()), advanced, false, fetch_next)
-            .await?;
+        let path = if goes_on && !self.shutdown.is_cancelled() { CommitPath::ThenClaim } else { CommitPath::Plain };
+        let (outcome, next) =
+            self.commit_advanced_via(run, expected_seq, Some(lease.clone()), advanced, false, path).await?;
         if let (Some((event, until)), CommitOutcome::Applied { .. }) = (parked_on, outcome) {
             // Found by the router when the event arrives. Not atomic with the commit: the
             // sweeper registers a waiting run again if this is lost.
@@ -320,19 +333,18 @@ impl Engine {
         advanced: machine::Advanced,
         clear_timer: bool,
     ) -> Result<CommitOutcome, StoreError> {
-        Ok(self.commit_advanced_then_claim(run, expected_seq, lease, advanced, clear_timer, false).await?.0)
+        Ok(self.commit_advanced_via(run, expected_seq, lease, advanced, clear_timer, CommitPath::Plain).await?.0)
     }
 
-    /// [`Engine::commit_advanced`], with (`fetch_next`, and a lease) one more ready entry of the
-    /// shard claimed for this executor in the same round trip.
-    async fn commit_advanced_then_claim(
+    /// [`Engine::commit_advanced`] through one of the store's commit calls (see [`CommitPath`]).
+    pub(super) async fn commit_advanced_via(
         &self,
         run: &RunId,
         expected_seq: u64,
         lease: Option<Lease>,
         advanced: machine::Advanced,
         clear_timer: bool,
-        fetch_next: bool,
+        path: CommitPath,
     ) -> Result<(CommitOutcome, Option<Claimed>), StoreError> {
         let mut dispatch = None;
         let mut timer = None;
@@ -362,10 +374,10 @@ impl Engine {
             timer,
             clear_timer,
         };
-        let (outcome, next) = if fetch_next {
-            self.store.commit_and_claim(commit).await?
-        } else {
-            (self.store.commit(commit).await?, None)
+        let (outcome, next) = match path {
+            CommitPath::Plain => (self.store.commit(commit).await?, None),
+            CommitPath::ThenClaim => self.store.commit_and_claim(commit).await?,
+            CommitPath::Requeue => (self.store.requeue(commit).await?, None),
         };
         match &outcome {
             CommitOutcome::Applied { .. } => {
@@ -387,6 +399,9 @@ impl Engine {
             CommitOutcome::LeaseLost => {
                 Counters::add(&self.counters.completions_fenced);
                 tracing::warn!(run = %run, "completion rejected by the fence: this replica's lease was lost and the step belongs to another");
+            }
+            CommitOutcome::Stale if path == CommitPath::Requeue => {
+                tracing::debug!(run = %run, "re-queue refused: the run's step is queued or leased after all");
             }
             CommitOutcome::Stale => {
                 // The run moved on (cancelled, or already advanced by another replica): this

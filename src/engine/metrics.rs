@@ -3,6 +3,7 @@
 
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the step duration buckets.
@@ -24,6 +25,18 @@ pub struct Metrics {
     /// By workflow id. Updated once per step or run end; sections are a few additions long and
     /// never held across `.await`.
     workflows: Mutex<BTreeMap<String, WorkflowMetrics>>,
+    /// Executors running a step now. Counted around the step itself, not from the executor
+    /// semaphore: the claim loop holds every free permit while its read blocks.
+    executors_busy: AtomicUsize,
+}
+
+/// An executor counted busy until this is dropped (however the step ends).
+pub struct BusyExecutor<'a>(&'a AtomicUsize);
+
+impl Drop for BusyExecutor<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -56,7 +69,35 @@ impl Metrics {
         });
     }
 
+    /// Counts an executor busy for as long as the returned guard lives.
+    pub fn executor_busy(&self) -> BusyExecutor<'_> {
+        self.executors_busy.fetch_add(1, Ordering::Relaxed);
+        BusyExecutor(&self.executors_busy)
+    }
+
+    pub fn executors_busy(&self) -> usize {
+        self.executors_busy.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> Vec<(String, WorkflowMetrics)> {
         self.workflows.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_executor_is_busy_while_its_guard_lives() {
+        let metrics = Metrics::default();
+        assert_eq!(metrics.executors_busy(), 0);
+        let first = metrics.executor_busy();
+        let second = metrics.executor_busy();
+        assert_eq!(metrics.executors_busy(), 2);
+        drop(first);
+        assert_eq!(metrics.executors_busy(), 1);
+        drop(second);
+        assert_eq!(metrics.executors_busy(), 0);
     }
 }

@@ -179,14 +179,11 @@ impl Engine {
         for workflow in registry.iter() {
             for step in &workflow.def.steps {
                 if let crate::definition::ActionSpec::Builtin(spec) = &step.action
-                    && !actions.has_builtin(&spec.name)
+                    && let Err(problem) = actions.check_builtin(spec)
                 {
                     return Err(EngineError::Invalid(format!(
-                        "workflow `{}`: step `{}`: no built-in action `{}` (known: {})",
-                        workflow.def.id,
-                        step.id,
-                        spec.name,
-                        actions.builtin_names().join(", ")
+                        "workflow `{}`: step `{}`: {problem}",
+                        workflow.def.id, step.id
                     )));
                 }
             }
@@ -275,9 +272,9 @@ impl Engine {
         .collect()
     }
 
-    /// Executors busy now.
+    /// Executors running a step now (not the permits the claim loop holds while it waits).
     pub fn busy_executors(&self) -> usize {
-        self.config.max_concurrent_steps.saturating_sub(self.executors.available_permits())
+        self.metrics.executors_busy()
     }
 
     /// Queue lengths and pending counts of the store's streams.
@@ -310,6 +307,22 @@ impl Engine {
 
     pub async fn store_health(&self) -> Result<StoreHealth, StoreError> {
         self.store.health().await
+    }
+
+    /// Why the store is known to be unreachable right now, if it is (see
+    /// [`Store::connection_problem`]).
+    pub fn store_problem(&self) -> Option<String> {
+        self.store.connection_problem()
+    }
+
+    /// Marks `key` as seen for `ttl` across replicas; `false` if it already was.
+    pub async fn mark_seen(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.store.mark_seen(key, ttl).await
+    }
+
+    /// Takes a [`Engine::mark_seen`] mark back.
+    pub async fn forget_seen(&self, key: &str) -> Result<(), StoreError> {
+        self.store.forget_seen(key).await
     }
 
     async fn calibrate_clock(&self) -> Result<(), StoreError> {
@@ -413,7 +426,17 @@ impl Engine {
         event_type: Option<&str>,
         limit: usize,
     ) -> Result<Vec<crate::store::ListedEvent>, StoreError> {
-        self.store.recent_events(before, event_type, limit, limit.saturating_mul(20).max(1000)).await
+        let scan = limit.saturating_mul(20).max(1000);
+        self.store.recent_events(before, event_type, limit, scan, router::LISTED_ENTRY_CAP).await
+    }
+
+    /// Dead letters of the bus, newest first (see [`Store::dead_events`]).
+    pub async fn dead_events(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::BusEntry>, StoreError> {
+        self.store.dead_events(before, limit, router::LISTED_ENTRY_CAP).await
     }
 
     /// The definition a run was created with, by hash: cached, else loaded from the run's shard.

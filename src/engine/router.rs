@@ -4,11 +4,17 @@
 //! de-duplication `key`), records the runs it started, and acks. A malformed entry goes to the
 //! dead-letter stream with its reason. A router that dies before acking has its entries taken
 //! over by another after the lease time; the idempotency keys make that start nothing twice.
+//!
+//! Anyone can `XADD` anything, so the bus is read cut to size by the store (an entry over
+//! `EVENT_MAX_BYTES` plus room for the other fields arrives as prefixes and is dead-lettered,
+//! then deleted), and an entry whose id is far ahead of the clock (which would push every later
+//! id past it, or end the id space) is handed to the store's repair: dead-lettered, deleted, and
+//! the stream's last id set back.
 
 use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
 use crate::definition::valid_event_type;
 use crate::machine::{Transition, Trigger};
-use crate::store::{BusEntry, StoreError};
+use crate::store::{BUS_CLOCK_TOLERANCE, BusEntry, DEAD_LETTER_KEEP, EntryCap, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +26,17 @@ const ROUTER_BLOCK: Duration = Duration::from_secs(1);
 const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// Longest `key` and `source` accepted.
 const MAX_LABEL: usize = 200;
+/// Room for the fields beside `payload` (names, `type`, `key`, `source`, fields of the sender's
+/// own): an entry over `EVENT_MAX_BYTES` plus this is never read whole.
+const ENTRY_OVERHEAD: usize = 64 * 1024;
+/// How the API lists entries (events, dead letters): whole up to 64 KiB, else 4 KiB prefixes.
+pub const LISTED_ENTRY_CAP: EntryCap = EntryCap { max_bytes: 64 * 1024, keep_bytes: 4096 };
+
+/// How the router reads the bus: whole up to what an event may be, else prefixes for the dead
+/// letter.
+pub fn router_cap(event_max_bytes: usize) -> EntryCap {
+    EntryCap { max_bytes: event_max_bytes.saturating_add(ENTRY_OVERHEAD), keep_bytes: DEAD_LETTER_KEEP }
+}
 
 /// A valid event, as the bus carries it.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +56,20 @@ fn utf8<'a>(name: &str, bytes: &'a [u8]) -> Result<&'a str, String> {
 /// (optional, a JSON object of at most `max_bytes`), `key` and `source` (optional, at most 200
 /// characters). Other fields are ignored.
 pub fn parse_event(entry: &BusEntry, max_bytes: usize) -> Result<Event, String> {
+    if let Some(oversized) = &entry.oversized {
+        let (largest, largest_bytes) = entry
+            .fields
+            .iter()
+            .zip(&oversized.value_bytes)
+            .max_by_key(|(_, bytes)| **bytes)
+            .map_or((String::new(), 0), |((name, _), bytes)| (String::from_utf8_lossy(name).into_owned(), *bytes));
+        return Err(format!(
+            "`{}` is {largest_bytes} bytes and the entry {} bytes, over the limit of {} bytes for an entry (EVENT_MAX_BYTES {max_bytes} plus {ENTRY_OVERHEAD} for its other fields)",
+            truncate(&largest),
+            oversized.total_bytes,
+            max_bytes.saturating_add(ENTRY_OVERHEAD),
+        ));
+    }
     let event_type = utf8("type", entry.field("type").ok_or("missing field `type`")?)?;
     if !valid_event_type(event_type) {
         return Err(format!("`type` {:?} does not match ^[a-z0-9][a-z0-9_.-]{{0,127}}$", truncate(event_type)));
@@ -105,6 +136,7 @@ impl Engine {
             id: String::new(),
             fields: fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect(),
             deliveries: 0,
+            oversized: None,
         };
         if let Err(problem) = parse_event(&entry, self.config.event_max_bytes) {
             return Ok(Err(problem));
@@ -118,7 +150,7 @@ impl Engine {
         loop {
             let read = tokio::select! {
                 () = self.shutdown.cancelled() => return,
-                read = self.store.read_events(&self.consumer, ROUTER_BATCH, ROUTER_BLOCK) => read,
+                read = self.store.read_events(&self.consumer, ROUTER_BATCH, ROUTER_BLOCK, self.router_cap()) => read,
             };
             match read {
                 Ok(entries) => {
@@ -152,7 +184,11 @@ impl Engine {
             if sleep_or_cancelled(&self.shutdown, period.mul_f64(rand::random_range(0.8..1.2))).await {
                 return;
             }
-            match self.store.reclaim_events(&self.consumer, self.config.lease_ttl, ROUTER_BATCH).await {
+            match self
+                .store
+                .reclaim_events(&self.consumer, self.config.lease_ttl, ROUTER_BATCH, self.router_cap())
+                .await
+            {
                 Ok(entries) => {
                     for entry in entries {
                         tracing::info!(event = %entry.id, deliveries = entry.deliveries, "took over an event another router did not settle");
@@ -167,6 +203,20 @@ impl Engine {
     /// Handles one bus entry. Never fails: a problem of the entry dead-letters it; a problem of
     /// the store leaves it pending, to be retried after the lease time (up to the delivery bound).
     async fn route(&self, entry: BusEntry) {
+        if self.ahead_of_clock(&entry.id) {
+            // Redis would give every later entry an id above this one (or none at all): the
+            // store dead-letters it and sets the bus's last id back, judged by its own clock.
+            // Not handled either way: removed (by this call, or by another replica's or a
+            // publisher's repair), or, if Redis's clock judged it in time after all, left
+            // pending, to be taken over after the lease time and handled then.
+            match self.store.repair_bus().await {
+                Ok(removed) => tracing::warn!(event = %entry.id, removed, "bus entry with an id ahead of the clock"),
+                Err(err) => {
+                    tracing::warn!(event = %entry.id, %err, "could not remove a bus entry with an id ahead of the clock; will retry")
+                }
+            }
+            return;
+        }
         let result = if entry.deliveries > self.config.max_deliveries {
             let reason = format!("not handled after {} deliveries", entry.deliveries);
             self.dead_letter(&entry, &reason).await
@@ -248,7 +298,7 @@ impl Engine {
         since: crate::machine::Millis,
     ) -> Result<(), StoreError> {
         let since = format!("{since}-0");
-        let mut recent = self.store.recent_events(None, Some(event_type), 100, 1000).await?;
+        let mut recent = self.store.recent_events(None, Some(event_type), 100, 1000, self.router_cap()).await?;
         recent.retain(|listed| crate::store::compare_entry_ids(&listed.entry.id, &since).is_ge());
         for listed in recent.iter().rev() {
             let Ok(event) = parse_event(&listed.entry, self.config.event_max_bytes) else { continue };
@@ -257,6 +307,16 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    fn router_cap(&self) -> EntryCap {
+        router_cap(self.config.event_max_bytes)
+    }
+
+    /// Whether an entry's id is further ahead of the clock than the bus tolerates.
+    fn ahead_of_clock(&self, id: &str) -> bool {
+        let ms = id.split_once('-').and_then(|(ms, _)| ms.parse::<u64>().ok()).unwrap_or(0);
+        ms > self.clock.now().saturating_add(BUS_CLOCK_TOLERANCE.as_millis() as u64)
     }
 
     async fn dead_letter(&self, entry: &BusEntry, reason: &str) -> Result<(), StoreError> {
@@ -310,6 +370,7 @@ mod tests {
             id: "1-0".to_owned(),
             fields: fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect(),
             deliveries: 1,
+            oversized: None,
         }
     }
 
@@ -333,5 +394,15 @@ mod tests {
         assert!(reason(&[("type", b"a"), ("payload", &[b' '; 17])]).contains("over the limit"));
         assert!(reason(&[("type", &[0xff, 0xfe])]).contains("not UTF-8"));
         assert!(reason(&[("type", b"a"), ("key", b"")]).contains("`key`"));
+    }
+
+    #[test]
+    fn an_entry_read_cut_to_size_names_its_size_and_the_limit() {
+        let mut big = entry(&[("type", b"a"), ("payload", b"{\"x\":")]);
+        big.oversized = Some(crate::store::Oversized { total_bytes: 20_000_020, value_bytes: vec![1, 20_000_000] });
+        let reason = parse_event(&big, 1000).unwrap_err();
+        assert!(reason.contains("`payload` is 20000000 bytes"), "{reason}");
+        assert!(reason.contains("the entry 20000020 bytes"), "{reason}");
+        assert!(reason.contains(&format!("limit of {} bytes", 1000 + ENTRY_OVERHEAD)), "{reason}");
     }
 }

@@ -69,7 +69,8 @@ impl Services for Engine {
         }
         slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
         slowest.truncate(5);
-        let events = self.store.recent_events(None, None, 1000, 1000).await.map_err(unavailable)?;
+        let events =
+            self.store.recent_events(None, None, 1000, 1000, crate::store::EntryCap::IDS).await.map_err(unavailable)?;
         let since_id = format!("{since}-0");
         let events_since =
             events.iter().filter(|e| crate::store::compare_entry_ids(&e.entry.id, &since_id).is_ge()).count();

@@ -2,9 +2,10 @@
 //! neither a queued or leased ready entry (nor a timer), and re-queues them from their own log.
 //! Also recalibrates the clock, trims streams and expires finished runs.
 
+use super::executor::CommitPath;
 use super::{Counters, Engine, sleep_or_cancelled};
 use crate::machine;
-use crate::store::{RunId, RunSummary, StoreError};
+use crate::store::{CommitOutcome, RunId, RunSummary, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,9 +51,10 @@ impl Engine {
             if summary.status == "waiting" {
                 self.register_wait(&run).await?;
             }
-            if self.is_orphan(&run, &summary).await? {
-                tracing::warn!(run = %run, status = %summary.status, "run has no queued step, no lease and no timer: re-queueing it");
-                self.requeue(&run).await?;
+            // A cheap first look from reads that are not one snapshot; the re-queue itself is
+            // refused by the store when the run's entry is live after all.
+            if self.is_orphan(&run, &summary).await? && self.requeue(&run).await? {
+                tracing::warn!(run = %run, status = %summary.status, "run had no queued step, no lease and no timer: re-queued it");
                 Counters::add(&self.counters.runs_swept);
                 requeued += 1;
             }
@@ -82,13 +84,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Re-derives a run's effects from its log and performs them again (fenced by its seq).
-    async fn requeue(&self, run: &RunId) -> Result<(), StoreError> {
-        let Some(super::LoadedRun { state, workflow, .. }) = self.load_for_loop(run).await? else { return Ok(()) };
+    /// Re-derives a run's effects from its log and performs them again, fenced by its seq and
+    /// refused while its ready entry is live. Returns whether it re-queued.
+    async fn requeue(&self, run: &RunId) -> Result<bool, StoreError> {
+        let Some(super::LoadedRun { state, workflow, .. }) = self.load_for_loop(run).await? else { return Ok(false) };
         let now = self.clock.now();
         let advanced = machine::advance(Some(&state), &workflow.def, Vec::new(), now)
             .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
-        self.commit_advanced(run, state.seq, None, advanced, false).await?;
-        Ok(())
+        // The summary the sweeper judged from may be older than the log: a run that has ended
+        // since implies nothing to record or perform again.
+        let performs = |effect: &machine::Effect| {
+            matches!(effect, machine::Effect::Dispatch { .. } | machine::Effect::SetTimer { .. })
+        };
+        if advanced.appended.is_empty() && !advanced.effects.iter().any(performs) {
+            return Ok(false);
+        }
+        let (outcome, _) = self.commit_advanced_via(run, state.seq, None, advanced, false, CommitPath::Requeue).await?;
+        Ok(matches!(outcome, CommitOutcome::Applied { .. }))
     }
 }

@@ -121,6 +121,12 @@ impl Keys {
         format!("{}:events:dead", self.prefix)
     }
 
+    /// Hash: entries removed from the bus for ids too far ahead of the clock (`removed`, and
+    /// the last one's `last_id` and `last_at`).
+    pub fn events_hostile(&self) -> String {
+        format!("{}:events:hostile", self.prefix)
+    }
+
     /// String (JSON, expiring): the runs an event started.
     pub fn event_runs(&self, id: &str) -> String {
         format!("{}:events:runs:{id}", self.prefix)

@@ -17,9 +17,9 @@
 //! atomic as one Redis function call and keeps the async trait methods thin.
 
 use super::{
-    BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, Housekeeping, Lease, ListedEvent, Logged, NewRun,
-    ReadyTask, RunId, RunPage, RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
-    terminal_name,
+    BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
+    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, RunId, RunPage, RunSummary, Store,
+    StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState};
@@ -274,6 +274,8 @@ struct State {
     waits: HashMap<String, BTreeMap<RunId, Millis>>,
     /// Small shared values of the actions.
     values: HashMap<String, String>,
+    /// Keys marked seen (`mark_seen`), until the instant each expires.
+    seen: HashMap<String, Instant>,
 }
 
 /// An entry's raw fields, binary-safe.
@@ -284,9 +286,18 @@ type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 #[derive(Debug, Default)]
 struct Bus {
     stream: GroupStream<Fields>,
-    dead: Vec<(String, Fields)>,
+    /// The dead letters, under ids of their own (as the Redis dead-letter stream's).
+    dead: GroupStream<Fields>,
+    /// Entries removed for ids ahead of the clock (see `repair`).
+    hostile: BusCondition,
     /// Runs started per event id, until the instant they expire.
     started: HashMap<String, (Vec<(String, String)>, Instant)>,
+}
+
+/// A bus entry as a read returns it, cut to `cap`.
+fn cut_entry(id: EntryId, fields: &Fields, deliveries: u64, cap: EntryCap) -> BusEntry {
+    let (fields, oversized) = cap.cut(fields);
+    BusEntry { id: id.to_string(), fields, deliveries, oversized }
 }
 
 impl Bus {
@@ -294,19 +305,62 @@ impl Bus {
         self.stream.push(fields, now)
     }
 
-    fn read(&mut self, consumer: &str, max: usize, instant: Instant) -> Vec<BusEntry> {
+    fn read(&mut self, consumer: &str, max: usize, instant: Instant, cap: EntryCap) -> Vec<BusEntry> {
         let read = self.stream.read(consumer, max, instant);
-        read.into_iter()
-            .map(|(id, fields)| BusEntry { id: id.to_string(), fields: fields.clone(), deliveries: 1 })
-            .collect()
+        read.into_iter().map(|(id, fields)| cut_entry(id, fields, 1, cap)).collect()
     }
 
-    fn reclaim(&mut self, consumer: &str, min_idle: Duration, max: usize, instant: Instant) -> Vec<BusEntry> {
+    fn reclaim(
+        &mut self,
+        consumer: &str,
+        min_idle: Duration,
+        max: usize,
+        instant: Instant,
+        cap: EntryCap,
+    ) -> Vec<BusEntry> {
         let taken = self.stream.reclaim(consumer, min_idle, max, instant);
-        taken
-            .into_iter()
-            .map(|(id, deliveries, fields)| BusEntry { id: id.to_string(), fields: fields.clone(), deliveries })
-            .collect()
+        taken.into_iter().map(|(id, deliveries, fields)| cut_entry(id, fields, deliveries, cap)).collect()
+    }
+
+    fn dead_letter(&mut self, entry: &BusEntry, reason: &str, now: Millis) {
+        self.dead.push(dead_letter_fields(entry, reason), now);
+        if self.dead.entries.len() > 100_000 {
+            self.dead.entries.pop_first();
+        }
+    }
+
+    /// As the Redis store's `repair_bus` (with `bus_drop`): dead-letters and removes entries
+    /// whose ids are more than the tolerance ahead of `now`, then sets the last id (and the
+    /// group's last delivered id) back. Only the store writes this bus, by the clock, so this
+    /// finds nothing unless the clock stepped back.
+    fn repair(&mut self, now: Millis) -> u64 {
+        let limit = now.saturating_add(BUS_CLOCK_TOLERANCE.as_millis() as u64);
+        let first_hostile = EntryId { ms: limit.saturating_add(1), n: 0 };
+        let hostile = self.stream.entries.split_off(&first_hostile);
+        for (id, fields) in &hostile {
+            let entry =
+                cut_entry(*id, fields, 0, EntryCap { max_bytes: DEAD_LETTER_KEEP, keep_bytes: DEAD_LETTER_KEEP });
+            let reason = format!(
+                "the entry's id is {} ms ahead of the store's clock (more than {} s): every later entry would get an id above it, so it was removed from the bus",
+                id.ms.saturating_sub(now),
+                BUS_CLOCK_TOLERANCE.as_secs()
+            );
+            self.dead_letter(&entry, &reason, now);
+            self.stream.pending.remove(id);
+        }
+        let top = self.stream.entries.keys().next_back().copied().unwrap_or_default();
+        let last = top.max(EntryId { ms: now, n: 0 });
+        if self.stream.last_id.ms > limit {
+            self.stream.last_id = last;
+        }
+        if self.stream.delivered.ms > limit {
+            self.stream.delivered = last;
+        }
+        if let Some((id, _)) = hostile.iter().next_back() {
+            self.hostile.hostile_removed += hostile.len() as u64;
+            self.hostile.last_hostile = Some((id.to_string(), now));
+        }
+        hostile.len() as u64
     }
 
     /// The oldest id the router has not handled.
@@ -640,15 +694,14 @@ impl Store for MemoryStore {
     }
 
     async fn health(&self) -> StoreResult<StoreHealth> {
-        Ok(StoreHealth {
-            kind: StoreKind::Memory,
-            version: None,
-            warnings: vec![
-                "the store is in memory: nothing survives a restart, and no other replica can share the work \
-                 (set REDIS_URL for the durable store)"
-                    .to_owned(),
-            ],
-        })
+        let mut warnings = vec![
+            "the store is in memory: nothing survives a restart, and no other replica can share the work \
+             (set REDIS_URL for the durable store)"
+                .to_owned(),
+        ];
+        let bus = self.shared.state.lock().bus.hostile.clone();
+        warnings.extend(bus.warning(wall_clock()?));
+        Ok(StoreHealth { kind: StoreKind::Memory, version: None, warnings, bus })
     }
 
     async fn save_definitions(&self, workflows: &[Arc<Workflow>]) -> StoreResult<()> {
@@ -744,6 +797,25 @@ impl Store for MemoryStore {
         Ok(self.shared.state.lock().quiet_runs(before, max))
     }
 
+    async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        let now = wall_clock()?;
+        let dispatches = commit.dispatch.is_some();
+        let outcome = {
+            // One section: the liveness judgement and the write see the same state.
+            let mut state = self.shared.state.lock();
+            let live = state
+                .runs
+                .get(&commit.run)
+                .and_then(|run| run.summary.ready_entry.clone())
+                .is_some_and(|entry| state.dispatch_exists(&commit.run, &entry));
+            if live { CommitOutcome::Stale } else { state.commit(commit, now) }
+        };
+        if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(outcome)
+    }
+
     async fn dispatch_exists(&self, run: &RunId, entry: &str) -> StoreResult<bool> {
         Ok(self.shared.state.lock().dispatch_exists(run, entry))
     }
@@ -791,18 +863,32 @@ impl Store for MemoryStore {
     async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String> {
         let now = wall_clock()?;
         let fields = fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect();
-        let id = self.shared.state.lock().bus.publish(fields, now);
+        let id = {
+            let mut state = self.shared.state.lock();
+            // As the Redis store: never an id far ahead of the clock (here only a clock that
+            // stepped back could cause one).
+            if state.bus.stream.last_id.ms > now.saturating_add(BUS_CLOCK_TOLERANCE.as_millis() as u64) {
+                state.bus.repair(now);
+            }
+            state.bus.publish(fields, now)
+        };
         self.shared.published.notify_waiters();
         Ok(id.to_string())
     }
 
-    async fn read_events(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<BusEntry>> {
+    async fn read_events(
+        &self,
+        consumer: &str,
+        max: usize,
+        block: Duration,
+        cap: EntryCap,
+    ) -> StoreResult<Vec<BusEntry>> {
         let deadline = tokio::time::Instant::now() + block.min(Duration::from_secs(3600));
         loop {
             let notified = self.shared.published.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let read = self.shared.state.lock().bus.read(consumer, max.max(1), Instant::now());
+            let read = self.shared.state.lock().bus.read(consumer, max.max(1), Instant::now(), cap);
             if !read.is_empty() {
                 return Ok(read);
             }
@@ -812,8 +898,14 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn reclaim_events(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<BusEntry>> {
-        Ok(self.shared.state.lock().bus.reclaim(consumer, min_idle, max, Instant::now()))
+    async fn reclaim_events(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        max: usize,
+        cap: EntryCap,
+    ) -> StoreResult<Vec<BusEntry>> {
+        Ok(self.shared.state.lock().bus.reclaim(consumer, min_idle, max, Instant::now(), cap))
     }
 
     async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()> {
@@ -831,18 +923,40 @@ impl Store for MemoryStore {
     }
 
     async fn dead_letter_event(&self, entry: &BusEntry, reason: &str) -> StoreResult<()> {
+        let now = wall_clock()?;
         let mut state = self.shared.state.lock();
-        let mut fields =
-            vec![(b"reason".to_vec(), reason.as_bytes().to_vec()), (b"entry".to_vec(), entry.id.as_bytes().to_vec())];
-        fields.extend(entry.fields.iter().cloned());
-        state.bus.dead.push((entry.id.clone(), fields));
-        if state.bus.dead.len() > 100_000 {
-            state.bus.dead.remove(0);
-        }
+        state.bus.dead_letter(entry, reason, now);
         if let Ok(id) = entry.id.parse::<EntryId>() {
             state.bus.stream.pending.remove(&id);
+            if entry.oversized.is_some() {
+                // As the Redis store: it can never be handled, and its size is the problem.
+                state.bus.stream.entries.remove(&id);
+            }
         }
         Ok(())
+    }
+
+    async fn dead_events(&self, before: Option<&str>, limit: usize, cap: EntryCap) -> StoreResult<Vec<BusEntry>> {
+        let state = self.shared.state.lock();
+        let upper = match before.map(str::parse::<EntryId>) {
+            Some(Ok(id)) => Bound::Excluded(id),
+            Some(Err(())) => return Ok(Vec::new()),
+            None => Bound::Unbounded,
+        };
+        Ok(state
+            .bus
+            .dead
+            .entries
+            .range((Bound::Unbounded, upper))
+            .rev()
+            .take(limit)
+            .map(|(id, fields)| cut_entry(*id, fields, 0, cap))
+            .collect())
+    }
+
+    async fn repair_bus(&self) -> StoreResult<u64> {
+        let now = wall_clock()?;
+        Ok(self.shared.state.lock().bus.repair(now))
     }
 
     async fn recent_events(
@@ -851,6 +965,7 @@ impl Store for MemoryStore {
         event_type: Option<&str>,
         limit: usize,
         scan: usize,
+        cap: EntryCap,
     ) -> StoreResult<Vec<ListedEvent>> {
         let state = self.shared.state.lock();
         let bus = &state.bus;
@@ -881,7 +996,7 @@ impl Store for MemoryStore {
                         .map(|(runs, _)| runs.clone())
                         .unwrap_or_default()
                 });
-                ListedEvent { entry: BusEntry { id: id.to_string(), fields: fields.clone(), deliveries: 0 }, started }
+                ListedEvent { entry: cut_entry(*id, fields, 0, cap), started }
             })
             .collect();
         Ok(out)
@@ -907,7 +1022,7 @@ impl Store for MemoryStore {
 
     async fn event_counts(&self) -> StoreResult<(u64, u64)> {
         let state = self.shared.state.lock();
-        Ok((state.bus.stream.entries.len() as u64, state.bus.dead.len() as u64))
+        Ok((state.bus.stream.entries.len() as u64, state.bus.dead.entries.len() as u64))
     }
 
     async fn reopen(&self, commit: Commit, _finished_log: &[Recorded]) -> StoreResult<CommitOutcome> {
@@ -946,7 +1061,8 @@ impl Store for MemoryStore {
             ready_pending: state.ready.values().map(|q| q.pending.len() as u64).sum(),
             events_length: state.bus.stream.entries.len() as u64,
             events_pending: state.bus.stream.pending.len() as u64,
-            events_dead: state.bus.dead.len() as u64,
+            events_dead: state.bus.dead.entries.len() as u64,
+            events_hostile_removed: state.bus.hostile.hostile_removed,
         })
     }
 
@@ -980,6 +1096,18 @@ impl Store for MemoryStore {
     async fn set_value(&self, key: &str, value: &str) -> StoreResult<()> {
         self.shared.state.lock().values.insert(key.to_owned(), value.to_owned());
         Ok(())
+    }
+
+    async fn forget_seen(&self, key: &str) -> StoreResult<()> {
+        self.shared.state.lock().seen.remove(key);
+        Ok(())
+    }
+
+    async fn mark_seen(&self, key: &str, ttl: Duration) -> StoreResult<bool> {
+        let now = Instant::now();
+        let mut state = self.shared.state.lock();
+        state.seen.retain(|_, until| *until > now);
+        Ok(state.seen.insert(key.to_owned(), now + ttl).is_none())
     }
 
     async fn memory_used(&self) -> StoreResult<Option<u64>> {
@@ -1453,5 +1581,58 @@ mod tests {
         let health = store.health().await.unwrap();
         assert_eq!(health.kind, StoreKind::Memory);
         assert!(health.warnings.iter().any(|w| w.contains("nothing survives a restart")));
+    }
+
+    /// Parity with the Redis store's `bus_drop`: an entry ahead of the clock (here only a clock
+    /// stepped back could write one) is dead-lettered and removed, and new ids go by the clock.
+    #[tokio::test]
+    async fn the_bus_removes_entries_ahead_of_the_clock() {
+        let store = MemoryStore::new(4);
+        let ok = store.publish_event(&[("type", b"a")]).await.unwrap();
+        let now = wall_clock().unwrap();
+        let hostile = EntryId { ms: now + 86_400_000, n: 0 };
+        {
+            let mut state = store.shared.state.lock();
+            state.bus.stream.entries.insert(hostile, vec![(b"type".to_vec(), b"x".to_vec())]);
+            state.bus.stream.last_id = hostile;
+        }
+        let read =
+            store.read_events("c", 10, Duration::ZERO, EntryCap { max_bytes: 1024, keep_bytes: 16 }).await.unwrap();
+        assert_eq!(read.len(), 2);
+        let next = store.publish_event(&[("type", b"b")]).await.unwrap();
+        let next: EntryId = next.parse().unwrap();
+        assert!(next.ms < now + 60_000, "{next} is by the clock");
+        let dead = store.dead_events(None, 10, EntryCap { max_bytes: 1 << 20, keep_bytes: 16 }).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].field("entry"), Some(hostile.to_string().as_bytes()));
+        assert!(String::from_utf8_lossy(dead[0].field("reason").unwrap()).contains("ahead of the store's clock"));
+        assert_eq!(store.health().await.unwrap().bus.hostile_removed, 1);
+        // The router's group was moved back too: the new entry is delivered.
+        let read =
+            store.read_events("c", 10, Duration::ZERO, EntryCap { max_bytes: 1024, keep_bytes: 16 }).await.unwrap();
+        assert_eq!(read.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), [next.to_string().as_str()]);
+        assert_ne!(ok, next.to_string());
+    }
+
+    /// Parity with the Redis store's `bus_cut`: a large entry is read as prefixes with its sizes,
+    /// dead-lettered as 4 KiB prefixes, and deleted from the bus.
+    #[tokio::test]
+    async fn oversized_bus_entries_are_read_cut_and_dead_lettered_bounded() {
+        let store = MemoryStore::new(4);
+        let payload = vec![b'a'; 100_000];
+        let id = store.publish_event(&[("type", b"big"), ("payload", &payload)]).await.unwrap();
+        let cap = EntryCap { max_bytes: 50_000, keep_bytes: DEAD_LETTER_KEEP };
+        let read = store.read_events("c", 10, Duration::ZERO, cap).await.unwrap();
+        let entry = &read[0];
+        assert_eq!(entry.field("payload").unwrap().len(), DEAD_LETTER_KEEP);
+        assert_eq!(entry.value_bytes("payload"), Some(100_000));
+        assert_eq!(entry.total_bytes(), 100_000 + 4 + 3 + 7);
+        store.dead_letter_event(entry, "too big").await.unwrap();
+        let dead = store.dead_events(None, 10, EntryCap { max_bytes: 1 << 20, keep_bytes: 16 }).await.unwrap();
+        assert_eq!(dead[0].field("payload").unwrap().len(), DEAD_LETTER_KEEP);
+        assert_eq!(dead[0].field("truncated"), Some(b"1".as_slice()));
+        assert_eq!(dead[0].field("bytes"), Some(b"100014".as_slice()));
+        let listed = store.recent_events(None, None, 10, 10, EntryCap::IDS).await.unwrap();
+        assert!(listed.iter().all(|e| e.entry.id != id), "the oversized original was deleted");
     }
 }

@@ -93,6 +93,17 @@ pub struct StoreHealth {
     pub version: Option<String>,
     /// Problems an operator must know about (eviction policy, volatile store...).
     pub warnings: Vec<String>,
+    /// What the bus has had to defend itself against.
+    pub bus: BusCondition,
+}
+
+/// Entries removed from the bus because their ids were too far ahead of the store's clock (see
+/// [`Store::repair_bus`]), over the store's lifetime.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BusCondition {
+    pub hostile_removed: u64,
+    /// The id of the last one removed, and when.
+    pub last_hostile: Option<(String, Millis)>,
 }
 
 /// An executor's hold on a ready entry: the entry's id in its shard's ready stream. In Redis
@@ -252,11 +263,128 @@ pub struct BusEntry {
     pub id: String,
     pub fields: Vec<(Vec<u8>, Vec<u8>)>,
     pub deliveries: u64,
+    /// Set when the entry was larger than the [`EntryCap`] it was read with: `fields` then hold
+    /// prefixes only.
+    pub oversized: Option<Oversized>,
+}
+
+/// What an entry read cut to size had: its size, and the size of each value `fields` keeps a
+/// prefix of (in the same order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Oversized {
+    /// Field names and values together.
+    pub total_bytes: u64,
+    pub value_bytes: Vec<u64>,
 }
 
 impl BusEntry {
     pub fn field(&self, name: &str) -> Option<&[u8]> {
         self.fields.iter().find(|(k, _)| k.as_slice() == name.as_bytes()).map(|(_, v)| v.as_slice())
+    }
+
+    /// The original size of field `name`'s value (which `fields` may hold a prefix of).
+    pub fn value_bytes(&self, name: &str) -> Option<u64> {
+        let index = self.fields.iter().position(|(k, _)| k.as_slice() == name.as_bytes())?;
+        match &self.oversized {
+            Some(oversized) => oversized.value_bytes.get(index).copied(),
+            None => Some(self.fields[index].1.len() as u64),
+        }
+    }
+
+    /// Field names and values together, in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        match &self.oversized {
+            Some(oversized) => oversized.total_bytes,
+            None => self.fields.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum(),
+        }
+    }
+}
+
+/// How much of a bus entry a read brings into memory. Anyone may `XADD` an entry of hundreds of
+/// megabytes; the store cuts it before a replica holds it (Redis in its Lua, so that it never
+/// crosses the wire whole): an entry whose names and values total at most `max_bytes` is read
+/// whole, a larger one as a `keep_bytes` prefix of each of its first 64 values (names cut to
+/// 256 bytes) with its sizes in [`BusEntry::oversized`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryCap {
+    pub max_bytes: usize,
+    pub keep_bytes: usize,
+}
+
+impl EntryCap {
+    /// For reads that need only the ids.
+    pub const IDS: EntryCap = EntryCap { max_bytes: 0, keep_bytes: 0 };
+
+    /// Cuts `fields` as the Redis store's Lua does (the memory store's reads).
+    pub fn cut(&self, fields: &[EntryField]) -> (Vec<EntryField>, Option<Oversized>) {
+        let total: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if total <= self.max_bytes {
+            return (fields.to_vec(), None);
+        }
+        let kept: Vec<EntryField> = fields
+            .iter()
+            .take(MAX_CUT_FIELDS)
+            .map(|(k, v)| (k[..k.len().min(256)].to_vec(), v[..v.len().min(self.keep_bytes)].to_vec()))
+            .collect();
+        let value_bytes = fields.iter().take(MAX_CUT_FIELDS).map(|(_, v)| v.len() as u64).collect();
+        (kept, Some(Oversized { total_bytes: total as u64, value_bytes }))
+    }
+}
+
+/// A stream entry's field: its name and value, binary-safe.
+pub type EntryField = (Vec<u8>, Vec<u8>);
+
+/// How many fields an entry cut to size keeps (as `bus_cut` in the Lua).
+const MAX_CUT_FIELDS: usize = 64;
+
+/// How far ahead of the store's clock a bus entry's id may be. Redis gives each new entry an id
+/// above the stream's last one, so one entry written with an id far ahead (or at the very end of
+/// the id space) would push every later id there (or make appends fail for good); such entries
+/// are dead-lettered and removed, and the stream's last id set back (see [`Store::repair_bus`]).
+/// Entries of the same millisecond as now, or slightly ahead (a writer's clock), are fine.
+pub const BUS_CLOCK_TOLERANCE: Duration = Duration::from_secs(60);
+
+/// How much of each field a dead letter keeps: enough to see what was sent.
+pub const DEAD_LETTER_KEEP: usize = 4096;
+
+/// A dead letter's fields: `reason`, `entry` (the bus entry's id), `bytes` (the entry's size),
+/// `truncated` (`1` when values were cut to [`DEAD_LETTER_KEEP`] bytes, else `0`), then the
+/// entry's fields (one named like ours is prefixed with `original.`).
+pub fn dead_letter_fields(entry: &BusEntry, reason: &str) -> Vec<EntryField> {
+    let (kept, cut) = EntryCap { max_bytes: DEAD_LETTER_KEEP, keep_bytes: DEAD_LETTER_KEEP }.cut(&entry.fields);
+    let truncated = entry.oversized.is_some() || cut.is_some();
+    let mut fields = vec![
+        (b"reason".to_vec(), reason.as_bytes().to_vec()),
+        (b"entry".to_vec(), entry.id.as_bytes().to_vec()),
+        (b"bytes".to_vec(), entry.total_bytes().to_string().into_bytes()),
+        (b"truncated".to_vec(), if truncated { b"1".to_vec() } else { b"0".to_vec() }),
+    ];
+    for (name, value) in kept {
+        let name = if matches!(name.as_slice(), b"reason" | b"entry" | b"bytes" | b"truncated") {
+            [b"original.".as_slice(), &name].concat()
+        } else {
+            name
+        };
+        fields.push((name, value));
+    }
+    fields
+}
+
+impl BusCondition {
+    /// How long after the last removal `/health` keeps warning about it.
+    const WARN_FOR: Millis = 24 * 3600 * 1000;
+
+    /// The `/health` warning, while the last removal is recent.
+    pub fn warning(&self, now: Millis) -> Option<String> {
+        let (id, at) = self.last_hostile.as_ref()?;
+        (now.saturating_sub(*at) < Self::WARN_FOR).then(|| {
+            format!(
+                "{} event bus entr{} with ids far ahead of the clock {} removed (the last, `{id}`, less than a day ago): a client writes explicit ids with XADD; they are in the dead-letter stream",
+                self.hostile_removed,
+                if self.hostile_removed == 1 { "y" } else { "ies" },
+                if self.hostile_removed == 1 { "was" } else { "were" },
+            )
+        })
     }
 }
 
@@ -279,6 +407,8 @@ pub struct StreamStats {
     /// Events delivered to a router and not yet settled.
     pub events_pending: u64,
     pub events_dead: u64,
+    /// Bus entries removed for ids too far ahead of the clock, over the store's lifetime.
+    pub events_hostile_removed: u64,
 }
 
 /// The store the engine runs on.
@@ -293,6 +423,14 @@ pub trait Store: Send + Sync + 'static {
     async fn now(&self) -> StoreResult<Millis>;
 
     async fn health(&self) -> StoreResult<StoreHealth>;
+
+    /// Why the store cannot be reached right now, when its connections are known to be down
+    /// (the last connection error: refused, authentication, ...); `None` when connected or
+    /// when it cannot tell. Cheap and synchronous, so that a request can fail fast instead of
+    /// waiting for a command time-out.
+    fn connection_problem(&self) -> Option<String> {
+        None
+    }
 
     /// Stores the definition snapshots (by hash, on every shard) so runs can find theirs.
     async fn save_definitions(&self, workflows: &[Arc<Workflow>]) -> StoreResult<()>;
@@ -317,6 +455,12 @@ pub trait Store: Send + Sync + 'static {
     /// log, as read) becomes a live log again before `commit.records` are appended, if the run
     /// is still finished at `commit.expected_seq`.
     async fn reopen(&self, commit: Commit, finished_log: &[Recorded]) -> StoreResult<CommitOutcome>;
+
+    /// The sweeper's re-queue: a [`Store::commit`] of no records that queues the run's step (or
+    /// sets its timer) again, refused as [`CommitOutcome::Stale`] when the run's ready entry is
+    /// live after all (queued, or leased). Judged in the same atomic step as the write, so that a
+    /// re-queue never adds a second ready entry beside a live one, however many replicas sweep.
+    async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome>;
 
     /// Deletes a queued ready entry (its run was cancelled): it is never delivered; if it was,
     /// its lease holder's commit is rejected as stale.
@@ -387,29 +531,60 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- the event bus ----
 
-    /// Appends an event to the bus; returns its entry id.
+    /// Appends an event to the bus; returns its entry id. When Redis cannot give it an id by
+    /// the clock (an entry with an id far ahead of it was written), repairs the bus once
+    /// ([`Store::repair_bus`]) and tries again; fails as unavailable (retryable) if it still
+    /// cannot.
     async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String>;
 
-    /// New bus entries for the router consumer `consumer`, at most `max`, waiting up to `block`.
-    async fn read_events(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<BusEntry>>;
+    /// New bus entries for the router consumer `consumer`, at most `max`, waiting up to `block`,
+    /// each cut to `cap`.
+    async fn read_events(
+        &self,
+        consumer: &str,
+        max: usize,
+        block: Duration,
+        cap: EntryCap,
+    ) -> StoreResult<Vec<BusEntry>>;
 
-    /// Bus entries delivered to a router that did not settle them within `min_idle`.
-    async fn reclaim_events(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<BusEntry>>;
+    /// Bus entries delivered to a router that did not settle them within `min_idle`, cut to
+    /// `cap`.
+    async fn reclaim_events(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        max: usize,
+        cap: EntryCap,
+    ) -> StoreResult<Vec<BusEntry>>;
 
     /// Records the runs an event started (kept for `retention`) and acknowledges it.
     async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()>;
 
     /// Moves a malformed entry to the dead-letter stream with its reason, and acknowledges it.
+    /// The dead letter keeps a [`DEAD_LETTER_KEEP`]-byte prefix of each value, the entry's size
+    /// (`bytes`) and whether it was cut (`truncated`); an oversized entry (read cut to size) is
+    /// deleted from the bus, as it can never be handled.
     async fn dead_letter_event(&self, entry: &BusEntry, reason: &str) -> StoreResult<()>;
 
+    /// Dead letters, newest first, before the dead letter `before` (exclusive), at most
+    /// `limit`, cut to `cap`. Their ids are the dead-letter stream's.
+    async fn dead_events(&self, before: Option<&str>, limit: usize, cap: EntryCap) -> StoreResult<Vec<BusEntry>>;
+
+    /// Dead-letters and removes every bus entry whose id is more than [`BUS_CLOCK_TOLERANCE`]
+    /// ahead of the store's clock, then sets the stream's last id (and the router group's last
+    /// delivered id) back so that new entries get ids by the clock again. Returns how many it
+    /// removed.
+    async fn repair_bus(&self) -> StoreResult<u64>;
+
     /// Recent events, newest first, before the entry id `before` (exclusive), at most `limit`,
-    /// of type `event_type` if given (looking at no more than `scan` entries).
+    /// of type `event_type` if given (looking at no more than `scan` entries), cut to `cap`.
     async fn recent_events(
         &self,
         before: Option<&str>,
         event_type: Option<&str>,
         limit: usize,
         scan: usize,
+        cap: EntryCap,
     ) -> StoreResult<Vec<ListedEvent>>;
 
     /// Trims the bus to about `max_len` entries and to entries newer than `min_time`, never
@@ -436,6 +611,13 @@ pub trait Store: Send + Sync + 'static {
     async fn get_value(&self, key: &str) -> StoreResult<Option<String>>;
 
     async fn set_value(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    /// Marks `key` as seen for `ttl`, for every replica at once (set if absent): `true` when
+    /// it was not marked yet, `false` when it already was (a replay).
+    async fn mark_seen(&self, key: &str, ttl: Duration) -> StoreResult<bool>;
+
+    /// Takes a [`Store::mark_seen`] mark back (what it guarded did not happen after all).
+    async fn forget_seen(&self, key: &str) -> StoreResult<()>;
 
     /// Bytes of memory the store uses, where it can tell.
     async fn memory_used(&self) -> StoreResult<Option<u64>>;

@@ -9,13 +9,14 @@ use super::codec::{
 };
 use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::{
-    BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, Housekeeping, Lease, ListedEvent, Logged, NewRun,
-    ReadyTask, RunId, RunPage, RunState, RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult,
-    StreamStats,
+    BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
+    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReadyTask, RunId, RunPage, RunState,
+    RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded};
 use async_trait::async_trait;
+use fred::interfaces::EventInterface;
 use fred::prelude::{ClientLike, Config, ReconnectPolicy};
 use fred::types::{CustomCommand, Value};
 use futures::future::join_all;
@@ -28,6 +29,11 @@ const LIBRARY: &str = include_str!("../../migrations/001_wfo_v1.lua");
 const SCHEMA_VERSION: u64 = 1;
 /// Connections for non-blocking commands.
 const POOL_SIZE: usize = 4;
+/// The router's first and longest pause between empty reads of the bus (see `read_events`).
+const EVENTS_POLL_MIN: Duration = Duration::from_millis(5);
+const EVENTS_POLL_MAX: Duration = Duration::from_millis(100);
+/// About how many bytes of bus entries one read brings in at most.
+const EVENTS_READ_BUDGET: usize = 8 * 1024 * 1024;
 
 pub struct RedisStore {
     /// Pipelined connections for every non-blocking command, used in turn: concurrent callers'
@@ -37,12 +43,37 @@ pub struct RedisStore {
     /// Its own connection for `XREADGROUP ... BLOCK` on the ready streams, which holds a
     /// connection while it waits.
     blocking: fred::prelude::Client,
-    /// The router's blocking reads of the event bus, on a connection of their own too.
-    events_blocking: fred::prelude::Client,
     keys: Keys,
     /// Which shard a partial read starts at, rotated so that no shard starves when fewer
     /// executors are free than there are shards.
     next_shard: AtomicUsize,
+    /// The last connection error of any connection, cleared by a reconnection: the real cause
+    /// (refused, wrong password) behind what a waiting command reports as a time-out.
+    connection_error: Arc<parking_lot::Mutex<Option<String>>>,
+}
+
+/// A connection error as an operator reads it: authentication named as such.
+fn describe_connection_error(err: &fred::error::Error) -> String {
+    match err.kind() {
+        fred::error::ErrorKind::Auth => {
+            format!("Redis refused authentication (check the password in REDIS_URL): {err}")
+        }
+        fred::error::ErrorKind::IO => format!("Redis is unreachable: {err}"),
+        _ => format!("the connection to Redis failed: {err}"),
+    }
+}
+
+/// Records `client`'s connection errors in `last`, and clears it when the client reconnects.
+fn watch_connection(client: &fred::prelude::Client, last: &Arc<parking_lot::Mutex<Option<String>>>) {
+    let (on_error, on_reconnect) = (Arc::clone(last), Arc::clone(last));
+    client.on_error(move |(err, _)| {
+        *on_error.lock() = Some(describe_connection_error(&err));
+        std::future::ready(Ok(()))
+    });
+    client.on_reconnect(move |_| {
+        *on_reconnect.lock() = None;
+        std::future::ready(Ok(()))
+    });
 }
 
 fn unavailable(err: fred::error::Error) -> StoreError {
@@ -111,17 +142,24 @@ fn raw_fields(value: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
     }
 }
 
-/// Bus entries from an `XRANGE`-shaped reply.
-fn bus_entries(value: Value, deliveries: u64) -> Vec<BusEntry> {
-    value
-        .into_array()
-        .into_iter()
-        .filter_map(|entry| {
-            let mut parts = entry.into_array().into_iter();
-            let id = text(&parts.next()?)?;
-            Some(BusEntry { id, fields: raw_fields(parts.next().unwrap_or(Value::Null)), deliveries })
-        })
-        .collect()
+/// A bus entry as the Lua's `bus_cut` returns it: `{id, fields}`, or `{id, fields, total bytes,
+/// value sizes}` for one cut to size.
+fn cut_entry(value: Value, deliveries: u64) -> Option<BusEntry> {
+    let mut parts = value.into_array().into_iter();
+    let id = text(&parts.next()?)?;
+    let fields = raw_fields(parts.next().unwrap_or(Value::Null));
+    let total = parts.next().as_ref().and_then(text).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+    let oversized = (total > 0).then(|| Oversized {
+        total_bytes: total,
+        value_bytes: parts
+            .next()
+            .map(Value::into_array)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|size| text(size)?.parse().ok())
+            .collect(),
+    });
+    Some(BusEntry { id, fields, deliveries, oversized })
 }
 
 fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
@@ -132,7 +170,8 @@ fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
 fn successor(id: &str) -> Option<String> {
     let (ms, seq) = id.split_once('-')?;
     let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
-    Some(if seq == u64::MAX { format!("{}-0", ms + 1) } else { format!("{ms}-{}", seq + 1) })
+    // The very last id has no successor (an entry written there is removed: `repair_bus`).
+    Some(if seq == u64::MAX { format!("{}-0", ms.checked_add(1)?) } else { format!("{ms}-{}", seq + 1) })
 }
 
 /// A run's creation time, from its time-ordered id.
@@ -170,18 +209,23 @@ impl RedisStore {
         let client = builder(Duration::from_secs(10))
             .build_pool(POOL_SIZE)
             .map_err(|err| StoreError::Fatal(format!("cannot build the Redis client: {err}")))?;
-        client.init().await.map_err(|err| StoreError::Unavailable(format!("cannot connect to Redis: {err}")))?;
-        let blocking = build(Duration::from_secs(15))?;
-        let events_blocking = build(Duration::from_secs(15))?;
-        for c in [&blocking, &events_blocking] {
-            c.init().await.map_err(|err| StoreError::Unavailable(format!("cannot connect to Redis: {err}")))?;
+        let connection_error = Arc::new(parking_lot::Mutex::new(None));
+        let cannot_connect = |err: fred::error::Error| {
+            StoreError::Unavailable(format!("cannot connect: {}", describe_connection_error(&err)))
+        };
+        for c in client.clients() {
+            watch_connection(c, &connection_error);
         }
+        client.init().await.map_err(cannot_connect)?;
+        let blocking = build(Duration::from_secs(15))?;
+        watch_connection(&blocking, &connection_error);
+        blocking.init().await.map_err(cannot_connect)?;
         let store = RedisStore {
             client,
             blocking,
-            events_blocking,
             keys: Keys::new(prefix, shards),
             next_shard: AtomicUsize::new(0),
+            connection_error,
         };
         let version = store.server_version().await?;
         let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
@@ -199,7 +243,15 @@ impl RedisStore {
     }
 
     async fn cmd(&self, name: &'static str, args: Vec<Value>) -> StoreResult<Value> {
-        self.client.custom(CustomCommand::new_static(name, None::<u16>, false), args).await.map_err(unavailable)
+        self.client.custom(CustomCommand::new_static(name, None::<u16>, false), args).await.map_err(|err| {
+            // A command that waited out a reconnection says "Timeout": name the cause too.
+            match self.connection_error.lock().as_deref() {
+                Some(cause) if *err.kind() == fred::error::ErrorKind::Timeout => {
+                    StoreError::Unavailable(format!("{err} ({cause})"))
+                }
+                _ => unavailable(err),
+            }
+        })
     }
 
     async fn server_version(&self) -> StoreResult<String> {
@@ -302,7 +354,64 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Builds and sends one `wfo_v1_commit`.
+    /// A range of a bus stream (the bus or its dead letters) through `wfo_v1_bus_range`, cut to
+    /// `cap` in Redis. `direction` is `rev` (from `from` down to `to`) or `fwd`.
+    async fn bus_range(
+        &self,
+        stream: &str,
+        direction: &'static str,
+        from: &str,
+        to: &str,
+        count: usize,
+        cap: EntryCap,
+    ) -> StoreResult<Vec<BusEntry>> {
+        let reply = self
+            .fcall(
+                "wfo_v1_bus_range",
+                vec![stream.to_owned()],
+                vec![
+                    direction.into(),
+                    from.into(),
+                    to.into(),
+                    (count.max(1) as i64).into(),
+                    (cap.max_bytes as i64).into(),
+                    (cap.keep_bytes as i64).into(),
+                ],
+            )
+            .await?;
+        Ok(reply.into_array().into_iter().filter_map(|entry| cut_entry(entry, 0)).collect())
+    }
+
+    /// Appends a bus entry's dead letter (bounded: see [`super::dead_letter_fields`]).
+    async fn write_dead_letter(&self, entry: &BusEntry, reason: &str) -> StoreResult<()> {
+        let mut args: Vec<Value> =
+            vec![self.keys.events_dead().into(), "MAXLEN".into(), "~".into(), "100000".into(), "*".into()];
+        for (name, value) in super::dead_letter_fields(entry, reason) {
+            args.push(Value::Bytes(name.into()));
+            args.push(Value::Bytes(value.into()));
+        }
+        self.cmd("XADD", args).await?;
+        Ok(())
+    }
+
+    /// What the bus has had removed for ids ahead of the clock.
+    async fn bus_condition(&self) -> StoreResult<BusCondition> {
+        let reply = self.cmd("HGETALL", vec![self.keys.events_hostile().into()]).await?;
+        let mut condition = BusCondition::default();
+        let (mut last_id, mut last_at) = (None, None);
+        for (name, value) in fields(reply) {
+            match name.as_str() {
+                "removed" => condition.hostile_removed = text(&value).and_then(|v| v.parse().ok()).unwrap_or(0),
+                "last_id" => last_id = text(&value),
+                "last_at" => last_at = text(&value).and_then(|v| v.parse::<Millis>().ok()),
+                _ => {}
+            }
+        }
+        condition.last_hostile = last_id.zip(last_at);
+        Ok(condition)
+    }
+
+    /// Builds and sends one `wfo_v1_commit` (or `wfo_v1_requeue`, which takes the same arguments).
     #[allow(clippy::too_many_arguments)]
     async fn call_commit(
         &self,
@@ -320,6 +429,7 @@ impl RedisStore {
         zrem: Vec<String>,
         compact: bool,
         fetch_next: bool,
+        function: &'static str,
     ) -> StoreResult<Value> {
         let shard = run.shard;
         let run_text = run.to_string();
@@ -386,7 +496,7 @@ impl RedisStore {
             args.push(run_text.clone().into());
         }
         args.push(if fetch_next { "1" } else { "0" }.into());
-        self.fcall("wfo_v1_commit", keys, args).await
+        self.fcall(function, keys, args).await
     }
 
     /// The last id of `stream` delivered to consumer group `group`: the entries after it are
@@ -421,6 +531,7 @@ impl RedisStore {
         commit: Commit,
         reopen: &[Recorded],
         fetch_next: bool,
+        function: &'static str,
     ) -> StoreResult<(CommitOutcome, Option<Claimed>)> {
         let shard = commit.run.shard;
         let terminal = commit.state.status.is_terminal();
@@ -467,6 +578,7 @@ impl RedisStore {
                 zrem,
                 terminal && !commit.records.is_empty(),
                 fetch_next && commit.lease.is_some(),
+                function,
             )
             .await?;
         let (tag, rest) = outcome(reply)?;
@@ -522,6 +634,13 @@ impl Store for RedisStore {
         }
     }
 
+    fn connection_problem(&self) -> Option<String> {
+        if self.client.clients().iter().any(|c| c.is_connected()) {
+            return None;
+        }
+        Some(self.connection_error.lock().clone().unwrap_or_else(|| "not connected to Redis".to_owned()))
+    }
+
     async fn health(&self) -> StoreResult<StoreHealth> {
         let version = self.server_version().await?;
         let mut warnings = Vec::new();
@@ -540,7 +659,11 @@ impl Store for RedisStore {
             Err(_) => warnings
                 .push("CONFIG GET is not allowed: cannot check that maxmemory-policy is `noeviction`".to_owned()),
         }
-        Ok(StoreHealth { kind: StoreKind::Redis, version: Some(version), warnings })
+        let bus = self.bus_condition().await?;
+        if let Some(warning) = bus.warning(self.now().await?) {
+            warnings.push(warning);
+        }
+        Ok(StoreHealth { kind: StoreKind::Redis, version: Some(version), warnings, bus })
     }
 
     async fn save_definitions(&self, workflows: &[Arc<Workflow>]) -> StoreResult<()> {
@@ -588,6 +711,7 @@ impl Store for RedisStore {
                 Vec::new(),
                 false,
                 false,
+                "wfo_v1_commit",
             )
             .await?;
         match outcome(reply)? {
@@ -603,15 +727,19 @@ impl Store for RedisStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        Ok(self.apply_commit(commit, &[], false).await?.0)
+        Ok(self.apply_commit(commit, &[], false, "wfo_v1_commit").await?.0)
     }
 
     async fn commit_and_claim(&self, commit: Commit) -> StoreResult<(CommitOutcome, Option<Claimed>)> {
-        self.apply_commit(commit, &[], true).await
+        self.apply_commit(commit, &[], true, "wfo_v1_commit").await
     }
 
     async fn reopen(&self, commit: Commit, finished_log: &[Recorded]) -> StoreResult<CommitOutcome> {
-        Ok(self.apply_commit(commit, finished_log, false).await?.0)
+        Ok(self.apply_commit(commit, finished_log, false, "wfo_v1_commit").await?.0)
+    }
+
+    async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        Ok(self.apply_commit(commit, &[], false, "wfo_v1_requeue").await?.0)
     }
 
     async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {
@@ -1101,77 +1229,98 @@ impl Store for RedisStore {
     }
 
     async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String> {
-        let mut args: Vec<Value> = vec![self.keys.events().into(), "*".into()];
+        let mut args: Vec<Value> = vec![(BUS_CLOCK_TOLERANCE.as_millis() as i64).into()];
         for (name, value) in fields {
             args.push((*name).into());
             args.push(Value::Bytes(value.to_vec().into()));
         }
-        let reply = self.cmd("XADD", args).await?;
-        text(&reply).ok_or_else(|| corrupt(&self.keys.events(), "XADD returned no id"))
+        let mut why = String::new();
+        for attempt in 0..2 {
+            let call_args = if attempt == 0 { args.clone() } else { std::mem::take(&mut args) };
+            let (tag, rest) = outcome(self.fcall("wfo_v1_bus_publish", vec![self.keys.events()], call_args).await?)?;
+            if tag == "ok" {
+                return rest.first().and_then(text).ok_or_else(|| corrupt(&self.keys.events(), "XADD returned no id"));
+            }
+            why = rest.first().and_then(text).unwrap_or_default();
+            if attempt == 0 {
+                tracing::warn!(%why, "the event bus cannot give a new entry an id by the clock; repairing it");
+                self.repair_bus().await?;
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "the event bus cannot take new entries ({why}) even after removing entries with ids ahead of the clock; try again"
+        )))
     }
 
-    async fn read_events(&self, consumer: &str, max: usize, block: Duration) -> StoreResult<Vec<BusEntry>> {
-        let args: Vec<Value> = vec![
-            "GROUP".into(),
-            ROUTER_GROUP.into(),
-            consumer.into(),
-            "COUNT".into(),
-            (max.max(1) as i64).into(),
-            "BLOCK".into(),
-            (block.as_millis().max(1) as i64).into(),
-            "STREAMS".into(),
-            self.keys.events().into(),
-            ">".into(),
-        ];
-        let reply = self
-            .events_blocking
-            .custom::<Value, Value>(CustomCommand::new_static("XREADGROUP", None::<u16>, true), args)
-            .await;
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(err) if err.to_string().contains("NOGROUP") => {
-                tracing::warn!("the router group is missing (Redis restarted without persistence?); recreating");
-                self.install_schema().await?;
-                return Ok(Vec::new());
+    async fn read_events(
+        &self,
+        consumer: &str,
+        max: usize,
+        block: Duration,
+        cap: EntryCap,
+    ) -> StoreResult<Vec<BusEntry>> {
+        // Not a blocking XREADGROUP: whatever wakes it comes back whole, and an entry may be
+        // hundreds of megabytes. The Lua reads without blocking and cuts entries to size in
+        // Redis; between empty reads this waits a little longer each time, up to
+        // EVENTS_POLL_MAX, so an idle router costs a few calls a second.
+        let deadline = tokio::time::Instant::now() + block;
+        let mut pause = EVENTS_POLL_MIN;
+        loop {
+            let reply = self
+                .fcall(
+                    "wfo_v1_bus_read",
+                    vec![self.keys.events()],
+                    vec![
+                        ROUTER_GROUP.into(),
+                        consumer.into(),
+                        (max.max(1) as i64).into(),
+                        (cap.max_bytes as i64).into(),
+                        (cap.keep_bytes as i64).into(),
+                        (EVENTS_READ_BUDGET as i64).into(),
+                    ],
+                )
+                .await?;
+            let entries: Vec<BusEntry> = reply.into_array().into_iter().filter_map(|e| cut_entry(e, 1)).collect();
+            let now = tokio::time::Instant::now();
+            if !entries.is_empty() || now >= deadline {
+                return Ok(entries);
             }
-            Err(err) => return Err(unavailable(err)),
-        };
-        let body = match reply {
-            Value::Null => return Ok(Vec::new()),
-            Value::Map(map) => map.inner().into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null),
-            Value::Array(items) => {
-                items.into_iter().next().and_then(|pair| pair.into_array().into_iter().nth(1)).unwrap_or(Value::Null)
-            }
-            _ => Value::Null,
-        };
-        Ok(bus_entries(body, 1))
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(EVENTS_POLL_MAX);
+        }
     }
 
-    async fn reclaim_events(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<BusEntry>> {
+    async fn reclaim_events(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        max: usize,
+        cap: EntryCap,
+    ) -> StoreResult<Vec<BusEntry>> {
         let reply = self
             .fcall(
-                "wfo_v1_reclaim",
+                "wfo_v1_bus_reclaim",
                 vec![self.keys.events()],
                 vec![
                     ROUTER_GROUP.into(),
                     consumer.into(),
                     (min_idle.as_millis() as i64).into(),
-                    "0-0".into(),
                     (max.max(1) as i64).into(),
+                    (cap.max_bytes as i64).into(),
+                    (cap.keep_bytes as i64).into(),
                 ],
             )
             .await?;
-        let mut parts = reply.into_array().into_iter();
-        let _next = parts.next();
-        let mut out = Vec::new();
-        for entry in parts.next().map(Value::into_array).unwrap_or_default() {
-            let mut items = entry.into_array().into_iter();
-            let (Some(id), Some(body), Some(deliveries)) = (items.next(), items.next(), items.next()) else { continue };
-            let Some(id) = text(&id) else { continue };
-            let deliveries = text(&deliveries).and_then(|d| d.parse().ok()).unwrap_or(1);
-            out.push(BusEntry { id, fields: raw_fields(body), deliveries });
-        }
-        Ok(out)
+        Ok(reply
+            .into_array()
+            .into_iter()
+            .filter_map(|entry| {
+                let mut parts = entry.into_array();
+                let deliveries = parts.get(4).and_then(text).and_then(|d| d.parse().ok()).unwrap_or(1);
+                parts.truncate(4);
+                cut_entry(Value::Array(parts), deliveries)
+            })
+            .collect())
     }
 
     async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()> {
@@ -1196,30 +1345,72 @@ impl Store for RedisStore {
     }
 
     async fn dead_letter_event(&self, entry: &BusEntry, reason: &str) -> StoreResult<()> {
-        let mut args: Vec<Value> = vec![
-            self.keys.events_dead().into(),
-            "MAXLEN".into(),
-            "~".into(),
-            "100000".into(),
-            "*".into(),
-            "reason".into(),
-            reason.into(),
-            "entry".into(),
-            entry.id.clone().into(),
-        ];
-        for (name, value) in &entry.fields {
-            // The original fields, under their own names (a field named like ours is prefixed).
-            let name = if name.as_slice() == b"reason" || name.as_slice() == b"entry" {
-                [b"original.".as_slice(), name].concat()
-            } else {
-                name.clone()
-            };
-            args.push(Value::Bytes(name.into()));
-            args.push(Value::Bytes(value.clone().into()));
-        }
-        self.cmd("XADD", args).await?;
+        self.write_dead_letter(entry, reason).await?;
         self.cmd("XACK", vec![self.keys.events().into(), ROUTER_GROUP.into(), entry.id.clone().into()]).await?;
+        if entry.oversized.is_some() {
+            // It can never be handled, and it is the size that makes it a problem.
+            self.cmd("XDEL", vec![self.keys.events().into(), entry.id.clone().into()]).await?;
+        }
         Ok(())
+    }
+
+    async fn dead_events(&self, before: Option<&str>, limit: usize, cap: EntryCap) -> StoreResult<Vec<BusEntry>> {
+        let from = before.map_or_else(|| "+".to_owned(), |b| format!("({b}"));
+        self.bus_range(&self.keys.events_dead(), "rev", &from, "-", limit, cap).await
+    }
+
+    async fn repair_bus(&self) -> StoreResult<u64> {
+        let stream = self.keys.events();
+        let tolerance = BUS_CLOCK_TOLERANCE.as_millis() as u64;
+        let mut removed = 0u64;
+        // Each round dead-letters and removes up to 100; entries written ahead meanwhile are
+        // the next round's (bounded: a writer faster than this is not repaired away).
+        for _ in 0..10 {
+            let now = self.now().await?;
+            let from = format!("{}-0", now.saturating_add(tolerance + 1));
+            let dead_cap = EntryCap { max_bytes: DEAD_LETTER_KEEP, keep_bytes: DEAD_LETTER_KEEP };
+            let hostile = self.bus_range(&stream, "fwd", &from, "+", 100, dead_cap).await?;
+            for entry in &hostile {
+                let ms: u64 = entry.id.split_once('-').and_then(|(ms, _)| ms.parse().ok()).unwrap_or(u64::MAX);
+                let reason = format!(
+                    "the entry's id is {} ms ahead of the store's clock (more than {} s): Redis gives every later entry an id above it, so it was removed from the bus",
+                    ms.saturating_sub(now),
+                    BUS_CLOCK_TOLERANCE.as_secs()
+                );
+                tracing::warn!(event = %entry.id, %reason, "removing a bus entry with an id ahead of the clock");
+                self.write_dead_letter(entry, &reason).await?;
+            }
+            let mut args: Vec<Value> = vec![ROUTER_GROUP.into(), (tolerance as i64).into()];
+            args.extend(hostile.iter().map(|entry| Value::from(entry.id.clone())));
+            let (tag, rest) = outcome(self.fcall("wfo_v1_bus_drop", vec![stream.clone()], args).await?)?;
+            let dropped = rest.first().and_then(text).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            if dropped > 0
+                && let Some(last) = hostile.last()
+            {
+                let condition = self.keys.events_hostile();
+                self.cmd("HINCRBY", vec![condition.clone().into(), "removed".into(), (dropped as i64).into()]).await?;
+                self.cmd(
+                    "HSET",
+                    vec![
+                        condition.into(),
+                        "last_id".into(),
+                        last.id.clone().into(),
+                        "last_at".into(),
+                        now.to_string().into(),
+                    ],
+                )
+                .await?;
+            }
+            removed += dropped;
+            if tag == "ok" {
+                if removed > 0 {
+                    let last = rest.get(1).and_then(text).unwrap_or_default();
+                    tracing::warn!(removed, last_id = %last, "the event bus was repaired: new entries get ids by the clock again");
+                }
+                return Ok(removed);
+            }
+        }
+        Ok(removed)
     }
 
     async fn recent_events(
@@ -1228,6 +1419,7 @@ impl Store for RedisStore {
         event_type: Option<&str>,
         limit: usize,
         scan: usize,
+        cap: EntryCap,
     ) -> StoreResult<Vec<ListedEvent>> {
         let stream = self.keys.events();
         let handled_below = self.oldest_unhandled(&stream, ROUTER_GROUP).await?;
@@ -1241,19 +1433,7 @@ impl Store for RedisStore {
         let mut scanned = 0;
         let page = limit.clamp(1, 500);
         while found.len() < limit && scanned < scan.max(limit) {
-            let reply = self
-                .cmd(
-                    "XREVRANGE",
-                    vec![
-                        stream.clone().into(),
-                        cursor.clone().into(),
-                        "-".into(),
-                        "COUNT".into(),
-                        (page as i64).into(),
-                    ],
-                )
-                .await?;
-            let entries = bus_entries(reply, 0);
+            let entries = self.bus_range(&stream, "rev", &cursor, "-", page, cap).await?;
             let Some(last) = entries.last() else { break };
             cursor = format!("({}", last.id);
             scanned += entries.len();
@@ -1303,14 +1483,7 @@ impl Store for RedisStore {
         let mut cut = format!("{min_time}-0");
         if length > max_len {
             let excess = (length - max_len).min(10_000);
-            let oldest = bus_entries(
-                self.cmd(
-                    "XRANGE",
-                    vec![stream.clone().into(), "-".into(), "+".into(), "COUNT".into(), (excess as i64).into()],
-                )
-                .await?,
-                0,
-            );
+            let oldest = self.bus_range(&stream, "fwd", "-", "+", excess as usize, EntryCap::IDS).await?;
             if let Some(last) = oldest.last().and_then(|e| successor(&e.id))
                 && compare_ids(&last, &cut).is_gt()
             {
@@ -1350,6 +1523,7 @@ impl Store for RedisStore {
         let (events, dead) = self.event_counts().await?;
         stats.events_length = events;
         stats.events_dead = dead;
+        stats.events_hostile_removed = self.bus_condition().await?.hostile_removed;
         stats.events_pending =
             pending_count(self.cmd("XPENDING", vec![self.keys.events().into(), ROUTER_GROUP.into()]).await?);
         Ok(stats)
@@ -1377,6 +1551,18 @@ impl Store for RedisStore {
     async fn set_value(&self, key: &str, value: &str) -> StoreResult<()> {
         self.cmd("SET", vec![self.keys.value(key).into(), value.into()]).await?;
         Ok(())
+    }
+
+    async fn forget_seen(&self, key: &str) -> StoreResult<()> {
+        self.cmd("DEL", vec![self.keys.value(&format!("seen:{key}")).into()]).await?;
+        Ok(())
+    }
+
+    async fn mark_seen(&self, key: &str, ttl: Duration) -> StoreResult<bool> {
+        let key = self.keys.value(&format!("seen:{key}"));
+        let ttl = (ttl.as_millis().max(1)).min(i64::MAX as u128) as i64;
+        let reply = self.cmd("SET", vec![key.into(), "1".into(), "NX".into(), "PX".into(), ttl.into()]).await?;
+        Ok(!matches!(reply, Value::Null))
     }
 
     async fn memory_used(&self) -> StoreResult<Option<u64>> {

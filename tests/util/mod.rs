@@ -126,9 +126,12 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     }
 }
 
-/// The path of our binary, built by cargo for integration tests.
+/// The path of our binary, built by cargo for integration tests; `WFO_TEST_BINARY` names another
+/// build instead (to show that a regression test fails on the build before its fix).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_workflow-orchestrator"))
+    std::env::var_os("WFO_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_workflow-orchestrator")))
 }
 
 /// A replica: a real process of our binary, killed when dropped.

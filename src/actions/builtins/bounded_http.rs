@@ -21,15 +21,42 @@ pub(super) fn place(url: &reqwest::Url) -> String {
     format!("{}{}", url.origin().ascii_serialization(), url.path())
 }
 
-/// A URL as it may be shown (outputs, messages, keys): a password in it is replaced by `***`.
+/// A URL as it may be shown (outputs, messages, keys): a password in it and the values of its
+/// query and fragment (`?token=...`, `#access_token=...`) are replaced by `***`; the names stay,
+/// so the reader still sees which URL it is. A text that is not a URL is cut at its `?` or `#`.
 pub(crate) fn redacted(url: &str) -> String {
-    match reqwest::Url::parse(url.trim()) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.trim().to_owned(),
+    let url = url.trim();
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return match url.find(['?', '#']) {
+            Some(at) => format!("{}{}***", &url[..at], &url[at..=at]),
+            None => url.to_owned(),
+        };
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    if let Some(query) = parsed.query().map(mask_values) {
+        parsed.set_query(Some(&query));
+    }
+    if let Some(fragment) = parsed.fragment().map(mask_values) {
+        parsed.set_fragment(Some(&fragment));
+    }
+    parsed.to_string()
+}
+
+/// `a=1&b&c=` as `a=***&***&c=`: every value hidden (a bare item may itself be the secret),
+/// empty values left empty.
+fn mask_values(query: &str) -> String {
+    query
+        .split('&')
+        .map(|item| match item.split_once('=') {
+            Some((name, "")) => format!("{name}="),
+            Some((name, _)) => format!("{name}=***"),
+            None if item.is_empty() => String::new(),
+            None => "***".to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// A reqwest error without the URL (its query string may carry secrets).
@@ -131,6 +158,16 @@ mod tests {
     fn passwords_and_queries_stay_out_of_messages() {
         assert_eq!(redacted("https://user:secret@example.com/x"), "https://user:***@example.com/x");
         assert_eq!(redacted("http://example.com/health"), "http://example.com/health");
+        assert_eq!(
+            redacted("https://example.com/health?token=abc&verbose&empty=&x=1"),
+            "https://example.com/health?token=***&***&empty=&x=***"
+        );
+        assert_eq!(
+            redacted("https://u:p@example.com/cb#access_token=abc"),
+            "https://u:***@example.com/cb#access_token=***"
+        );
+        assert_eq!(redacted(" not a url?token=abc "), "not a url?***");
+        assert!(!checked_url("ftp://example.com/?key=hunter2").unwrap_err().message.contains("hunter2"));
         let url = checked_url("https://example.com/api/content?token=abc").unwrap();
         assert_eq!(place(&url), "https://example.com/api/content");
         assert!(checked_url("ftp://example.com").is_err());

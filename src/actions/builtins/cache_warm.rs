@@ -30,6 +30,10 @@ impl Builtin for CacheWarm {
         "cache_warm"
     }
 
+    fn operator_params(&self) -> &'static [&'static str] {
+        &["urls"]
+    }
+
     async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError> {
         let urls = call.list("urls");
         if urls.len() > MAX_URLS {

@@ -116,6 +116,10 @@ impl Builtin for CmsSync {
         "cms_sync"
     }
 
+    fn operator_params(&self) -> &'static [&'static str] {
+        &["cms_url", "app_url", "token", "cursor_key"]
+    }
+
     async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError> {
         let cms = checked_url(&call.text("cms_url")?)?;
         let app = checked_url(&call.text("app_url")?)?;

@@ -37,7 +37,11 @@ pub struct HealthProbe;
 
 /// One target's result before flap protection.
 struct Probed {
+    /// How the target is shown (a URL masked).
     target: String,
+    /// What its failure count is kept under: the shown target, made distinct with a digest of
+    /// the real URL when masking hid something (two URLs may differ only in a masked value).
+    key: String,
     ok: bool,
     reason: Option<String>,
     view: Value,
@@ -47,6 +51,10 @@ struct Probed {
 impl Builtin for HealthProbe {
     fn name(&self) -> &'static str {
         "health_probe"
+    }
+
+    fn operator_params(&self) -> &'static [&'static str] {
+        &["urls", "docker_socket"]
     }
 
     async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError> {
@@ -78,6 +86,7 @@ impl Builtin for HealthProbe {
                     docker["error"] = json!(problem);
                     probed.push(Probed {
                         target: format!("docker:{socket}"),
+                        key: format!("docker:{socket}"),
                         ok: false,
                         reason: Some(problem),
                         view: Value::Null,
@@ -89,8 +98,8 @@ impl Builtin for HealthProbe {
         }
 
         let (mut checks, mut containers, mut failing) = (Vec::new(), Vec::new(), Vec::new());
-        for Probed { target, ok, reason, mut view } in probed {
-            let failures = track(call.services, &target, ok).await?;
+        for Probed { target, key, ok, reason, mut view } in probed {
+            let failures = track(call.services, &key, ok).await?;
             if failures >= threshold {
                 failing.push(json!({
                     "target": target,
@@ -131,8 +140,15 @@ async fn track(services: &dyn Services, target: &str, ok: bool) -> Result<u64, A
 
 async fn probe_url(call: &BuiltinCall<'_>, url: &str, timeout: Duration, slow_ms: u64) -> Probed {
     let shown = redacted(url);
+    let key = if shown == url.trim() {
+        shown.clone()
+    } else {
+        use sha2::Digest;
+        format!("{shown}:{}", &hex::encode(sha2::Sha256::digest(url.trim().as_bytes()))[..16])
+    };
     let failed = |status: Option<u16>, latency: Option<u64>, reason: String| Probed {
         target: shown.clone(),
+        key: key.clone(),
         ok: false,
         reason: Some(reason.clone()),
         view: json!({ "url": shown, "status": status, "latencyMs": latency, "ok": false, "error": reason }),
@@ -161,6 +177,7 @@ async fn probe_url(call: &BuiltinCall<'_>, url: &str, timeout: Duration, slow_ms
     }
     Probed {
         target: shown.clone(),
+        key,
         ok: true,
         reason: None,
         view: json!({ "url": shown, "status": status, "latencyMs": latency, "ok": true }),
@@ -186,6 +203,7 @@ fn container(entry: Value) -> Probed {
     });
     Probed {
         target: format!("container:{name}"),
+        key: format!("container:{name}"),
         ok,
         reason,
         view: json!({ "name": name, "state": state, "status": status, "ok": ok }),

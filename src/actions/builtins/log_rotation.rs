@@ -57,6 +57,10 @@ impl Builtin for LogRotation {
         "log_rotation"
     }
 
+    fn operator_params(&self) -> &'static [&'static str] {
+        &["dir", "pattern"]
+    }
+
     async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError> {
         let params = Params::from_call(&call)?;
         let cancel = call.cancel.clone();
@@ -82,7 +86,7 @@ impl Params {
             return Err(ActionError::fatal(format!("parameter `pattern`: `{pattern}` must be a file-name suffix")));
         }
         Ok(Params {
-            dir: PathBuf::from(call.text("dir")?),
+            dir: call.directory("dir")?,
             max_size: call.number_or("max_size", 10 * 1024 * 1024)?,
             max_age: call.duration_or("max_age", Duration::from_secs(24 * 3600))?,
             keep_for: call.duration_or("keep_for", Duration::from_secs(14 * 24 * 3600))?,

@@ -56,6 +56,10 @@ impl Builtin for PgBackup {
         "pg_backup"
     }
 
+    fn operator_params(&self) -> &'static [&'static str] {
+        &["database_url", "dir", "prefix", "pg_dump", "pg_restore"]
+    }
+
     async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError> {
         let params = Params::from_call(&call)?;
         backup(&params, &call.cancel).await
@@ -74,7 +78,7 @@ struct Params {
 impl Params {
     fn from_call(call: &BuiltinCall<'_>) -> Result<Params, ActionError> {
         let connection = Connection::parse(&call.text("database_url")?);
-        let dir = PathBuf::from(call.text("dir")?);
+        let dir = call.directory("dir")?;
         let keep = call.number_or("keep", 7)?;
         if keep == 0 {
             return Err(ActionError::fatal(

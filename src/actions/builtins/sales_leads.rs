@@ -29,6 +29,10 @@ impl Builtin for SalesLeads {
         "sales_leads"
     }
 
+    fn operator_params(&self) -> &'static [&'static str] {
+        &["leads_url", "token"]
+    }
+
     async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError> {
         let input: Value = serde_json::from_str(&call.step.input).unwrap_or(Value::Null);
         let (mut leads, source) = match from_input(&input) {

@@ -79,6 +79,10 @@ impl Builtin for SecurityAudit {
         "security_audit"
     }
 
+    fn operator_params(&self) -> &'static [&'static str] {
+        &["urls", "backup_dir"]
+    }
+
     async fn run(&self, call: BuiltinCall<'_>) -> Result<Value, ActionError> {
         let cancel = call.cancel.clone();
         tokio::select! {
@@ -91,7 +95,10 @@ impl Builtin for SecurityAudit {
 async fn audit(call: &BuiltinCall<'_>) -> Result<Value, ActionError> {
     let warn_days = call.number_or("cert_warn_days", 21)?;
     let backup_max_age = call.duration_or("backup_max_age", Duration::from_secs(26 * 3600))?;
-    let backup_dir = call.text("backup_dir").ok();
+    let backup_dir = match call.text("backup_dir") {
+        Ok(_) => Some(call.directory("backup_dir")?.display().to_string()),
+        Err(_) => None,
+    };
     let mut urls = call.list("urls");
     let mut findings = Vec::new();
     if urls.len() > MAX_URLS {
@@ -197,8 +204,10 @@ async fn check_url(url: &str, tls: &Tls, client: &reqwest::Client, now: i64, war
     let parsed = match reqwest::Url::parse(url) {
         Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() => parsed,
         _ => {
-            findings.push(Finding::new(Severity::Warning, "configuration", url, "not an http(s) URL: not checked"));
-            return (findings, json!({ "url": url, "checked": false }));
+            // Shown masked: a configured URL's query may carry a secret.
+            let shown = super::bounded_http::redacted(url);
+            findings.push(Finding::new(Severity::Warning, "configuration", &shown, "not an http(s) URL: not checked"));
+            return (findings, json!({ "url": shown, "checked": false }));
         }
     };
     // Named without the query string, which may carry a secret.
