@@ -153,7 +153,11 @@ env -i PATH="$PATH" HOME="${HOME:-/tmp}" \
 SERVER_PID=$!
 BASE=
 for _ in $(seq 300); do
-    BASE=$(sed -n 's|^listening on \(http://127\.0\.0\.1:[0-9]*\)$|\1|p' "$WORK/server.out" | head -n1)
+    # The announcement: `listening on http://...` in text, a JSON line with an `address`
+    # field in JSON (the default when standard output is a file, as here).
+    BASE=$(sed -n -e 's|^listening on \(http://127\.0\.0\.1:[0-9]*\)$|\1|p' \
+        -e 's|^{.*"message":"listening on http://[^"]*".*"address":"\(http://127\.0\.0\.1:[0-9]*\)".*}$|\1|p' \
+        "$WORK/server.out" | head -n1)
     [ -n "$BASE" ] && break
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
         echo "error: $WFO_BIN exited before listening" >&2

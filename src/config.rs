@@ -42,6 +42,9 @@ pub struct Settings {
     pub workflows_file: Option<PathBuf>,
     /// `LOG_LEVEL`: error, warn, info (default), debug, trace, or a tracing filter.
     pub log_level: String,
+    /// `LOG_FORMAT`: `json` (one object per line) or `text`; unset = chosen at start-up (text on
+    /// a terminal, JSON otherwise).
+    pub log_format: Option<LogFormat>,
     /// `API_TOKEN`: when set, the API (all but `/health` and `/metrics`) requires
     /// `Authorization: Bearer <token>`. Surrounding whitespace is trimmed (with a warning): a
     /// token pasted with a trailing space or newline would otherwise lock everyone out.
@@ -52,6 +55,9 @@ pub struct Settings {
     /// `ALLOWED_HOSTS`: comma-separated host names (without port) that the `Host` header may
     /// name when no `API_TOKEN` is set, beside loopback names and IP addresses (DNS rebinding).
     pub allowed_hosts: Vec<String>,
+    /// `OTEL_*`: where traces are exported, and how they are sampled. `None`: tracing is off
+    /// (no endpoint is set, `OTEL_TRACES_EXPORTER=none` or `OTEL_SDK_DISABLED=true`).
+    pub traces: Option<TraceSettings>,
     /// Things worth a warning at start-up, found while reading the settings (logged by `main`
     /// once logging is set up).
     pub warnings: Vec<String>,
@@ -67,7 +73,7 @@ pub struct SettingsError {
 
 impl Settings {
     pub fn from_env() -> Result<Settings, SettingsError> {
-        Settings::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
+        Settings::from_lookup(env_lookup)
     }
 
     /// Reads settings through `lookup` (the environment, or a map in tests).
@@ -173,12 +179,165 @@ impl Settings {
             event_max_bytes: number(&lookup, "EVENT_MAX_BYTES", 1024 * 1024usize, 1, 64 * 1024 * 1024)?,
             workflows_file: lookup("WORKFLOWS_FILE").map(PathBuf::from),
             log_level: lookup("LOG_LEVEL").unwrap_or_else(|| "info".to_owned()),
+            log_format: log_format(&lookup)?,
             api_token,
             bind_addr,
             allowed_hosts,
+            traces: trace_settings(&lookup)?,
             warnings,
         })
     }
+}
+
+/// Where traces go: OTLP over HTTP, protobuf-encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    /// The URL spans are POSTed to: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as it is, else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` with `/v1/traces` appended (as the OTLP specification says).
+    pub endpoint: String,
+    /// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`.
+    pub sampler: Sampler,
+    /// `OTEL_SERVICE_NAME`, else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else
+    /// `workflow-orchestrator`.
+    pub service_name: String,
+}
+
+/// Which runs are sampled (`OTEL_TRACES_SAMPLER`): decided once, when a run is created, and kept
+/// in its trace flags, so that every span of the run, on every replica, agrees.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampler {
+    /// `parentbased_*` (the default): a run started with a `traceparent` follows its sampled
+    /// flag; only runs without one are sampled by `ratio`.
+    pub parent_based: bool,
+    /// The share of traces sampled, by trace id: 1 for `always_on`, 0 for `always_off`, the
+    /// argument of `traceidratio` (default 1).
+    pub ratio: f64,
+}
+
+impl Sampler {
+    /// Whether a run whose trace is `trace_id` is sampled, its caller's flag being
+    /// `parent_sampled`. The trace id's lower 63 bits against the ratio, as the OpenTelemetry
+    /// SDKs' `TraceIdRatioBased` does, so the same trace gets the same answer everywhere.
+    pub fn samples(&self, trace_id: &[u8; 16], parent_sampled: Option<bool>) -> bool {
+        if let (true, Some(sampled)) = (self.parent_based, parent_sampled) {
+            return sampled;
+        }
+        if self.ratio >= 1.0 {
+            return true;
+        }
+        let low = u64::from_be_bytes(trace_id[8..16].try_into().expect("8 bytes")) >> 1;
+        low < (self.ratio.max(0.0) * (1u64 << 63) as f64) as u64
+    }
+}
+
+/// The `OTEL_*` variables of traces. Refuses what this build cannot do (`grpc`, `http/json`)
+/// rather than start without the traces asked for.
+fn trace_settings(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<TraceSettings>, SettingsError> {
+    if lookup("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    match lookup("OTEL_TRACES_EXPORTER").map(|v| v.trim().to_ascii_lowercase()) {
+        Some(exporter) if exporter == "none" => return Ok(None),
+        None => {}
+        Some(exporter) if exporter == "otlp" => {}
+        Some(other) => {
+            return Err(SettingsError {
+                variable: "OTEL_TRACES_EXPORTER",
+                problem: format!("`{other}` is not supported: only `otlp` (or `none`)"),
+            });
+        }
+    }
+    let endpoint = match (lookup("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), lookup("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+        (Some(traces), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces.trim().to_owned()),
+        (None, Some(base)) => {
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("{}/v1/traces", base.trim().trim_end_matches('/')))
+        }
+        (None, None) => return Ok(None),
+    };
+    let (variable, endpoint) = endpoint;
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(SettingsError { variable, problem: format!("`{endpoint}` is not an http:// or https:// URL") });
+    }
+    for variable in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+        if let Some(protocol) = lookup(variable) {
+            match protocol.trim() {
+                "http/protobuf" => break,
+                other => {
+                    return Err(SettingsError {
+                        variable,
+                        problem: format!(
+                            "`{other}` is not supported: this build exports OTLP over HTTP as protobuf only (`http/protobuf`); point it at a collector's HTTP port (4318)"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    let argument = |default: f64| -> Result<f64, SettingsError> {
+        match lookup("OTEL_TRACES_SAMPLER_ARG") {
+            None => Ok(default),
+            Some(text) => match text.trim().parse::<f64>() {
+                Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+                _ => Err(SettingsError {
+                    variable: "OTEL_TRACES_SAMPLER_ARG",
+                    problem: format!("`{text}` is not a ratio between 0 and 1"),
+                }),
+            },
+        }
+    };
+    let sampler = match lookup("OTEL_TRACES_SAMPLER").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("parentbased_always_on") => Sampler { parent_based: true, ratio: 1.0 },
+        Some("always_on") => Sampler { parent_based: false, ratio: 1.0 },
+        Some("always_off") => Sampler { parent_based: false, ratio: 0.0 },
+        Some("parentbased_always_off") => Sampler { parent_based: true, ratio: 0.0 },
+        Some("traceidratio") => Sampler { parent_based: false, ratio: argument(1.0)? },
+        Some("parentbased_traceidratio") => Sampler { parent_based: true, ratio: argument(1.0)? },
+        Some(other) => {
+            return Err(SettingsError {
+                variable: "OTEL_TRACES_SAMPLER",
+                problem: format!(
+                    "`{other}` is not supported (always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio)"
+                ),
+            });
+        }
+    };
+    let service_name = lookup("OTEL_SERVICE_NAME")
+        .or_else(|| {
+            let attributes = lookup("OTEL_RESOURCE_ATTRIBUTES")?;
+            attributes.split(',').find_map(|pair| match pair.split_once('=') {
+                Some((key, value)) if key.trim() == "service.name" && !value.trim().is_empty() => {
+                    Some(value.trim().to_owned())
+                }
+                _ => None,
+            })
+        })
+        .map_or_else(|| "workflow-orchestrator".to_owned(), |name| name.trim().to_owned());
+    Ok(Some(TraceSettings { endpoint, sampler, service_name }))
+}
+
+/// How log lines are written (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line: time, level, message, target and the fields.
+    Json,
+    /// Lines for people; coloured only on a terminal.
+    Text,
+}
+
+/// `LOG_FORMAT` alone: `main` also needs it when the other settings do not read, to report that
+/// in the format asked for.
+pub fn log_format(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<LogFormat>, SettingsError> {
+    match lookup("LOG_FORMAT").map(|text| text.trim().to_ascii_lowercase()) {
+        None => Ok(None),
+        Some(text) if text == "json" => Ok(Some(LogFormat::Json)),
+        Some(text) if text == "text" => Ok(Some(LogFormat::Text)),
+        Some(text) => Err(SettingsError { variable: "LOG_FORMAT", problem: format!("`{text}` is not json or text") }),
+    }
+}
+
+/// What [`Settings::from_env`] reads a variable with: set and not blank.
+pub fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 fn default_replica_id() -> String {
@@ -237,8 +396,63 @@ mod tests {
     }
 
     #[test]
+    fn log_format_is_json_or_text_and_unset_means_chosen_at_start_up() {
+        assert_eq!(settings(&[]).unwrap().log_format, None);
+        assert_eq!(settings(&[("LOG_FORMAT", "json")]).unwrap().log_format, Some(LogFormat::Json));
+        assert_eq!(settings(&[("LOG_FORMAT", " Text ")]).unwrap().log_format, Some(LogFormat::Text));
+        let err = settings(&[("LOG_FORMAT", "yaml")]).unwrap_err();
+        assert_eq!(err.variable, "LOG_FORMAT");
+        assert!(err.problem.contains("yaml"), "{}", err.problem);
+    }
+
+    #[test]
     fn allowed_hosts_are_a_comma_separated_lowercased_list() {
         let s = settings(&[("ALLOWED_HOSTS", "Orchestrator-1, api.example.com,,")]).unwrap();
         assert_eq!(s.allowed_hosts, vec!["orchestrator-1".to_owned(), "api.example.com".to_owned()]);
+    }
+
+    #[test]
+    fn traces_are_off_unless_an_endpoint_is_set() {
+        assert_eq!(settings(&[]).unwrap().traces, None);
+        let base = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")];
+        let on = settings(&base).unwrap().traces.unwrap();
+        assert_eq!(on.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(on.sampler, Sampler { parent_based: true, ratio: 1.0 });
+        let exact = settings(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c/otlp/traces"), base[0]]).unwrap();
+        assert_eq!(exact.traces.unwrap().endpoint, "https://c/otlp/traces");
+        assert_eq!(settings(&[base[0], ("OTEL_TRACES_EXPORTER", "none")]).unwrap().traces, None);
+        assert_eq!(settings(&[base[0], ("OTEL_SDK_DISABLED", "true")]).unwrap().traces, None);
+    }
+
+    #[test]
+    fn grpc_and_unknown_samplers_are_refused_at_start_up() {
+        let base = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        let err = settings(&[base, ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).unwrap_err();
+        assert_eq!(err.variable, "OTEL_EXPORTER_OTLP_PROTOCOL");
+        assert!(err.problem.contains("http/protobuf"), "{}", err.problem);
+        assert!(settings(&[base, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]).unwrap().traces.is_some());
+        assert_eq!(settings(&[base, ("OTEL_TRACES_SAMPLER", "jaeger")]).unwrap_err().variable, "OTEL_TRACES_SAMPLER");
+        assert_eq!(
+            settings(&[base, ("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "2")])
+                .unwrap_err()
+                .variable,
+            "OTEL_TRACES_SAMPLER_ARG"
+        );
+        assert_eq!(settings(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")]).unwrap_err().variable, base.0);
+    }
+
+    #[test]
+    fn sampling_follows_the_caller_when_parent_based_and_the_trace_id_otherwise() {
+        let low = [0u8; 16];
+        let mut high = [0u8; 16];
+        high[8] = 0xff;
+        let half = Sampler { parent_based: true, ratio: 0.5 };
+        assert!(half.samples(&high, Some(true)));
+        assert!(!half.samples(&low, Some(false)));
+        assert!(half.samples(&low, None));
+        assert!(!half.samples(&high, None));
+        let ratio = Sampler { parent_based: false, ratio: 0.5 };
+        assert!(!ratio.samples(&high, Some(true)));
+        assert!(!Sampler { parent_based: false, ratio: 0.0 }.samples(&low, None));
     }
 }

@@ -14,6 +14,8 @@
 //!   graceful shutdown.
 //! - [`api`]: the hyper server: routing, JSON, errors.
 //! - [`config`]: settings from the environment.
+//! - [`telemetry`]: the process's logs (the `tracing` subscriber, `LOG_FORMAT`) and traces
+//!   ([`telemetry::otel`]); set up by `main`, used by no other module.
 
 #![forbid(unsafe_code)]
 
@@ -24,3 +26,4 @@ pub mod definition;
 pub mod engine;
 pub mod machine;
 pub mod store;
+pub mod telemetry;

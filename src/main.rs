@@ -10,12 +10,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use workflow_orchestrator::api::ApiState;
-use workflow_orchestrator::config::Settings;
+use workflow_orchestrator::config::{self, Settings};
 use workflow_orchestrator::definition::Registry;
 use workflow_orchestrator::engine::{Engine, EngineConfig};
 use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{Store, StoreError};
+use workflow_orchestrator::telemetry::{self, LogFormat};
 
 /// A durable workflow engine on Redis Streams. Configured by environment variables (see the
 /// README): REDIS_URL, PORT, KEY_PREFIX, REPLICA_ID, LEASE_TTL, SHARDS, MAX_CONCURRENT_STEPS,
@@ -74,34 +75,54 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    let serving = matches!(command, Command::Serve);
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
         Err(err) => {
-            eprintln!("workflow-orchestrator: {err}");
+            // Said in the format asked for, if that much reads.
+            let asked = config::log_format(&config::env_lookup).ok().flatten();
+            telemetry::fatal(log_format(asked, serving), &err.to_string());
             return ExitCode::from(2);
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve);
+    let format = log_format(settings.log_format, serving);
     // Operator commands print for people (or machines): only warnings go to the log.
-    let default_level = if matches!(command, Command::Serve) { settings.log_level.as_str() } else { "warn" };
-    init_tracing(default_level);
+    let default_level = if serving { settings.log_level.as_str() } else { "warn" };
+    // Traces only while serving, built before the runtime starts (their exporter's HTTP client
+    // is a blocking one); `_traces` flushes them when `main` returns, after the runtime is gone.
+    let traces = match settings.traces.as_ref().filter(|_| serving) {
+        None => None,
+        Some(traces) => match telemetry::otel::pipeline(traces, &settings.replica_id) {
+            Ok(pipeline) => Some(pipeline),
+            Err(err) => {
+                telemetry::fatal(format, &format!("cannot set up traces: {err:#}"));
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let (trace_layer, _traces) = traces.unzip();
+    if let Err(err) = telemetry::init(format, default_level, trace_layer) {
+        telemetry::fatal(format, &format!("cannot set up logging: {err}"));
+        return ExitCode::FAILURE;
+    }
     let registry = match Registry::load(settings.workflows_file.as_deref()) {
         Ok(registry) => Arc::new(registry),
         Err(err) => {
-            eprintln!("workflow-orchestrator: definition error: {err}");
+            telemetry::fatal(format, &format!("definition error: {err}"));
             return ExitCode::from(2);
         }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("workflow-orchestrator: cannot start the runtime: {err}");
+            telemetry::fatal(format, &format!("cannot start the runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(async {
         match command {
-            Command::Serve => serve(settings, registry).await.map(|()| ExitCode::SUCCESS),
+            Command::Serve => serve(settings, registry, format).await.map(|()| ExitCode::SUCCESS),
             Command::Workflows => {
                 cli::workflows(&registry);
                 Ok(ExitCode::SUCCESS)
@@ -130,16 +151,16 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("workflow-orchestrator: {err:#}");
+            telemetry::fatal(format, &format!("{err:#}"));
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_tracing(level: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+/// The log format: `LOG_FORMAT`, else for `serve` chosen by the terminal (see
+/// [`telemetry::resolve`]); operator commands are run by people, and say their errors in text.
+fn log_format(asked: Option<LogFormat>, serving: bool) -> LogFormat {
+    if serving { telemetry::resolve(asked) } else { asked.unwrap_or(LogFormat::Text) }
 }
 
 async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
@@ -175,7 +196,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()> {
+async fn serve(settings: Settings, registry: Arc<Registry>, format: LogFormat) -> anyhow::Result<()> {
     let engine = open_engine(&settings, registry).await?;
     if let Ok(health) = engine.store_health().await {
         for warning in &health.warnings {
@@ -184,6 +205,9 @@ async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()
     }
     for warning in &settings.warnings {
         tracing::warn!("{warning}");
+    }
+    if let Some(traces) = &settings.traces {
+        tracing::info!(endpoint = %traces.endpoint, service = %traces.service_name, "exporting traces (OTLP over HTTP, protobuf)");
     }
     let bind = settings.bind_addr;
     if settings.api_token.is_none() {
@@ -206,7 +230,7 @@ async fn serve(settings: Settings, registry: Arc<Registry>) -> anyhow::Result<()
     engine.start();
     tracing::info!(%address, replica = %settings.replica_id, workflows = engine.registry().len(), "serving");
     // A line for scripts and test harnesses that start us with PORT=0.
-    println!("listening on http://{address}");
+    telemetry::announce_listening(format, address);
 
     let stop = CancellationToken::new();
     let state =

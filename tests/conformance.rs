@@ -136,6 +136,7 @@ fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str
             definition: "h".to_owned(),
             input: "{}".to_owned(),
             trigger: Trigger::Api,
+            trace: None,
         },
     );
     let Advanced { state, appended, effects } = advance(None, def, vec![created], now).unwrap();

@@ -764,6 +764,11 @@ fn with_overlap_skip_a_slow_schedule_never_runs_twice_at_once_and_counts_the_ski
     let logged_fires: BTreeSet<String> = logged
         .iter()
         .filter_map(|line| {
+            // A JSON line (the default off a terminal) has the fire in a field; a text line
+            // says ` fire=<time>`.
+            if let Ok(object) = serde_json::from_str::<serde_json::Value>(line) {
+                return object["fire"].as_str().map(str::to_owned);
+            }
             let line = strip_ansi(line);
             let at = line.find(" fire=")? + 6;
             Some(line[at..].split_whitespace().next()?.to_owned())

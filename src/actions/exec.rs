@@ -55,6 +55,16 @@ pub async fn run(spec: &ExecSpec, context: &StepContext, cancel: CancellationTok
         // Its own process group, so that a timeout kills whatever the command started too.
         .process_group(0)
         .kill_on_drop(true);
+    // Set or removed: a `TRACEPARENT` inherited from the replica's own environment is not the
+    // run's.
+    match &context.trace {
+        Some(trace) => {
+            command.env("TRACEPARENT", trace.traceparent()).env("TRACESTATE", &trace.tracestate);
+        }
+        None => {
+            command.env_remove("TRACEPARENT").env_remove("TRACESTATE");
+        }
+    }
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }
@@ -152,6 +162,7 @@ mod tests {
             input: r#"{"a":1}"#.into(),
             steps: Default::default(),
             trigger: serde_json::Value::Null,
+            trace: None,
         }
     }
 
@@ -180,6 +191,21 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(value["stdout"], "s|2|r1:s|{\"a\":1}");
         assert_eq!(value["truncated"], true);
+    }
+
+    #[tokio::test]
+    async fn the_runs_trace_context_is_in_the_environment() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced =
+            StepContext { trace: Some(crate::machine::TraceContext::parse(parent, Some("k=v")).unwrap()), ..context() };
+        let mut wide = spec(&["sh", "-c", "printf '%s|%s' \"$TRACEPARENT\" \"$TRACESTATE\""]);
+        wide.max_output = 1024;
+        let out = run(&wide, &traced, CancellationToken::new()).await.unwrap();
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(value["stdout"], format!("{parent}|k=v"));
+        let out = run(&wide, &context(), CancellationToken::new()).await.unwrap();
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(value["stdout"], "|", "no context: none inherited either");
     }
 
     #[tokio::test]

@@ -37,6 +37,10 @@ pub struct StepContext {
     pub steps: serde_json::Map<String, Value>,
     /// What started the run: `{"kind": "api"|"cron"|"event"|"rerun", "eventType", "eventId", ...}`.
     pub trigger: Value,
+    /// The span what the step calls is a child of (W3C trace context): sent as `traceparent`
+    /// and `tracestate` by `http`, `notify` and `inngest`, given to `exec` as `TRACEPARENT` and
+    /// `TRACESTATE`. `None` for a run without a trace.
+    pub trace: Option<crate::machine::TraceContext>,
 }
 
 impl StepContext {
@@ -44,6 +48,17 @@ impl StepContext {
     /// this to whatever it calls to make repeats harmless.
     pub fn idempotency_key(&self) -> String {
         format!("{}:{}", self.run_id, self.step_id)
+    }
+
+    /// The `traceparent` and `tracestate` headers to send, if any (`tracestate` only when
+    /// there is one).
+    pub fn trace_headers(&self) -> Vec<(&'static str, String)> {
+        let Some(trace) = &self.trace else { return Vec::new() };
+        let mut headers = vec![("traceparent", trace.traceparent())];
+        if !trace.tracestate.is_empty() {
+            headers.push(("tracestate", trace.tracestate.clone()));
+        }
+        headers
     }
 
     fn input_value(&self) -> Value {

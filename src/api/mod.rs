@@ -129,7 +129,7 @@ pub async fn handle(state: &ApiState, request: Request<Incoming>) -> Reply {
             response
         }
         Err(err) => {
-            tracing::debug!(%method, %path, status = %err.status, message = %err.message, "request refused");
+            tracing::debug!(%method, %path, status = %err.status, reason = %err.message, "request refused");
             let mut response = json_reply(err.status, &err.body());
             if let Some(allow) = err.allow {
                 response.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
@@ -589,6 +589,7 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
             Some(key)
         }
     };
+    let caller = caller_trace(request.headers());
     let input = match json_body(request).await? {
         None => json!({}),
         Some(Value::Object(mut body)) => {
@@ -606,12 +607,26 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
         Some(_) => return Err(ApiError::bad_request("the body must be a JSON object: {\"inputData\": {...}}")),
     };
     let key = key.map(|k| format!("api:{workflow_id}:{k}"));
-    let triggered = engine.trigger(workflow_id, &input, key.as_deref(), Trigger::Api).await?;
+    let triggered = engine.trigger_traced(workflow_id, &input, key.as_deref(), Trigger::Api, caller).await?;
     let status = if triggered.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
     ok_json(
         status,
         json!({ "runId": triggered.run_id, "workflowId": workflow_id, "status": "pending", "duplicate": triggered.duplicate }),
     )
+}
+
+/// The caller's span, from its `traceparent` (and `tracestate`) headers. A missing, repeated or
+/// invalid `traceparent` is no context at all (the W3C specification says to ignore it, not to
+/// refuse the request); several `tracestate` headers are one list.
+fn caller_trace(headers: &HeaderMap) -> Option<machine::TraceContext> {
+    let mut parents = headers.get_all("traceparent").iter();
+    let parent = parents.next()?.to_str().ok()?;
+    if parents.next().is_some() {
+        return None;
+    }
+    let states: Vec<&str> = headers.get_all("tracestate").iter().filter_map(|v| v.to_str().ok()).collect();
+    let state = (!states.is_empty()).then(|| states.join(","));
+    machine::TraceContext::parse(parent, state.as_deref()).ok()
 }
 
 /// A run id from a path: malformed is a bad request, well-formed but unknown is not found.
@@ -923,6 +938,7 @@ async fn list_dead_events(engine: &Engine, query: Option<&str>) -> Answer {
 }
 
 async fn publish_event(engine: &Engine, request: Request<Incoming>) -> Answer {
+    let caller = caller_trace(request.headers());
     let Some(Value::Object(mut body)) = json_body(request).await? else {
         return Err(ApiError::bad_request(
             "the body must be a JSON object: {\"eventType\": \"...\", \"payload\": {...}}",
@@ -950,7 +966,9 @@ async fn publish_event(engine: &Engine, request: Request<Incoming>) -> Answer {
     };
     let key = text_field("key", body.remove("key"))?;
     let source = text_field("source", body.remove("source"))?;
-    match engine.publish_event(&event_type, &payload, key.as_deref(), source.as_deref()).await? {
+    let published =
+        engine.publish_event_traced(&event_type, &payload, key.as_deref(), source.as_deref(), caller.as_ref()).await?;
+    match published {
         Ok(event_id) => ok_json(StatusCode::ACCEPTED, json!({ "eventId": event_id, "eventType": event_type })),
         Err(problem) => Err(ApiError::bad_request(problem)),
     }

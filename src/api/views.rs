@@ -1,15 +1,11 @@
 //! JSON views of runs, built from their logs (the source of truth) and definition snapshots.
 
 use crate::definition::Workflow;
-use crate::machine::{Millis, RunState, Status, Transition, Trigger};
+use crate::machine::{Millis, RunState, Status, Transition};
 use crate::store::{BusEntry, ListedEvent, Logged, RunSummary};
 use serde_json::{Value, json};
-use std::time::{Duration, UNIX_EPOCH};
 
-/// RFC 3339 with milliseconds, UTC.
-pub fn timestamp(at: Millis) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(at)).to_string()
-}
+pub use crate::machine::timestamp;
 
 /// JSON text as a value; anything that is not JSON is kept as a string.
 fn json_text(text: &str) -> Value {
@@ -18,18 +14,6 @@ fn json_text(text: &str) -> Value {
 
 fn step_id(workflow: &Workflow, step: u32) -> Value {
     workflow.def.steps.get(step as usize).map_or(Value::Null, |s| Value::String(s.id.clone()))
-}
-
-/// What started a run, as JSON.
-pub fn trigger(trigger: &Trigger) -> Value {
-    match trigger {
-        Trigger::Api => json!({ "kind": "api" }),
-        Trigger::Cron { fire_at } => json!({ "kind": "cron", "fireAt": timestamp(*fire_at) }),
-        Trigger::Event { event_id, event_type } => {
-            json!({ "kind": "event", "eventId": event_id, "eventType": event_type })
-        }
-        Trigger::Rerun { run_id, from_step } => json!({ "kind": "rerun", "runId": run_id, "fromStep": from_step }),
-    }
 }
 
 /// `GET /api/runs/:runId`.
@@ -99,7 +83,7 @@ pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) 
         "workflowId": state.workflow,
         "status": state.status.name(),
         "input": json_text(&state.input),
-        "trigger": trigger(&state.trigger),
+        "trigger": state.trigger.to_json(),
         "steps": steps,
         "error": run_error,
         "seq": state.seq,
@@ -124,8 +108,14 @@ pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
         "replica": recorded.replica,
     });
     let extra = match &recorded.transition {
-        Transition::RunCreated { workflow, definition, input, trigger: t } => {
-            json!({ "workflowId": workflow, "definition": definition, "input": json_text(input), "trigger": trigger(t) })
+        Transition::RunCreated { workflow, definition, input, trigger: t, trace } => {
+            json!({
+                "workflowId": workflow,
+                "definition": definition,
+                "input": json_text(input),
+                "trigger": t.to_json(),
+                "traceId": trace.as_ref().map(|t| t.span.trace_id_hex()),
+            })
         }
         Transition::StepCompleted { output, .. } => json!({ "output": json_text(output) }),
         Transition::StepFailed { error, retry_at, .. } => json!({ "error": error, "retryAt": retry_at.map(timestamp) }),

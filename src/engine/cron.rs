@@ -99,7 +99,7 @@ impl Engine {
         let handled = self.store.cron_state(id).await?.last_fire;
         let missed: Vec<Millis> = due.into_iter().filter(|fire| handled.is_none_or(|last| last < *fire)).collect();
         if let Some(newest) = missed.last() {
-            tracing::warn!(workflow = %id, missed = missed.len(), last = %crate::api::views::timestamp(*newest), "fires missed while no replica ran are not started (catch-up policy skip)");
+            tracing::warn!(workflow = %id, missed = missed.len(), last = %crate::machine::timestamp(*newest), "fires missed while no replica ran are not started (catch-up policy skip)");
             self.counters.cron_missed.fetch_add(missed.len() as u64, std::sync::atomic::Ordering::Relaxed);
             self.store.cron_advance(id, *newest, None).await?;
         }
@@ -161,8 +161,8 @@ impl Engine {
             tracing::warn!(
                 workflow = %id,
                 missed = skipped,
-                first = %schedule.next_after(last).map(crate::api::views::timestamp).unwrap_or_default(),
-                last = %crate::api::views::timestamp(skipped_until),
+                first = %schedule.next_after(last).map(crate::machine::timestamp).unwrap_or_default(),
+                last = %crate::machine::timestamp(skipped_until),
                 policy = ?workflow.def.catchup,
                 "fires missed while no replica ran are not started (catch-up policy)"
             );
@@ -170,7 +170,7 @@ impl Engine {
             self.store.cron_advance(id, skipped_until, None).await?;
         }
         for fire in &run {
-            tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(*fire), "catching up a missed fire");
+            tracing::info!(workflow = %id, fire = %crate::machine::timestamp(*fire), "catching up a missed fire");
             self.fire(workflow, *fire).await?;
         }
         Ok((resume, deferred))
@@ -194,10 +194,10 @@ impl Engine {
             }
             if self.store.cron_advance(id, fire, None).await? {
                 if buffered {
-                    tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(fire), "previous run still active: fire buffered");
+                    tracing::info!(workflow = %id, fire = %crate::machine::timestamp(fire), "previous run still active: fire buffered");
                 } else {
                     Counters::add(&self.counters.cron_skipped);
-                    tracing::warn!(workflow = %id, fire = %crate::api::views::timestamp(fire), previous = ?state.last_run, "previous run still active: fire skipped (overlap policy)");
+                    tracing::warn!(workflow = %id, fire = %crate::machine::timestamp(fire), previous = ?state.last_run, "previous run still active: fire skipped (overlap policy)");
                 }
             }
             return Ok(());
@@ -207,7 +207,7 @@ impl Engine {
 
     async fn start_fire(&self, workflow: &Workflow, fire: Millis) -> Result<(), StoreError> {
         let id = &workflow.def.id;
-        let input = serde_json::json!({ "fireTime": crate::api::views::timestamp(fire) });
+        let input = serde_json::json!({ "fireTime": crate::machine::timestamp(fire) });
         let key = format!("cron:{id}:{fire}");
         let triggered = match self.trigger(id, &input, Some(&key), Trigger::Cron { fire_at: fire }).await {
             Ok(triggered) => triggered,
@@ -219,7 +219,7 @@ impl Engine {
         };
         if !triggered.duplicate {
             Counters::add(&self.counters.cron_fires);
-            tracing::info!(workflow = %id, fire = %crate::api::views::timestamp(fire), run = %triggered.run_id, "cron fire started a run");
+            tracing::info!(workflow = %id, fire = %crate::machine::timestamp(fire), run_id = %triggered.run_id, "cron fire started a run");
         }
         self.store.cron_advance(id, fire, Some(&triggered.run_id)).await?;
         Ok(())

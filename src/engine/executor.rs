@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Which of the store's commit calls a commit goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +71,7 @@ impl Engine {
             match claimed {
                 Ok(claimed) => {
                     failures = 0;
-                    self.spawn_steps(claimed, &mut permits);
+                    self.spawn_steps(claimed, &mut permits, false);
                 }
                 Err(err) => {
                     failures += 1;
@@ -84,7 +85,8 @@ impl Engine {
         }
     }
 
-    fn spawn_steps(self: &Arc<Self>, claimed: Vec<Claimed>, permits: &mut Vec<OwnedSemaphorePermit>) {
+    /// `took_over`: the entries were reclaimed from a replica whose lease expired.
+    fn spawn_steps(self: &Arc<Self>, claimed: Vec<Claimed>, permits: &mut Vec<OwnedSemaphorePermit>, took_over: bool) {
         for entry in claimed {
             let Ok(task) = entry.task else { continue }; // dead-lettered by the store
             let permit = permits.pop();
@@ -95,7 +97,10 @@ impl Engine {
                 let permit = match permit {
                     Some(permit) => permit,
                     None => {
-                        engine.in_flight.lock().insert(entry.lease.clone(), engine.abort_steps.child_token());
+                        engine
+                            .in_flight
+                            .lock()
+                            .insert(entry.lease.clone(), (engine.abort_steps.child_token(), tracing::Span::none()));
                         let permit = Arc::clone(&engine.executors).acquire_owned().await;
                         engine.in_flight.lock().remove(&entry.lease);
                         match permit {
@@ -105,7 +110,7 @@ impl Engine {
                     }
                 };
                 let busy = engine.metrics.executor_busy();
-                engine.execute(entry.lease, entry.deliveries, task).await;
+                engine.execute(entry.lease, entry.deliveries, task, took_over).await;
                 drop(busy);
                 drop(permit);
             });
@@ -143,8 +148,8 @@ impl Engine {
                 Ok(lost) => {
                     let in_flight = self.in_flight.lock();
                     for lease in lost {
-                        if let Some(token) = in_flight.get(&lease) {
-                            tracing::warn!(entry = %lease.entry, shard = lease.shard, "lease lost: another replica took the step over; aborting it here");
+                        if let Some((token, span)) = in_flight.get(&lease) {
+                            tracing::warn!(parent: span, entry = %lease.entry, shard = lease.shard, "lease lost: another replica took the step over; aborting it here");
                             token.cancel();
                         }
                     }
@@ -158,11 +163,11 @@ impl Engine {
     async fn reclaim_expired(self: &Arc<Self>, permits: &mut Vec<OwnedSemaphorePermit>) {
         match self.store.reclaim(&self.consumer, self.config.lease_ttl, permits.len()).await {
             Ok(claimed) => {
-                for entry in &claimed {
-                    tracing::info!(entry = %entry.lease.entry, shard = entry.lease.shard, deliveries = entry.deliveries, "took over a step whose lease expired");
+                for _ in &claimed {
                     Counters::add(&self.counters.steps_reclaimed);
                 }
-                self.spawn_steps(claimed, permits);
+                // Each is logged in its step's span, once its step is known.
+                self.spawn_steps(claimed, permits, true);
             }
             Err(err) => tracing::warn!(%err, "reclaiming expired leases failed; will retry"),
         }
@@ -170,30 +175,35 @@ impl Engine {
 
     /// Runs one claimed step and commits its outcome; then, with the same executor, the step
     /// the commit claimed for it in the same round trip, if any (often the run's next step).
-    async fn execute(self: &Arc<Self>, lease: Lease, deliveries: u64, task: ReadyTask) {
-        let mut next = Some((lease, deliveries, task));
-        while let Some((lease, deliveries, task)) = next.take() {
+    async fn execute(self: &Arc<Self>, lease: Lease, deliveries: u64, task: ReadyTask, took_over: bool) {
+        let mut next = Some((lease, deliveries, task, took_over));
+        while let Some((lease, deliveries, task, took_over)) = next.take() {
             let run: RunId = match task.run.parse() {
                 Ok(run) => run,
                 Err(problem) => {
-                    tracing::error!(%problem, "ready entry names no valid run; dropping it");
+                    tracing::error!(run_id = %task.run, workflow = %task.state.workflow, %problem, "ready entry names no valid run; dropping it");
                     let _ = self.store.ack(&lease).await;
                     continue;
                 }
             };
-            match self.execute_step(&run, &lease, deliveries, task).await {
+            let span = step_span(&run, &task);
+            // Before the span is first entered: that is when its OpenTelemetry span starts.
+            let trace = self.attempt_trace(&span, task.state.trace.as_ref());
+            let result =
+                self.execute_step(&run, &lease, deliveries, task, took_over, trace).instrument(span.clone()).await;
+            span.in_scope(|| match result {
                 Ok(Some(claimed)) => {
                     if let Ok(task) = claimed.task {
-                        next = Some((claimed.lease, claimed.deliveries, task));
+                        next = Some((claimed.lease, claimed.deliveries, task, false));
                     }
                 }
                 Ok(None) => {}
                 Err(err) => {
                     // The entry stays pending: after the lease expires another replica (or this
                     // one) takes it over, up to the delivery bound.
-                    tracing::warn!(run = %run, %err, "step not committed; it will be retried after its lease expires");
+                    tracing::warn!(%err, "step not committed; it will be retried after its lease expires");
                 }
-            }
+            });
         }
     }
 
@@ -204,6 +214,8 @@ impl Engine {
         lease: &Lease,
         deliveries: u64,
         task: ReadyTask,
+        took_over: bool,
+        trace: Option<crate::machine::TraceContext>,
     ) -> Result<Option<Claimed>, StoreError> {
         let workflow = self.definition(run.shard, &task.state.definition).await?;
         let Some((step, attempt)) = task.state.status.step_attempt() else {
@@ -216,6 +228,11 @@ impl Engine {
                 problem: format!("step {step} is not in the definition"),
             });
         };
+        tracing::Span::current().record("step", tracing::field::display(&step_def.id));
+        tracing::debug!(deliveries, "step started");
+        if took_over {
+            tracing::info!(entry = %lease.entry, shard = lease.shard, deliveries, "took over a step whose lease expired");
+        }
         let started_at = self.clock.now();
         let outcome = if deliveries > self.config.max_deliveries {
             Err(actions::ActionError::fatal(format!(
@@ -236,10 +253,11 @@ impl Engine {
                 attempt,
                 input: task.state.input.clone(),
                 steps,
-                trigger: crate::api::views::trigger(&task.state.trigger),
+                trigger: task.state.trigger.to_json(),
+                trace,
             };
             let cancel = self.abort_steps.child_token();
-            self.in_flight.lock().insert(lease.clone(), cancel.clone());
+            self.in_flight.lock().insert(lease.clone(), (cancel.clone(), tracing::Span::current()));
             let result = self.run_with_timeout(step_def, &context, cancel).await;
             self.in_flight.lock().remove(lease);
             result
@@ -247,18 +265,22 @@ impl Engine {
         let now = self.clock.now();
         self.metrics.step_took(&workflow.def.id, std::time::Duration::from_millis(now.saturating_sub(started_at)));
         let mut parked_on = None;
+        let span = tracing::Span::current();
         let finished = match outcome {
             Ok(actions::Outcome::Done(output)) => {
                 Counters::add(&self.counters.steps_completed);
+                tracing::debug!("step completed");
+                self.attempt_ended(&span, "completed", None);
                 Transition::StepCompleted { step, attempt, output }
             }
             Ok(actions::Outcome::Park { until, event }) => {
+                tracing::debug!(until, event = event.as_deref(), "step parked");
+                self.attempt_ended(&span, if event.is_some() { "waiting" } else { "sleeping" }, None);
                 parked_on = event.clone().map(|event| (event, until));
                 Transition::StepSuspended { step, attempt, until, event }
             }
             Err(err) => {
                 Counters::add(&self.counters.steps_failed);
-                tracing::info!(run = %run, step = %step_def.id, attempt, error = %err.message, "step failed");
                 if err.retryable {
                     machine::step_failure(
                         &workflow.def,
@@ -274,13 +296,17 @@ impl Engine {
                 }
             }
         };
+        if let Transition::StepFailed { error, retry_at, .. } = &finished {
+            tracing::info!(%error, retrying = retry_at.is_some(), "step failed");
+            self.attempt_ended(&span, if retry_at.is_some() { "retrying" } else { "failed" }, Some(error));
+        }
         let happened =
             vec![self.recorded(started_at, Transition::StepStarted { step, attempt }), self.recorded(now, finished)];
         let advanced = match machine::advance(Some(&task.state), &workflow.def, happened, now) {
             Ok(advanced) => advanced,
             Err(invalid) => {
                 // The queued state itself cannot take this outcome: never loop on it.
-                tracing::error!(run = %run, %invalid, "step outcome does not apply to the queued state; dropping the entry");
+                tracing::error!(%invalid, "step outcome does not apply to the queued state; dropping the entry");
                 self.store.ack(lease).await?;
                 return Ok(None);
             }
@@ -364,6 +390,9 @@ impl Engine {
         });
         let workflow = advanced.state.workflow.clone();
         let final_status = advanced.state.status.is_terminal().then(|| advanced.state.status.name());
+        // For the run span, exported once the end is committed; only when traces are on.
+        let ended_state = (final_status.is_some() && self.config.traces.is_some()).then(|| advanced.state.clone());
+        let ended_at = advanced.appended.last().map(|r| r.at);
         let commit = Commit {
             run: run.clone(),
             expected_seq,
@@ -395,27 +424,48 @@ impl Engine {
                 if let Some(status) = final_status {
                     let _ = self.finished.send((run.to_string(), status));
                 }
+                if let (Some(state), Some(at)) = (&ended_state, ended_at) {
+                    self.run_ended(run, state, at);
+                }
             }
             CommitOutcome::LeaseLost => {
                 Counters::add(&self.counters.completions_fenced);
-                tracing::warn!(run = %run, "completion rejected by the fence: this replica's lease was lost and the step belongs to another");
+                tracing::warn!(run_id = %run, workflow = %workflow, "completion rejected by the fence: this replica's lease was lost and the step belongs to another");
             }
             CommitOutcome::Stale if path == CommitPath::Requeue => {
-                tracing::debug!(run = %run, "re-queue refused: the run's step is queued or leased after all");
+                tracing::debug!(run_id = %run, workflow = %workflow, "re-queue refused: the run's step is queued or leased after all");
             }
             CommitOutcome::Stale => {
                 // The run moved on (cancelled, or already advanced by another replica): this
                 // work is obsolete. Ack the entry if it is still ours so it is not redelivered.
                 Counters::add(&self.counters.completions_fenced);
-                tracing::info!(run = %run, "run moved on while the step ran; discarding the outcome");
+                tracing::info!(run_id = %run, workflow = %workflow, "run moved on while the step ran; discarding the outcome");
                 if let Some(lease) = &lease {
                     self.store.ack(lease).await?;
                 }
             }
-            CommitOutcome::Gone => tracing::info!(run = %run, "run is finished or gone; discarding the outcome"),
+            CommitOutcome::Gone => {
+                tracing::info!(run_id = %run, workflow = %workflow, "run is finished or gone; discarding the outcome")
+            }
         }
         Ok((outcome, next))
     }
+}
+
+/// The span a step attempt runs in, so that every line logged while it runs says which step of
+/// which run it is about. Its `step` (the step's id) is recorded once the definition is read;
+/// `trace_id` is recorded by the traces when they are on, this being the attempt's span. At
+/// ERROR level so that no `LOG_LEVEL` drops it while it still lets its lines through.
+pub(super) fn step_span(run: &RunId, task: &ReadyTask) -> tracing::Span {
+    let attempt = task.state.status.step_attempt().map(|(_, attempt)| attempt);
+    tracing::error_span!(
+        "step",
+        run_id = %run,
+        workflow = %task.state.workflow,
+        step = tracing::field::Empty,
+        attempt,
+        trace_id = tracing::field::Empty,
+    )
 }
 
 impl Engine {

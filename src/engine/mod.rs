@@ -19,13 +19,14 @@ mod router;
 mod services;
 mod sweeper;
 mod timers;
+mod traces;
 
 pub use clock::Clock;
 pub use metrics::{Metrics, STEP_BUCKETS, WorkflowMetrics};
 pub use operator::LoadedRun;
 
 use crate::definition::{Registry, Workflow};
-use crate::machine::{self, Millis, Recorded, Transition, Trigger};
+use crate::machine::{self, Millis, Recorded, TraceContext, Transition, Trigger};
 use crate::store::{Created, Lease, Logged, NewRun, RunId, Store, StoreError, StoreHealth, StoreKind};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -51,6 +52,9 @@ pub struct EngineConfig {
     pub events_max_len: u64,
     pub events_retention: Duration,
     pub event_max_bytes: usize,
+    /// How runs are sampled when traces are on; `None`: traces are off (no run, back-off or
+    /// parked span is built, and a run keeps a trace context only if its caller sent one).
+    pub traces: Option<crate::config::Sampler>,
 }
 
 impl EngineConfig {
@@ -70,6 +74,7 @@ impl EngineConfig {
             events_max_len: settings.events_max_len,
             events_retention: settings.events_retention,
             event_max_bytes: settings.event_max_bytes,
+            traces: settings.traces.as_ref().map(|t| t.sampler),
         }
     }
 }
@@ -100,6 +105,12 @@ pub struct Triggered {
     pub run_id: String,
     /// The idempotency key had been used: this is the run it started.
     pub duplicate: bool,
+}
+
+/// What started a run: the trigger, and the caller's span when it sent a `traceparent`.
+struct Origin {
+    trigger: Trigger,
+    caller: Option<TraceContext>,
 }
 
 /// Counters for `/health` and metrics.
@@ -139,8 +150,9 @@ pub struct Engine {
     /// Read on every step; written only on a miss. Short sections, never held across `.await`.
     definitions: RwLock<HashMap<String, Arc<Workflow>>>,
     /// The leases of steps executing here, with the token that aborts each: renewed together,
-    /// and cancelled when a renewal finds the lease lost. Short sections only.
-    in_flight: Mutex<HashMap<Lease, CancellationToken>>,
+    /// and cancelled when a renewal finds the lease lost. With the step's span, so that the line
+    /// saying so names the step. Short sections only.
+    in_flight: Mutex<HashMap<Lease, (CancellationToken, tracing::Span)>>,
     /// One permit per executor; a claim asks for no more entries than permits it holds.
     executors: Arc<Semaphore>,
     /// Fired to stop claiming work and stop every loop.
@@ -345,6 +357,19 @@ impl Engine {
         idempotency_key: Option<&str>,
         trigger: Trigger,
     ) -> Result<Triggered, EngineError> {
+        self.trigger_traced(workflow_id, input, idempotency_key, trigger, None).await
+    }
+
+    /// [`Engine::trigger`], the run continuing the trace of the caller's span `caller` (its
+    /// `traceparent`): the run span is a child of that span.
+    pub async fn trigger_traced(
+        &self,
+        workflow_id: &str,
+        input: &serde_json::Value,
+        idempotency_key: Option<&str>,
+        trigger: Trigger,
+        caller: Option<TraceContext>,
+    ) -> Result<Triggered, EngineError> {
         let workflow =
             self.registry.get(workflow_id).ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
         let shard = match idempotency_key {
@@ -353,7 +378,7 @@ impl Engine {
             None => rand::random_range(0..self.store.shards()),
         };
         let key = idempotency_key.map(|k| (k.to_owned(), self.config.idempotency_retention));
-        self.start_run(workflow, shard, input, trigger, Vec::new(), key).await
+        self.start_run(workflow, shard, input, Origin { trigger, caller }, Vec::new(), key).await
     }
 
     /// Creates a run of `workflow` on `shard`, its first steps possibly reused from another run.
@@ -362,10 +387,11 @@ impl Engine {
         workflow: &Workflow,
         shard: u16,
         input: &serde_json::Value,
-        trigger: Trigger,
+        origin: Origin,
         reused: Vec<(u32, String)>,
         idempotency: Option<(String, Duration)>,
     ) -> Result<Triggered, EngineError> {
+        let Origin { trigger, caller } = origin;
         let now = self.clock.now();
         let run = RunId::new(shard, now);
         let created = Transition::RunCreated {
@@ -373,6 +399,7 @@ impl Engine {
             definition: workflow.hash.clone(),
             input: input.to_string(),
             trigger,
+            trace: self.new_run_trace(caller),
         };
         let happened = std::iter::once(created)
             .chain(reused.into_iter().map(|(step, output)| Transition::StepReused { step, output }))

@@ -172,6 +172,7 @@ impl Engine {
         };
         let trigger = Trigger::Rerun { run_id: run.to_string(), from_step: from };
         // The same shard as the source run: its definition snapshot is stored there.
-        self.start_run(&loaded.workflow, run.shard, &input, trigger, reused, None).await
+        let origin = super::Origin { trigger, caller: None };
+        self.start_run(&loaded.workflow, run.shard, &input, origin, reused, None).await
     }
 }

@@ -13,13 +13,16 @@
 
 use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
 use crate::definition::valid_event_type;
-use crate::machine::{Transition, Trigger};
+use crate::machine::{TraceContext, Transition, Trigger};
 use crate::store::{BUS_CLOCK_TOLERANCE, BusEntry, DEAD_LETTER_KEEP, EntryCap, StoreError};
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Entries read per call.
 const ROUTER_BATCH: usize = 100;
+/// Entries of a batch routed at once.
+const ROUTE_IN_FLIGHT: usize = 32;
 /// How long one blocking read waits before looking at the shutdown token again.
 const ROUTER_BLOCK: Duration = Duration::from_secs(1);
 /// The bus is trimmed at most this often.
@@ -46,6 +49,10 @@ pub struct Event {
     pub payload: serde_json::Value,
     pub key: Option<String>,
     pub source: Option<String>,
+    /// The publisher's span (`traceparent`, with `tracestate`): the runs the event starts
+    /// continue its trace. An invalid one is ignored, as the W3C specification says, not
+    /// dead-lettered: the event itself is fine.
+    pub trace: Option<TraceContext>,
 }
 
 fn utf8<'a>(name: &str, bytes: &'a [u8]) -> Result<&'a str, String> {
@@ -54,7 +61,8 @@ fn utf8<'a>(name: &str, bytes: &'a [u8]) -> Result<&'a str, String> {
 
 /// Checks the wire format: `type` (required, `^[a-z0-9][a-z0-9_.-]{0,127}$`), `payload`
 /// (optional, a JSON object of at most `max_bytes`), `key` and `source` (optional, at most 200
-/// characters). Other fields are ignored.
+/// characters), `traceparent` and `tracestate` (optional, W3C trace context). Other fields are
+/// ignored.
 pub fn parse_event(entry: &BusEntry, max_bytes: usize) -> Result<Event, String> {
     if let Some(oversized) = &entry.oversized {
         let (largest, largest_bytes) = entry
@@ -100,7 +108,12 @@ pub fn parse_event(entry: &BusEntry, max_bytes: usize) -> Result<Event, String> 
             }
         }
     };
-    Ok(Event { event_type: event_type.to_owned(), payload, key: label("key")?, source: label("source")? })
+    let trace = entry.field("traceparent").and_then(|parent| {
+        let parent = std::str::from_utf8(parent).ok()?;
+        let state = entry.field("tracestate").and_then(|state| std::str::from_utf8(state).ok());
+        TraceContext::parse(parent, state).ok()
+    });
+    Ok(Event { event_type: event_type.to_owned(), payload, key: label("key")?, source: label("source")?, trace })
 }
 
 /// Test-only fault injection, read once: `WFO_TEST_CRASH_BEFORE_EVENT_ACK=1` makes the router
@@ -123,7 +136,21 @@ impl Engine {
         key: Option<&str>,
         source: Option<&str>,
     ) -> Result<Result<String, String>, StoreError> {
+        self.publish_event_traced(event_type, payload, key, source, None).await
+    }
+
+    /// [`Engine::publish_event`] with the publisher's span, carried in the entry's
+    /// `traceparent` and `tracestate` fields.
+    pub async fn publish_event_traced(
+        &self,
+        event_type: &str,
+        payload: &serde_json::Value,
+        key: Option<&str>,
+        source: Option<&str>,
+        trace: Option<&TraceContext>,
+    ) -> Result<Result<String, String>, StoreError> {
         let payload_text = payload.to_string();
+        let traceparent = trace.map(TraceContext::traceparent);
         let mut fields: Vec<(&str, &[u8])> =
             vec![("type", event_type.as_bytes()), ("payload", payload_text.as_bytes())];
         if let Some(key) = key {
@@ -131,6 +158,12 @@ impl Engine {
         }
         if let Some(source) = source {
             fields.push(("source", source.as_bytes()));
+        }
+        if let (Some(parent), Some(trace)) = (&traceparent, trace) {
+            fields.push(("traceparent", parent.as_bytes()));
+            if !trace.tracestate.is_empty() {
+                fields.push(("tracestate", trace.tracestate.as_bytes()));
+            }
         }
         let entry = BusEntry {
             id: String::new(),
@@ -155,9 +188,7 @@ impl Engine {
             match read {
                 Ok(entries) => {
                     failures = 0;
-                    for entry in entries {
-                        self.route(entry).await;
-                    }
+                    self.route_all(entries).await;
                 }
                 Err(err) => {
                     failures += 1;
@@ -190,14 +221,23 @@ impl Engine {
                 .await
             {
                 Ok(entries) => {
-                    for entry in entries {
+                    for entry in &entries {
                         tracing::info!(event = %entry.id, deliveries = entry.deliveries, "took over an event another router did not settle");
-                        self.route(entry).await;
                     }
+                    self.route_all(entries).await;
                 }
                 Err(err) => tracing::warn!(%err, "reclaiming events failed; will retry"),
             }
         }
+    }
+
+    /// Handles a batch of bus entries, up to [`ROUTE_IN_FLIGHT`] at once: each is settled on its
+    /// own (its own idempotency keys, its own ack), so their round trips overlap on the
+    /// pipelined connection instead of queueing behind each other. Two events racing for one
+    /// waiting run are decided by the commit's fence: one wakes it, the other goes on as if it
+    /// had come after.
+    async fn route_all(&self, entries: Vec<BusEntry>) {
+        futures::stream::iter(entries).for_each_concurrent(ROUTE_IN_FLIGHT, |entry| self.route(entry)).await;
     }
 
     /// Handles one bus entry. Never fails: a problem of the entry dead-letters it; a problem of
@@ -254,7 +294,7 @@ impl Engine {
             }
             Err(EngineError::Store(err)) => return Err(err),
             Err(err) => {
-                tracing::error!(run = %run, %err, "a waiting run cannot be read; leaving it to its time-out");
+                tracing::error!(run_id = %run, %err, "a waiting run cannot be read; leaving it to its time-out");
                 return Ok(None);
             }
         };
@@ -279,7 +319,7 @@ impl Engine {
         let now = self.clock.now();
         match self.wake(run, &loaded.state, &loaded.workflow, woke, output, now).await? {
             crate::store::CommitOutcome::Applied { .. } => {
-                tracing::info!(run = %run, event = %id, "event woke a waiting run");
+                tracing::info!(run_id = %run, workflow = %loaded.state.workflow, step = %step_def.id, attempt, event = %id, "event woke a waiting run");
                 self.store.remove_wait(&event.event_type, run).await?;
                 Ok(Some(loaded.state.workflow.clone()))
             }
@@ -341,7 +381,9 @@ impl Engine {
                 None => format!("event:{id}:{workflow_id}"),
             };
             let trigger = Trigger::Event { event_id: id.to_owned(), event_type: event.event_type.clone() };
-            match self.trigger(workflow_id, &event.payload, Some(&key), trigger).await {
+            // Each run is a child of the publisher's span: one event, one trace, however many
+            // runs it starts.
+            match self.trigger_traced(workflow_id, &event.payload, Some(&key), trigger, event.trace.clone()).await {
                 Ok(triggered) => started.push((workflow_id.clone(), triggered.run_id)),
                 Err(EngineError::Store(err)) => return Err(err),
                 Err(other) => {
@@ -394,6 +436,18 @@ mod tests {
         assert!(reason(&[("type", b"a"), ("payload", &[b' '; 17])]).contains("over the limit"));
         assert!(reason(&[("type", &[0xff, 0xfe])]).contains("not UTF-8"));
         assert!(reason(&[("type", b"a"), ("key", b"")]).contains("`key`"));
+    }
+
+    #[test]
+    fn a_traceparent_is_read_and_an_invalid_one_ignored() {
+        let parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let event =
+            parse_event(&entry(&[("type", b"a"), ("traceparent", parent), ("tracestate", b"k=v")]), 16).unwrap();
+        let trace = event.trace.unwrap();
+        assert_eq!(trace.traceparent().as_bytes(), parent);
+        assert_eq!(trace.tracestate, "k=v");
+        let event = parse_event(&entry(&[("type", b"a"), ("traceparent", b"00-XYZ")]), 16).unwrap();
+        assert_eq!(event.trace, None);
     }
 
     #[test]

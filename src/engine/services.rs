@@ -76,7 +76,7 @@ impl Services for Engine {
             events.iter().filter(|e| crate::store::compare_entry_ids(&e.entry.id, &since_id).is_ge()).count();
         let (_, dead) = self.store.event_counts().await.map_err(unavailable)?;
         Ok(json!({
-            "since": crate::api::views::timestamp(since),
+            "since": crate::machine::timestamp(since),
             "runs": seen,
             "byWorkflow": by_workflow,
             "failures": failures.into_iter().take(20).collect::<Vec<_>>(),

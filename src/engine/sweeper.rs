@@ -54,7 +54,16 @@ impl Engine {
             // A cheap first look from reads that are not one snapshot; the re-queue itself is
             // refused by the store when the run's entry is live after all.
             if self.is_orphan(&run, &summary).await? && self.requeue(&run).await? {
-                tracing::warn!(run = %run, status = %summary.status, "run had no queued step, no lease and no timer: re-queued it");
+                // The step's id, for the log line, from the (cached) definition.
+                let step = match summary.step {
+                    Some(index) => self
+                        .definition(run.shard, &summary.definition)
+                        .await
+                        .ok()
+                        .and_then(|workflow| workflow.def.steps.get(index as usize).map(|s| s.id.clone())),
+                    None => None,
+                };
+                tracing::warn!(run_id = %run, workflow = %summary.workflow, step = step.as_deref(), attempt = summary.attempt, status = %summary.status, "run had no queued step, no lease and no timer: re-queued it");
                 Counters::add(&self.counters.runs_swept);
                 requeued += 1;
             }

@@ -24,7 +24,7 @@ impl Engine {
                 Ok(due) => {
                     for run in due {
                         if let Err(err) = self.fire_timer(&run, now).await {
-                            tracing::warn!(run = %run, %err, "firing a timer failed; will retry");
+                            tracing::warn!(run_id = %run, %err, "firing a timer failed; will retry");
                         }
                     }
                 }
@@ -40,10 +40,14 @@ impl Engine {
                 let fired = self.recorded(now, Transition::TimerFired { step, attempt });
                 let advanced = machine::advance(Some(&state), &workflow.def, vec![fired], now)
                     .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
-                self.commit_advanced(run, state.seq, None, advanced, true).await?;
+                if let crate::store::CommitOutcome::Applied { .. } =
+                    self.commit_advanced(run, state.seq, None, advanced, true).await?
+                {
+                    self.wait_ended(run, &state, false, now);
+                }
             }
             Status::Sleeping { step, attempt, until } if until <= now => {
-                let output = serde_json::json!({ "sleptUntil": crate::api::views::timestamp(until) }).to_string();
+                let output = serde_json::json!({ "sleptUntil": crate::machine::timestamp(until) }).to_string();
                 self.wake(run, &state, &workflow, Transition::TimerFired { step, attempt }, output, now).await?;
             }
             Status::Waiting { step, attempt, ref event, until } if until <= now => {
@@ -88,10 +92,15 @@ impl Engine {
         let Some((step, attempt)) = woke.step_attempt() else {
             return Err(StoreError::Corrupt { key: run.to_string(), problem: "a wake-up without a step".to_owned() });
         };
+        let by_event = matches!(woke, Transition::EventReceived { .. });
         let happened =
             vec![self.recorded(now, woke), self.recorded(now, Transition::StepCompleted { step, attempt, output })];
         let advanced = machine::advance(Some(state), &workflow.def, happened, now)
             .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
-        self.commit_advanced(run, state.seq, None, advanced, true).await
+        let committed = self.commit_advanced(run, state.seq, None, advanced, true).await?;
+        if let crate::store::CommitOutcome::Applied { .. } = committed {
+            self.wait_ended(run, state, by_event, now);
+        }
+        Ok(committed)
     }
 }

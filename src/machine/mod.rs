@@ -7,12 +7,21 @@
 //! combines the two for the engine: apply what happened, then record the follow-up transitions
 //! the machine decides on its own (completing or failing the run).
 
+pub mod trace;
+
 use crate::definition::WorkflowDef;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub use trace::{RunTrace, TraceContext, TraceparentError};
+
 /// Milliseconds since the Unix epoch, on the store's clock.
 pub type Millis = u64;
+
+/// A time as RFC 3339 text with milliseconds, UTC: how outputs, views and logs show times.
+pub fn timestamp(at: Millis) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(at)).to_string()
+}
 
 /// What started a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +38,21 @@ pub enum Trigger {
     Rerun { run_id: String, from_step: u32 },
 }
 
+impl Trigger {
+    /// What started a run, as JSON: the run view shows it, and actions see it as `run.trigger`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Trigger::Api => json!({ "kind": "api" }),
+            Trigger::Cron { fire_at } => json!({ "kind": "cron", "fireAt": timestamp(*fire_at) }),
+            Trigger::Event { event_id, event_type } => {
+                json!({ "kind": "event", "eventId": event_id, "eventType": event_type })
+            }
+            Trigger::Rerun { run_id, from_step } => json!({ "kind": "rerun", "runId": run_id, "fromStep": from_step }),
+        }
+    }
+}
+
 /// A fact about a run. Step numbers are indexes into the run's definition snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,6 +62,12 @@ pub enum Transition {
         definition: String,
         input: String,
         trigger: Trigger,
+        /// The run's place in its trace. Last, defaulted, and left out when `None`: logs written
+        /// before it existed (MessagePack arrays one element shorter) still decode, and a build
+        /// before it still decodes what this one writes for runs without a trace (as long as
+        /// nothing follows it: a field after it would shift when it is left out).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<RunTrace>,
     },
     StepStarted {
         step: u32,
@@ -257,6 +287,10 @@ pub struct RunState {
     /// against the step's retry budget.
     #[serde(default)]
     pub attempt_offset: u32,
+    /// From `run_created`, so that an executor has it with the ready task. Last, defaulted and
+    /// left out when `None`, like it (and the state is the last field of a ready task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<RunTrace>,
 }
 
 /// A transition that cannot happen in the state it was applied to.
@@ -289,7 +323,7 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
     let transition = &recorded.transition;
     let Some(current) = state else {
         return match transition {
-            Transition::RunCreated { workflow, definition, input, trigger } => Ok(RunState {
+            Transition::RunCreated { workflow, definition, input, trigger, trace } => Ok(RunState {
                 workflow: workflow.clone(),
                 definition: definition.clone(),
                 input: input.clone(),
@@ -300,6 +334,7 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
                 updated_at: recorded.at,
                 last_error: None,
                 attempt_offset: 0,
+                trace: trace.clone(),
             }),
             _ => Err(invalid(transition, None, "the run has not been created")),
         };

@@ -37,6 +37,7 @@ fn created() -> Recorded {
             definition: "h".to_owned(),
             input: "{}".to_owned(),
             trigger: Trigger::Api,
+            trace: None,
         },
     )
 }

@@ -112,6 +112,7 @@ mod tests {
                     definition: "d".into(),
                     input: "{}".into(),
                     trigger: Trigger::Api,
+                    trace: None,
                 },
             },
             Recorded { at: 2, replica: Some("r".into()), transition: Transition::StepStarted { step: 0, attempt: 1 } },
@@ -119,5 +120,132 @@ mod tests {
         let blob: Vec<u8> = records.iter().flat_map(encode_recorded).collect();
         assert_eq!(decode_compacted(&blob).unwrap(), records);
         assert!(decode_compacted(&blob[..blob.len() - 1]).is_err());
+    }
+
+    /// The shapes the build before trace contexts wrote: `run_created` and the run state one
+    /// field shorter.
+    mod before_traces {
+        use crate::machine::{Millis, Status, StepError, Trigger};
+        use serde::{Deserialize, Serialize};
+
+        #[derive(Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum Transition {
+            RunCreated { workflow: String, definition: String, input: String, trigger: Trigger },
+        }
+
+        #[derive(Serialize, Deserialize)]
+        pub struct Recorded {
+            pub at: Millis,
+            pub replica: Option<String>,
+            pub transition: Transition,
+        }
+
+        #[derive(Serialize, Deserialize)]
+        pub struct RunState {
+            pub workflow: String,
+            pub definition: String,
+            pub input: String,
+            pub trigger: Trigger,
+            pub status: Status,
+            pub seq: u64,
+            pub created_at: Millis,
+            pub updated_at: Millis,
+            pub last_error: Option<StepError>,
+            pub attempt_offset: u32,
+        }
+
+        #[derive(Serialize, Deserialize)]
+        pub struct ReadyTask {
+            pub run: String,
+            pub state: RunState,
+        }
+    }
+
+    #[test]
+    fn entries_written_before_trace_contexts_still_decode() {
+        let old = before_traces::Recorded {
+            at: 5,
+            replica: Some("r".into()),
+            transition: before_traces::Transition::RunCreated {
+                workflow: "w".into(),
+                definition: "d".into(),
+                input: "{}".into(),
+                trigger: Trigger::Api,
+            },
+        };
+        let decoded = decode_recorded(&rmp_serde::to_vec(&old).unwrap()).unwrap();
+        let Transition::RunCreated { workflow, trace, .. } = &decoded.transition else { panic!("{decoded:?}") };
+        assert_eq!((workflow.as_str(), trace), ("w", &None));
+
+        let task = before_traces::ReadyTask {
+            run: "0-1".into(),
+            state: before_traces::RunState {
+                workflow: "w".into(),
+                definition: "d".into(),
+                input: "{}".into(),
+                trigger: Trigger::Api,
+                status: crate::machine::Status::Queued { step: 1, attempt: 2 },
+                seq: 3,
+                created_at: 1,
+                updated_at: 2,
+                last_error: None,
+                attempt_offset: 1,
+            },
+        };
+        let decoded = decode_task(&rmp_serde::to_vec(&task).unwrap()).unwrap();
+        assert_eq!((decoded.state.seq, decoded.state.attempt_offset, decoded.state.trace), (3, 1, None));
+    }
+
+    #[test]
+    fn a_build_before_trace_contexts_decodes_what_this_one_writes_for_runs_without_one() {
+        // A rolling upgrade: the old replicas still read the new ones' entries.
+        let recorded = Recorded {
+            at: 5,
+            replica: None,
+            transition: Transition::RunCreated {
+                workflow: "w".into(),
+                definition: "d".into(),
+                input: "{}".into(),
+                trigger: Trigger::Api,
+                trace: None,
+            },
+        };
+        let old: before_traces::Recorded = rmp_serde::from_slice(&encode_recorded(&recorded)).unwrap();
+        let before_traces::Transition::RunCreated { workflow, .. } = old.transition;
+        assert_eq!(workflow, "w");
+        let state = crate::machine::apply(None, &recorded).unwrap();
+        let task = ReadyTask { run: "0-1".into(), state };
+        let old: before_traces::ReadyTask = rmp_serde::from_slice(&encode_task(&task)).unwrap();
+        assert_eq!((old.run.as_str(), old.state.seq), ("0-1", 1));
+    }
+
+    #[test]
+    fn a_trace_context_round_trips_through_the_log_and_the_ready_task() {
+        let trace = crate::machine::RunTrace {
+            span: crate::machine::TraceContext {
+                trace_id: [1; 16],
+                span_id: [2; 8],
+                flags: 1,
+                tracestate: "k=v".into(),
+            },
+            parent: Some([3; 8]),
+        };
+        let recorded = Recorded {
+            at: 1,
+            replica: None,
+            transition: Transition::RunCreated {
+                workflow: "w".into(),
+                definition: "d".into(),
+                input: "{}".into(),
+                trigger: Trigger::Api,
+                trace: Some(trace.clone()),
+            },
+        };
+        assert_eq!(decode_recorded(&encode_recorded(&recorded)).unwrap(), recorded);
+        let state = crate::machine::apply(None, &recorded).unwrap();
+        assert_eq!(state.trace.as_ref(), Some(&trace));
+        let task = ReadyTask { run: "0-1".into(), state };
+        assert_eq!(decode_task(&encode_task(&task)).unwrap(), task);
     }
 }

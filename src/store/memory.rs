@@ -1164,6 +1164,7 @@ mod tests {
                 definition: "h".to_owned(),
                 input: "{}".to_owned(),
                 trigger: Trigger::Api,
+                trace: None,
             },
         );
         let Advanced { state, appended, effects } = advance(None, def, vec![created], now).unwrap();

@@ -139,7 +139,22 @@ pub struct Replica {
     pub name: String,
     pub port: u16,
     child: Option<Child>,
+    /// Its standard error.
     pub log: PathBuf,
+    /// Its standard output, when [`ReplicaConfig::stdout_to_file`] asked for it in a file.
+    pub stdout: Option<PathBuf>,
+}
+
+/// The address (`127.0.0.1:port`) in the line a replica announces it listens with: the text
+/// `listening on http://<address>`, or a JSON log line whose message says so and whose
+/// `address` field is `http://<address>`.
+pub fn listening_address(line: &str) -> Option<String> {
+    if let Some(address) = line.strip_prefix("listening on http://") {
+        return Some(address.trim_end().to_owned());
+    }
+    let object: Value = serde_json::from_str(line).ok()?;
+    object["message"].as_str().filter(|m| m.starts_with("listening on http://"))?;
+    object["address"].as_str()?.strip_prefix("http://").map(str::to_owned)
 }
 
 /// How to start replicas.
@@ -149,6 +164,8 @@ pub struct ReplicaConfig {
     pub workflows_file: Option<PathBuf>,
     pub log_dir: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Standard output into `<log_dir>/<name>.out` instead of a pipe read by the harness.
+    pub stdout_file: bool,
 }
 
 impl ReplicaConfig {
@@ -158,7 +175,15 @@ impl ReplicaConfig {
             workflows_file: workflows_file.map(Path::to_path_buf),
             log_dir: log_dir.to_path_buf(),
             env: Vec::new(),
+            stdout_file: false,
         }
+    }
+
+    /// Writes the replicas' standard output to a file (as a service manager would), where the
+    /// harness looks for the announcement; see [`Replica::stdout`].
+    pub fn stdout_to_file(mut self) -> ReplicaConfig {
+        self.stdout_file = true;
+        self
     }
 
     pub fn env(mut self, key: &str, value: &str) -> ReplicaConfig {
@@ -178,8 +203,12 @@ impl ReplicaConfig {
             .env("BIND_ADDR", "127.0.0.1")
             .env("REPLICA_ID", name)
             .env("LOG_LEVEL", "info")
-            .stdout(Stdio::piped())
             .stderr(log_file);
+        let stdout_path = self.stdout_file.then(|| self.log_dir.join(format!("{name}.out")));
+        match &stdout_path {
+            Some(path) => command.stdout(std::fs::File::create(path).expect("replica stdout file")),
+            None => command.stdout(Stdio::piped()),
+        };
         if let Some(url) = &self.redis_url {
             command.env("REDIS_URL", url);
         }
@@ -190,15 +219,30 @@ impl ReplicaConfig {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("start the replica binary");
-        let stdout = child.stdout.take().expect("piped stdout");
         let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(address) = line.strip_prefix("listening on http://") {
-                    let _ = sender.send(address.to_owned());
-                }
+        match (child.stdout.take(), &stdout_path) {
+            (Some(stdout), _) => {
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                        if let Some(address) = listening_address(&line) {
+                            let _ = sender.send(address);
+                        }
+                    }
+                });
             }
-        });
+            (None, Some(path)) => {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let found = wait_for(Duration::from_secs(30), Duration::from_millis(20), || {
+                        std::fs::read_to_string(&path).ok()?.lines().find_map(listening_address)
+                    });
+                    if let Some(address) = found {
+                        let _ = sender.send(address);
+                    }
+                });
+            }
+            (None, None) => unreachable!("standard output is piped or in a file"),
+        }
         let address = receiver.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
             panic!(
                 "replica {name} did not start within 30 s; log:\n{}",
@@ -206,7 +250,7 @@ impl ReplicaConfig {
             )
         });
         let port = address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the listening line");
-        Replica { name: name.to_owned(), port, child: Some(child), log }
+        Replica { name: name.to_owned(), port, child: Some(child), log, stdout: stdout_path }
     }
 }
 
