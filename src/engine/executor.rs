@@ -186,11 +186,25 @@ impl Engine {
                     continue;
                 }
             };
-            let span = step_span(&run, &task);
+            // Read before the span is made, so that the span gets every field at once: a field
+            // recorded later costs the JSON log format a second encoding of them all.
+            let workflow = match self.definition(run.shard, &task.state.definition).await {
+                Ok(workflow) => workflow,
+                Err(err) => {
+                    tracing::warn!(run_id = %run, workflow = %task.state.workflow, %err, "step not started: its definition cannot be read; it will be retried after its lease expires");
+                    continue;
+                }
+            };
+            let span = step_span(&run, &task, &workflow);
             // Before the span is first entered: that is when its OpenTelemetry span starts.
             let trace = self.attempt_trace(&span, task.state.trace.as_ref());
+            if took_over {
+                span.in_scope(|| {
+                    tracing::info!(entry = %lease.entry, shard = lease.shard, deliveries, "took over a step whose lease expired");
+                });
+            }
             let result =
-                self.execute_step(&run, &lease, deliveries, task, took_over, trace).instrument(span.clone()).await;
+                self.execute_step(&run, &lease, deliveries, task, &workflow, trace).instrument(span.clone()).await;
             span.in_scope(|| match result {
                 Ok(Some(claimed)) => {
                     if let Ok(task) = claimed.task {
@@ -214,10 +228,9 @@ impl Engine {
         lease: &Lease,
         deliveries: u64,
         task: ReadyTask,
-        took_over: bool,
+        workflow: &crate::definition::Workflow,
         trace: Option<crate::machine::TraceContext>,
     ) -> Result<Option<Claimed>, StoreError> {
-        let workflow = self.definition(run.shard, &task.state.definition).await?;
         let Some((step, attempt)) = task.state.status.step_attempt() else {
             self.store.ack(lease).await?;
             return Ok(None);
@@ -228,11 +241,7 @@ impl Engine {
                 problem: format!("step {step} is not in the definition"),
             });
         };
-        tracing::Span::current().record("step", tracing::field::display(&step_def.id));
         tracing::debug!(deliveries, "step started");
-        if took_over {
-            tracing::info!(entry = %lease.entry, shard = lease.shard, deliveries, "took over a step whose lease expired");
-        }
         let started_at = self.clock.now();
         let outcome = if deliveries > self.config.max_deliveries {
             Err(actions::ActionError::fatal(format!(
@@ -242,7 +251,7 @@ impl Engine {
         } else {
             // Earlier outputs only when the step's templates name them: a read of the log.
             let steps = if actions::Actions::needs_outputs(step_def) {
-                self.outputs(run, &workflow).await?
+                self.outputs(run, workflow).await?
             } else {
                 Default::default()
             };
@@ -456,13 +465,15 @@ impl Engine {
 /// which run it is about. Its `step` (the step's id) is recorded once the definition is read;
 /// `trace_id` is recorded by the traces when they are on, this being the attempt's span. At
 /// ERROR level so that no `LOG_LEVEL` drops it while it still lets its lines through.
-pub(super) fn step_span(run: &RunId, task: &ReadyTask) -> tracing::Span {
-    let attempt = task.state.status.step_attempt().map(|(_, attempt)| attempt);
+pub(super) fn step_span(run: &RunId, task: &ReadyTask, workflow: &crate::definition::Workflow) -> tracing::Span {
+    let (step, attempt) = task.state.status.step_attempt().unzip();
+    // As text (`step=fetch`), like the other fields, not as a quoted debug string.
+    let step = step.and_then(|step| workflow.def.steps.get(step as usize)).map(|def| tracing::field::display(&def.id));
     tracing::error_span!(
         "step",
         run_id = %run,
         workflow = %task.state.workflow,
-        step = tracing::field::Empty,
+        step,
         attempt,
         trace_id = tracing::field::Empty,
     )
