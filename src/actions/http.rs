@@ -84,13 +84,10 @@ pub async fn request(
     let url = checked_url(&rendered.url)?;
     let method = reqwest::Method::from_bytes(spec.method.as_bytes()).map_err(|_| ActionError::fatal("bad method"))?;
     let what = format!("{} {}{}", spec.method, url.origin().ascii_serialization(), url.path());
-    let mut request = client.request(method, url).header("Idempotency-Key", context.idempotency_key());
+    let request = client.request(method, url).header("Idempotency-Key", context.idempotency_key());
     // The run's trace, unless the definition sets these headers itself.
-    for (name, value) in context.trace_headers() {
-        if !rendered.headers.iter().any(|(own, _)| own.eq_ignore_ascii_case(name)) {
-            request = request.header(name, value);
-        }
-    }
+    let own = |name: &str| rendered.headers.iter().any(|(header, _)| header.eq_ignore_ascii_case(name));
+    let mut request = with_trace(request, context, own);
     for (name, value) in rendered.headers {
         let (name, value) = header(&name, &value)?;
         request = request.header(name, value);
@@ -135,16 +132,28 @@ pub async fn notify(
         .ok_or_else(|| ActionError::fatal("WEBHOOK_SECRET is not set: notifications are always signed"))?;
     let url = checked_url(url)?;
     let bytes = serde_json::to_vec(body).map_err(|err| ActionError::fatal(err.to_string()))?;
-    let mut request = client
+    let request = client
         .post(url)
         .header("Content-Type", "application/json")
         .header("Idempotency-Key", context.idempotency_key())
         .header("X-Molochain-Signature", sign(secret, &bytes));
-    for (name, value) in context.trace_headers() {
-        request = request.header(name, value);
-    }
-    let request = request.body(bytes);
+    let request = with_trace(request, context, |_| false).body(bytes);
     send(request, &[], false, 64 * 1024, "the notification webhook", cancel).await
+}
+
+/// Adds the run's trace headers (`traceparent`, `tracestate`) to a request, but those `own`
+/// says the request sets itself.
+fn with_trace(
+    mut request: reqwest::RequestBuilder,
+    context: &StepContext,
+    own: impl Fn(&str) -> bool,
+) -> reqwest::RequestBuilder {
+    for (name, value) in context.trace_headers() {
+        if !own(name) {
+            request = request.header(name, value);
+        }
+    }
+    request
 }
 
 /// Sends an event to Inngest: `POST <INNGEST_BASE_URL>/e/<INNGEST_EVENT_KEY>`.
@@ -162,10 +171,7 @@ pub async fn inngest(
     let url = checked_url(&format!("{}/e/{key}", config.inngest_base_url.trim_end_matches('/')))?;
     // The event id makes Inngest drop a repeat of the same step's send.
     let body = serde_json::json!({ "name": event, "data": data, "id": context.idempotency_key() });
-    let mut request = client.post(url).json(&body);
-    for (name, value) in context.trace_headers() {
-        request = request.header(name, value);
-    }
+    let request = with_trace(client.post(url).json(&body), context, |_| false);
     send(request, &[], false, 64 * 1024, "the Inngest event API", cancel).await
 }
 

@@ -17,6 +17,7 @@
 use super::Engine;
 use crate::machine::{Millis, RunState, RunTrace, Status, TraceContext};
 use crate::store::RunId;
+use crate::telemetry::otel::TRACER;
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanId, Status as SpanStatus, TraceContextExt, TraceFlags, TraceId,
 };
@@ -24,9 +25,6 @@ use opentelemetry::trace::{TraceState, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 use std::time::{Duration, SystemTime};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-/// The instrumentation scope; the same name the binary gives its tracer.
-const TRACER: &str = "workflow-orchestrator";
 
 impl Engine {
     /// The trace of a run being created, `caller` being the span of whoever started it.
