@@ -270,7 +270,7 @@ async fn chain3(args: &Args, n: usize, inflight: usize, time_limit: Duration) ->
     let mut sample = serde_json::Map::new();
     let first = admin.call(&["ZRANGE", &keys.index_all(0), "0", "0"])?.text();
     if let Ok(run) = first.parse::<RunId>() {
-        for key in [keys.run(&run), keys.history(&run), keys.log(&run)] {
+        for key in [keys.run(&run), keys.log(&run)] {
             let usage = admin.call(&["MEMORY", "USAGE", &key])?.integer();
             sample.insert(key.split(':').nth(2).unwrap_or("?").to_owned(), json!(usage));
         }

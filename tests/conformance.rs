@@ -88,6 +88,7 @@ conformance! {
     a_commit_under_its_lease_applies_acks_and_dispatches = commit_under_lease_applies_acks_and_dispatches(4);
     a_stale_commit_changes_nothing = stale_commit_changes_nothing(4);
     a_commit_under_a_lost_lease_changes_nothing = commit_under_lost_lease_changes_nothing(4);
+    a_group_commit_gives_each_run_its_own_outcome = group_commit_gives_each_run_its_own_outcome(4);
     renewal_keeps_held_leases_and_reports_lost_ones = renew_keeps_held_leases_and_reports_lost_ones(4);
     a_reclaim_counts_deliveries = reclaim_counts_deliveries(4);
     a_terminal_commit_keeps_a_replayable_history = terminal_commit_keeps_replayable_history(4);
@@ -522,6 +523,87 @@ async fn commit_under_lost_lease_changes_nothing(store: Arc<dyn Store>) {
 
     assert_eq!(store.commit(work(&def, &taken[0], true, 1_020)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
     assert_eq!(replayed(&store.history(&id).await.unwrap().unwrap()).updated_at, 1_020);
+}
+
+/// One group of fresh, stale, lease-lost and finished runs' commits: each gets the outcome it
+/// would get alone, the refused ones write nothing, and a second commit of one run in the same
+/// group (a sibling's, decided on the same seq) loses the compare and applies once re-decided.
+async fn group_commit_gives_each_run_its_own_outcome(store: Arc<dyn Store>) {
+    assert!(store.commit_group(Vec::new()).await.unwrap().is_empty());
+    let def = definition("wf", 2, 1);
+    // `lost`'s lease goes from `a` to `b` before the others are claimed.
+    let lost_id = create(&store, new_run(&def, 2, 1_000, None)).await;
+    let lost = claim_one(&store, "a").await;
+    age().await;
+    assert_eq!(store.reclaim("b", Duration::ZERO, 10).await.unwrap().len(), 1);
+    let mut ids = Vec::new();
+    for (shard, now) in [(0, 1_001), (1, 1_002), (3, 1_003)] {
+        ids.push(create(&store, new_run(&def, shard, now, None)).await);
+    }
+    let claimed = store.claim("a", 10, BLOCK).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let of = |id: &RunId| {
+        claimed.iter().find(|c| c.task.as_ref().is_ok_and(|t| t.run == id.to_string())).expect("claimed").clone()
+    };
+    let (fresh, stale, finished) = (of(&ids[0]), of(&ids[1]), of(&ids[2]));
+    ids.insert(2, lost_id);
+    let state = |c: &Claimed| c.task.as_ref().unwrap().state.clone();
+
+    // `stale`'s run moves on (a record appended elsewhere); `finished`'s run is cancelled.
+    let (step, attempt) = state(&stale).status.step_attempt().unwrap();
+    let moved = commit_of(&def, &ids[1], &state(&stale), None, vec![Transition::StepStarted { step, attempt }], 1_005);
+    assert_eq!(store.commit(moved).await.unwrap(), CommitOutcome::Applied { seq: 2 });
+    let cancel = commit_of(
+        &def,
+        &ids[3],
+        &state(&finished),
+        None,
+        vec![Transition::RunCancelled { reason: "op".to_owned() }],
+        1_006,
+    );
+    assert_eq!(store.commit(cancel).await.unwrap(), CommitOutcome::Applied { seq: 2 });
+
+    let before: Vec<_> = futures::future::join_all(ids[1..].iter().map(|id| snapshot(&store, id))).await;
+    let first = work(&def, &fresh, true, 1_010);
+    // Another commit of the same run decided on the same seq (a sibling step's, once steps run in
+    // parallel), in the same group after the first.
+    let (step, attempt) = state(&fresh).status.step_attempt().unwrap();
+    let sibling =
+        commit_of(&def, &ids[0], &state(&fresh), None, vec![Transition::StepStarted { step, attempt }], 1_011);
+    let outcomes = store
+        .commit_group(vec![
+            first.clone(),
+            work(&def, &stale, true, 1_010),
+            work(&def, &lost, true, 1_010),
+            work(&def, &finished, true, 1_010),
+            sibling,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            CommitOutcome::Applied { seq: 3 },
+            CommitOutcome::Stale,
+            CommitOutcome::LeaseLost,
+            CommitOutcome::Gone,
+            CommitOutcome::Stale,
+        ]
+    );
+    let after: Vec<_> = futures::future::join_all(ids[1..].iter().map(|id| snapshot(&store, id))).await;
+    assert_eq!(after, before, "a refused commit wrote nothing");
+    assert_eq!(replayed(&store.history(&ids[0]).await.unwrap().unwrap()), first.state);
+    assert!(!store.dispatch_exists(&ids[0], &fresh.lease.entry).await.unwrap(), "the applied one's lease is acked");
+    assert!(store.dispatch_exists(&ids[1], &stale.lease.entry).await.unwrap(), "a stale commit acks nothing");
+    assert!(store.dispatch_exists(&ids[2], &lost.lease.entry).await.unwrap(), "b still holds its entry");
+    assert!(!store.dispatch_exists(&ids[3], &finished.lease.entry).await.unwrap(), "a gone run's entry is done");
+
+    // The sibling, re-decided on the run's new state, applies.
+    let next = claim_one(&store, "a").await;
+    assert_eq!(next.task.as_ref().unwrap().run, ids[0].to_string());
+    let redone = work(&def, &next, true, 1_020);
+    assert_eq!(store.commit_group(vec![redone.clone()]).await.unwrap(), [CommitOutcome::Applied { seq: 6 }]);
+    assert_eq!(replayed(&store.history(&ids[0]).await.unwrap().unwrap()), redone.state);
 }
 
 async fn renew_keeps_held_leases_and_reports_lost_ones(store: Arc<dyn Store>) {
@@ -982,25 +1064,151 @@ async fn definitions_are_found_by_hash(store: Arc<dyn Store>) {
 // ---------------------------------------------------------------------------------------------
 // What only the Redis store does, checked on its keys.
 
-/// A finished run's log is compacted into one value; the history reads the same.
+/// A run's log is one list, its length the run's seq, kept as it is when the run ends; schema 1's
+/// keys are never written.
 #[test]
-fn redis_compacts_a_finished_runs_log() {
+fn redis_keeps_a_runs_log_as_a_list() {
     let server = RedisServer::start();
     run(async {
         let store = redis_store(&server, 4).await;
         let def = definition("wf", 2, 1);
         let live = create(&store, new_run(&def, 1, 500, None)).await;
-        let live_log = format!("wfo:{{1}}:log:{live}");
-        assert_eq!(server.cli(&["XLEN", &live_log]).trim(), "1", "a live run's log is a stream");
+        let live_log = format!("wfo:{{1}}:runlog:{live}");
+        assert_eq!(server.cli(&["TYPE", &live_log]).trim(), "list", "a run's log is a list");
+        assert_eq!(server.cli(&["LLEN", &live_log]).trim(), "1");
         let _ = store.claim("a", 10, BLOCK).await.unwrap();
 
         let (id, state) = run_to_completion(&store, &def, 1, 1_000).await;
-        let log = format!("wfo:{{1}}:log:{id}");
-        let hist = format!("wfo:{{1}}:hist:{id}");
-        assert_eq!(server.cli(&["EXISTS", &log]).trim(), "0", "the stream is gone");
-        assert_eq!(server.cli(&["TYPE", &hist]).trim(), "string", "the log is one value");
+        let log = format!("wfo:{{1}}:runlog:{id}");
+        assert_eq!(server.cli(&["LLEN", &log]).trim(), "6", "the whole log stays, one record per seq");
+        assert_eq!(server.cli(&["HGET", &format!("wfo:{{1}}:run:{id}"), "seq"]).trim(), "6");
+        for old in [format!("wfo:{{1}}:log:{id}"), format!("wfo:{{1}}:hist:{id}")] {
+            assert_eq!(server.cli(&["EXISTS", &old]).trim(), "0", "{old}");
+        }
         let history = store.history(&id).await.unwrap().unwrap();
         assert_eq!(history.len(), 6);
         assert_eq!(replayed(&history), state);
+        assert_eq!(server.cli(&["GET", "wfo:schema"]).trim(), "2");
+    });
+}
+
+/// Redis holding schema 1's data (a live run mid-way, its log a stream, its next step queued; a
+/// finished run, its log compacted into one string), then this version: the data is upgraded at
+/// connection, schema 1's library is removed, both histories read as before, and the live run
+/// goes on from where it was.
+#[test]
+fn redis_upgrades_schema_1_data_in_place() {
+    use fred::prelude::{ClientLike, Config};
+    use fred::types::{CustomCommand, Value};
+    use workflow_orchestrator::store::ReadyTask;
+    use workflow_orchestrator::store::codec::{encode_recorded, encode_task, summary_fields};
+
+    let server = RedisServer::start();
+    run(async {
+        // The two runs, made by the machine on a memory store: their records are what schema 1
+        // held.
+        let def = definition("wf", 3, 1);
+        let memory = memory_store(4);
+        let (done, done_state) = run_to_completion(&memory, &def, 1, 1_000).await;
+        let done_log: Vec<Recorded> =
+            memory.history(&done).await.unwrap().unwrap().into_iter().map(|l| l.recorded).collect();
+        let live = create(&memory, new_run(&def, 2, 2_000, None)).await;
+        let first = claim_one(&memory, "a").await;
+        let step_one = work(&def, &first, true, 2_010);
+        let live_state = step_one.state.clone();
+        assert_eq!(memory.commit(step_one).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+        let live_log: Vec<Recorded> =
+            memory.history(&live).await.unwrap().unwrap().into_iter().map(|l| l.recorded).collect();
+
+        // Written in schema 1's shape, as its library wrote them.
+        let client = fred::prelude::Client::new(Config::from_url(&server.url()).unwrap(), None, None, None);
+        client.init().await.unwrap();
+        let call = |args: Vec<Value>| {
+            let client = client.clone();
+            async move {
+                let name = args[0].as_str().unwrap().into_owned();
+                let rest = args[1..].to_vec();
+                let reply: Value = client.custom(CustomCommand::new(name, None::<u16>, false), rest).await.unwrap();
+                reply
+            }
+        };
+        let bytes = |b: Vec<u8>| Value::Bytes(b.into());
+        call(vec!["FUNCTION".into(), "LOAD".into(), include_str!("../migrations/001_wfo_v1.lua").into()]).await;
+        call(vec!["SET".into(), "wfo:schema".into(), "1".into()]).await;
+        let mut blob = Vec::new();
+        for recorded in &done_log {
+            blob.extend(encode_recorded(recorded));
+        }
+        call(vec!["SET".into(), format!("wfo:{{1}}:hist:{done}").into(), bytes(blob)]).await;
+        let mut hset = vec!["HSET".into(), format!("wfo:{{1}}:run:{done}").into()];
+        for (name, value) in summary_fields(&RunSummary::of(&done_state)) {
+            hset.extend([name.into(), value.into()]);
+        }
+        call(hset).await;
+        call(vec!["ZADD".into(), "wfo:{1}:idx:st:completed".into(), "1000".into(), done.to_string().into()]).await;
+        for (i, recorded) in live_log.iter().enumerate() {
+            let id = format!("{}-0", i + 1);
+            call(vec![
+                "XADD".into(),
+                format!("wfo:{{2}}:log:{live}").into(),
+                id.into(),
+                "type".into(),
+                recorded.transition.kind().into(),
+                "data".into(),
+                bytes(encode_recorded(recorded)),
+            ])
+            .await;
+        }
+        let task = ReadyTask { run: live.to_string(), state: live_state.clone() };
+        let entry = call(vec![
+            "XADD".into(),
+            "wfo:{2}:ready".into(),
+            "*".into(),
+            "run".into(),
+            live.to_string().into(),
+            "data".into(),
+            bytes(encode_task(&task)),
+        ])
+        .await;
+        let mut hset = vec!["HSET".into(), format!("wfo:{{2}}:run:{live}").into()];
+        for (name, value) in summary_fields(&RunSummary::of(&live_state)) {
+            hset.extend([name.into(), value.into()]);
+        }
+        hset.extend(["ready_entry".into(), entry]);
+        call(hset).await;
+        call(vec!["ZADD".into(), "wfo:{2}:idx:active".into(), "2000".into(), live.to_string().into()]).await;
+
+        // This version connects: upgraded.
+        let store = redis_store(&server, 4).await;
+        assert_eq!(server.cli(&["GET", "wfo:schema"]).trim(), "2");
+        assert!(!server.cli(&["FUNCTION", "LIST"]).contains("wfo_v1"), "schema 1's library is gone");
+        for old in [format!("wfo:{{1}}:hist:{done}"), format!("wfo:{{2}}:log:{live}")] {
+            assert_eq!(server.cli(&["EXISTS", &old]).trim(), "0", "{old}");
+        }
+        let records = |history: Vec<Logged>| history.into_iter().map(|l| l.recorded).collect::<Vec<_>>();
+        assert_eq!(records(store.history(&done).await.unwrap().unwrap()), done_log);
+        assert_eq!(records(store.history(&live).await.unwrap().unwrap()), live_log);
+        assert!(store.summary(&done).await.unwrap().unwrap().matches(&done_state));
+
+        // The live run's queued step is worked and the run completes, its seqs continuing.
+        let mut at = 3_000;
+        loop {
+            let claimed = claim_one(&store, "a").await;
+            assert_eq!(claimed.task.as_ref().unwrap().run, live.to_string());
+            at += 10;
+            let commit = work(&def, &claimed, true, at);
+            let state = commit.state.clone();
+            let seq = commit.expected_seq + commit.records.len() as u64;
+            assert_eq!(store.commit(commit).await.unwrap(), CommitOutcome::Applied { seq });
+            if state.status.is_terminal() {
+                let history = store.history(&live).await.unwrap().unwrap();
+                assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), (1..=seq).collect::<Vec<u64>>());
+                assert_eq!(replayed(&history), state);
+                break;
+            }
+        }
+        // A second connection (another replica, a restart) finds nothing left to upgrade.
+        let again = redis_store(&server, 4).await;
+        assert_eq!(records(again.history(&done).await.unwrap().unwrap()), done_log);
     });
 }

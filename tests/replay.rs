@@ -85,41 +85,11 @@ impl Service {
     }
 }
 
-/// The key of a run's `kind` (`log`, `hist`, `run`) in Redis, with the default prefix.
+/// The key of a run's `kind` (`runlog`, `run`) in Redis, with the default prefix.
 fn key(kind: &str, run_id: &str) -> String {
     let shard = run_id.rsplit_once("-s").expect("a run id ends in -s<shard>").1;
     format!("wfo:{{{shard}}}:{kind}:{run_id}")
 }
-
-/// Rewrites a live log stream with one entry's `data` replaced: by `replacement` bytes, or (with
-/// `copy_from`) by another entry's data. Streams cannot be edited in place, so the script reads
-/// the stream, deletes it and adds every entry back under its own id, atomically.
-const REWRITE_ENTRY: &str = r#"
-local entries = redis.call('XRANGE', KEYS[1], '-', '+')
-if #entries == 0 then return redis.error_reply('no such stream') end
-local replacement = ARGV[3]
-if ARGV[2] == 'copy' then
-  for _, entry in ipairs(entries) do
-    if entry[1] == ARGV[3] then
-      for i = 1, #entry[2], 2 do
-        if entry[2][i] == 'data' then replacement = entry[2][i + 1] end
-      end
-    end
-  end
-end
-redis.call('DEL', KEYS[1])
-local replaced = 0
-for _, entry in ipairs(entries) do
-  local fields = entry[2]
-  if entry[1] == ARGV[1] then
-    for i = 1, #fields, 2 do
-      if fields[i] == 'data' then fields[i + 1] = replacement; replaced = replaced + 1 end
-    end
-  end
-  redis.call('XADD', KEYS[1], entry[1], unpack(fields))
-end
-return replaced
-"#;
 
 /// The rows of a replay table: `[seq, time, transition, step, attempt, replica, rest...]`.
 fn table_rows(stdout: &str) -> Vec<(Vec<String>, String)> {
@@ -269,30 +239,26 @@ fn replay_prints_the_whole_story_of_a_retried_failed_run_and_of_its_rerun_and_ex
 fn replay_exits_non_zero_naming_an_undecodable_or_impossible_log_entry() {
     let service = Service::start();
 
-    // Two live runs, parked in `retrying` for an hour: their logs are streams `<seq>-0`.
+    // Two live runs, parked in `retrying` for an hour: their logs are lists, record `seq` at
+    // index `seq - 1`.
     let garbled = service.replica.trigger("parked", json!({}));
     let impossible = service.replica.trigger("parked", json!({}));
     for run in [&garbled, &impossible] {
         service.wait_status(run, "retrying");
-        let log = key("log", run);
-        assert_eq!(service.redis.cli(&["XLEN", &log]).trim(), "3", "{log}");
-        let ids = service.redis.cli(&["XRANGE", &log, "-", "+"]);
-        for id in ["1-0", "2-0", "3-0"] {
-            assert!(ids.lines().any(|l| l.trim() == id), "entry {id} in {log}: {ids}");
-        }
+        let log = key("runlog", run);
+        assert_eq!(service.redis.cli(&["LLEN", &log]).trim(), "3", "{log}");
         assert_eq!(service.cli(&["replay", run]).code, Some(0), "intact, the log replays");
     }
 
-    // (a) Entry 2's data replaced by bytes that are no MessagePack transition.
-    let log = key("log", &garbled);
-    let replaced =
-        service.redis.cli(&["EVAL", REWRITE_ENTRY, "1", &log, "2-0", "raw", "\u{1}garbage, not a transition"]);
-    assert_eq!(replaced.trim(), "1", "{replaced}");
+    // (a) Record 2 replaced by bytes that are no MessagePack transition.
+    let log = key("runlog", &garbled);
+    let replaced = service.redis.cli(&["LSET", &log, "1", "\u{1}garbage, not a transition"]);
+    assert_eq!(replaced.trim(), "OK", "{replaced}");
     let replay = service.cli(&["replay", &garbled]);
     assert_ne!(replay.code, Some(0), "a corrupt log fails the replay: {}", replay.stdout);
     assert!(replay.stderr.contains("FAILED"), "{}", replay.stderr);
     assert!(replay.stderr.contains(&log), "names the log: {}", replay.stderr);
-    assert!(replay.stderr.contains("entry 2-0"), "names the entry: {}", replay.stderr);
+    assert!(replay.stderr.contains("record 2"), "names the entry: {}", replay.stderr);
     let json = service.cli(&["replay", &garbled, "--json"]);
     assert_ne!(json.code, Some(0), "--json fails too");
     // The API reports it as a server-side problem, in JSON, and keeps serving.
@@ -301,48 +267,50 @@ fn replay_exits_non_zero_naming_an_undecodable_or_impossible_log_entry() {
     assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string(), "{body}");
     assert_eq!(service.replica.get("/health").0, 200);
 
-    // (b) Entry 3 (step_failed) replaced by a copy of entry 1 (run_created): every entry
+    // (b) Record 3 (step_failed) replaced by a copy of record 1 (run_created): every record
     // decodes, but the log cannot be folded.
-    let log = key("log", &impossible);
-    let replaced = service.redis.cli(&["EVAL", REWRITE_ENTRY, "1", &log, "3-0", "copy", "1-0"]);
-    assert_eq!(replaced.trim(), "1", "{replaced}");
+    let log = key("runlog", &impossible);
+    let copied = service.redis.cli(&[
+        "EVAL",
+        "return redis.call('LSET', KEYS[1], 2, redis.call('LINDEX', KEYS[1], 0))",
+        "1",
+        &log,
+    ]);
+    assert_eq!(copied.trim(), "OK", "{copied}");
     let replay = service.cli(&["replay", &impossible]);
     assert_ne!(replay.code, Some(0), "an impossible log fails the replay: {}", replay.stdout);
     assert!(replay.stderr.contains("FAILED at log entry 3 (run_created)"), "names the entry: {}", replay.stderr);
 
-    // (c) A finished run's compacted log, cut in the middle of a record: its last one, which is
-    // longer than the 5 bytes cut off (a cut at a fixed fraction may land between two records,
-    // and such a log decodes, one record short).
+    // (c) A finished run's log keeps its list; its last record cut short by 5 bytes.
     let (original, rerun) = tell_the_story(&service);
-    let hist = key("hist", &rerun);
-    assert_eq!(service.redis.cli(&["EXISTS", &key("log", &rerun)]).trim(), "0", "a finished run's stream is gone");
-    assert_eq!(service.redis.cli(&["EXISTS", &hist]).trim(), "1", "its log is compacted into {hist}");
-    assert_eq!(service.cli(&["replay", &rerun]).code, Some(0), "intact, the compacted log replays");
+    let log = key("runlog", &rerun);
+    assert_eq!(service.redis.cli(&["LLEN", &log]).trim(), "7", "a finished run keeps its whole log in {log}");
+    assert_eq!(service.cli(&["replay", &rerun]).code, Some(0), "intact, the finished log replays");
     let cut = service.redis.cli(&[
         "EVAL",
-        "local v = redis.call('GET', KEYS[1]); redis.call('SET', KEYS[1], string.sub(v, 1, #v - 5)); return #v",
+        "local v = redis.call('LINDEX', KEYS[1], -1); redis.call('LSET', KEYS[1], -1, string.sub(v, 1, #v - 5)); return #v",
         "1",
-        &hist,
+        &log,
     ]);
-    assert!(cut.trim().parse::<u64>().is_ok_and(|n| n > 20), "{cut}");
+    assert!(cut.trim().parse::<u64>().is_ok_and(|n| n > 5), "{cut}");
     let replay = service.cli(&["replay", &rerun]);
-    assert_ne!(replay.code, Some(0), "a truncated compacted log fails the replay: {}", replay.stdout);
-    assert!(replay.stderr.contains(&hist), "names the key: {}", replay.stderr);
-    assert!(replay.stderr.contains("undecodable transition #"), "names the record: {}", replay.stderr);
+    assert_ne!(replay.code, Some(0), "a truncated record fails the replay: {}", replay.stdout);
+    assert!(replay.stderr.contains(&log), "names the key: {}", replay.stderr);
+    assert!(replay.stderr.contains("record 7"), "names the record: {}", replay.stderr);
 
-    // Bytes overwritten in the middle of another compacted log (0xc1 is never valid MessagePack,
-    // and 16 of them do not fit in any number's payload).
-    let hist = key("hist", &original);
+    // Bytes overwritten in the middle of another finished run's record (0xc1 is never valid
+    // MessagePack): its first, run_created, is the longest.
+    let log = key("runlog", &original);
     let overwritten = service.redis.cli(&[
         "EVAL",
-        "local v = redis.call('GET', KEYS[1]); local m = math.floor(#v / 2); redis.call('SET', KEYS[1], string.sub(v, 1, m) .. string.rep('\\193', 16) .. string.sub(v, m + 17)); return #v",
+        "local v = redis.call('LINDEX', KEYS[1], 0); local m = math.floor(#v / 2); redis.call('LSET', KEYS[1], 0, string.sub(v, 1, m) .. string.rep('\\193', 16) .. string.sub(v, m + 17)); return #v",
         "1",
-        &hist,
+        &log,
     ]);
-    assert!(overwritten.trim().parse::<u64>().is_ok(), "{overwritten}");
+    assert!(overwritten.trim().parse::<u64>().is_ok_and(|n| n > 32), "{overwritten}");
     let replay = service.cli(&["replay", &original]);
-    assert_ne!(replay.code, Some(0), "garbage in a compacted log fails the replay: {}", replay.stdout);
-    assert!(replay.stderr.contains(&hist), "names the key: {}", replay.stderr);
+    assert_ne!(replay.code, Some(0), "garbage in a record fails the replay: {}", replay.stdout);
+    assert!(replay.stderr.contains(&log), "names the key: {}", replay.stderr);
 }
 
 #[test]

@@ -16,9 +16,8 @@ use tracing::Instrument;
 pub(super) enum CommitPath {
     /// [`crate::store::Store::commit`].
     Plain,
-    /// [`crate::store::Store::commit_and_claim`]: a leased commit that also claims the
-    /// executor's next entry in the same round trip.
-    ThenClaim,
+    /// The replica's group commit (see `commits`): a step's outcome, with its lease.
+    Grouped,
     /// [`crate::store::Store::requeue`]: the sweeper's, refused when the run's entry is live.
     Requeue,
 }
@@ -173,55 +172,41 @@ impl Engine {
         }
     }
 
-    /// Runs one claimed step and commits its outcome; then, with the same executor, the step
-    /// the commit claimed for it in the same round trip, if any (often the run's next step).
+    /// Runs one claimed step and commits its outcome.
     async fn execute(self: &Arc<Self>, lease: Lease, deliveries: u64, task: ReadyTask, took_over: bool) {
-        let mut next = Some((lease, deliveries, task, took_over));
-        while let Some((lease, deliveries, task, took_over)) = next.take() {
-            let run: RunId = match task.run.parse() {
-                Ok(run) => run,
-                Err(problem) => {
-                    tracing::error!(run_id = %task.run, workflow = %task.state.workflow, %problem, "ready entry names no valid run; dropping it");
-                    let _ = self.store.ack(&lease).await;
-                    continue;
-                }
-            };
-            // Read before the span is made, so that the span gets every field at once: a field
-            // recorded later costs the JSON log format a second encoding of them all.
-            let workflow = match self.definition(run.shard, &task.state.definition).await {
-                Ok(workflow) => workflow,
-                Err(err) => {
-                    tracing::warn!(run_id = %run, workflow = %task.state.workflow, %err, "step not started: its definition cannot be read; it will be retried after its lease expires");
-                    continue;
-                }
-            };
-            let span = step_span(&run, &task, &workflow);
-            // Before the span is first entered: that is when its OpenTelemetry span starts.
-            let trace = self.attempt_trace(&span, task.state.trace.as_ref());
-            if took_over {
-                span.in_scope(|| {
-                    tracing::info!(entry = %lease.entry, shard = lease.shard, deliveries, "took over a step whose lease expired");
-                });
+        let run: RunId = match task.run.parse() {
+            Ok(run) => run,
+            Err(problem) => {
+                tracing::error!(run_id = %task.run, workflow = %task.state.workflow, %problem, "ready entry names no valid run; dropping it");
+                let _ = self.store.ack(&lease).await;
+                return;
             }
-            let result =
-                self.execute_step(&run, &lease, deliveries, task, &workflow, trace).instrument(span.clone()).await;
-            span.in_scope(|| match result {
-                Ok(Some(claimed)) => {
-                    if let Ok(task) = claimed.task {
-                        next = Some((claimed.lease, claimed.deliveries, task, false));
-                    }
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    // The entry stays pending: after the lease expires another replica (or this
-                    // one) takes it over, up to the delivery bound.
-                    tracing::warn!(%err, "step not committed; it will be retried after its lease expires");
-                }
+        };
+        // Read before the span is made, so that the span gets every field at once: a field
+        // recorded later costs the JSON log format a second encoding of them all.
+        let workflow = match self.definition(run.shard, &task.state.definition).await {
+            Ok(workflow) => workflow,
+            Err(err) => {
+                tracing::warn!(run_id = %run, workflow = %task.state.workflow, %err, "step not started: its definition cannot be read; it will be retried after its lease expires");
+                return;
+            }
+        };
+        let span = step_span(&run, &task, &workflow);
+        // Before the span is first entered: that is when its OpenTelemetry span starts.
+        let trace = self.attempt_trace(&span, task.state.trace.as_ref());
+        if took_over {
+            span.in_scope(|| {
+                tracing::info!(entry = %lease.entry, shard = lease.shard, deliveries, "took over a step whose lease expired");
             });
+        }
+        let result = self.execute_step(&run, &lease, deliveries, task, &workflow, trace).instrument(span.clone()).await;
+        if let Err(err) = result {
+            // The entry stays pending: after the lease expires another replica (or this one)
+            // takes it over, up to the delivery bound.
+            span.in_scope(|| tracing::warn!(%err, "step not committed; it will be retried after its lease expires"));
         }
     }
 
-    /// Returns the entry claimed along with the commit, to run next.
     async fn execute_step(
         self: &Arc<Self>,
         run: &RunId,
@@ -230,10 +215,10 @@ impl Engine {
         task: ReadyTask,
         workflow: &crate::definition::Workflow,
         trace: Option<crate::machine::TraceContext>,
-    ) -> Result<Option<Claimed>, StoreError> {
+    ) -> Result<(), StoreError> {
         let Some((step, attempt)) = task.state.status.step_attempt() else {
             self.store.ack(lease).await?;
-            return Ok(None);
+            return Ok(());
         };
         let Some(step_def) = workflow.def.steps.get(step as usize) else {
             return Err(StoreError::Corrupt {
@@ -317,17 +302,13 @@ impl Engine {
                 // The queued state itself cannot take this outcome: never loop on it.
                 tracing::error!(%invalid, "step outcome does not apply to the queued state; dropping the entry");
                 self.store.ack(lease).await?;
-                return Ok(None);
+                return Ok(());
             }
         };
         let expected_seq = task.state.seq;
-        // When the run goes on, take a next step in the same round trip (usually the run's own
-        // next step, just queued), unless stopping. Not after a run's last step: there the
-        // claim loop's batched reads serve better than a read per run.
-        let goes_on = advanced.effects.iter().any(|e| matches!(e, Effect::Dispatch { .. }));
-        let path = if goes_on && !self.shutdown.is_cancelled() { CommitPath::ThenClaim } else { CommitPath::Plain };
-        let (outcome, next) =
-            self.commit_advanced_via(run, expected_seq, Some(lease.clone()), advanced, false, path).await?;
+        let outcome = self
+            .commit_advanced_via(run, expected_seq, Some(lease.clone()), advanced, false, CommitPath::Grouped)
+            .await?;
         if let (Some((event, until)), CommitOutcome::Applied { .. }) = (parked_on, outcome) {
             // Found by the router when the event arrives. Not atomic with the commit: the
             // sweeper registers a waiting run again if this is lost.
@@ -336,7 +317,7 @@ impl Engine {
             // seen by the router for this run: look for it.
             self.look_back_for(run, &event, task.state.created_at).await?;
         }
-        Ok(next)
+        Ok(())
     }
 
     /// The outputs of a run's completed (or reused) steps, by step id.
@@ -368,7 +349,7 @@ impl Engine {
         advanced: machine::Advanced,
         clear_timer: bool,
     ) -> Result<CommitOutcome, StoreError> {
-        Ok(self.commit_advanced_via(run, expected_seq, lease, advanced, clear_timer, CommitPath::Plain).await?.0)
+        self.commit_advanced_via(run, expected_seq, lease, advanced, clear_timer, CommitPath::Plain).await
     }
 
     /// [`Engine::commit_advanced`] through one of the store's commit calls (see [`CommitPath`]).
@@ -380,7 +361,7 @@ impl Engine {
         advanced: machine::Advanced,
         clear_timer: bool,
         path: CommitPath,
-    ) -> Result<(CommitOutcome, Option<Claimed>), StoreError> {
+    ) -> Result<CommitOutcome, StoreError> {
         let mut dispatch = None;
         let mut timer = None;
         for effect in &advanced.effects {
@@ -412,10 +393,10 @@ impl Engine {
             timer,
             clear_timer,
         };
-        let (outcome, next) = match path {
-            CommitPath::Plain => (self.store.commit(commit).await?, None),
-            CommitPath::ThenClaim => self.store.commit_and_claim(commit).await?,
-            CommitPath::Requeue => (self.store.requeue(commit).await?, None),
+        let outcome = match path {
+            CommitPath::Plain => self.store.commit(commit).await?,
+            CommitPath::Grouped => self.commits.commit(commit).await?,
+            CommitPath::Requeue => self.store.requeue(commit).await?,
         };
         match &outcome {
             CommitOutcome::Applied { .. } => {
@@ -457,7 +438,7 @@ impl Engine {
                 tracing::info!(run_id = %run, workflow = %workflow, "run is finished or gone; discarding the outcome")
             }
         }
-        Ok((outcome, next))
+        Ok(outcome)
     }
 }
 

@@ -3,6 +3,7 @@
 //! - `executor`: claims ready steps (only as many as it has free executors), runs them under a
 //!   lease it renews, and commits each outcome as one fenced transition; takes over steps whose
 //!   lease expired.
+//! - `commits`: group commit: the executors' outcomes go to the store together.
 //! - `timers`: wakes runs whose retry is due.
 //! - `sweeper`: belt and braces: re-queues runs that say they are running but have neither a
 //!   live lease nor a queued entry; trims streams and expires finished runs.
@@ -11,6 +12,7 @@
 //! steps get the grace period to finish, then are cancelled and left to the other replicas.
 
 mod clock;
+mod commits;
 mod cron;
 mod executor;
 mod metrics;
@@ -161,6 +163,8 @@ pub struct Engine {
     abort_steps: CancellationToken,
     /// The loops and the step tasks, joined at shutdown.
     tasks: TaskTracker,
+    /// Where executors commit step outcomes: together, a group per store call.
+    commits: commits::CommitQueue,
     /// Announces runs this replica finished (id, status), for in-process observers such as the
     /// benchmark. Lossy by design: a slow observer misses announcements, never stalls a commit.
     finished: tokio::sync::broadcast::Sender<(String, &'static str)>,
@@ -205,6 +209,7 @@ impl Engine {
         let workflows: Vec<Arc<Workflow>> = registry.iter().cloned().collect();
         store.save_definitions(&workflows).await?;
         let definitions = workflows.iter().map(|w| (w.hash.clone(), Arc::clone(w))).collect();
+        let commits = commits::CommitQueue::new(Arc::clone(&store));
         let engine = Arc::new(Engine {
             executors: Arc::new(Semaphore::new(config.max_concurrent_steps)),
             store,
@@ -216,6 +221,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             abort_steps: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            commits,
             finished: tokio::sync::broadcast::channel(4096).0,
             actions,
             counters: Counters::default(),

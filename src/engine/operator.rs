@@ -113,8 +113,7 @@ impl Engine {
                 timer: None,
                 clear_timer: false,
             };
-            let finished_log: Vec<_> = loaded.log.into_iter().map(|l| l.recorded).collect();
-            match self.store.reopen(commit, &finished_log).await? {
+            match self.store.reopen(commit).await? {
                 CommitOutcome::Applied { .. } => return Ok(state),
                 CommitOutcome::Stale => continue,
                 CommitOutcome::Gone | CommitOutcome::LeaseLost => {

@@ -47,14 +47,26 @@ impl Keys {
         format!("{}:run:{run}", self.shard(run.shard))
     }
 
-    /// Stream: the run's transitions while it is live, entry ids `<seq>-0`.
+    /// List: the run's transitions (MessagePack), the record of seq `i` at index `i - 1`; kept
+    /// as it is when the run ends.
     pub fn log(&self, run: &RunId) -> String {
+        format!("{}:runlog:{run}", self.shard(run.shard))
+    }
+
+    /// Schema 1's stream of a live run's transitions (entry ids `<seq>-0`): only read to upgrade.
+    pub fn v1_log(&self, run: &RunId) -> String {
         format!("{}:log:{run}", self.shard(run.shard))
     }
 
-    /// String: a finished run's log, compacted into one value (concatenated MessagePack).
-    pub fn history(&self, run: &RunId) -> String {
+    /// Schema 1's compacted log of a finished run (concatenated MessagePack): only read to
+    /// upgrade.
+    pub fn v1_history(&self, run: &RunId) -> String {
         format!("{}:hist:{run}", self.shard(run.shard))
+    }
+
+    /// The pattern of schema 1's run logs of a shard, streams (`log`) or compacted (`hist`).
+    pub fn v1_logs_pattern(&self, shard: u16, kind: &str) -> String {
+        format!("{}:{kind}:*", self.shard(shard))
     }
 
     /// Stream with consumer group `workers`: steps ready to run.
@@ -111,6 +123,11 @@ impl Keys {
         format!("{}:schema", self.prefix)
     }
 
+    /// String, present while data of an older schema is being upgraded.
+    pub fn schema_upgrading(&self) -> String {
+        format!("{}:schema:upgrading", self.prefix)
+    }
+
     /// Stream: the event bus.
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)
@@ -156,7 +173,9 @@ mod tests {
     fn keys_of_one_run_share_its_hash_tag() {
         let keys = Keys::new("wfo", 16);
         let run: RunId = "0193e4a17b2c7d3e8f001a2b3c4d5e6f-s3".parse().unwrap();
-        for key in [keys.run(&run), keys.log(&run), keys.history(&run), keys.ready(3), keys.timers(3)] {
+        for key in
+            [keys.run(&run), keys.log(&run), keys.v1_log(&run), keys.v1_history(&run), keys.ready(3), keys.timers(3)]
+        {
             assert!(key.starts_with("wfo:{3}:"), "{key}");
         }
         assert!(keys.shard_of("cron:a:1") < 16);

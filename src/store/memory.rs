@@ -11,7 +11,7 @@
 //! - indexes model the sorted sets `idx:all`, `idx:wf:<workflow>`, `idx:active` (by creation
 //!   time) and `idx:st:<status>` (by end time), with ties ordered by run id text as Redis orders
 //!   members of equal score;
-//! - a commit checks and changes in the order of `wfo_v1_commit` in `migrations/001_wfo_v1.lua`.
+//! - a commit checks and changes in the order of `wfo_v2_commit` in `migrations/001_wfo_v1.lua`.
 //!
 //! Every operation is a synchronous method of the private `State`, run under one lock: that makes each as
 //! atomic as one Redis function call and keeps the async trait methods thin.
@@ -406,7 +406,7 @@ impl State {
         Ok(Created::New(new.run))
     }
 
-    /// The compare-and-append, in the order of `wfo_v1_commit`.
+    /// The compare-and-append, in the order of `wfo_v2_commit`.
     fn commit(&mut self, commit: Commit, now: Millis) -> CommitOutcome {
         let Commit { run: id, expected_seq, lease, records, state, dispatch, timer, clear_timer } = commit;
         // The run's ready stream is the one the fence checks, whatever shard the lease names.
@@ -511,7 +511,7 @@ impl State {
         claimed
     }
 
-    /// Resets the idle time of the leases still held by their consumers, as `wfo_v1_renew`
+    /// Resets the idle time of the leases still held by their consumers, as `wfo_v2_renew`
     /// (whose `XCLAIM ... JUSTID` leaves the delivery count alone); returns the others.
     fn renew(&mut self, leases: &[Lease], instant: Instant) -> Vec<Lease> {
         let mut lost = Vec::new();
@@ -1025,7 +1025,7 @@ impl Store for MemoryStore {
         Ok((state.bus.stream.entries.len() as u64, state.bus.dead.entries.len() as u64))
     }
 
-    async fn reopen(&self, commit: Commit, _finished_log: &[Recorded]) -> StoreResult<CommitOutcome> {
+    async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
         let now = wall_clock()?;
         let dispatches = commit.dispatch.is_some();
         let outcome = self.shared.state.lock().reopen(commit, now);
@@ -1033,6 +1033,28 @@ impl Store for MemoryStore {
             self.shared.dispatched.notify_waiters();
         }
         Ok(outcome)
+    }
+
+    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
+        let now = wall_clock()?;
+        let mut dispatched = false;
+        let outcomes: Vec<CommitOutcome> = {
+            // One lock for the whole group: atomic, as one call is in Redis.
+            let mut state = self.shared.state.lock();
+            commits
+                .into_iter()
+                .map(|commit| {
+                    let dispatches = commit.dispatch.is_some();
+                    let outcome = state.commit(commit, now);
+                    dispatched |= dispatches && matches!(outcome, CommitOutcome::Applied { .. });
+                    outcome
+                })
+                .collect()
+        };
+        if dispatched {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(outcomes)
     }
 
     async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Errors of the store, named by what the caller should do.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or failed transiently: try again later.
     #[error("store unavailable: {0}")]
@@ -444,17 +444,18 @@ pub trait Store: Send + Sync + 'static {
     /// The atomic, fenced transition. See [`Commit`].
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome>;
 
-    /// A leased commit that, when applied, also claims one new ready entry of the run's shard
-    /// for the lease's consumer, in the same round trip (an executor's next step, often the one
-    /// just queued).
-    async fn commit_and_claim(&self, commit: Commit) -> StoreResult<(CommitOutcome, Option<Claimed>)> {
-        Ok((self.commit(commit).await?, None))
-    }
+    /// Group commit: several runs' transitions in one atomic call. Every commit is checked
+    /// before anything is written and gets its own outcome, in order, exactly as if it had been
+    /// committed alone right after the ones before it (so a second commit of one run in the same
+    /// group, computed from the same seq, is [`CommitOutcome::Stale`]). An error means the
+    /// outcomes are unknown: Redis has no rollback, so a call that failed half-way may have
+    /// applied some commits without acknowledging their leases; each such entry is then
+    /// redelivered after its lease expires and its commit, fenced by seq, found stale.
+    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>>;
 
-    /// Like [`Store::commit`] for a finished run being resumed: `finished_log` (the run's whole
-    /// log, as read) becomes a live log again before `commit.records` are appended, if the run
-    /// is still finished at `commit.expected_seq`.
-    async fn reopen(&self, commit: Commit, finished_log: &[Recorded]) -> StoreResult<CommitOutcome>;
+    /// Like [`Store::commit`] for a finished run being resumed: its log is live again and the
+    /// run is back among the live ones, if it is still finished at `commit.expected_seq`.
+    async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome>;
 
     /// The sweeper's re-queue: a [`Store::commit`] of no records that queues the run's step (or
     /// sets its timer) again, refused as [`CommitOutcome::Stale`] when the run's ready entry is
@@ -485,7 +486,7 @@ pub trait Store: Send + Sync + 'static {
 
     async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>>;
 
-    /// The run's whole log, in order (live or compacted).
+    /// The run's whole log, in order.
     async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>>;
 
     /// Non-terminal runs not updated since `before`, at most `max` per shard: the sweeper's

@@ -1,6 +1,7 @@
 //! The Redis store: the durable, multi-replica engine's only contact with Redis (via fred).
 //!
-//! Every transition is one `FCALL wfo_v1_commit` (see `migrations/001_wfo_v1.lua`); reads are
+//! Every transition is one `FCALL wfo_v2_commit`, alone or in a group of runs (see
+//! `migrations/002_wfo_v2.lua`); data of schema 1 is upgraded at start-up; reads are
 //! batched; concurrent calls share one pipelined connection, and blocking reads have their own so
 //! that they never hold up a commit.
 
@@ -25,8 +26,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// The Lua library, versioned: its name carries the schema version.
-const LIBRARY: &str = include_str!("../../migrations/001_wfo_v1.lua");
-const SCHEMA_VERSION: u64 = 1;
+const LIBRARY: &str = include_str!("../../migrations/002_wfo_v2.lua");
+const SCHEMA_VERSION: u64 = 2;
+/// The library of schema 1, removed by the upgrade.
+const V1_LIBRARY_NAME: &str = "wfo_v1";
 /// Connections for non-blocking commands.
 const POOL_SIZE: usize = 4;
 /// The router's first and longest pause between empty reads of the bus (see `read_events`).
@@ -265,20 +268,39 @@ impl RedisStore {
     }
 
     /// Loads the Lua library and the consumer groups; checks the schema version is not newer
-    /// than this binary's.
+    /// than this binary's, and upgrades data of schema 1 in place (see [`RedisStore::upgrade_v1`]).
     async fn install_schema(&self) -> StoreResult<()> {
         let schema_key = self.keys.schema_version();
+        let upgrading_key = self.keys.schema_upgrading();
         let stored = self.cmd("GET", vec![schema_key.clone().into()]).await?;
-        if let Some(stored) = text(&stored).and_then(|v| v.parse::<u64>().ok())
+        let stored = text(&stored).and_then(|v| v.parse::<u64>().ok());
+        if let Some(stored) = stored
             && stored > SCHEMA_VERSION
         {
             return Err(StoreError::Fatal(format!(
                 "the data under this KEY_PREFIX was written by a newer version (schema {stored}, this binary knows {SCHEMA_VERSION}); upgrade this binary"
             )));
         }
+        if stored == Some(1) {
+            // Marked first, so that a replica starting while this one upgrades upgrades too;
+            // then schema 1's library goes, so that no replica of the old version writes a log
+            // of the old shape from now on (its reinstall refuses the newer schema).
+            self.cmd("SET", vec![upgrading_key.clone().into(), "1".into()]).await?;
+            self.cmd("SET", vec![schema_key.clone().into(), SCHEMA_VERSION.to_string().into()]).await?;
+            match self.cmd("FUNCTION", vec!["DELETE".into(), V1_LIBRARY_NAME.into()]).await {
+                Ok(_) => {}
+                Err(StoreError::Unavailable(msg)) if msg.contains("not found") || msg.contains("no such") => {}
+                Err(err) => return Err(err),
+            }
+        }
         self.cmd("FUNCTION", vec!["LOAD".into(), "REPLACE".into(), LIBRARY.into()])
             .await
             .map_err(|err| StoreError::Fatal(format!("cannot load the Lua library: {err}")))?;
+        if !self.cmd("GET", vec![upgrading_key.clone().into()]).await?.is_null() {
+            let upgraded = self.upgrade_v1().await?;
+            tracing::info!(runs = upgraded, "upgraded the runs of schema 1 to schema {SCHEMA_VERSION}");
+            self.cmd("DEL", vec![upgrading_key.into()]).await?;
+        }
         self.cmd("SET", vec![schema_key.into(), SCHEMA_VERSION.to_string().into()]).await?;
         let groups = (0..self.keys.shards()).map(|shard| {
             self.cmd(
@@ -306,21 +328,77 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Rewrites every run log of schema 1 in the shape of schema 2: a live run's stream and a
+    /// finished run's compacted string both become the run's list, one run per atomic call (a
+    /// run already upgraded, by a replica upgrading at the same time, is left alone). Live runs
+    /// go on afterwards: their seqs, summaries, ready entries and timers are unchanged.
+    async fn upgrade_v1(&self) -> StoreResult<u64> {
+        let mut upgraded = 0;
+        for shard in 0..self.keys.shards() {
+            for kind in ["log", "hist"] {
+                let pattern = self.keys.v1_logs_pattern(shard, kind);
+                let marker = format!(":{kind}:");
+                let mut cursor = "0".to_owned();
+                loop {
+                    let reply = self
+                        .cmd(
+                            "SCAN",
+                            vec![cursor.into(), "MATCH".into(), pattern.clone().into(), "COUNT".into(), 1000.into()],
+                        )
+                        .await?
+                        .into_array();
+                    let mut reply = reply.into_iter();
+                    cursor = reply.next().as_ref().and_then(text).unwrap_or_else(|| "0".to_owned());
+                    let found = reply.next().map(Value::into_array).unwrap_or_default();
+                    for key in found.iter().filter_map(text) {
+                        let Some(run) = key.rsplit_once(marker.as_str()).and_then(|(_, id)| id.parse::<RunId>().ok())
+                        else {
+                            tracing::warn!(%key, "not a run log of schema 1; left as it is");
+                            continue;
+                        };
+                        let moved = if kind == "log" {
+                            self.fcall_once("wfo_v2_migrate_log", vec![key.clone(), self.keys.log(&run)], Vec::new())
+                                .await?
+                        } else {
+                            let blob = self.cmd("GET", vec![key.clone().into()]).await?;
+                            let Some(bytes) = blob.as_bytes() else { continue };
+                            let records = decode_compacted(bytes).map_err(|p| corrupt(&key, p))?;
+                            let mut args = vec![Value::from(bytes.len().to_string())];
+                            args.extend(records.iter().map(|r| Value::Bytes(encode_recorded(r).into())));
+                            self.fcall_once("wfo_v2_migrate_history", vec![key.clone(), self.keys.log(&run)], args)
+                                .await?
+                        };
+                        if moved.as_i64().unwrap_or(0) > 0 {
+                            upgraded += 1;
+                        }
+                    }
+                    if cursor == "0" {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(upgraded)
+    }
+
     /// `FCALL`, reinstalling the library once if Redis lost it (restarted without persistence).
     async fn fcall(&self, function: &'static str, keys: Vec<String>, args: Vec<Value>) -> StoreResult<Value> {
-        let mut call = vec![Value::from(function), Value::from(keys.len() as i64)];
-        call.extend(keys.into_iter().map(Value::from));
-        call.extend(args);
+        let call = fcall_args(function, keys, args);
         match self.cmd("FCALL", call.clone()).await {
             Err(StoreError::Unavailable(msg)) if msg.contains("Function not found") || msg.contains("NOGROUP") => {
                 tracing::warn!(
                     "Redis lost the Lua library or the consumer groups (restarted without persistence?); reinstalling"
                 );
-                self.install_schema().await?;
+                Box::pin(self.install_schema()).await?;
                 self.cmd("FCALL", call).await
             }
             other => other,
         }
+    }
+
+    /// `FCALL` as it is, for the installation itself.
+    async fn fcall_once(&self, function: &'static str, keys: Vec<String>, args: Vec<Value>) -> StoreResult<Value> {
+        self.cmd("FCALL", fcall_args(function, keys, args)).await
     }
 
     fn decode_claimed(
@@ -344,7 +422,7 @@ impl RedisStore {
             if let Err(reason) = &c.task {
                 tracing::error!(entry = %c.lease.entry, shard = c.lease.shard, %reason, "dead-lettering a malformed ready entry");
                 self.fcall(
-                    "wfo_v1_dead_letter",
+                    "wfo_v2_dead_letter",
                     vec![self.keys.ready(c.lease.shard), self.keys.ready_dead(c.lease.shard)],
                     vec![WORKERS_GROUP.into(), c.lease.entry.clone().into(), reason.clone().into()],
                 )
@@ -354,7 +432,7 @@ impl RedisStore {
         Ok(())
     }
 
-    /// A range of a bus stream (the bus or its dead letters) through `wfo_v1_bus_range`, cut to
+    /// A range of a bus stream (the bus or its dead letters) through `wfo_v2_bus_range`, cut to
     /// `cap` in Redis. `direction` is `rev` (from `from` down to `to`) or `fwd`.
     async fn bus_range(
         &self,
@@ -367,7 +445,7 @@ impl RedisStore {
     ) -> StoreResult<Vec<BusEntry>> {
         let reply = self
             .fcall(
-                "wfo_v1_bus_range",
+                "wfo_v2_bus_range",
                 vec![stream.to_owned()],
                 vec![
                     direction.into(),
@@ -411,92 +489,105 @@ impl RedisStore {
         Ok(condition)
     }
 
-    /// Builds and sends one `wfo_v1_commit` (or `wfo_v1_requeue`, which takes the same arguments).
-    #[allow(clippy::too_many_arguments)]
+    /// Sends one `wfo_v2_commit` (or `wfo_v2_requeue`) of `parts`: one outcome per part, in
+    /// order, each `(tag, rest)`.
     async fn call_commit(
         &self,
-        run: &RunId,
-        expected_seq: u64,
-        lease: Option<&Lease>,
-        records: &[Recorded],
-        fields: Vec<(&'static str, String)>,
-        dispatch: Option<&RunState>,
-        timer: Option<Millis>,
-        clear_timer: bool,
-        idempotency: Option<&(String, Duration)>,
-        reopen: &[Recorded],
-        zadd: Vec<(String, Millis)>,
-        zrem: Vec<String>,
-        compact: bool,
-        fetch_next: bool,
+        parts: &[CommitPart<'_>],
         function: &'static str,
-    ) -> StoreResult<Value> {
-        let shard = run.shard;
-        let run_text = run.to_string();
-        let mut keys = vec![
-            self.keys.run(run),
-            self.keys.log(run),
-            self.keys.history(run),
-            self.keys.ready(shard),
-            self.keys.timers(shard),
-        ];
-        let mut args: Vec<Value> = Vec::with_capacity(16 + records.len() * 2 + fields.len() * 2);
-        args.push(run_text.clone().into());
-        args.push(expected_seq.to_string().into());
-        args.push(lease.map_or_else(String::new, |l| l.entry.clone()).into());
-        args.push(WORKERS_GROUP.into());
-        args.push(lease.map_or_else(String::new, |l| l.consumer.clone()).into());
-        match idempotency {
-            Some((key, ttl)) => {
-                keys.push(self.keys.idempotency(shard, key));
-                args.push(keys.len().to_string().into());
-                // `EX` counts whole seconds: round up, so a key is held at least its retention.
-                args.push(ttl.as_millis().div_ceil(1000).max(1).to_string().into());
-            }
-            None => {
-                args.push("0".into());
-                args.push("0".into());
-            }
+    ) -> StoreResult<Vec<(String, Vec<Value>)>> {
+        let mut call = CommitCall::default();
+        call.args.push(WORKERS_GROUP.into());
+        // Every lease of one call is one replica's: the executors' batches are per replica.
+        let consumer = parts.iter().find_map(|p| p.lease).map_or_else(String::new, |l| l.consumer.clone());
+        call.args.push(consumer.into());
+        call.args.push(parts.len().to_string().into());
+        for part in parts {
+            call.push(&self.keys, part);
         }
-        args.push(reopen.len().to_string().into());
-        for recorded in reopen {
-            args.push(recorded.transition.kind().into());
-            args.push(Value::Bytes(encode_recorded(recorded).into()));
+        let reply = self.fcall(function, call.keys, call.args).await?;
+        let outcomes: Vec<(String, Vec<Value>)> =
+            reply.into_array().into_iter().map(outcome).collect::<StoreResult<_>>()?;
+        if outcomes.len() != parts.len() {
+            return Err(corrupt(function, format!("{} outcomes for {} commits", outcomes.len(), parts.len())));
         }
-        args.push(records.len().to_string().into());
-        for recorded in records {
-            args.push(recorded.transition.kind().into());
-            args.push(Value::Bytes(encode_recorded(recorded).into()));
+        Ok(outcomes)
+    }
+
+    /// The part of a `wfo_v2_commit` call that carries `commit` (`reopen`: resuming a finished
+    /// run, which moves it back among the live runs).
+    fn commit_part<'a>(&self, commit: &'a Commit, reopen: bool) -> CommitPart<'a> {
+        let shard = commit.run.shard;
+        let state = &commit.state;
+        let terminal = state.status.is_terminal();
+        let summary = RunSummary::of(state);
+        let fields: Vec<(&'static str, String)> = summary_fields(&summary)
+            .into_iter()
+            .filter(|(name, _)| !matches!(*name, "workflow" | "definition" | "created_at"))
+            .collect();
+        let status = state.status.name();
+        let (zadd, zrem) = if terminal {
+            (
+                vec![
+                    (self.keys.index_finished(shard, status), state.created_at),
+                    (self.keys.index_workflow_finished(shard, &state.workflow, status), state.created_at),
+                ],
+                vec![self.keys.index_active(shard)],
+            )
+        } else if reopen {
+            // Back among the live runs, out of the finished ones (it was `failed`).
+            (
+                vec![(self.keys.index_active(shard), state.created_at)],
+                vec![
+                    self.keys.index_finished(shard, "failed"),
+                    self.keys.index_workflow_finished(shard, &state.workflow, "failed"),
+                ],
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        CommitPart {
+            run: &commit.run,
+            expected_seq: commit.expected_seq,
+            lease: commit.lease.as_ref(),
+            reopen,
+            records: &commit.records,
+            fields,
+            dispatch: commit.dispatch.as_ref(),
+            timer: commit.timer,
+            // A leased step was running, and a running run has no timer: only a run that ends
+            // from elsewhere (a cancel, a time-out) may have one to remove.
+            clear_timer: commit.clear_timer || (terminal && commit.lease.is_none()),
+            idempotency: None,
+            zadd,
+            zrem,
         }
-        args.push(if compact { "1" } else { "0" }.into());
-        args.push(fields.len().to_string().into());
-        for (name, value) in fields {
-            args.push(name.into());
-            args.push(value.into());
-        }
-        match dispatch {
-            Some(state) => {
-                args.push(Value::Bytes(encode_task(&ReadyTask { run: run_text.clone(), state: state.clone() }).into()))
-            }
-            None => args.push("".into()),
-        }
-        args.push(timer.map_or_else(String::new, |t| t.to_string()).into());
-        args.push(if clear_timer { "1" } else { "0" }.into());
-        args.push(zadd.len().to_string().into());
-        for (key, score) in zadd {
-            keys.push(key);
-            args.push(keys.len().to_string().into());
-            args.push(score.to_string().into());
-            args.push(run_text.clone().into());
-        }
-        args.push(zrem.len().to_string().into());
-        for key in zrem {
-            keys.push(key);
-            args.push(keys.len().to_string().into());
-            args.push(run_text.clone().into());
-        }
-        args.push(if fetch_next { "1" } else { "0" }.into());
-        self.fcall(function, keys, args).await
+    }
+
+    /// Commits `commits` in one call and reads each outcome.
+    async fn apply_commits(
+        &self,
+        commits: &[Commit],
+        reopen: bool,
+        function: &'static str,
+    ) -> StoreResult<Vec<CommitOutcome>> {
+        let parts: Vec<CommitPart<'_>> = commits.iter().map(|c| self.commit_part(c, reopen)).collect();
+        let outcomes = self.call_commit(&parts, function).await?;
+        commits
+            .iter()
+            .zip(outcomes)
+            .map(|(commit, (tag, rest))| {
+                Ok(match tag.as_str() {
+                    "ok" => CommitOutcome::Applied {
+                        seq: rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0),
+                    },
+                    "stale" => CommitOutcome::Stale,
+                    "lease_lost" => CommitOutcome::LeaseLost,
+                    "gone" => CommitOutcome::Gone,
+                    other => return Err(corrupt(&self.keys.run(&commit.run), format!("commit answered `{other}`"))),
+                })
+            })
+            .collect()
     }
 
     /// The last id of `stream` delivered to consumer group `group`: the entries after it are
@@ -524,95 +615,112 @@ impl RedisStore {
         Ok(Some(oldest))
     }
 
-    /// A commit, optionally reopening a finished run's log first, optionally claiming the
-    /// lease's consumer one new entry of the shard in the same call.
-    async fn apply_commit(
-        &self,
-        commit: Commit,
-        reopen: &[Recorded],
-        fetch_next: bool,
-        function: &'static str,
-    ) -> StoreResult<(CommitOutcome, Option<Claimed>)> {
-        let shard = commit.run.shard;
-        let terminal = commit.state.status.is_terminal();
-        let summary = RunSummary::of(&commit.state);
-        let summary_fields: Vec<(&'static str, String)> = summary_fields(&summary)
-            .into_iter()
-            .filter(|(name, _)| !matches!(*name, "workflow" | "definition" | "created_at"))
-            .collect();
-        let state = &commit.state;
-        let status = state.status.name();
-        let (zadd, zrem) = if terminal {
-            (
-                vec![
-                    (self.keys.index_finished(shard, status), state.created_at),
-                    (self.keys.index_workflow_finished(shard, &state.workflow, status), state.created_at),
-                ],
-                vec![self.keys.index_active(shard)],
-            )
-        } else if !reopen.is_empty() {
-            // Back among the live runs, out of the finished ones (it was `failed`).
-            (
-                vec![(self.keys.index_active(shard), state.created_at)],
-                vec![
-                    self.keys.index_finished(shard, "failed"),
-                    self.keys.index_workflow_finished(shard, &state.workflow, "failed"),
-                ],
-            )
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        let reply = self
-            .call_commit(
-                &commit.run,
-                commit.expected_seq,
-                commit.lease.as_ref(),
-                &commit.records,
-                summary_fields,
-                commit.dispatch.as_ref(),
-                commit.timer,
-                commit.clear_timer || terminal,
-                None,
-                reopen,
-                zadd,
-                zrem,
-                terminal && !commit.records.is_empty(),
-                fetch_next && commit.lease.is_some(),
-                function,
-            )
-            .await?;
-        let (tag, rest) = outcome(reply)?;
-        Ok(match tag.as_str() {
-            "ok" => {
-                let seq = rest.first().and_then(text).and_then(|s| s.parse().ok()).unwrap_or(0);
-                let mut rest = rest.into_iter().skip(2);
-                let next = match (rest.next(), rest.next(), &commit.lease) {
-                    (Some(id), Some(body), Some(lease)) => {
-                        text(&id).map(|id| self.decode_claimed(shard, id, &fields(body), 1, &lease.consumer))
-                    }
-                    _ => None,
-                };
-                if let Some(next) = &next {
-                    self.bury(std::slice::from_ref(next)).await?;
-                }
-                (CommitOutcome::Applied { seq }, next.filter(|n| n.task.is_ok()))
-            }
-            "stale" => (CommitOutcome::Stale, None),
-            "lease_lost" => (CommitOutcome::LeaseLost, None),
-            "gone" => (CommitOutcome::Gone, None),
-            other => return Err(corrupt(&self.keys.run(&commit.run), format!("commit answered `{other}`"))),
-        })
-    }
-
     async fn summaries(&self, runs: &[RunId]) -> StoreResult<Vec<Option<RunSummary>>> {
         join_all(runs.iter().map(|run| self.summary(run))).await.into_iter().collect()
     }
 }
 
+/// The arguments of `FCALL function`.
+fn fcall_args(function: &'static str, keys: Vec<String>, args: Vec<Value>) -> Vec<Value> {
+    let mut call = vec![Value::from(function), Value::from(keys.len() as i64)];
+    call.extend(keys.into_iter().map(Value::from));
+    call.extend(args);
+    call
+}
+
+/// The one outcome of a call of one commit.
+fn one(mut outcomes: Vec<CommitOutcome>) -> StoreResult<CommitOutcome> {
+    outcomes.pop().ok_or_else(|| corrupt("wfo_v2_commit", "no outcome"))
+}
+
 fn outcome(reply: Value) -> StoreResult<(String, Vec<Value>)> {
     let mut parts = reply.into_array().into_iter();
-    let tag = parts.next().as_ref().and_then(text).ok_or_else(|| corrupt("wfo_v1_commit", "empty reply"))?;
+    let tag = parts.next().as_ref().and_then(text).ok_or_else(|| corrupt("wfo_v2 function", "empty reply"))?;
     Ok((tag, parts.collect()))
+}
+
+/// One run's transition as `wfo_v2_commit` takes it.
+struct CommitPart<'a> {
+    run: &'a RunId,
+    expected_seq: u64,
+    lease: Option<&'a Lease>,
+    reopen: bool,
+    records: &'a [Recorded],
+    fields: Vec<(&'static str, String)>,
+    dispatch: Option<&'a RunState>,
+    timer: Option<Millis>,
+    clear_timer: bool,
+    idempotency: Option<&'a (String, Duration)>,
+    zadd: Vec<(String, Millis)>,
+    zrem: Vec<String>,
+}
+
+/// The keys and arguments of one `wfo_v2_commit` call being built: each key once, named by its
+/// index in the arguments (runs of one shard share their ready stream and timers).
+#[derive(Default)]
+struct CommitCall {
+    keys: Vec<String>,
+    positions: std::collections::HashMap<String, usize>,
+    args: Vec<Value>,
+}
+
+impl CommitCall {
+    /// The 1-based index of `key` in KEYS, adding it if new.
+    fn key(&mut self, key: String) -> Value {
+        let next = self.keys.len() + 1;
+        let index = *self.positions.entry(key.clone()).or_insert(next);
+        if index == next {
+            self.keys.push(key);
+        }
+        Value::from(index as i64)
+    }
+
+    fn push(&mut self, keys: &Keys, part: &CommitPart<'_>) {
+        let run_text = part.run.to_string();
+        let shard = part.run.shard;
+        let ready = self.key(keys.ready(shard));
+        let timers = self.key(keys.timers(shard));
+        let hash = self.key(keys.run(part.run));
+        let log = self.key(keys.log(part.run));
+        let idempotency = part.idempotency.map(|(key, ttl)| (self.key(keys.idempotency(shard, key)), ttl));
+        let args = &mut self.args;
+        args.push(run_text.clone().into());
+        args.push(part.expected_seq.to_string().into());
+        args.extend([ready, timers, hash, log]);
+        args.push(part.lease.map_or_else(String::new, |l| l.entry.clone()).into());
+        args.push(if part.reopen { "1" } else { "0" }.into());
+        match idempotency {
+            Some((index, ttl)) => {
+                args.push(index);
+                // `EX` counts whole seconds: round up, so a key is held at least its retention.
+                args.push(ttl.as_millis().div_ceil(1000).max(1).to_string().into());
+            }
+            None => args.extend(["0".into(), "0".into()]),
+        }
+        args.push(part.records.len().to_string().into());
+        args.extend(part.records.iter().map(|recorded| Value::Bytes(encode_recorded(recorded).into())));
+        args.push(part.fields.len().to_string().into());
+        for (name, value) in &part.fields {
+            args.push((*name).into());
+            args.push(value.clone().into());
+        }
+        args.push(match part.dispatch {
+            Some(state) => Value::Bytes(encode_task(&ReadyTask { run: run_text, state: state.clone() }).into()),
+            None => "".into(),
+        });
+        args.push(part.timer.map_or_else(String::new, |t| t.to_string()).into());
+        args.push(if part.clear_timer { "1" } else { "0" }.into());
+        let zadd: Vec<(Value, Millis)> = part.zadd.iter().map(|(key, score)| (self.key(key.clone()), *score)).collect();
+        let zrem: Vec<Value> = part.zrem.iter().map(|key| self.key(key.clone())).collect();
+        let args = &mut self.args;
+        args.push(zadd.len().to_string().into());
+        for (index, score) in zadd {
+            args.push(index);
+            args.push(score.to_string().into());
+        }
+        args.push(zrem.len().to_string().into());
+        args.extend(zrem);
+    }
 }
 
 #[async_trait]
@@ -690,56 +798,54 @@ impl Store for RedisStore {
     async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
         let shard = new.run.shard;
         let created = new.state.created_at;
-        let zadd = vec![
-            (self.keys.index_all(shard), created),
-            (self.keys.index_workflow(shard, &new.state.workflow), created),
-            (self.keys.index_active(shard), created),
-        ];
-        let reply = self
-            .call_commit(
-                &new.run,
-                0,
-                None,
-                &new.records,
-                summary_fields(&RunSummary::of(&new.state)),
-                new.dispatch.as_ref(),
-                None,
-                false,
-                new.idempotency.as_ref(),
-                &[],
-                zadd,
-                Vec::new(),
-                false,
-                false,
-                "wfo_v1_commit",
-            )
-            .await?;
-        match outcome(reply)? {
-            (tag, _) if tag == "ok" => Ok(Created::New(new.run)),
-            (tag, rest) if tag == "duplicate" => {
+        let part = CommitPart {
+            run: &new.run,
+            expected_seq: 0,
+            lease: None,
+            reopen: false,
+            records: &new.records,
+            fields: summary_fields(&RunSummary::of(&new.state)),
+            dispatch: new.dispatch.as_ref(),
+            timer: None,
+            clear_timer: false,
+            idempotency: new.idempotency.as_ref(),
+            zadd: vec![
+                (self.keys.index_all(shard), created),
+                (self.keys.index_workflow(shard, &new.state.workflow), created),
+                (self.keys.index_active(shard), created),
+            ],
+            zrem: Vec::new(),
+        };
+        let mut outcomes = self.call_commit(std::slice::from_ref(&part), "wfo_v2_commit").await?;
+        match outcomes.pop() {
+            Some((tag, _)) if tag == "ok" => Ok(Created::New(new.run)),
+            Some((tag, rest)) if tag == "duplicate" => {
                 Ok(Created::Duplicate(rest.first().and_then(text).unwrap_or_default()))
             }
-            // The run id is fresh, so a log already there is this very call's: the client resent
+            // The run id is fresh, so a run already there is this very call's: the client resent
             // it after a lost reply (a reconnect), and the first one created the run.
-            (tag, _) if tag == "stale" => Ok(Created::New(new.run)),
-            (tag, _) => Err(corrupt(&self.keys.run(&new.run), format!("creating a run answered `{tag}`"))),
+            Some((tag, _)) if tag == "stale" => Ok(Created::New(new.run)),
+            other => Err(corrupt(&self.keys.run(&new.run), format!("creating a run answered {other:?}"))),
         }
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        Ok(self.apply_commit(commit, &[], false, "wfo_v1_commit").await?.0)
+        one(self.apply_commits(std::slice::from_ref(&commit), false, "wfo_v2_commit").await?)
     }
 
-    async fn commit_and_claim(&self, commit: Commit) -> StoreResult<(CommitOutcome, Option<Claimed>)> {
-        self.apply_commit(commit, &[], true, "wfo_v1_commit").await
+    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
+        if commits.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.apply_commits(&commits, false, "wfo_v2_commit").await
     }
 
-    async fn reopen(&self, commit: Commit, finished_log: &[Recorded]) -> StoreResult<CommitOutcome> {
-        Ok(self.apply_commit(commit, finished_log, false, "wfo_v1_commit").await?.0)
+    async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        one(self.apply_commits(std::slice::from_ref(&commit), true, "wfo_v2_commit").await?)
     }
 
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        Ok(self.apply_commit(commit, &[], false, "wfo_v1_requeue").await?.0)
+        one(self.apply_commits(std::slice::from_ref(&commit), false, "wfo_v2_requeue").await?)
     }
 
     async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {
@@ -749,7 +855,7 @@ impl Store for RedisStore {
 
     async fn ack(&self, lease: &Lease) -> StoreResult<()> {
         self.fcall(
-            "wfo_v1_ack",
+            "wfo_v2_ack",
             vec![self.keys.ready(lease.shard)],
             vec![WORKERS_GROUP.into(), lease.consumer.clone().into(), lease.entry.clone().into()],
         )
@@ -769,7 +875,7 @@ impl Store for RedisStore {
         if max < shards {
             let keys: Vec<String> = all.iter().map(|s| self.keys.ready(*s)).collect();
             let reply = self
-                .fcall("wfo_v1_claim", keys, vec![WORKERS_GROUP.into(), consumer.into(), (max as i64).into()])
+                .fcall("wfo_v2_claim", keys, vec![WORKERS_GROUP.into(), consumer.into(), (max as i64).into()])
                 .await?;
             let mut claimed = Vec::new();
             for entry in reply.into_array() {
@@ -852,7 +958,7 @@ impl Store for RedisStore {
         let calls = by_shard.iter().map(|((shard, consumer), group)| {
             let mut args: Vec<Value> = vec![WORKERS_GROUP.into(), (*consumer).into()];
             args.extend(group.iter().map(|l| Value::from(l.entry.clone())));
-            self.fcall("wfo_v1_renew", vec![self.keys.ready(*shard)], args)
+            self.fcall("wfo_v2_renew", vec![self.keys.ready(*shard)], args)
         });
         let mut lost = Vec::new();
         for (reply, ((shard, consumer), _)) in join_all(calls).await.into_iter().zip(by_shard.iter()) {
@@ -873,7 +979,7 @@ impl Store for RedisStore {
             }
             let reply = self
                 .fcall(
-                    "wfo_v1_reclaim",
+                    "wfo_v2_reclaim",
                     vec![self.keys.ready(shard)],
                     vec![
                         WORKERS_GROUP.into(),
@@ -935,39 +1041,22 @@ impl Store for RedisStore {
 
     async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>> {
         let log_key = self.keys.log(run);
-        // Live log first; a finished run's log was folded into one value atomically, so if the
-        // stream is gone the value is there.
-        for _ in 0..2 {
-            let live = entries(self.cmd("XRANGE", vec![log_key.clone().into(), "-".into(), "+".into()]).await?);
-            if !live.is_empty() {
-                let mut out = Vec::with_capacity(live.len());
-                for (id, fields) in live {
-                    let seq = id
-                        .split_once('-')
-                        .and_then(|(s, _)| s.parse().ok())
-                        .ok_or_else(|| corrupt(&log_key, format!("entry id `{id}`")))?;
-                    let data = field(&fields, "data")
-                        .and_then(Value::as_bytes)
-                        .ok_or_else(|| corrupt(&log_key, format!("entry {id} has no data")))?;
-                    let recorded = decode_recorded(data).map_err(|p| corrupt(&log_key, format!("entry {id}: {p}")))?;
-                    out.push(Logged { seq, recorded });
-                }
-                return Ok(Some(out));
-            }
-            let history_key = self.keys.history(run);
-            let blob = self.cmd("GET", vec![history_key.clone().into()]).await?;
-            if let Some(bytes) = blob.as_bytes() {
-                let records = decode_compacted(bytes).map_err(|p| corrupt(&history_key, p))?;
-                return Ok(Some(
-                    records
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, recorded)| Logged { seq: i as u64 + 1, recorded })
-                        .collect(),
-                ));
-            }
+        let values = self.cmd("LRANGE", vec![log_key.clone().into(), 0.into(), (-1).into()]).await?.into_array();
+        if values.is_empty() {
+            return Ok(None);
         }
-        Ok(None)
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, value)| {
+                let seq = i as u64 + 1;
+                let bytes =
+                    value.as_bytes().ok_or_else(|| corrupt(&log_key, format!("record {seq} is not a string")))?;
+                let recorded = decode_recorded(bytes).map_err(|p| corrupt(&log_key, format!("record {seq}: {p}")))?;
+                Ok(Logged { seq, recorded })
+            })
+            .collect::<StoreResult<Vec<Logged>>>()
+            .map(Some)
     }
 
     async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>> {
@@ -1164,7 +1253,7 @@ impl Store for RedisStore {
                 }
                 let mut doomed: Vec<Value> = Vec::new();
                 for run in &runs {
-                    doomed.extend([self.keys.run(run), self.keys.history(run), self.keys.log(run)].map(Value::from));
+                    doomed.extend([self.keys.run(run), self.keys.log(run)].map(Value::from));
                 }
                 self.cmd("DEL", doomed).await?;
                 let mut by_index: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
@@ -1211,7 +1300,7 @@ impl Store for RedisStore {
     async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<bool> {
         let reply = self
             .fcall(
-                "wfo_v1_cron_advance",
+                "wfo_v2_cron_advance",
                 vec![self.keys.cron(workflow)],
                 vec![fire.to_string().into(), run.unwrap_or("").into()],
             )
@@ -1237,7 +1326,7 @@ impl Store for RedisStore {
         let mut why = String::new();
         for attempt in 0..2 {
             let call_args = if attempt == 0 { args.clone() } else { std::mem::take(&mut args) };
-            let (tag, rest) = outcome(self.fcall("wfo_v1_bus_publish", vec![self.keys.events()], call_args).await?)?;
+            let (tag, rest) = outcome(self.fcall("wfo_v2_bus_publish", vec![self.keys.events()], call_args).await?)?;
             if tag == "ok" {
                 return rest.first().and_then(text).ok_or_else(|| corrupt(&self.keys.events(), "XADD returned no id"));
             }
@@ -1268,7 +1357,7 @@ impl Store for RedisStore {
         loop {
             let reply = self
                 .fcall(
-                    "wfo_v1_bus_read",
+                    "wfo_v2_bus_read",
                     vec![self.keys.events()],
                     vec![
                         ROUTER_GROUP.into(),
@@ -1299,7 +1388,7 @@ impl Store for RedisStore {
     ) -> StoreResult<Vec<BusEntry>> {
         let reply = self
             .fcall(
-                "wfo_v1_bus_reclaim",
+                "wfo_v2_bus_reclaim",
                 vec![self.keys.events()],
                 vec![
                     ROUTER_GROUP.into(),
@@ -1382,7 +1471,7 @@ impl Store for RedisStore {
             }
             let mut args: Vec<Value> = vec![ROUTER_GROUP.into(), (tolerance as i64).into()];
             args.extend(hostile.iter().map(|entry| Value::from(entry.id.clone())));
-            let (tag, rest) = outcome(self.fcall("wfo_v1_bus_drop", vec![stream.clone()], args).await?)?;
+            let (tag, rest) = outcome(self.fcall("wfo_v2_bus_drop", vec![stream.clone()], args).await?)?;
             let dropped = rest.first().and_then(text).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
             if dropped > 0
                 && let Some(last) = hostile.last()

@@ -1,0 +1,583 @@
+#!lua name=wfo_v2
+-- workflow-orchestrator: the store's atomic operations, schema version 2 (run logs are lists).
+--
+-- Workflow logic never lives here. The Rust state machine decides what happens; these functions
+-- only compare-and-append, so that every transition is one round trip, all or nothing.
+-- Keys are always passed in KEYS (one shard's hash tag each call), so they work on Redis Cluster.
+
+-- Reads ARGV front to back.
+local function cursor(argv)
+  local i = 0
+  return function()
+    i = i + 1
+    return argv[i]
+  end
+end
+
+-- Is entry `id` of stream `stream` pending for `consumer` in `group`?
+local function holds(stream, group, consumer, id)
+  local pending = redis.call('XPENDING', stream, group, id, id, 1)
+  return #pending == 1 and pending[1][2] == consumer
+end
+
+-- Orders two stream ids (`ms-seq`): -1, 0 or 1.
+local function compare_ids(a, b)
+  local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
+  local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
+  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
+  if a_ms ~= b_ms then return a_ms < b_ms and -1 or 1 end
+  a_seq, b_seq = tonumber(a_seq), tonumber(b_seq)
+  if a_seq ~= b_seq then return a_seq < b_seq and -1 or 1 end
+  return 0
+end
+
+-- The statuses a run ends in.
+local TERMINAL = {completed = true, failed = true, cancelled = true, timed_out = true}
+
+-- Group commit: the transitions of several runs in one call. Every run is checked before anything
+-- is written, and each gets its own outcome; the leases of the accepted runs are acknowledged
+-- together at the end. The fence is one `XPENDING` range read per ready stream for all the
+-- runs' leases (the consumer's pending entries between the lowest and highest lease).
+--
+-- A run's log is a list: entry i (1-based) is the record of seq i, so its length is the seq.
+-- The run hash's `seq` always equals it (both are written here, together).
+--
+-- KEYS: any order; the arguments name them by index (a run's keys share its shard's hash tag;
+--       on Redis Cluster a call holds runs of one shard).
+-- ARGV: group, consumer, n runs, then per run:
+--       run id, expected seq (0 = create), ready key index, timers key index, run hash index,
+--       log index, lease entry ('' = none), reopen ('1': the run may be finished: resuming it),
+--       idempotency key index (0 = none), idempotency ttl (s),
+--       n records, n x record,
+--       n fields, n x (field, value), dispatch data ('' = none), timer due ('' = none),
+--       clear timer ('1'/'0'), n zadd, n x (key index, score), n zrem, n x key index
+--       (zadd/zrem members are the run id)
+-- Returns one outcome per run, in order: {'ok', seq, ready entry id or ''} | {'duplicate', run id}
+--         | {'stale'} | {'lease_lost'} | {'gone'}
+local function parse_commits(argv)
+  local arg = cursor(argv)
+  local group, consumer = arg(), arg()
+  local runs = {}
+  for r = 1, tonumber(arg()) do
+    local run = {
+      id = arg(), expected = tonumber(arg()), ready = tonumber(arg()), timers = tonumber(arg()),
+      hash = tonumber(arg()), log = tonumber(arg()), lease = arg(), reopen = arg() == '1',
+      idem = tonumber(arg()), idem_ttl = arg(),
+    }
+    local records = {}
+    for i = 1, tonumber(arg()) do records[i] = arg() end
+    run.records = records
+    local fields = {}
+    for i = 1, tonumber(arg()) * 2 do fields[i] = arg() end
+    run.fields = fields
+    run.dispatch, run.due, run.clear_timer = arg(), arg(), arg() == '1'
+    local zadd = {}
+    for i = 1, tonumber(arg()) do zadd[i] = {tonumber(arg()), arg()} end
+    run.zadd = zadd
+    local zrem = {}
+    for i = 1, tonumber(arg()) do zrem[i] = tonumber(arg()) end
+    run.zrem = zrem
+    runs[r] = run
+  end
+  return group, consumer, runs
+end
+
+-- The lease entries `consumer` holds among `ids` (of one ready stream): one XPENDING range read,
+-- paged only if the consumer holds more entries in that range than a page.
+local function held_among(stream, group, consumer, ids)
+  local low, high = ids[1], ids[1]
+  for _, id in ipairs(ids) do
+    if compare_ids(id, low) < 0 then low = id end
+    if compare_ids(id, high) > 0 then high = id end
+  end
+  local held, from, page = {}, low, 1000
+  while true do
+    local pending = redis.call('XPENDING', stream, group, from, high, page, consumer)
+    for _, entry in ipairs(pending) do held[entry[1]] = true end
+    if #pending < page then break end
+    from = '(' .. pending[#pending][1]
+  end
+  return held
+end
+
+-- Checks one run against the store, without writing (but the idempotency key of a new run,
+-- which is its check). `planned` holds the seq a run reaches through earlier runs of this call.
+local function check(keys, group, run, held, planned)
+  if run.lease ~= '' and not held[run.ready][run.lease] then
+    return {'lease_lost'}
+  end
+  local log = keys[run.log]
+  if run.expected == 0 and #run.records > 0 then
+    if planned[log] or redis.call('EXISTS', keys[run.hash]) == 1 then
+      -- A run id is fresh: a log already there is this very call's, resent after a lost reply.
+      return {'stale'}
+    end
+    if run.idem > 0 then
+      local first = redis.call('SET', keys[run.idem], run.id, 'NX', 'GET', 'EX', run.idem_ttl)
+      if first then return {'duplicate', first} end
+    end
+    return nil
+  end
+  local seq, status = planned[log], nil
+  if not seq then
+    local summary = redis.call('HMGET', keys[run.hash], 'seq', 'status')
+    seq, status = tonumber(summary[1]), summary[2]
+  end
+  if not seq then
+    return {'gone'}
+  end
+  local finished = status and TERMINAL[status]
+  if run.reopen then
+    -- A resume: only of a run that is still finished as the caller read it.
+    if not finished then return {'stale'} end
+  elseif #run.records > 0 and finished then
+    -- Records never go into a finished run's log (only a resume reopens it).
+    return {'gone'}
+  end
+  if seq ~= run.expected then
+    return {'stale'}
+  end
+  return nil
+end
+
+-- Writes one checked run; returns its outcome.
+local function apply(keys, run)
+  local log = keys[run.log]
+  if #run.records > 0 then
+    redis.call('RPUSH', log, unpack(run.records))
+  end
+  local fields = run.fields
+  local ready_id = ''
+  if run.dispatch ~= '' then
+    ready_id = redis.call('XADD', keys[run.ready], '*', 'run', run.id, 'data', run.dispatch)
+    fields[#fields + 1] = 'ready_entry'
+    fields[#fields + 1] = ready_id
+  end
+  if #fields > 0 then
+    redis.call('HSET', keys[run.hash], unpack(fields))
+  end
+  if run.due ~= '' then
+    redis.call('ZADD', keys[run.timers], run.due, run.id)
+  elseif run.clear_timer then
+    redis.call('ZREM', keys[run.timers], run.id)
+  end
+  for _, zadd in ipairs(run.zadd) do
+    redis.call('ZADD', keys[zadd[1]], zadd[2], run.id)
+  end
+  for _, index in ipairs(run.zrem) do
+    redis.call('ZREM', keys[index], run.id)
+  end
+  return {'ok', run.expected + #run.records, ready_id}
+end
+
+-- `guard(keys, group, run, held, planned)`, when given, checks each run in place of `check`
+-- (the sweeper's re-queue refuses more).
+local function commit_runs(keys, argv, guard)
+  local group, consumer, runs = parse_commits(argv)
+  -- The fence: every lease of the call, one range read per ready stream.
+  local leases = {}
+  for _, run in ipairs(runs) do
+    if run.lease ~= '' then
+      leases[run.ready] = leases[run.ready] or {}
+      table.insert(leases[run.ready], run.lease)
+    end
+  end
+  local held = {}
+  for ready, ids in pairs(leases) do
+    held[ready] = held_among(keys[ready], group, consumer, ids)
+  end
+  local outcomes, planned, acks = {}, {}, {}
+  for r, run in ipairs(runs) do
+    local refused
+    if guard then
+      refused = guard(keys, group, run, held, planned)
+    else
+      refused = check(keys, group, run, held, planned)
+    end
+    outcomes[r] = refused
+    if not refused then
+      planned[keys[run.log]] = run.expected + #run.records
+      -- Its lease is used up by this commit, as if the commit had been applied alone.
+      if run.lease ~= '' then held[run.ready][run.lease] = nil end
+    elseif refused[1] == 'gone' and run.lease ~= '' then
+      -- Nothing to apply it to: the entry is done with.
+      acks[run.ready] = acks[run.ready] or {}
+      table.insert(acks[run.ready], run.lease)
+    end
+  end
+  for r, run in ipairs(runs) do
+    if not outcomes[r] then
+      outcomes[r] = apply(keys, run)
+      if run.lease ~= '' then
+        acks[run.ready] = acks[run.ready] or {}
+        table.insert(acks[run.ready], run.lease)
+      end
+    end
+  end
+  for ready, ids in pairs(acks) do
+    redis.call('XACK', keys[ready], group, unpack(ids))
+  end
+  return outcomes
+end
+
+local function commit(keys, argv)
+  return commit_runs(keys, argv, nil)
+end
+
+-- Is entry `id` of `stream` still live for `group`: leased (pending under some consumer), or
+-- queued (in the stream and after the group's last delivered id)? An acknowledged entry stays
+-- in the stream until it is trimmed, so being in it is not enough.
+local function live_entry(stream, group, id)
+  if #redis.call('XPENDING', stream, group, id, id, 1) == 1 then return true end
+  if #redis.call('XRANGE', stream, id, id) == 0 then return false end
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local name, last
+    for f = 1, #info, 2 do
+      if info[f] == 'name' then name = info[f + 1] end
+      if info[f] == 'last-delivered-id' then last = info[f + 1] end
+    end
+    if name == group then return compare_ids(id, last) > 0 end
+  end
+  return false
+end
+
+-- The sweeper's re-queue of a run it found with no queued step, no lease and no timer: the same
+-- arguments as `commit`, but refused as stale when the run's ready entry is live after all (the
+-- sweeper judged from reads that were not one snapshot). Judged here, in the same atomic call as
+-- the append, so that a re-queue never adds a second ready entry beside a live one, however
+-- many replicas sweep at once.
+local function requeue(keys, argv)
+  return commit_runs(keys, argv, function(keys, group, run, held, planned)
+    local entry = redis.call('HGET', keys[run.hash], 'ready_entry')
+    if entry and entry ~= '' and live_entry(keys[run.ready], group, entry) then
+      return {'stale'}
+    end
+    return check(keys, group, run, held, planned)
+  end)
+end
+
+-- Renews leases: resets the idle time of the entries `consumer` still holds.
+-- KEYS: 1 ready stream. ARGV: group, consumer, entry ids... Returns the ids it no longer holds.
+local function renew(keys, argv)
+  local group, consumer = argv[1], argv[2]
+  local lost = {}
+  for i = 3, #argv do
+    if holds(keys[1], group, consumer, argv[i]) then
+      redis.call('XCLAIM', keys[1], group, consumer, 0, argv[i], 'JUSTID')
+    else
+      lost[#lost + 1] = argv[i]
+    end
+  end
+  return lost
+end
+
+-- Claims up to `max` new entries for `consumer` from the streams in KEYS, in order, without
+-- blocking: exact, however few executors are free and however many shards there are.
+-- KEYS: ready streams. ARGV: group, consumer, max. Returns {{key index, id, fields}...}.
+local function claim(keys, argv)
+  local group, consumer, left = argv[1], argv[2], tonumber(argv[3])
+  local out = {}
+  for i = 1, #keys do
+    if left <= 0 then break end
+    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', left, 'STREAMS', keys[i], '>')
+    if reply then
+      for _, entry in ipairs(reply[1][2]) do
+        out[#out + 1] = {i, entry[1], entry[2]}
+        left = left - 1
+      end
+    end
+  end
+  return out
+end
+
+-- Acknowledges an entry if `consumer` still holds it. KEYS: 1 ready. ARGV: group, consumer, id.
+local function ack(keys, argv)
+  if holds(keys[1], argv[1], argv[2], argv[3]) then
+    return redis.call('XACK', keys[1], argv[1], argv[3])
+  end
+  return 0
+end
+
+-- Takes over entries idle longer than the lease (Redis's clock judges), with delivery counts.
+-- KEYS: 1 ready stream. ARGV: group, consumer, min idle ms, start id, count.
+-- Returns {next start, {{id, fields, deliveries}...}, {deleted ids...}}.
+local function reclaim(keys, argv)
+  local group, consumer = argv[1], argv[2]
+  local claimed = redis.call('XAUTOCLAIM', keys[1], group, consumer, argv[3], argv[4], 'COUNT', argv[5])
+  local out = {}
+  for _, entry in ipairs(claimed[2]) do
+    local pending = redis.call('XPENDING', keys[1], group, entry[1], entry[1], 1)
+    local deliveries = 1
+    if #pending == 1 then deliveries = pending[1][4] end
+    out[#out + 1] = {entry[1], entry[2], deliveries}
+  end
+  -- Entries deleted from the stream while pending cannot be worked: drop them from the
+  -- pending list (the sweeper re-queues their runs from the runs' own state).
+  for _, id in ipairs(claimed[3] or {}) do
+    redis.call('XACK', keys[1], group, id)
+  end
+  return {claimed[1], out, claimed[3] or {}}
+end
+
+-- Moves an undecodable ready entry to the dead-letter stream with its reason, and acks it.
+-- KEYS: 1 ready, 2 dead. ARGV: group, id, reason.
+local function dead_letter(keys, argv)
+  local entry = redis.call('XRANGE', keys[1], argv[2], argv[2])
+  local fields = {'reason', argv[3], 'entry', argv[2]}
+  if #entry == 1 then
+    for _, value in ipairs(entry[1][2]) do fields[#fields + 1] = value end
+  end
+  redis.call('XADD', keys[2], 'MAXLEN', '~', 10000, '*', unpack(fields))
+  return redis.call('XACK', keys[1], argv[1], argv[2])
+end
+
+-- Records a handled cron fire; the last fire only moves forward.
+-- KEYS: 1 the schedule's hash. ARGV: fire (ms), run id ('' = none started).
+-- Returns 1 if this call moved the last fire forward, 0 if another replica had already.
+local function cron_advance(keys, argv)
+  local last = tonumber(redis.call('HGET', keys[1], 'last_fire') or '0')
+  local advanced = 0
+  if tonumber(argv[1]) > last then
+    redis.call('HSET', keys[1], 'last_fire', argv[1])
+    advanced = 1
+  end
+  if argv[2] ~= '' then
+    redis.call('HSET', keys[1], 'last_run', argv[2])
+  end
+  return advanced
+end
+
+-- ---- The event bus: anyone may XADD anything, so every read of it is cut to size here, in
+-- Redis, before a replica sees it; and entries with ids ahead of the clock are removed so that
+-- Redis can keep giving new entries ids. Each function touches one key (cluster-safe).
+
+-- An entry of the bus as a replica may see it: `{id, fields}` when its field names and values
+-- total at most `max` bytes; else `{id, cut fields, total bytes, value sizes}`, where each of the
+-- first 64 fields keeps a `keep`-byte prefix of its value (and of its name), and value sizes are
+-- the original sizes of the kept values. `#value` of a Lua string costs nothing.
+local function bus_cut(entry, max, keep)
+  local fields = entry[2]
+  local total = 0
+  for f = 1, #fields do
+    total = total + #fields[f]
+  end
+  if total <= max then
+    return {entry[1], fields}
+  end
+  local cut, sizes = {}, {}
+  for f = 1, math.min(#fields, 128), 2 do
+    cut[#cut + 1] = string.sub(fields[f], 1, 256)
+    cut[#cut + 1] = string.sub(fields[f + 1] or '', 1, keep)
+    sizes[#sizes + 1] = #(fields[f + 1] or '')
+  end
+  return {entry[1], cut, total, sizes}
+end
+
+-- Bytes an entry as returned by `bus_cut` carries.
+local function bus_weight(cut)
+  local weight = 0
+  for _, part in ipairs(cut[2]) do weight = weight + #part end
+  return weight
+end
+
+-- The store's clock in ms.
+local function bus_now()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- The ms part of an entry id, as a number.
+local function bus_ms(id)
+  return tonumber(string.match(id, '^(%d+)-')) or 0
+end
+
+-- New bus entries for the router, cut to size, read a few at a time so that neither this call
+-- nor its reply holds more than about `budget` bytes (the rest stays queued for the next read).
+-- KEYS: 1 bus. ARGV: group, consumer, count, max, keep, budget. Returns cut entries.
+local function bus_read(keys, argv)
+  local group, consumer = argv[1], argv[2]
+  local left, max, keep, budget = tonumber(argv[3]), tonumber(argv[4]), tonumber(argv[5]), tonumber(argv[6])
+  local out, weight = {}, 0
+  while left > 0 and weight < budget do
+    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', math.min(left, 10),
+      'STREAMS', keys[1], '>')
+    if not reply then break end
+    local entries = reply[1][2]
+    for _, entry in ipairs(entries) do
+      local cut = bus_cut(entry, max, keep)
+      out[#out + 1] = cut
+      weight = weight + bus_weight(cut)
+    end
+    left = left - #entries
+    if #entries == 0 then break end
+  end
+  return out
+end
+
+-- Takes over bus entries idle longer than the lease, cut to size, with their delivery counts;
+-- entries deleted while pending leave the pending list.
+-- KEYS: 1 bus. ARGV: group, consumer, min idle ms, count, max, keep.
+-- Returns {{id, fields, total or 0, sizes or {}, deliveries}...}.
+local function bus_reclaim(keys, argv)
+  local group, consumer, idle = argv[1], argv[2], argv[3]
+  local left, max, keep = tonumber(argv[4]), tonumber(argv[5]), tonumber(argv[6])
+  local out, start = {}, '0-0'
+  while left > 0 do
+    local claimed = redis.call('XAUTOCLAIM', keys[1], group, consumer, idle, start, 'COUNT', math.min(left, 10))
+    for _, entry in ipairs(claimed[2]) do
+      local pending = redis.call('XPENDING', keys[1], group, entry[1], entry[1], 1)
+      local cut = bus_cut(entry, max, keep)
+      local deliveries = 1
+      if #pending == 1 then deliveries = pending[1][4] end
+      out[#out + 1] = {cut[1], cut[2], cut[3] or 0, cut[4] or {}, deliveries}
+      left = left - 1
+    end
+    for _, id in ipairs(claimed[3] or {}) do
+      redis.call('XACK', keys[1], group, id)
+    end
+    start = claimed[1]
+    if start == '0-0' then break end
+  end
+  return out
+end
+
+-- A range of a stream (the bus or its dead letters), cut to size, read a few at a time.
+-- KEYS: 1 stream. ARGV: 'rev' or 'fwd', start, end (as XRANGE/XREVRANGE take them), count, max,
+-- keep. Returns cut entries.
+local function bus_range(keys, argv)
+  local command = argv[1] == 'rev' and 'XREVRANGE' or 'XRANGE'
+  local from, to = argv[2], argv[3]
+  local left, max, keep = tonumber(argv[4]), tonumber(argv[5]), tonumber(argv[6])
+  local out = {}
+  while left > 0 do
+    local entries = redis.call(command, keys[1], from, to, 'COUNT', math.min(left, 10))
+    for _, entry in ipairs(entries) do
+      out[#out + 1] = bus_cut(entry, max, keep)
+    end
+    left = left - #entries
+    if #entries < 10 then break end
+    from = '(' .. entries[#entries][1]
+  end
+  return out
+end
+
+-- Appends an event, as `XADD * ...`, unless Redis cannot give it an id at most `tolerance` ms
+-- ahead of its clock (an entry with an id far ahead, or at the very end of the id space, was
+-- written): then nothing is appended and the caller repairs the bus (`bus_drop`) and retries.
+-- KEYS: 1 bus. ARGV: tolerance ms, field, value, ... Returns {'ok', id} | {'hostile', why}.
+local function bus_publish(keys, argv)
+  local tolerance = tonumber(argv[1])
+  local added = redis.pcall('XADD', keys[1], '*', unpack(argv, 2))
+  if type(added) == 'table' and added.err then
+    -- "The stream has exhausted the last possible ID" / "The ID specified in XADD is equal or
+    -- smaller than the target stream top item": the ids; anything else is not ours to repair.
+    if string.find(added.err, ' ID', 1, true) then
+      return {'hostile', added.err}
+    end
+    return redis.error_reply(added.err)
+  end
+  if bus_ms(added) > bus_now() + tolerance then
+    redis.call('XDEL', keys[1], added)
+    return {'hostile', 'the next id, ' .. added .. ', is ahead of the clock'}
+  end
+  return {'ok', added}
+end
+
+-- Removes the given bus entries (already dead-lettered by the caller) that are still more than
+-- `tolerance` ms ahead of the clock, and, once none is left, sets the stream's last id back to
+-- its top entry (or now), and the router group's last delivered id back to it, so that `XADD *`
+-- gives ids by the clock again. MAXDELETEDID goes back with it: XSETID refuses one above the
+-- last id.
+-- KEYS: 1 bus. ARGV: group, tolerance ms, ids... Returns {'ok', removed, last id} | {'more', removed}.
+local function bus_drop(keys, argv)
+  local group, limit = argv[1], bus_now() + tonumber(argv[2])
+  local removed = 0
+  if redis.call('EXISTS', keys[1]) == 0 then
+    return {'ok', 0, ''}
+  end
+  for i = 3, #argv do
+    if bus_ms(argv[i]) > limit then
+      redis.call('XACK', keys[1], group, argv[i])
+      removed = removed + redis.call('XDEL', keys[1], argv[i])
+    end
+  end
+  if #redis.call('XRANGE', keys[1], string.format('%.0f-0', limit + 1), '+', 'COUNT', 1) > 0 then
+    return {'more', removed}
+  end
+  local now = string.format('%.0f-0', bus_now())
+  local last = now
+  local top = redis.call('XREVRANGE', keys[1], '+', '-', 'COUNT', 1)
+  if #top == 1 and bus_ms(top[1][1]) >= bus_ms(now) then
+    last = top[1][1]
+  end
+  local info = redis.call('XINFO', 'STREAM', keys[1])
+  local generated = last
+  for f = 1, #info, 2 do
+    if info[f] == 'last-generated-id' then generated = info[f + 1] end
+  end
+  if bus_ms(generated) > limit then
+    redis.call('XSETID', keys[1], last, 'MAXDELETEDID', last)
+  else
+    last = generated
+  end
+  for _, group_info in ipairs(redis.call('XINFO', 'GROUPS', keys[1])) do
+    local name, delivered
+    for f = 1, #group_info, 2 do
+      if group_info[f] == 'name' then name = group_info[f + 1] end
+      if group_info[f] == 'last-delivered-id' then delivered = group_info[f + 1] end
+    end
+    if name == group and delivered and bus_ms(delivered) > limit then
+      redis.call('XGROUP', 'SETID', keys[1], group, last)
+    end
+  end
+  return {'ok', removed, last}
+end
+
+-- ---- Upgrading data written by schema 1, whose run logs were streams while live and one
+-- concatenated string once finished. One run per call, refused (0) when the run is already in
+-- the new shape, so that replicas upgrading at once convert each run once.
+
+-- KEYS: 1 the v1 log stream, 2 the v2 log list. Returns the entries moved.
+local function migrate_log(keys, argv)
+  if redis.call('EXISTS', keys[2]) == 1 then return 0 end
+  local entries = redis.call('XRANGE', keys[1], '-', '+')
+  local values = {}
+  for i, entry in ipairs(entries) do
+    local fields = entry[2]
+    for f = 1, #fields, 2 do
+      if fields[f] == 'data' then values[#values + 1] = fields[f + 1] end
+    end
+    if #values ~= i then return redis.error_reply('v1 log entry ' .. entry[1] .. ' has no data') end
+  end
+  if #values > 0 then redis.call('RPUSH', keys[2], unpack(values)) end
+  redis.call('DEL', keys[1])
+  return #values
+end
+
+-- KEYS: 1 the v1 compacted history, 2 the v2 log list. ARGV: the history's byte length as read,
+-- its records (split by the caller, which decodes MessagePack). Returns the records moved.
+local function migrate_history(keys, argv)
+  if redis.call('EXISTS', keys[2]) == 1 then return 0 end
+  if redis.call('STRLEN', keys[1]) ~= tonumber(argv[1]) then
+    return redis.error_reply('v1 history ' .. keys[1] .. ' changed while it was upgraded')
+  end
+  if #argv > 1 then redis.call('RPUSH', keys[2], unpack(argv, 2)) end
+  redis.call('DEL', keys[1])
+  return #argv - 1
+end
+
+redis.register_function('wfo_v2_commit', commit)
+redis.register_function('wfo_v2_requeue', requeue)
+redis.register_function('wfo_v2_migrate_log', migrate_log)
+redis.register_function('wfo_v2_migrate_history', migrate_history)
+redis.register_function('wfo_v2_cron_advance', cron_advance)
+redis.register_function('wfo_v2_renew', renew)
+redis.register_function('wfo_v2_claim', claim)
+redis.register_function('wfo_v2_ack', ack)
+redis.register_function('wfo_v2_reclaim', reclaim)
+redis.register_function('wfo_v2_dead_letter', dead_letter)
+redis.register_function('wfo_v2_bus_read', bus_read)
+redis.register_function('wfo_v2_bus_reclaim', bus_reclaim)
+redis.register_function('wfo_v2_bus_range', bus_range)
+redis.register_function('wfo_v2_bus_publish', bus_publish)
+redis.register_function('wfo_v2_bus_drop', bus_drop)
