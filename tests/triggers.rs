@@ -1085,3 +1085,162 @@ fn a_hundred_thousand_events_are_routed_and_the_stream_stays_within_events_max_l
     assert_eq!(counter_sum(&[&a, &b], "eventsDeadLettered"), 0);
     assert_eq!(redis_cli(redis.port, &["XLEN", "wfo:events:dead"]).trim(), "0");
 }
+
+// ---- 7. 20,000 events in one pipe, a router killed while it works ----
+
+/// The consumers of the router group with entries pending, and how many each holds.
+fn router_pending_by_consumer(redis: &RedisServer) -> BTreeMap<String, u64> {
+    let reply = resp_call(redis.port, &[b"XPENDING", b"wfo:events", b"router"]);
+    let Resp::Array(summary) = reply else { return BTreeMap::new() };
+    let Some(Resp::Array(consumers)) = summary.get(3) else { return BTreeMap::new() };
+    consumers
+        .iter()
+        .filter_map(|consumer| match consumer.array() {
+            [Resp::Bytes(name), Resp::Bytes(count)] => {
+                Some((String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(count).parse().ok()?))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn twenty_thousand_piped_events_start_their_runs_exactly_once_while_a_router_is_killed() {
+    let _serial = serial();
+    const EVENTS: usize = 20_000;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = workflows_file(
+        dir.path(),
+        "[[workflow]]\nid = \"on-load\"\nevents = [\"load.started\"]\n[[workflow.step]]\nid = \"only\"\naction = \"noop\"\n",
+    );
+    // A short lease so that the killed router's entries are taken over soon; the bus keeps
+    // every event, so that the test can list them all afterwards.
+    let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path())
+        .env("LEASE_TTL", "2s")
+        .env("EVENTS_MAX_LEN", "1000000");
+    let mut victim = config.start("pipe-a");
+    let survivor = config.start("pipe-b");
+
+    let mut resp = Vec::with_capacity(EVENTS * 100);
+    for i in 0..EVENTS {
+        let payload = format!(r#"{{"i":{i}}}"#);
+        let args: [&[u8]; 7] = [b"XADD", b"wfo:events", b"*", b"type", b"load.started", b"payload", payload.as_bytes()];
+        resp.extend(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in args {
+            resp.extend(format!("${}\r\n", arg.len()).as_bytes());
+            resp.extend(arg);
+            resp.extend(b"\r\n");
+        }
+    }
+    let piped = redis_cli_stdin(redis.port, &["--pipe"], &resp);
+    assert!(piped.contains(&format!("errors: 0, replies: {EVENTS}")), "redis-cli --pipe: {piped}");
+
+    // Kill the victim while it holds events it has not settled (its consumer's pending
+    // entries), after it has routed some.
+    let routed = wait_for(Duration::from_secs(120), Duration::from_millis(20), || {
+        (counter(&victim, "eventsRouted") > 0).then_some(())
+    });
+    assert!(routed.is_some(), "the victim routed no event within 120 s");
+    let held = wait_for(Duration::from_secs(60), Duration::from_millis(1), || {
+        router_pending_by_consumer(&redis)
+            .into_iter()
+            .find(|(consumer, count)| consumer.starts_with("pipe-a:") && *count > 0)
+    });
+    let (dead_consumer, _) = held.expect("the victim held unsettled events within 60 s");
+    victim.kill9();
+    let held_at_kill = router_pending_by_consumer(&redis).get(&dead_consumer).copied().unwrap_or(0);
+    let restarted = config.start("pipe-a");
+
+    // Everything handled: no entry pending, none left unread.
+    let handled = wait_for(Duration::from_secs(300), Duration::from_millis(250), || {
+        (router_backlog(&redis) == Some((0, Some(0)))).then_some(())
+    });
+    assert!(handled.is_some(), "not all handled in 300 s: backlog {:?}", router_backlog(&redis));
+
+    // One run per event, each started by its own event, all completed: read from Redis
+    // through the library.
+    let bus = redis.cli(&["XRANGE", "wfo:events", "-", "+"]);
+    let published: BTreeSet<String> = bus
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            line.split_once('-').is_some_and(|(ms, seq)| ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok())
+        })
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(published.len(), EVENTS, "the bus keeps every event");
+    let run_keys = redis.cli(&["--scan", "--pattern", "wfo:*:run:*"]);
+    let runs: Vec<String> =
+        run_keys.lines().filter_map(|key| key.trim().rsplit_once(":run:").map(|(_, id)| id.to_owned())).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (started_by, not_completed) = runtime.block_on(async {
+        let store = workflow_orchestrator::store::redis::RedisStore::connect(&redis.url(), "wfo", 16)
+            .await
+            .expect("the test connects to Redis");
+        let mut started_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut not_completed = Vec::new();
+        for run in &runs {
+            let id: workflow_orchestrator::store::RunId = run.parse().expect("a run id");
+            let summary = workflow_orchestrator::store::Store::summary(&store, &id).await.expect("summary");
+            let summary = summary.unwrap_or_else(|| panic!("no summary for {run}"));
+            if summary.status != "completed" {
+                // Ended already or about to: the backlog is empty, so each was started; wait for
+                // it below.
+                not_completed.push(id.clone());
+            }
+            let log = workflow_orchestrator::store::Store::history(&store, &id).await.expect("history");
+            let first = log.and_then(|log| log.into_iter().next()).unwrap_or_else(|| panic!("no log for {run}"));
+            match first.recorded.transition {
+                workflow_orchestrator::machine::Transition::RunCreated {
+                    trigger: workflow_orchestrator::machine::Trigger::Event { event_id, .. },
+                    ..
+                } => started_by.entry(event_id).or_default().push(run.clone()),
+                other => panic!("run {run} was not started by an event: {other:?}"),
+            }
+        }
+        // Runs still going when read: each completes (bounded).
+        let mut still = not_completed;
+        for _ in 0..600 {
+            let mut next = Vec::new();
+            for id in still {
+                let summary = workflow_orchestrator::store::Store::summary(&store, &id).await.expect("summary");
+                if summary.as_ref().map(|s| s.status.as_str()) != Some("completed") {
+                    next.push(id);
+                }
+            }
+            still = next;
+            if still.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (started_by, still)
+    });
+    assert!(not_completed.is_empty(), "{} runs not completed, e.g. {}", not_completed.len(), not_completed[0]);
+    let doubles: Vec<(&String, &Vec<String>)> = started_by.iter().filter(|(_, runs)| runs.len() > 1).collect();
+    assert!(doubles.is_empty(), "events that started more than one run: {doubles:?}");
+    let started: BTreeSet<String> = started_by.keys().cloned().collect();
+    let never: Vec<&String> = published.difference(&started).take(5).collect();
+    assert!(
+        never.is_empty(),
+        "events that started no run ({} runs read, {} events started some), e.g. {never:?}",
+        runs.len(),
+        started.len()
+    );
+    assert_eq!(runs.len(), EVENTS, "one run per event");
+    let took_over = [&survivor, &restarted]
+        .iter()
+        .map(|r| r.log_text().matches("took over an event another router did not settle").count())
+        .sum::<usize>();
+    if held_at_kill > 0 {
+        assert!(
+            took_over > 0,
+            "the {held_at_kill} events the victim held were settled, but no router says it took them over"
+        );
+    }
+    eprintln!(
+        "{EVENTS} events, {} runs; the victim held {held_at_kill} unsettled events when killed; {took_over} taken over",
+        runs.len()
+    );
+}

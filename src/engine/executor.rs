@@ -22,6 +22,10 @@ pub(super) enum CommitPath {
     Requeue,
 }
 
+/// How often a step's outcome is applied again on its run's new state after losing the
+/// sequence compare to another transition of the run, before it is given up.
+const REAPPLY_LIMIT: usize = 3;
+
 /// How long one blocking read waits for work before looking at the shutdown token again.
 const CLAIM_BLOCK: Duration = Duration::from_secs(1);
 
@@ -296,28 +300,71 @@ impl Engine {
         }
         let happened =
             vec![self.recorded(started_at, Transition::StepStarted { step, attempt }), self.recorded(now, finished)];
-        let advanced = match machine::advance(Some(&task.state), &workflow.def, happened, now) {
-            Ok(advanced) => advanced,
-            Err(invalid) => {
-                // The queued state itself cannot take this outcome: never loop on it.
-                tracing::error!(%invalid, "step outcome does not apply to the queued state; dropping the entry");
-                self.store.ack(lease).await?;
-                return Ok(());
-            }
-        };
-        let expected_seq = task.state.seq;
-        let outcome = self
-            .commit_advanced_via(run, expected_seq, Some(lease.clone()), advanced, false, CommitPath::Grouped)
-            .await?;
+        let created_at = task.state.created_at;
+        let outcome = self.commit_outcome(run, lease, task.state, workflow, happened, now).await?;
         if let (Some((event, until)), CommitOutcome::Applied { .. }) = (parked_on, outcome) {
             // Found by the router when the event arrives. Not atomic with the commit: the
             // sweeper registers a waiting run again if this is lost.
             self.store.add_wait(&event, run, until).await?;
             // An event that came after the run started and before this registration was not
             // seen by the router for this run: look for it.
-            self.look_back_for(run, &event, task.state.created_at).await?;
+            self.look_back_for(run, &event, created_at).await?;
         }
         Ok(())
+    }
+
+    /// Commits what a step's attempt recorded (`happened`) on the state it was queued with. When
+    /// the run moved on meanwhile (another transition of it was committed first), the outcome is
+    /// applied again on the run's new state, not executed again: if the machine still takes it
+    /// (a sibling's completion), it is committed there, under the same lease; if not (the run
+    /// was cancelled, or ended), it is discarded and the entry acknowledged.
+    async fn commit_outcome(
+        &self,
+        run: &RunId,
+        lease: &Lease,
+        queued: machine::RunState,
+        workflow: &crate::definition::Workflow,
+        happened: Vec<machine::Recorded>,
+        now: machine::Millis,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut state = queued;
+        let mut reapplied = 0;
+        loop {
+            let advanced = match machine::advance(Some(&state), &workflow.def, happened.clone(), now) {
+                Ok(advanced) => advanced,
+                Err(invalid) if reapplied == 0 => {
+                    // The queued state itself cannot take this outcome: never loop on it.
+                    tracing::error!(%invalid, "step outcome does not apply to the queued state; dropping the entry");
+                    self.store.ack(lease).await?;
+                    return Ok(CommitOutcome::Stale);
+                }
+                Err(_) => return self.discard_moved_on(run, lease, &state.workflow).await,
+            };
+            let outcome = self
+                .commit_advanced_via(run, state.seq, Some(lease.clone()), advanced, false, CommitPath::Grouped)
+                .await?;
+            if outcome != CommitOutcome::Stale {
+                return Ok(outcome);
+            }
+            if reapplied == REAPPLY_LIMIT {
+                return self.discard_moved_on(run, lease, &state.workflow).await;
+            }
+            reapplied += 1;
+            match self.load_for_loop(run).await? {
+                Some(loaded) => state = loaded.state,
+                None => return self.discard_moved_on(run, lease, &state.workflow).await,
+            }
+        }
+    }
+
+    /// The run moved on while the step ran (cancelled, or already advanced by another replica):
+    /// this work is obsolete. The entry is acknowledged if it is still ours, so that it is not
+    /// delivered again.
+    async fn discard_moved_on(&self, run: &RunId, lease: &Lease, workflow: &str) -> Result<CommitOutcome, StoreError> {
+        Counters::add(&self.counters.completions_fenced);
+        tracing::info!(run_id = %run, workflow = %workflow, "run moved on while the step ran; discarding the outcome");
+        self.store.ack(lease).await?;
+        Ok(CommitOutcome::Stale)
     }
 
     /// The outputs of a run's completed (or reused) steps, by step id.
@@ -425,6 +472,8 @@ impl Engine {
             CommitOutcome::Stale if path == CommitPath::Requeue => {
                 tracing::debug!(run_id = %run, workflow = %workflow, "re-queue refused: the run's step is queued or leased after all");
             }
+            // The executor applies the outcome again on the run's new state (`commit_outcome`).
+            CommitOutcome::Stale if path == CommitPath::Grouped => {}
             CommitOutcome::Stale => {
                 // The run moved on (cancelled, or already advanced by another replica): this
                 // work is obsolete. Ack the entry if it is still ours so it is not redelivered.

@@ -163,6 +163,9 @@ pub struct Engine {
     abort_steps: CancellationToken,
     /// The loops and the step tasks, joined at shutdown.
     tasks: TaskTracker,
+    /// The event types the registry's `wait_for_event` steps wait for: the router looks for
+    /// waiting runs only for these (see `sweeper` for runs of older definitions).
+    awaited_types: std::collections::HashSet<String>,
     /// Where executors commit step outcomes: together, a group per store call.
     commits: commits::CommitQueue,
     /// Announces runs this replica finished (id, status), for in-process observers such as the
@@ -210,6 +213,14 @@ impl Engine {
         store.save_definitions(&workflows).await?;
         let definitions = workflows.iter().map(|w| (w.hash.clone(), Arc::clone(w))).collect();
         let commits = commits::CommitQueue::new(Arc::clone(&store));
+        let awaited_types = workflows
+            .iter()
+            .flat_map(|workflow| &workflow.def.steps)
+            .filter_map(|step| match &step.action {
+                crate::definition::ActionSpec::WaitForEvent(wait) => Some(wait.event.clone()),
+                _ => None,
+            })
+            .collect();
         let engine = Arc::new(Engine {
             executors: Arc::new(Semaphore::new(config.max_concurrent_steps)),
             store,
@@ -221,6 +232,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             abort_steps: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            awaited_types,
             commits,
             finished: tokio::sync::broadcast::channel(4096).0,
             actions,

@@ -14,7 +14,7 @@
 use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
 use crate::definition::valid_event_type;
 use crate::machine::{TraceContext, Transition, Trigger};
-use crate::store::{BUS_CLOCK_TOLERANCE, BusEntry, DEAD_LETTER_KEEP, EntryCap, StoreError};
+use crate::store::{BUS_CLOCK_TOLERANCE, BusEntry, DEAD_LETTER_KEEP, EntryCap, SettledEvent, StoreError};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -231,18 +231,44 @@ impl Engine {
         }
     }
 
-    /// Handles a batch of bus entries, up to [`ROUTE_IN_FLIGHT`] at once: each is settled on its
-    /// own (its own idempotency keys, its own ack), so their round trips overlap on the
-    /// pipelined connection instead of queueing behind each other. Two events racing for one
-    /// waiting run are decided by the commit's fence: one wakes it, the other goes on as if it
-    /// had come after.
+    /// Handles a batch of bus entries, up to [`ROUTE_IN_FLIGHT`] at once, so that their round
+    /// trips overlap on the pipelined connection instead of queueing behind each other; then
+    /// settles the ones whose runs were started, together (their records, one acknowledgement).
+    /// An entry whose starts failed is left pending, to be retried after the lease time; its
+    /// idempotency keys make a retry start nothing twice. Two events racing for one waiting run
+    /// are decided by the commit's fence: one wakes it, the other goes on as if it had come after.
     async fn route_all(&self, entries: Vec<BusEntry>) {
-        futures::stream::iter(entries).for_each_concurrent(ROUTE_IN_FLIGHT, |entry| self.route(entry)).await;
+        let settled: Vec<SettledEvent> = futures::stream::iter(entries)
+            .map(|entry| self.route(entry))
+            .buffer_unordered(ROUTE_IN_FLIGHT)
+            .filter_map(|settled| async move { settled })
+            .collect()
+            .await;
+        if settled.is_empty() {
+            return;
+        }
+        if crash_before_ack() {
+            // Fault injection for the crash-recovery tests: die like `kill -9` would, after
+            // the runs were started and before the events are acknowledged.
+            tracing::error!(events = settled.len(), "WFO_TEST_CRASH_BEFORE_EVENT_ACK is set: aborting before the ack");
+            std::process::abort();
+        }
+        match self.store.settle_events(&settled, self.config.events_retention).await {
+            Ok(()) => {
+                for _ in &settled {
+                    Counters::add(&self.counters.events_routed);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(events = settled.len(), %err, "events not settled; they will be retried after the lease time")
+            }
+        }
     }
 
-    /// Handles one bus entry. Never fails: a problem of the entry dead-letters it; a problem of
-    /// the store leaves it pending, to be retried after the lease time (up to the delivery bound).
-    async fn route(&self, entry: BusEntry) {
+    /// Handles one bus entry; returns it, with the runs it started, when it is to be settled.
+    /// Never fails: a problem of the entry dead-letters it; a problem of the store leaves it
+    /// pending, to be retried after the lease time (up to the delivery bound).
+    async fn route(&self, entry: BusEntry) -> Option<SettledEvent> {
         if self.ahead_of_clock(&entry.id) {
             // Redis would give every later entry an id above this one (or none at all): the
             // store dead-letters it and sets the bus's last id back, judged by its own clock.
@@ -255,20 +281,21 @@ impl Engine {
                     tracing::warn!(event = %entry.id, %err, "could not remove a bus entry with an id ahead of the clock; will retry")
                 }
             }
-            return;
+            return None;
         }
         let result = if entry.deliveries > self.config.max_deliveries {
             let reason = format!("not handled after {} deliveries", entry.deliveries);
-            self.dead_letter(&entry, &reason).await
+            self.dead_letter(&entry, &reason).await.map(|()| None)
         } else {
             match parse_event(&entry, self.config.event_max_bytes) {
-                Err(reason) => self.dead_letter(&entry, &reason).await,
-                Ok(event) => self.start_for(&entry.id, &event).await,
+                Err(reason) => self.dead_letter(&entry, &reason).await.map(|()| None),
+                Ok(event) => self.start_for(&entry.id, &event).await.map(Some),
             }
         };
-        if let Err(err) = result {
+        result.unwrap_or_else(|err| {
             tracing::warn!(event = %entry.id, %err, "event not settled; it will be retried after the lease time");
-        }
+            None
+        })
     }
 
     /// Wakes the runs waiting for this event whose correlation rule it satisfies; returns the
@@ -366,11 +393,18 @@ impl Engine {
         Ok(())
     }
 
-    async fn start_for(&self, id: &str, event: &Event) -> Result<(), StoreError> {
+    /// Wakes the runs waiting for the event and starts the workflows it triggers; returns what
+    /// is to be settled.
+    async fn start_for(&self, id: &str, event: &Event) -> Result<SettledEvent, StoreError> {
         // Runs waiting for this event go first; a workflow whose run the event woke is not also
         // started anew by it (a `user.verified` continues the onboarding that waits for it, and
-        // starts one only when none waits).
-        let woken = self.wake_waiting(id, event).await?;
+        // starts one only when none waits). Only types some workflow waits for are looked up:
+        // most events wake nothing, and the lookup would be a round trip each.
+        let woken = if self.awaited_types.contains(&event.event_type) {
+            self.wake_waiting(id, event).await?
+        } else {
+            Vec::new()
+        };
         let mut started = Vec::new();
         for workflow in
             self.registry.iter().filter(|w| w.def.events.contains(&event.event_type) && !woken.contains(&w.def.id))
@@ -391,15 +425,7 @@ impl Engine {
                 }
             }
         }
-        if crash_before_ack() {
-            // Fault injection for the crash-recovery tests: die like `kill -9` would, after
-            // the runs were started and before the event is acknowledged.
-            tracing::error!(event = %id, "WFO_TEST_CRASH_BEFORE_EVENT_ACK is set: aborting before the ack");
-            std::process::abort();
-        }
-        self.store.settle_event(id, &started, self.config.events_retention).await?;
-        Counters::add(&self.counters.events_routed);
-        Ok(())
+        Ok(SettledEvent { id: id.to_owned(), started })
     }
 }
 

@@ -83,12 +83,17 @@ impl Engine {
     }
 
     /// Registers a waiting run for its event again (idempotent): the registration is written
-    /// after the commit that parks the run, so a crash in between could lose it.
+    /// after the commit that parks the run, so a crash in between could lose it. A run of an
+    /// older definition may wait for a type no workflow of the registry waits for, which the
+    /// router then does not look up: such a run looks back over the bus for its event here.
     async fn register_wait(&self, run: &RunId) -> Result<(), StoreError> {
         if let Some(loaded) = self.load_for_loop(run).await?
             && let machine::Status::Waiting { event, until, .. } = loaded.state.status
         {
             self.store.add_wait(&event, run, until).await?;
+            if !self.awaited_types.contains(&event) {
+                self.look_back_for(run, &event, loaded.state.created_at).await?;
+            }
         }
         Ok(())
     }

@@ -18,8 +18,8 @@
 
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, RunId, RunPage, RunSummary, Store,
-    StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields, terminal_name,
+    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, RunId, RunPage, RunSummary, SettledEvent,
+    Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState};
@@ -908,16 +908,17 @@ impl Store for MemoryStore {
         Ok(self.shared.state.lock().bus.reclaim(consumer, min_idle, max, Instant::now(), cap))
     }
 
-    async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()> {
+    async fn settle_events(&self, settled: &[SettledEvent], retention: Duration) -> StoreResult<()> {
         let mut state = self.shared.state.lock();
-        if !started.is_empty() {
-            let expires = Instant::now()
-                .checked_add(retention)
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
-            state.bus.started.insert(id.to_owned(), (started.to_vec(), expires));
-        }
-        if let Ok(id) = id.parse::<EntryId>() {
-            state.bus.stream.pending.remove(&id);
+        let expires =
+            Instant::now().checked_add(retention).unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+        for event in settled {
+            if !event.started.is_empty() {
+                state.bus.started.insert(event.id.clone(), (event.started.clone(), expires));
+            }
+            if let Ok(id) = event.id.parse::<EntryId>() {
+                state.bus.stream.pending.remove(&id);
+            }
         }
         Ok(())
     }

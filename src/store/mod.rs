@@ -256,6 +256,13 @@ pub struct CronState {
     pub buffered: Option<Millis>,
 }
 
+/// An event the router handled: its bus entry id and the runs it started (workflow, run id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledEvent {
+    pub id: String,
+    pub started: Vec<(String, String)>,
+}
+
 /// An entry of the event bus stream as read: its id and raw fields (binary-safe: anyone may
 /// `XADD` anything), and how often it was delivered to the router group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -558,8 +565,10 @@ pub trait Store: Send + Sync + 'static {
         cap: EntryCap,
     ) -> StoreResult<Vec<BusEntry>>;
 
-    /// Records the runs an event started (kept for `retention`) and acknowledges it.
-    async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()>;
+    /// Records the runs each event started (kept for `retention`) and acknowledges them all:
+    /// the records first, then one acknowledgement for the batch, so that an event is never
+    /// acknowledged without its record.
+    async fn settle_events(&self, settled: &[SettledEvent], retention: Duration) -> StoreResult<()>;
 
     /// Moves a malformed entry to the dead-letter stream with its reason, and acknowledges it.
     /// The dead letter keeps a [`DEAD_LETTER_KEEP`]-byte prefix of each value, the entry's size

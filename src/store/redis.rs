@@ -12,7 +12,7 @@ use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
     EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReadyTask, RunId, RunPage, RunState,
-    RunSummary, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    RunSummary, SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded};
@@ -1412,24 +1412,33 @@ impl Store for RedisStore {
             .collect())
     }
 
-    async fn settle_event(&self, id: &str, started: &[(String, String)], retention: Duration) -> StoreResult<()> {
-        if !started.is_empty() {
-            let runs: Vec<serde_json::Value> = started
+    async fn settle_events(&self, settled: &[SettledEvent], retention: Duration) -> StoreResult<()> {
+        if settled.is_empty() {
+            return Ok(());
+        }
+        // The records go out together (pipelined on the connection), then one XACK for all.
+        let records = settled.iter().filter(|event| !event.started.is_empty()).map(|event| {
+            let runs: Vec<serde_json::Value> = event
+                .started
                 .iter()
                 .map(|(workflow, run)| serde_json::json!({ "workflowId": workflow, "runId": run }))
                 .collect();
             self.cmd(
                 "SET",
                 vec![
-                    self.keys.event_runs(id).into(),
+                    self.keys.event_runs(&event.id).into(),
                     serde_json::Value::Array(runs).to_string().into(),
                     "EX".into(),
                     (retention.as_secs().max(1) as i64).into(),
                 ],
             )
-            .await?;
+        });
+        for recorded in join_all(records).await {
+            recorded?;
         }
-        self.cmd("XACK", vec![self.keys.events().into(), ROUTER_GROUP.into(), id.into()]).await?;
+        let mut args: Vec<Value> = vec![self.keys.events().into(), ROUTER_GROUP.into()];
+        args.extend(settled.iter().map(|event| Value::from(event.id.clone())));
+        self.cmd("XACK", args).await?;
         Ok(())
     }
 
