@@ -33,6 +33,11 @@
 #[path = "common/mod.rs"]
 mod common;
 
+/// The binary's allocator (see `src/main.rs`), so that the engine in process costs what it
+/// costs in the binary.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
