@@ -338,7 +338,7 @@ impl Engine {
                     self.store.ack(lease).await?;
                     return Ok(CommitOutcome::Stale);
                 }
-                Err(_) => return self.discard_moved_on(run, lease, &state.workflow).await,
+                Err(_) => return self.discard_moved_on(run, Some(lease), &state.workflow).await,
             };
             let outcome = self
                 .commit_advanced_via(run, state.seq, Some(lease.clone()), advanced, false, CommitPath::Grouped)
@@ -347,23 +347,30 @@ impl Engine {
                 return Ok(outcome);
             }
             if reapplied == REAPPLY_LIMIT {
-                return self.discard_moved_on(run, lease, &state.workflow).await;
+                return self.discard_moved_on(run, Some(lease), &state.workflow).await;
             }
             reapplied += 1;
             match self.load_for_loop(run).await? {
                 Some(loaded) => state = loaded.state,
-                None => return self.discard_moved_on(run, lease, &state.workflow).await,
+                None => return self.discard_moved_on(run, Some(lease), &state.workflow).await,
             }
         }
     }
 
     /// The run moved on while the step ran (cancelled, or already advanced by another replica):
-    /// this work is obsolete. The entry is acknowledged if it is still ours, so that it is not
-    /// delivered again.
-    async fn discard_moved_on(&self, run: &RunId, lease: &Lease, workflow: &str) -> Result<CommitOutcome, StoreError> {
+    /// this work is obsolete. The entry, if there is one, is acknowledged if it is still ours,
+    /// so that it is not delivered again.
+    async fn discard_moved_on(
+        &self,
+        run: &RunId,
+        lease: Option<&Lease>,
+        workflow: &str,
+    ) -> Result<CommitOutcome, StoreError> {
         Counters::add(&self.counters.completions_fenced);
         tracing::info!(run_id = %run, workflow = %workflow, "run moved on while the step ran; discarding the outcome");
-        self.store.ack(lease).await?;
+        if let Some(lease) = lease {
+            self.store.ack(lease).await?;
+        }
         Ok(CommitOutcome::Stale)
     }
 
@@ -475,13 +482,7 @@ impl Engine {
             // The executor applies the outcome again on the run's new state (`commit_outcome`).
             CommitOutcome::Stale if path == CommitPath::Grouped => {}
             CommitOutcome::Stale => {
-                // The run moved on (cancelled, or already advanced by another replica): this
-                // work is obsolete. Ack the entry if it is still ours so it is not redelivered.
-                Counters::add(&self.counters.completions_fenced);
-                tracing::info!(run_id = %run, workflow = %workflow, "run moved on while the step ran; discarding the outcome");
-                if let Some(lease) = &lease {
-                    self.store.ack(lease).await?;
-                }
+                self.discard_moved_on(run, lease.as_ref(), &workflow).await?;
             }
             CommitOutcome::Gone => {
                 tracing::info!(run_id = %run, workflow = %workflow, "run is finished or gone; discarding the outcome")
