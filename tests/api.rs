@@ -553,6 +553,7 @@ fn workflow_status_counts_runs_by_status_and_lists_active_and_recent_runs_with_d
     let status = service.get_ok("/api/workflows/held/status");
     assert_eq!(status["workflowId"], "held");
     assert!(status["schedule"].is_null() && status["nextRunAt"].is_null(), "{status}");
+    assert_eq!(status["nextFires"], json!([]), "{status}");
     let counts = status["counts"].as_object().expect("counts");
     for (name, count) in counts {
         let expected = match name.as_str() {
@@ -1331,6 +1332,7 @@ fn replicas_heartbeat_stats_count_recent_runs_and_a_runs_state_is_served_after_a
     assert_eq!(first["at"], 1);
     assert_eq!(first["status"], "pending", "{first}");
     assert_eq!(first["current"]["step"], "first", "{first}");
+    assert!(first["foldMatchesStored"].is_null(), "checked only at the end of the log: {first}");
     assert!(
         first["steps"].as_array().unwrap().iter().all(|s| s["status"] == "pending" && s["output"].is_null()),
         "{first}"
@@ -1348,6 +1350,7 @@ fn replicas_heartbeat_stats_count_recent_runs_and_a_runs_state_is_served_after_a
     let mut now = service.get_ok(&format!("/api/runs/{run}"));
     now["at"] = json!(last);
     now["current"] = json!({ "status": "completed", "step": null, "attempt": null, "lastError": null });
+    now["foldMatchesStored"] = json!(true);
     assert_eq!(end, now);
     assert_eq!(service.get_ok(&format!("/api/runs/{run}/state")), now, "without `at`: as it is now");
 

@@ -386,6 +386,7 @@ fn every_page_opens_and_an_event_is_published_from_the_events_page() {
         page.click("a[href='/ui/workflows/hello']").await;
         page.ready("workflow").await;
         assert_eq!(page.js("return document.querySelectorAll('#steps-graph .node').length").await, json!(3));
+        assert_eq!(page.js("return document.querySelectorAll('#next-fires li').length").await, json!(5));
         assert!(page.body_text().await.contains("hello.requested"));
         page.screenshot("-workflow").await;
 
@@ -394,6 +395,7 @@ fn every_page_opens_and_an_event_is_published_from_the_events_page() {
         page.click(&format!("a[href='/ui/runs/{done}']")).await;
         page.wait_run_status("completed").await;
         assert_eq!(page.js("return document.querySelectorAll('#gantt .seg.ok').length").await, json!(3));
+        assert!(page.text("#fold-check").await.contains("fold to the stored state (completed)"));
         page.screenshot("-run").await;
 
         page.click("header nav a[data-nav=events]").await;

@@ -657,6 +657,11 @@ async fn run_state_at(engine: &Engine, id: &str, query: Option<&str>) -> Answer 
     let mut view = views::run(&loaded.id.to_string(), &loaded.state, &loaded.log, &loaded.workflow);
     view["at"] = json!(loaded.state.seq);
     view["current"] = views::current(&loaded.state, &loaded.workflow);
+    // At the end of the log: replay's check, that the fold is what the store says the run is.
+    let stored = engine.summary(&run).await?;
+    let at_end = stored.as_ref().is_none_or(|s| s.seq <= loaded.state.seq);
+    view["foldMatchesStored"] =
+        if at_end { json!(stored.is_some_and(|s| s.matches(&loaded.state))) } else { Value::Null };
     ok_json(StatusCode::OK, view)
 }
 
@@ -1012,6 +1017,7 @@ async fn workflow_status(engine: &Engine, id: &str) -> Answer {
             "description": workflow.def.description,
             "schedule": workflow.def.schedule,
             "nextRunAt": engine.next_fire(workflow).map(views::timestamp),
+            "nextFires": engine.next_fires(workflow, 5).into_iter().map(views::timestamp).collect::<Vec<_>>(),
             "activeRuns": summaries(engine, &active).await?,
             "recentRuns": summaries(engine, &recent).await?,
             "counts": counts,

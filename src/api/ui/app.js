@@ -440,7 +440,9 @@ async function workflowPage(id) {
     const status = await api("/api/workflows/" + encodeURIComponent(id) + "/status");
     if (!ctx.alive) return false;
     const counts = Object.entries(status.counts || {}).map(([s, n]) => h("div", { class: "card" }, h("div", { class: "n" }, n), h("div", { class: "l" }, badge(s))));
+    const fires = status.nextFires || [];
     document.getElementById("workflow-status").replaceWith(h("div", { id: "workflow-status" },
+      fires.length ? panel("Next fires", h("ol", { id: "next-fires" }, fires.map((f) => h("li", {}, when(f), h("span", { class: "muted" }, " (" + f + ")"))))) : null,
       panel("Runs by status", h("div", { class: "cards" }, counts)),
       panel("Active runs", table(SUMMARY_HEAD, summaryRows(status.activeRuns), "None.")),
       panel("Last runs", table(SUMMARY_HEAD, summaryRows(status.recentRuns), "No runs yet."), h("p", {}, link("/ui/runs?workflowId=" + encodeURIComponent(id), "All runs of this workflow")))));
@@ -608,9 +610,10 @@ async function runPage(id) {
   const details = h("div", { id: "step-details" });
   const stateView = h("div", { id: "state-view" }, h("p", { class: "muted" }, "Pick a transition in the history to see the run right after it."));
   const historyBox = h("div", { id: "history" });
+  const foldCheck = h("p", { id: "fold-check", class: "muted" });
   main.replaceChildren(h("h1", {}, "Run ", h("span", { id: "run-id" }, id)), head, actions, message,
     panel("Timeline", gantt, h("div", { class: "legend" }, legend("attempt", "var(--ok)"), legend("failed attempt", "var(--bad)"), legend("back-off", "#f3c969"), legend("sleep / wait", "#b9a6ea"), legend("running", "var(--live)"))),
-    panel("Steps", details), panel("Step-through", stateView), panel("History", historyBox));
+    panel("Steps", details), panel("Step-through", stateView), panel("History", foldCheck, historyBox));
 
   const act = async (question, path, body, after) => {
     if (!(await confirmAction(question))) return;
@@ -679,6 +682,17 @@ async function runPage(id) {
       h("tr", { class: "clickable" + (x.seq === selected ? " selected" : ""), "data-seq": x.seq, onclick: (e) => { if (!e.target.closest("details")) showState(x.seq).catch(showError); } },
         h("td", {}, x.seq), h("td", {}, x.type), h("td", {}, when(x.at)), h("td", {}, x.step || "—"), h("td", {}, x.attempt ?? "—"),
         h("td", { class: "hide-narrow" }, x.replica || "—"), h("td", {}, transitionDetail(x))))));
+    if (!live) {
+      // Once the run rests: replay's check, that the fold of this log is what the store holds.
+      const folded = await api(`/api/runs/${encodeURIComponent(id)}/state`);
+      if (!ctx.alive) return false;
+      foldCheck.className = folded.foldMatchesStored ? "muted" : "error";
+      foldCheck.textContent = folded.foldMatchesStored
+        ? `Replay check: the ${folded.at} transitions fold to the stored state (${folded.status}).`
+        : `Replay check FAILED: the fold of the log (${folded.status}, seq ${folded.at}) differs from the stored state.`;
+    } else {
+      foldCheck.textContent = "";
+    }
     document.body.dataset.ready = "run";
     document.body.dataset.runStatus = run.status;
     // Live while the run is live; a finished run changes only by an action (which watches
