@@ -10,8 +10,12 @@
 //! expiring ([`SESSION_TTL`], the expiry inside the signed value). Cross-site requests that
 //! would act with it are refused anyway by the API's origin and content-type checks.
 
+use super::{Answer, ApiError, ApiState, Payload, authorize, object_body, ok_json};
 use hmac::{Hmac, Mac};
+use hyper::body::Incoming;
 use hyper::header::{COOKIE, HeaderMap};
+use hyper::{Request, StatusCode};
+use serde_json::{Value, json};
 use sha2::Sha256;
 
 /// The page, its script and its style sheet.
@@ -110,6 +114,52 @@ pub fn set_cookie(value: &str, secure: bool) -> String {
 /// The `Set-Cookie` value that ends a session.
 pub fn clear_cookie() -> String {
     format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+/// `GET /ui/session`: whether the API needs a token and whether this request carries one (a
+/// bearer header or a session), so that the dashboard knows to ask for it.
+pub(super) fn session(state: &ApiState, request: &Request<Incoming>) -> Answer {
+    let authenticated = match state.token.as_deref() {
+        None => true,
+        Some(_) => authorize(state.token.as_deref(), request, state.engine.now()).is_ok(),
+    };
+    ok_json(StatusCode::OK, json!({ "tokenRequired": state.token.is_some(), "authenticated": authenticated }))
+}
+
+/// `POST /ui/login` `{"token": "..."}`: the token for a session cookie (see `dashboard`). A
+/// wrong token is 401; without `API_TOKEN` there is nothing to log in to, and it says so.
+pub(super) async fn login(state: &ApiState, request: Request<Incoming>) -> Answer {
+    use subtle::ConstantTimeEq;
+    let secure = request
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|proto| proto.eq_ignore_ascii_case("https"));
+    let mut body = object_body(request, &["token"]).await?;
+    let given = match body.remove("token") {
+        Some(Value::String(given)) => given,
+        _ => return Err(ApiError::bad_request("the body is {\"token\": \"<API_TOKEN>\"}")),
+    };
+    let Some(token) = state.token.as_deref() else {
+        return ok_json(StatusCode::OK, json!({ "tokenRequired": false, "authenticated": true }));
+    };
+    if !bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())) {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the token is not valid"));
+    }
+    let session = new_session(token, state.engine.now());
+    Ok((
+        StatusCode::OK,
+        Payload::Session(
+            json!({ "tokenRequired": true, "authenticated": true, "expiresInSeconds": SESSION_TTL.as_secs() }),
+            set_cookie(&session, secure),
+        ),
+    ))
+}
+
+/// `POST /ui/logout`: clears the session cookie.
+pub(super) async fn logout(request: Request<Incoming>) -> Answer {
+    object_body(request, &[]).await?;
+    Ok((StatusCode::OK, Payload::Session(json!({ "authenticated": false }), clear_cookie())))
 }
 
 #[cfg(test)]

@@ -396,12 +396,9 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
             Some((content_type, body)) => Ok((StatusCode::OK, Payload::Page(content_type, body))),
             None => Err(ApiError::not_found(format!("no asset `{}`", name.chars().take(80).collect::<String>()))),
         },
-        Route::UiSession => ui_session(state, &request),
-        Route::UiLogin => ui_login(state, request).await,
-        Route::UiLogout => {
-            object_body(request, &[]).await?;
-            Ok((StatusCode::OK, Payload::Session(json!({ "authenticated": false }), dashboard::clear_cookie())))
-        }
+        Route::UiSession => dashboard::session(state, &request),
+        Route::UiLogin => dashboard::login(state, request).await,
+        Route::UiLogout => dashboard::logout(request).await,
     }
 }
 
@@ -598,46 +595,6 @@ fn authorize(token: Option<&str>, request: &Request<Incoming>, now: u64) -> Resu
     } else {
         Err(unauthorized("the bearer token is not valid"))
     }
-}
-
-/// `GET /ui/session`: whether the API needs a token and whether this request carries one (a
-/// bearer header or a session), so that the dashboard knows to ask for it.
-fn ui_session(state: &ApiState, request: &Request<Incoming>) -> Answer {
-    let authenticated = match state.token.as_deref() {
-        None => true,
-        Some(_) => authorize(state.token.as_deref(), request, state.engine.now()).is_ok(),
-    };
-    ok_json(StatusCode::OK, json!({ "tokenRequired": state.token.is_some(), "authenticated": authenticated }))
-}
-
-/// `POST /ui/login` `{"token": "..."}`: the token for a session cookie (see `dashboard`). A
-/// wrong token is 401; without `API_TOKEN` there is nothing to log in to, and it says so.
-async fn ui_login(state: &ApiState, request: Request<Incoming>) -> Answer {
-    use subtle::ConstantTimeEq;
-    let secure = request
-        .headers()
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|proto| proto.eq_ignore_ascii_case("https"));
-    let mut body = object_body(request, &["token"]).await?;
-    let given = match body.remove("token") {
-        Some(Value::String(given)) => given,
-        _ => return Err(ApiError::bad_request("the body is {\"token\": \"<API_TOKEN>\"}")),
-    };
-    let Some(token) = state.token.as_deref() else {
-        return ok_json(StatusCode::OK, json!({ "tokenRequired": false, "authenticated": true }));
-    };
-    if !bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())) {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the token is not valid"));
-    }
-    let session = dashboard::new_session(token, state.engine.now());
-    Ok((
-        StatusCode::OK,
-        Payload::Session(
-            json!({ "tokenRequired": true, "authenticated": true, "expiresInSeconds": dashboard::SESSION_TTL.as_secs() }),
-            dashboard::set_cookie(&session, secure),
-        ),
-    ))
 }
 
 /// `GET /api/runs/:runId/state?at=<seq>`: the run as it was right after its log entry `at`
