@@ -78,9 +78,15 @@ struct Service {
 
 impl Service {
     fn start(env: &[(&str, &str)]) -> Service {
+        Service::start_with(env, "")
+    }
+
+    /// With more workflows (`{dir}` replaced as in [`WORKFLOWS`]).
+    fn start_with(env: &[(&str, &str)], more_workflows: &str) -> Service {
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = workflows_file(dir.path(), &WORKFLOWS.replace("{dir}", &dir.path().display().to_string()));
+        let text = format!("{WORKFLOWS}\n{more_workflows}").replace("{dir}", &dir.path().display().to_string());
+        let file = workflows_file(dir.path(), &text);
         let mut config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path());
         for (key, value) in env {
             config = config.env(key, value);
@@ -636,5 +642,49 @@ fn with_an_api_token_the_dashboard_asks_for_it_once_and_refuses_a_wrong_one() {
         page.ready("login").await;
         page.goto("/ui/runs").await;
         page.ready("login").await;
+    });
+}
+
+/// A workflow `twenty` of 20 `exec` steps, each failing its first attempt (it leaves a file
+/// behind in the test's directory) and succeeding on its second, 20 ms later.
+fn twenty_steps() -> String {
+    let mut toml = "[[workflow]]\nid = \"twenty\"\n".to_owned();
+    for step in 1..=20 {
+        toml.push_str(&format!(
+            "[[workflow.step]]\nid = \"step-{step:02}\"\naction = \"exec\"\n\
+             with = {{ command = [\"sh\", \"-c\", \"f=\\\"tried-$WFO_RUN_ID-$WFO_STEP_ID\\\"; if [ -f \\\"$f\\\" ]; then echo ok; else touch \\\"$f\\\"; echo first-attempt-fails >&2; exit 1; fi\"], cwd = \"{{dir}}\" }}\n\
+             retry = {{ max_attempts = 2, initial_backoff = \"20ms\", max_backoff = \"20ms\", jitter = 0.0 }}\n"
+        ));
+    }
+    toml
+}
+
+#[test]
+fn the_page_of_a_twenty_step_run_with_retries_draws_every_attempt_and_records_how_long_it_took() {
+    let service = Service::start_with(&[], &twenty_steps());
+    let run = service.replica.trigger("twenty", json!({}));
+    assert_eq!(service.replica.wait_terminal(&run, Duration::from_secs(120))["status"], "completed");
+    let service = &service;
+    in_browser("twenty_steps", service, |page| async move {
+        page.goto(&format!("/ui/runs/{run}")).await;
+        page.wait_run_status("completed").await;
+        assert_eq!(page.js("return document.querySelectorAll('#gantt .row').length").await, json!(20));
+        assert_eq!(page.js("return document.querySelectorAll('#gantt .seg.failed').length").await, json!(20));
+        assert_eq!(page.js("return document.querySelectorAll('#gantt .seg.ok').length").await, json!(20));
+        assert_eq!(page.js("return document.querySelectorAll('#gantt .seg.backoff').length").await, json!(20));
+        let transitions = service.replica.history(&run).len();
+        assert_eq!(
+            page.js("return document.querySelectorAll('#history tr[data-seq]').length").await,
+            json!(transitions)
+        );
+        // A figure, not a check: from navigation to the first render of the run's data.
+        let ms = page.js("return Number(document.body.dataset.firstReadyMs)").await;
+        let figure = format!(
+            "run page of a 20-step run with a retry per step ({transitions} transitions): first render with its data {ms} ms after navigation (headless Chromium, debug build of the server)\n"
+        );
+        eprint!("{figure}");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("ui-screenshots");
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join("twenty_steps.txt"), figure);
     });
 }

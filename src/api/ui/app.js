@@ -145,6 +145,12 @@ function poll(ctx, ms, step) {
   return tick();
 }
 
+/** Says that the page has rendered its data (tests wait for it), and when: ms since navigation. */
+function markReady(name) {
+  document.body.dataset.ready = name;
+  if (!document.body.dataset.firstReadyMs) document.body.dataset.firstReadyMs = String(Math.round(performance.now()));
+}
+
 function showError(err) {
   let box = document.getElementById("page-error");
   if (!box) {
@@ -226,7 +232,7 @@ function showLogin() {
       h("p", { class: "muted" }, "This service has an API token. Enter it once; a session cookie keeps you logged in for 12 hours."),
       form),
   );
-  document.body.dataset.ready = "login";
+  markReady("login");
   input.focus();
 }
 
@@ -321,7 +327,7 @@ async function overviewPage() {
           "No replica has sent a heartbeat in the last " + replicas.ttlSeconds + " s.")),
     );
     document.getElementById("overview").replaceWith(content);
-    document.body.dataset.ready = "overview";
+    markReady("overview");
   });
 }
 
@@ -369,7 +375,7 @@ async function workflowsPage() {
         h("td", {}, schedule(w)), h("td", {}, w.timezone), h("td", {}, when(w.nextRunAt)),
         h("td", {}, (w.events || []).join(", ") || "—"), h("td", {}, w.steps.length))),
       "No workflows are loaded.")));
-    document.body.dataset.ready = "workflows";
+    markReady("workflows");
   } catch (err) {
     if (err.status !== 401) showError(err);
   }
@@ -446,7 +452,7 @@ async function workflowPage(id) {
       panel("Runs by status", h("div", { class: "cards" }, counts)),
       panel("Active runs", table(SUMMARY_HEAD, summaryRows(status.activeRuns), "None.")),
       panel("Last runs", table(SUMMARY_HEAD, summaryRows(status.recentRuns), "No runs yet."), h("p", {}, link("/ui/runs?workflowId=" + encodeURIComponent(id), "All runs of this workflow")))));
-    document.body.dataset.ready = "workflow";
+    markReady("workflow");
   });
 }
 
@@ -493,7 +499,7 @@ async function runsPage() {
     pager.replaceChildren(
       h("button", { id: "page-newer", type: "button", disabled: !cursors.length, onclick: () => { cursor = cursors.pop() ?? null; load().catch(showError); } }, "← Newer"),
       h("button", { id: "page-older", type: "button", disabled: !listed.nextCursor, onclick: () => { cursors.push(cursor); cursor = listed.nextCursor; load().catch(showError); } }, "Older →"));
-    document.body.dataset.ready = "runs";
+    markReady("runs");
   };
   await poll(ctx, 5000, load);
 }
@@ -693,7 +699,7 @@ async function runPage(id) {
     } else {
       foldCheck.textContent = "";
     }
-    document.body.dataset.ready = "run";
+    markReady("run");
     document.body.dataset.runStatus = run.status;
     // Live while the run is live; a finished run changes only by an action (which watches
     // it again).
@@ -764,7 +770,7 @@ async function eventsPage() {
       h("tr", { class: "dead-letter" }, h("td", {}, d.deadLetterId, h("br"), h("small", { class: "muted" }, when(d.deadLetteredAt))), h("td", { class: "error" }, d.reason || "?"),
         h("td", {}, d.eventId || "—"), h("td", {}, d.bytes ?? "—"), h("td", {}, h("details", {}, h("summary", {}, "fields"), pretty(d.fields))))),
       "No dead letters."));
-    document.body.dataset.ready = "events";
+    markReady("events");
   };
   await poll(ctx, 5000, load);
 }
