@@ -3,7 +3,7 @@
 #
 # Works on a fresh Debian/Ubuntu machine where only the Rust toolchain is
 # installed: missing system tools (redis-server, redis-tools, docker-compose,
-# postgresql, python3-venv) are installed from the distribution's packages
+# postgresql, python3-venv, chromium, chromium-driver) are installed from the distribution's packages
 # with apt-get, and schemathesis from PyPI into a virtualenv at target/venv.
 #
 # The tests start their own private redis-server processes on loopback ports;
@@ -113,6 +113,19 @@ if [ -z "$(postgres_bin)" ] || [ ! -x "$(postgres_bin)/initdb" ] || [ ! -x "$(po
     require pg_restore
 fi
 echo "postgresql: $(postgres_bin) ($("$(postgres_bin)/postgres" --version)); pg_dump: $(command -v pg_dump)"
+
+# Chromium and its WebDriver for the dashboard's browser tests (tests/ui.rs drives
+# /usr/bin/chromium, headless, through /usr/bin/chromedriver on a loopback port; without them
+# those tests fail, saying so).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    echo "chromium/chromedriver not found: installing chromium and chromium-driver"
+    apt_install chromium chromium-driver
+    if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+        echo "error: /usr/bin/chromium or /usr/bin/chromedriver is still missing after installing them" >&2
+        exit 1
+    fi
+fi
+echo "chromium: $(/usr/bin/chromium --version 2>/dev/null | tail -n1); $(/usr/bin/chromedriver --version)"
 
 # rustfmt and clippy are rustup components that a minimal toolchain lacks.
 for component in rustfmt clippy; do

@@ -25,10 +25,11 @@ fn parse_object(what: &str, text: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 /// Folds the run's log through the state machine, prints the timeline, and checks the fold
-/// against the stored summary.
-pub async fn replay(engine: &Engine, run_id: &str, json: bool) -> anyhow::Result<ExitCode> {
+/// against the stored summary. With `at`, folds the log only up to that entry (a seq) and
+/// shows the run as it was right after it (no check: the stored summary is the end's).
+pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) -> anyhow::Result<ExitCode> {
     let run: RunId = run_id.parse().map_err(anyhow::Error::msg)?;
-    let log = match engine.history(&run).await {
+    let mut log = match engine.history(&run).await {
         Ok(Some(log)) => log,
         Ok(None) => bail!("no run `{run_id}`"),
         Err(err) => {
@@ -36,6 +37,14 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool) -> anyhow::Result
             return Ok(ExitCode::FAILURE);
         }
     };
+    let last = log.last().map_or(0, |l| l.seq);
+    if let Some(at) = at {
+        if at == 0 || at > last {
+            bail!("--at must be a seq of the run's log, from 1 to {last}");
+        }
+        log.retain(|l| l.seq <= at);
+    }
+    let partial = at.is_some_and(|at| at < last);
     let mut state = None;
     for entry in &log {
         match machine::apply(state.as_ref(), &entry.recorded) {
@@ -54,6 +63,20 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool) -> anyhow::Result
     let workflow = engine.definition(run.shard, &state.definition).await?;
     let stored: Option<RunSummary> = engine.summary(&run).await?;
     let consistent = stored.as_ref().is_some_and(|s| s.matches(&state));
+    if partial {
+        let mut view = views::run(run_id, &state, &log, &workflow);
+        view["at"] = serde_json::json!(state.seq);
+        view["current"] = views::current(&state, &workflow);
+        // As `GET /api/runs/:id/state?at=`: the check against the stored state is the end's.
+        view["foldMatchesStored"] = serde_json::Value::Null;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        } else {
+            println!("run {run_id} right after log entry {} of {last}:", state.seq);
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if json {
         let transitions: Vec<serde_json::Value> = log.iter().map(|entry| views::transition(entry, &workflow)).collect();
         let out = serde_json::json!({

@@ -12,7 +12,8 @@
 //! - [`actions`]: what a step does (noop, exec).
 //! - [`engine`]: the loops of a replica: executors, lease renewal, reclaim, timers, sweeper,
 //!   graceful shutdown.
-//! - [`api`]: the hyper server: routing, JSON, errors.
+//! - [`api`]: the hyper server: routing, JSON, errors; the dashboard's page and assets
+//!   (`src/api/ui/`, compiled in) and its sessions.
 //! - [`config`]: settings from the environment.
 //! - [`telemetry`]: the process's logs (the `tracing` subscriber, `LOG_FORMAT`) and traces
 //!   ([`telemetry::otel`]); set up by `main`, used by no other module.

@@ -50,6 +50,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Fold the log only up to this entry (a seq, from 1) and show the run as it was right
+        /// after it.
+        #[arg(long)]
+        at: Option<u64>,
     },
     /// List runs, newest first.
     Runs {
@@ -144,7 +148,7 @@ fn main() -> ExitCode {
                 }
                 let engine = open_engine(&settings, registry).await?;
                 match other {
-                    Command::Replay { run_id, json } => cli::replay(&engine, &run_id, json).await,
+                    Command::Replay { run_id, json, at } => cli::replay(&engine, &run_id, json, at).await,
                     Command::Runs { workflow, status, limit, json } => {
                         cli::runs(&engine, workflow.as_deref(), status.as_deref(), limit, json).await
                     }

@@ -162,8 +162,11 @@ struct Call {
 
 impl Call {
     fn new(replica: &Replica, method: &str, path: &str) -> Call {
-        let agent =
-            ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(60)).build();
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .redirects(0)
+            .build();
         Call { request: agent.request(method, &format!("{}{path}", replica.base())), body: None }
     }
 
@@ -197,7 +200,15 @@ impl Call {
             Err(err) => panic!("the request failed without an answer: {err}"),
         };
         let header = |name: &str| response.header(name).map(str::to_owned);
+        let headers = response
+            .headers_names()
+            .into_iter()
+            .flat_map(|name| {
+                response.all(&name).into_iter().map(move |v| (name.clone(), v.to_owned())).collect::<Vec<_>>()
+            })
+            .collect();
         Answer {
+            headers,
             status: response.status(),
             content_type: header("content-type").unwrap_or_default(),
             allow: header("allow"),
@@ -208,6 +219,8 @@ impl Call {
 }
 
 struct Answer {
+    /// Every header, names in lowercase, in order.
+    headers: Vec<(String, String)>,
     status: u16,
     content_type: String,
     allow: Option<String>,
@@ -216,6 +229,11 @@ struct Answer {
 }
 
 impl Answer {
+    /// The first value of header `name` (lowercase).
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
     fn json(&self) -> Value {
         assert!(
             self.content_type.starts_with("application/json"),
@@ -334,7 +352,7 @@ fn health_openapi_workflows_and_metrics_answer_with_their_shapes() {
 }
 
 /// The routes the service answers, as OpenAPI path templates with their methods.
-const ROUTES: [(&str, &[&str]); 15] = [
+const ROUTES: [(&str, &[&str]); 24] = [
     ("/health", &["get"]),
     ("/metrics", &["get"]),
     ("/api/openapi.json", &["get"]),
@@ -350,6 +368,15 @@ const ROUTES: [(&str, &[&str]); 15] = [
     ("/api/runs/{runId}/retry", &["post"]),
     ("/api/runs/{runId}/rerun", &["post"]),
     ("/api/webhooks/inngest", &["post"]),
+    ("/api/runs/{runId}/state", &["get"]),
+    ("/api/replicas", &["get"]),
+    ("/api/stats", &["get"]),
+    ("/", &["get"]),
+    ("/ui", &["get"]),
+    ("/ui/assets/{asset}", &["get"]),
+    ("/ui/session", &["get"]),
+    ("/ui/login", &["post"]),
+    ("/ui/logout", &["post"]),
 ];
 
 #[test]
@@ -526,6 +553,7 @@ fn workflow_status_counts_runs_by_status_and_lists_active_and_recent_runs_with_d
     let status = service.get_ok("/api/workflows/held/status");
     assert_eq!(status["workflowId"], "held");
     assert!(status["schedule"].is_null() && status["nextRunAt"].is_null(), "{status}");
+    assert_eq!(status["nextFires"], json!([]), "{status}");
     let counts = status["counts"].as_object().expect("counts");
     for (name, count) in counts {
         let expected = match name.as_str() {
@@ -1017,8 +1045,7 @@ fn rerun_from_a_step_starts_a_new_run_that_reuses_the_earlier_outputs() {
 #[test]
 fn unknown_routes_are_404_and_wrong_methods_are_405_with_an_allow_header() {
     let service = Service::start(&[]);
-    for path in
-        ["/", "/nope", "/api", "/api/workflows/two", "/api/runs/x/y/z", "/api/workflows/two/trigger/now", "/healthz"]
+    for path in ["/nope", "/api", "/api/workflows/two", "/api/runs/x/y/z", "/api/workflows/two/trigger/now", "/healthz"]
     {
         service.get(path).assert_error(404, "not_found");
     }
@@ -1212,4 +1239,216 @@ fn the_inngest_webhook_without_a_signing_key_refuses_with_not_configured() {
     let answer = service.post_json("/api/webhooks/inngest", &json!({ "name": "a.b" }));
     answer.assert_error(404, "not_configured");
     assert_eq!(service.get_ok("/api/events")["events"], json!([]));
+}
+
+// ---- the dashboard and its routes ----
+
+#[test]
+fn the_dashboard_is_served_at_ui_with_a_tight_content_security_policy_and_slash_redirects_there() {
+    let service = Service::start(&[]);
+    let root = service.get("/");
+    assert_eq!(root.status, 302, "{}", root.text);
+    assert_eq!(root.header("location"), Some("/ui"));
+
+    // Every /ui path is the same page, which holds no data and loads only its own assets.
+    let page = service.get("/ui");
+    assert_eq!(page.status, 200, "{}", page.text);
+    for path in ["/ui/", "/ui/runs", &format!("/ui/runs/{UNKNOWN_RUN}"), "/ui/workflows/two", "/ui/events", "/ui/x/y"] {
+        let other = service.get(path);
+        assert_eq!((other.status, &other.text), (200, &page.text), "{path}");
+    }
+    assert!(page.content_type.starts_with("text/html"), "{}", page.content_type);
+    assert!(page.text.contains(r#"<script type="module" src="/ui/assets/app.js"></script>"#), "{}", page.text);
+    let policy = page.header("content-security-policy").expect("a Content-Security-Policy");
+    for directive in
+        ["default-src 'none'", "script-src 'self'", "style-src 'self'", "connect-src 'self'", "frame-ancestors 'none'"]
+    {
+        assert!(policy.contains(directive), "{directive} in {policy}");
+    }
+    assert!(!policy.contains("unsafe-inline") && !policy.contains("unsafe-eval"), "{policy}");
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+
+    let script = service.get("/ui/assets/app.js");
+    assert_eq!(script.status, 200);
+    assert!(script.content_type.starts_with("text/javascript"), "{}", script.content_type);
+    assert!(!script.text.contains("innerHTML"), "the app never writes HTML from strings");
+    let style = service.get("/ui/assets/app.css");
+    assert!(style.content_type.starts_with("text/css"), "{}", style.content_type);
+    service.get("/ui/assets/nope.js").assert_error(404, "not_found");
+    let refused = service.call("POST", "/ui").json(&json!({})).send();
+    refused.assert_error(405, "method_not_allowed");
+
+    // The API's answers are never sniffed, framed or run as a page either.
+    let health = service.get("/health");
+    assert_eq!(health.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(health.header("content-security-policy"), Some("default-src 'none'; frame-ancestors 'none'"));
+
+    // Without a token there is no session to ask for, and logging in says so.
+    assert_eq!(service.get_ok("/ui/session"), json!({ "tokenRequired": false, "authenticated": true }));
+    let login = service.post_json("/ui/login", &json!({ "token": "anything" }));
+    assert_eq!(login.status, 200, "{}", login.text);
+    assert_eq!(login.json(), json!({ "tokenRequired": false, "authenticated": true }));
+    assert_eq!(login.header("set-cookie"), None);
+}
+
+#[test]
+fn replicas_heartbeat_stats_count_recent_runs_and_a_runs_state_is_served_after_any_transition() {
+    let service = Service::start(&[]);
+    // The first heartbeat is written as the replica starts its loops.
+    let replicas = wait_for(Duration::from_secs(30), Duration::from_millis(50), || {
+        let replicas = service.get_ok("/api/replicas");
+        (replicas["replicas"].as_array().is_some_and(|r| !r.is_empty())).then_some(replicas)
+    })
+    .expect("the replica's heartbeat is listed");
+    let listed = replicas["replicas"].as_array().expect("replicas");
+    assert_eq!(listed.len(), 1, "{replicas}");
+    let me = &listed[0];
+    assert!(me["id"].as_str().unwrap().starts_with("api:"), "the consumer name of REPLICA_ID `api`: {me}");
+    assert_eq!(me["version"], env!("CARGO_PKG_VERSION"));
+    assert!(me["executorsTotal"].as_u64().unwrap() >= 1, "{me}");
+    assert!(is_rfc3339(&me["lastSeen"]) && is_rfc3339(&me["startedAt"]), "{me}");
+    assert!(replicas["ttlSeconds"].as_u64().unwrap() > replicas["heartbeatSeconds"].as_u64().unwrap());
+
+    let run = service.trigger("two", json!({ "n": 1 }));
+    assert_eq!(service.wait_terminal(&run)["status"], "completed");
+    let failed = service.trigger("broken", json!({}));
+    assert_eq!(service.wait_terminal(&failed)["status"], "failed");
+
+    let stats = service.get_ok("/api/stats");
+    assert_eq!(stats["lastHour"], json!({ "started": 2, "completed": 1, "failed": 1 }), "{stats}");
+    assert_eq!(stats["lastDay"], stats["lastHour"], "{stats}");
+    let hours = stats["hours"].as_array().expect("hours");
+    assert_eq!(hours.len(), 24);
+    assert_eq!(hours[23]["started"], 2, "the runs are in the last hour: {stats}");
+    assert_eq!(stats["capped"], false);
+    assert!(stats["bus"]["length"].as_u64().is_some() && stats["steps"]["inFlight"].as_u64().is_some(), "{stats}");
+
+    // Step-through: the state right after each transition, the last one being the run as it is.
+    let history = service.history(&run);
+    let last = history.len() as u64;
+    assert!(last >= 5, "{history:?}");
+    let first = service.get_ok(&format!("/api/runs/{run}/state?at=1"));
+    assert_eq!(first["at"], 1);
+    assert_eq!(first["status"], "pending", "{first}");
+    assert_eq!(first["current"]["step"], "first", "{first}");
+    assert!(first["foldMatchesStored"].is_null(), "checked only at the end of the log: {first}");
+    assert!(
+        first["steps"].as_array().unwrap().iter().all(|s| s["status"] == "pending" && s["output"].is_null()),
+        "{first}"
+    );
+    let after_first_step =
+        history.iter().find(|t| t["type"] == "step_completed").expect("a completed step")["seq"].as_u64().unwrap();
+    let middle = service.get_ok(&format!("/api/runs/{run}/state?at={after_first_step}"));
+    assert_eq!(middle["steps"][0]["status"], "completed", "{middle}");
+    assert_eq!(middle["steps"][0]["output"], json!({ "n": 1 }), "{middle}");
+    assert_eq!(middle["steps"][1]["attempts"], 0, "queued, not started yet: {middle}");
+    assert!(middle["steps"][1]["output"].is_null(), "{middle}");
+    assert_eq!(middle["current"]["step"], "second", "{middle}");
+    assert_eq!(middle["status"], "running", "{middle}");
+    let end = service.get_ok(&format!("/api/runs/{run}/state?at={last}"));
+    let mut now = service.get_ok(&format!("/api/runs/{run}"));
+    now["at"] = json!(last);
+    now["current"] = json!({ "status": "completed", "step": null, "attempt": null, "lastError": null });
+    now["foldMatchesStored"] = json!(true);
+    assert_eq!(end, now);
+    assert_eq!(service.get_ok(&format!("/api/runs/{run}/state")), now, "without `at`: as it is now");
+
+    let failed_state = service.get_ok(&format!("/api/runs/{failed}/state"));
+    assert_eq!(failed_state["current"]["lastError"]["step"], "boom", "{failed_state}");
+
+    for bad in ["0", &(last + 1).to_string(), "x", "-1", ""] {
+        service.get(&format!("/api/runs/{run}/state?at={bad}")).assert_error(400, "bad_request");
+    }
+    service.get(&format!("/api/runs/{run}/state?at=1&bogus=2")).assert_error(400, "bad_request");
+    service.get(&format!("/api/runs/{UNKNOWN_RUN}/state?at=1")).assert_error(404, "not_found");
+    service.get("/api/runs/not-a-run/state").assert_error(400, "bad_request");
+}
+
+#[test]
+fn with_an_api_token_the_dashboard_trades_it_for_a_signed_session_cookie_the_api_accepts() {
+    const TOKEN: &str = "s3cret-token-for-the-dashboard";
+    let service = Service::start(&[("API_TOKEN", TOKEN)]);
+    assert_eq!(service.get_ok("/ui/session"), json!({ "tokenRequired": true, "authenticated": false }));
+    // The page itself is served (it holds nothing); the data is not.
+    assert_eq!(service.get("/ui/runs").status, 200);
+    service.get("/api/runs").assert_error(401, "unauthorized");
+
+    for wrong in ["wrong", "", &TOKEN[1..], &format!("{TOKEN}x")] {
+        let refused = service.post_json("/ui/login", &json!({ "token": wrong }));
+        refused.assert_error(401, "unauthorized");
+        assert_eq!(refused.header("set-cookie"), None);
+    }
+    service.post_json("/ui/login", &json!({})).assert_error(400, "bad_request");
+    service
+        .call("POST", "/ui/login")
+        .body("text/plain", format!(r#"{{"token":"{TOKEN}"}}"#))
+        .send()
+        .assert_error(415, "unsupported_media_type");
+    let cross = service
+        .call("POST", "/ui/login")
+        .header("Origin", "http://evil.example")
+        .json(&json!({ "token": TOKEN }))
+        .send();
+    cross.assert_error(403, "cross_origin");
+
+    let login = service.post_json("/ui/login", &json!({ "token": TOKEN }));
+    assert_eq!(login.status, 200, "{}", login.text);
+    assert_eq!(login.json()["authenticated"], true);
+    let set_cookie = login.header("set-cookie").expect("a session cookie").to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set_cookie.split("; ").any(|a| a == attribute), "{attribute} in {set_cookie}");
+    }
+    assert!(!set_cookie.contains(TOKEN), "the cookie is not the token: {set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    assert!(cookie.starts_with("wfo_session="), "{cookie}");
+
+    // The cookie stands in for the bearer header, for reading and (same-origin) acting.
+    let with_cookie = |method: &str, path: &str| service.call(method, path).header("Cookie", &cookie);
+    assert_eq!(with_cookie("GET", "/api/runs").send().status, 200);
+    assert_eq!(
+        with_cookie("GET", "/ui/session").send().json(),
+        json!({ "tokenRequired": true, "authenticated": true })
+    );
+    let triggered = with_cookie("POST", "/api/workflows/quick/trigger").json(&json!({ "inputData": {} })).send();
+    assert_eq!(triggered.status, 202, "{}", triggered.text);
+    // Another origin cannot act with it, nor post anything but JSON.
+    with_cookie("POST", "/api/workflows/quick/trigger")
+        .header("Origin", "http://evil.example")
+        .json(&json!({}))
+        .send()
+        .assert_error(403, "cross_origin");
+    with_cookie("POST", "/api/workflows/quick/trigger")
+        .header("Sec-Fetch-Site", "cross-site")
+        .json(&json!({}))
+        .send()
+        .assert_error(403, "cross_origin");
+    with_cookie("POST", "/api/workflows/quick/trigger")
+        .body("text/plain", "{}")
+        .send()
+        .assert_error(415, "unsupported_media_type");
+
+    // A cookie changed in any way is no session.
+    let (name_value, signature) = cookie.rsplit_once('.').unwrap();
+    let flipped = if signature.starts_with('0') { "1" } else { "0" };
+    for forged in [
+        format!("{name_value}.{flipped}{}", &signature[1..]),
+        "wfo_session=v1.99999999999999.00.00".to_owned(),
+        "wfo_session=".to_owned(),
+    ] {
+        let answer = service.call("GET", "/api/runs").header("Cookie", &forged).send();
+        answer.assert_error(401, "unauthorized");
+    }
+    // A wrong bearer header is not rescued by a good cookie.
+    with_cookie("GET", "/api/runs").header("Authorization", "Bearer wrong").send().assert_error(401, "unauthorized");
+
+    // Logging out clears the cookie.
+    let logout = with_cookie("POST", "/ui/logout").send();
+    assert_eq!(logout.status, 200, "{}", logout.text);
+    assert!(
+        logout.header("set-cookie").is_some_and(|c| c.starts_with("wfo_session=;") && c.contains("Max-Age=0")),
+        "{:?}",
+        logout.headers
+    );
+    assert!(!service.replica.log_text().contains(TOKEN), "the token never appears in the log");
 }

@@ -22,7 +22,7 @@ use workflow_orchestrator::store::keys::shard_of;
 use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
-    Claimed, Commit, CommitOutcome, Created, Lease, Logged, NewRun, RunId, RunSummary, Store,
+    Claimed, Commit, CommitOutcome, Created, Lease, Logged, NewRun, ReplicaBeat, RunId, RunSummary, Store,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -101,6 +101,7 @@ conformance! {
     runs_are_listed_newest_first_in_pages = runs_are_listed_newest_first_in_pages(16);
     housekeeping_deletes_only_runs_that_ended_before_the_retention = housekeeping_expires_old_finished_runs(4);
     definitions_are_found_by_hash_on_every_shard = definitions_are_found_by_hash(16);
+    replicas_are_listed_while_their_heartbeat_lives = replicas_are_listed_while_their_heartbeat_lives(4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1211,4 +1212,49 @@ fn redis_upgrades_schema_1_data_in_place() {
         let again = redis_store(&server, 4).await;
         assert_eq!(records(again.history(&done).await.unwrap().unwrap()), done_log);
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replica heartbeats.
+
+fn beat(id: &str, busy: u64) -> ReplicaBeat {
+    ReplicaBeat {
+        id: id.to_owned(),
+        version: "0.1.0".to_owned(),
+        executors_busy: busy,
+        executors_total: 32,
+        started_at: 1_000,
+        last_seen: 2_000 + busy,
+    }
+}
+
+async fn replicas_are_listed_while_their_heartbeat_lives(store: Arc<dyn Store>) {
+    assert_eq!(store.replicas().await.unwrap(), Vec::<ReplicaBeat>::new(), "no replica has beaten yet");
+    store.heartbeat(&beat("replica-b:0002", 1), Duration::from_secs(300)).await.unwrap();
+    store.heartbeat(&beat("replica-a:0001", 0), Duration::from_secs(300)).await.unwrap();
+    store.heartbeat(&beat("short-lived:0003", 0), Duration::from_millis(300)).await.unwrap();
+    let listed = store.replicas().await.unwrap();
+    assert_eq!(listed, vec![beat("replica-a:0001", 0), beat("replica-b:0002", 1), beat("short-lived:0003", 0)]);
+
+    // A new beat replaces the last one.
+    store.heartbeat(&beat("replica-a:0001", 5), Duration::from_secs(300)).await.unwrap();
+    // A replica that stops beating is no longer listed once its time-to-live has run out.
+    let expired = async {
+        for _ in 0..100 {
+            let listed = store.replicas().await.unwrap();
+            if listed.len() == 2 {
+                return listed;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the short-lived heartbeat never expired: {:?}", store.replicas().await.unwrap());
+    };
+    assert_eq!(expired.await, vec![beat("replica-a:0001", 5), beat("replica-b:0002", 1)]);
+
+    // A replica that leaves takes its beat back.
+    store.forget_replica("replica-b:0002").await.unwrap();
+    assert_eq!(store.replicas().await.unwrap(), vec![beat("replica-a:0001", 5)]);
+    // And comes back with its next beat.
+    store.heartbeat(&beat("replica-b:0002", 2), Duration::from_secs(300)).await.unwrap();
+    assert_eq!(store.replicas().await.unwrap(), vec![beat("replica-a:0001", 5), beat("replica-b:0002", 2)]);
 }

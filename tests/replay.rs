@@ -232,6 +232,20 @@ fn replay_prints_the_whole_story_of_a_retried_failed_run_and_of_its_rerun_and_ex
     // The JSON of the original carries the errors and the rerun's the reused output.
     let report: Value = serde_json::from_str(&service.cli(&["replay", &rerun, "--json"]).stdout).unwrap();
     assert_eq!(report["transitions"][1]["output"]["stdout"], format!("fetched-{original}"), "{report}");
+
+    // --at <seq>: the run right after that entry, as the API's step-through shows it.
+    for at in 1..rerun_history.len() {
+        let replay = service.cli(&["replay", &rerun, "--json", "--at", &at.to_string()]);
+        assert_eq!(replay.code, Some(0), "{}{}", replay.stdout, replay.stderr);
+        let state: Value = serde_json::from_str(&replay.stdout).expect("--json prints JSON");
+        let (status, served) = service.replica.get(&format!("/api/runs/{rerun}/state?at={at}"));
+        assert_eq!(status, 200, "{served}");
+        assert_eq!(state, served, "replay --at {at}");
+        assert_eq!(state["at"], at);
+    }
+    let past = service.cli(&["replay", &rerun, "--at", &(rerun_history.len() + 1).to_string()]);
+    assert_ne!(past.code, Some(0), "an --at past the log's end is refused");
+    assert!(past.stderr.contains("--at must be a seq"), "{}", past.stderr);
     let _ = &service.redis;
 }
 

@@ -10,6 +10,7 @@ mod replay;
 mod smoke;
 mod traces;
 mod triggers;
+mod ui;
 mod workflows_data;
 mod workflows_flows;
 mod workflows_http;

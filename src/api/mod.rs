@@ -1,6 +1,7 @@
 //! The HTTP API over hyper: a plain router (`match` on method and path segments), one `async fn`
 //! per route, JSON in and out, errors as `{"error":{"code","message"}}`.
 
+mod dashboard;
 mod error;
 mod metrics;
 pub mod views;
@@ -13,7 +14,9 @@ use crate::store::RunId;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderValue, ORIGIN};
+use hyper::header::{
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HOST, HeaderMap, HeaderValue, ORIGIN,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -104,6 +107,12 @@ pub enum Payload {
     Json(Value),
     /// A body of another type (`/metrics`).
     Text(&'static str, String),
+    /// The dashboard's page or one of its assets: served with the page's security policy.
+    Page(&'static str, &'static str),
+    /// A redirection to this path (`/` to `/ui`).
+    Redirect(&'static str),
+    /// JSON that sets (or clears) the session cookie: the `Set-Cookie` value.
+    Session(Value, String),
 }
 
 type Answer = Result<(StatusCode, Payload), ApiError>;
@@ -120,12 +129,36 @@ pub async fn handle(state: &ApiState, request: Request<Incoming>) -> Reply {
         Ok(result) => result,
         Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long")),
     };
-    match result {
+    let mut response = match result {
         Ok((status, Payload::Json(body))) => json_reply(status, &body),
         Ok((status, Payload::Text(content_type, body))) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));
             *response.status_mut() = status;
             response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            response
+        }
+        Ok((status, Payload::Page(content_type, body))) => {
+            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            *response.status_mut() = status;
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(dashboard::PAGE_POLICY));
+            headers.insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            headers.insert(hyper::header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+            response
+        }
+        Ok((status, Payload::Redirect(location))) => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = status;
+            response.headers_mut().insert(hyper::header::LOCATION, HeaderValue::from_static(location));
+            response
+        }
+        Ok((status, Payload::Session(body, cookie))) => {
+            let mut response = json_reply(status, &body);
+            response.headers_mut().insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            if let Ok(cookie) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(hyper::header::SET_COOKIE, cookie);
+            }
             response
         }
         Err(err) => {
@@ -146,7 +179,15 @@ pub async fn handle(state: &ApiState, request: Request<Incoming>) -> Reply {
             }
             response
         }
+    };
+    // Whatever the answer: never sniffed into another type, never framed, no script.
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(hyper::header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !headers.contains_key(CONTENT_SECURITY_POLICY) {
+        headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(dashboard::API_POLICY));
     }
+    response
 }
 
 fn json_reply(status: StatusCode, body: &Value) -> Reply {
@@ -172,7 +213,18 @@ enum Route<'a> {
     Cancel(&'a str),
     Retry(&'a str),
     Rerun(&'a str),
+    RunStateAt(&'a str),
+    Replicas,
+    Stats,
     InngestWebhook,
+    /// `/`: redirects to the dashboard.
+    Root,
+    /// Any other `/ui/...` path: the dashboard's page.
+    UiPage,
+    UiAsset(&'a str),
+    UiSession,
+    UiLogin,
+    UiLogout,
 }
 
 impl<'a> Route<'a> {
@@ -192,7 +244,16 @@ impl<'a> Route<'a> {
             ["api", "runs", id, "cancel"] => Route::Cancel(id),
             ["api", "runs", id, "retry"] => Route::Retry(id),
             ["api", "runs", id, "rerun"] => Route::Rerun(id),
+            ["api", "runs", id, "state"] => Route::RunStateAt(id),
+            ["api", "replicas"] => Route::Replicas,
+            ["api", "stats"] => Route::Stats,
             ["api", "webhooks", "inngest"] => Route::InngestWebhook,
+            [""] => Route::Root,
+            ["ui", "assets", name] => Route::UiAsset(name),
+            ["ui", "session"] => Route::UiSession,
+            ["ui", "login"] => Route::UiLogin,
+            ["ui", "logout"] => Route::UiLogout,
+            ["ui", ..] => Route::UiPage,
             _ => return None,
         })
     }
@@ -202,7 +263,13 @@ impl<'a> Route<'a> {
     fn allow(&self) -> &'static str {
         match self {
             Route::Events => "GET, HEAD, POST",
-            Route::Trigger(_) | Route::Cancel(_) | Route::Retry(_) | Route::Rerun(_) | Route::InngestWebhook => "POST",
+            Route::Trigger(_)
+            | Route::Cancel(_)
+            | Route::Retry(_)
+            | Route::Rerun(_)
+            | Route::InngestWebhook
+            | Route::UiLogin
+            | Route::UiLogout => "POST",
             Route::Health
             | Route::Metrics
             | Route::OpenApi
@@ -211,20 +278,51 @@ impl<'a> Route<'a> {
             | Route::DeadEvents
             | Route::Runs
             | Route::Run(_)
-            | Route::History(_) => "GET, HEAD",
+            | Route::History(_)
+            | Route::RunStateAt(_)
+            | Route::Replicas
+            | Route::Stats
+            | Route::Root
+            | Route::UiPage
+            | Route::UiAsset(_)
+            | Route::UiSession => "GET, HEAD",
         }
     }
 
-    /// Open without the API token: probes, scrapers, and the Inngest webhook (which carries a
-    /// signature of its own).
+    /// Open without the API token: probes, scrapers, the Inngest webhook (which carries a
+    /// signature of its own), and the dashboard's page, assets and login (no run data: that
+    /// comes from the API).
     fn is_public(&self) -> bool {
-        matches!(self, Route::Health | Route::Metrics | Route::InngestWebhook)
+        matches!(
+            self,
+            Route::Health
+                | Route::Metrics
+                | Route::InngestWebhook
+                | Route::Root
+                | Route::UiPage
+                | Route::UiAsset(_)
+                | Route::UiSession
+                | Route::UiLogin
+                | Route::UiLogout
+        )
     }
 
     /// Whether answering needs the store (so that a store known to be down is a fast 503).
     /// `/health` and `/metrics` report on the store themselves.
     fn needs_store(&self) -> bool {
-        !matches!(self, Route::Health | Route::Metrics | Route::OpenApi | Route::Workflows)
+        !matches!(
+            self,
+            Route::Health
+                | Route::Metrics
+                | Route::OpenApi
+                | Route::Workflows
+                | Route::Root
+                | Route::UiPage
+                | Route::UiAsset(_)
+                | Route::UiSession
+                | Route::UiLogin
+                | Route::UiLogout
+        )
     }
 }
 
@@ -252,7 +350,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
         check_same_origin(request.headers())?;
     }
     if !route.is_public() {
-        authorize(state.token.as_deref(), &request)?;
+        authorize(state.token.as_deref(), &request, state.engine.now())?;
     }
     // The webhook is authenticated by its signature, whatever the content type Inngest sends.
     if method == Method::POST && !matches!(route, Route::InngestWebhook) {
@@ -288,7 +386,19 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
         Route::Cancel(id) => cancel(engine, id, request).await,
         Route::Retry(id) => retry(engine, id, request).await,
         Route::Rerun(id) => rerun(engine, id, request).await,
+        Route::RunStateAt(id) => run_state_at(engine, id, query).await,
+        Route::Replicas => replicas(engine).await,
+        Route::Stats => stats(engine).await,
         Route::InngestWebhook => inngest_webhook(state, request).await,
+        Route::Root => Ok((StatusCode::FOUND, Payload::Redirect("/ui"))),
+        Route::UiPage => Ok((StatusCode::OK, Payload::Page("text/html; charset=utf-8", dashboard::INDEX_HTML))),
+        Route::UiAsset(name) => match dashboard::asset(name) {
+            Some((content_type, body)) => Ok((StatusCode::OK, Payload::Page(content_type, body))),
+            None => Err(ApiError::not_found(format!("no asset `{}`", name.chars().take(80).collect::<String>()))),
+        },
+        Route::UiSession => dashboard::session(state, &request),
+        Route::UiLogin => dashboard::login(state, request).await,
+        Route::UiLogout => dashboard::logout(request).await,
     }
 }
 
@@ -457,19 +567,22 @@ async fn drain(body: &mut Incoming, deadline: tokio::time::Instant) {
     }
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time. More than one `Authorization`
+/// Checks `Authorization: Bearer <token>` in constant time, or without that header the
+/// dashboard's session cookie (signed, unexpired at `now`). More than one `Authorization`
 /// header is refused, token or not: which one counts would be up to each proxy on the way.
-fn authorize(token: Option<&str>, request: &Request<Incoming>) -> Result<(), ApiError> {
+fn authorize(token: Option<&str>, request: &Request<Incoming>, now: u64) -> Result<(), ApiError> {
     use subtle::ConstantTimeEq;
     if request.headers().get_all(AUTHORIZATION).iter().nth(1).is_some() {
         return Err(ApiError::bad_request("more than one Authorization header; send exactly one"));
     }
     let Some(token) = token else { return Ok(()) };
     let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    let header = request
-        .headers()
-        .get(AUTHORIZATION)
-        .ok_or_else(|| unauthorized("this API needs `Authorization: Bearer <API_TOKEN>`"))?;
+    let Some(header) = request.headers().get(AUTHORIZATION) else {
+        if dashboard::has_session(request.headers(), token, now) {
+            return Ok(());
+        }
+        return Err(unauthorized("this API needs `Authorization: Bearer <API_TOKEN>` (or a dashboard session)"));
+    };
     let given = header
         .to_str()
         .ok()
@@ -482,6 +595,75 @@ fn authorize(token: Option<&str>, request: &Request<Incoming>) -> Result<(), Api
     } else {
         Err(unauthorized("the bearer token is not valid"))
     }
+}
+
+/// `GET /api/runs/:runId/state?at=<seq>`: the run as it was right after its log entry `at`
+/// (the machine's fold of the log up to it), in the shape of `GET /api/runs/:runId`; without
+/// `at`, as it is now.
+async fn run_state_at(engine: &Engine, id: &str, query: Option<&str>) -> Answer {
+    let params = query_params(query, &["at"])?;
+    let run = parse_run_id(id)?;
+    let loaded = match params.get("at") {
+        None => engine.load(&run).await?,
+        Some(at) => {
+            let at = at.parse::<u64>().map_err(|_| ApiError::bad_request("`at` must be a seq (a number from 1)"))?;
+            engine.load_at(&run, at).await?
+        }
+    };
+    let loaded = loaded.ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?;
+    let mut view = views::run(&loaded.id.to_string(), &loaded.state, &loaded.log, &loaded.workflow);
+    view["at"] = json!(loaded.state.seq);
+    view["current"] = views::current(&loaded.state, &loaded.workflow);
+    // At the end of the log: replay's check, that the fold is what the store says the run is.
+    let stored = engine.summary(&run).await?;
+    let at_end = stored.as_ref().is_none_or(|s| s.seq <= loaded.state.seq);
+    view["foldMatchesStored"] =
+        if at_end { json!(stored.is_some_and(|s| s.matches(&loaded.state))) } else { Value::Null };
+    ok_json(StatusCode::OK, view)
+}
+
+/// `GET /api/replicas`: the replicas whose heartbeat is live.
+async fn replicas(engine: &Engine) -> Answer {
+    let replicas = engine.replicas().await?;
+    ok_json(
+        StatusCode::OK,
+        json!({
+            "replicas": replicas.iter().map(views::replica).collect::<Vec<_>>(),
+            "heartbeatSeconds": crate::engine::HEARTBEAT_EVERY.as_secs(),
+            "ttlSeconds": crate::engine::HEARTBEAT_TTL.as_secs(),
+        }),
+    )
+}
+
+/// `GET /api/stats`: runs started in the last hour and day and what became of them, hour by
+/// hour, and the queues' lengths.
+async fn stats(engine: &Engine) -> Answer {
+    let stats = engine.run_stats().await?;
+    let streams = engine.stream_stats().await?;
+    let sum = |series: &[u64]| series.iter().sum::<u64>();
+    let last = |series: &[u64]| series.last().copied().unwrap_or(0);
+    let hours: Vec<Value> = (0..stats.hours.len())
+        .map(|h| {
+            json!({
+                "start": views::timestamp(stats.hours[h]),
+                "started": stats.started[h],
+                "completed": stats.completed[h],
+                "failed": stats.failed[h],
+            })
+        })
+        .collect();
+    ok_json(
+        StatusCode::OK,
+        json!({
+            "now": views::timestamp(stats.now),
+            "lastHour": { "started": last(&stats.started), "completed": last(&stats.completed), "failed": last(&stats.failed) },
+            "lastDay": { "started": sum(&stats.started), "completed": sum(&stats.completed), "failed": sum(&stats.failed) },
+            "hours": hours,
+            "capped": stats.capped,
+            "bus": { "length": streams.events_length, "pending": streams.events_pending, "dead": streams.events_dead },
+            "steps": { "queued": streams.ready_length, "inFlight": streams.ready_pending },
+        }),
+    )
 }
 
 fn openapi() -> Value {
@@ -792,6 +974,7 @@ async fn workflow_status(engine: &Engine, id: &str) -> Answer {
             "description": workflow.def.description,
             "schedule": workflow.def.schedule,
             "nextRunAt": engine.next_fire(workflow).map(views::timestamp),
+            "nextFires": engine.next_fires(workflow, 5).into_iter().map(views::timestamp).collect::<Vec<_>>(),
             "activeRuns": summaries(engine, &active).await?,
             "recentRuns": summaries(engine, &recent).await?,
             "counts": counts,

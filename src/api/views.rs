@@ -2,7 +2,7 @@
 
 use crate::definition::Workflow;
 use crate::machine::{Millis, RunState, Status, Transition};
-use crate::store::{BusEntry, ListedEvent, Logged, RunSummary};
+use crate::store::{BusEntry, ListedEvent, Logged, ReplicaBeat, RunSummary};
 use serde_json::{Value, json};
 
 pub use crate::machine::timestamp;
@@ -210,5 +210,44 @@ pub fn summary(run_id: &str, summary: &RunSummary, step: Option<String>) -> Valu
         "createdAt": timestamp(summary.created_at),
         "updatedAt": timestamp(summary.updated_at),
         "durationMs": finished.then(|| summary.updated_at.saturating_sub(summary.created_at)),
+    })
+}
+
+/// Where a run is, in detail: its current step and attempt and what it waits for.
+pub fn current(state: &RunState, workflow: &Workflow) -> Value {
+    let (step, attempt) =
+        state.status.step_attempt().map_or((Value::Null, Value::Null), |(s, a)| (step_id(workflow, s), json!(a)));
+    let mut current = json!({ "status": state.status.name(), "step": step, "attempt": attempt });
+    match &state.status {
+        Status::Retrying { due, .. } => current["retryAt"] = json!(timestamp(*due)),
+        Status::Sleeping { until, .. } => current["until"] = json!(timestamp(*until)),
+        Status::Waiting { event, until, .. } => {
+            current["event"] = json!(event);
+            current["until"] = json!(timestamp(*until));
+        }
+        Status::Pending
+        | Status::Queued { .. }
+        | Status::Running { .. }
+        | Status::Completed
+        | Status::Failed
+        | Status::Cancelled
+        | Status::TimedOut => {}
+    }
+    current["lastError"] = state.last_error.as_ref().map_or(
+        Value::Null,
+        |err| json!({ "step": step_id(workflow, err.step), "attempt": err.attempt, "message": err.message }),
+    );
+    current
+}
+
+/// One live replica of `GET /api/replicas`.
+pub fn replica(beat: &ReplicaBeat) -> Value {
+    json!({
+        "id": beat.id,
+        "version": beat.version,
+        "executorsBusy": beat.executors_busy,
+        "executorsTotal": beat.executors_total,
+        "startedAt": timestamp(beat.started_at),
+        "lastSeen": timestamp(beat.last_seen),
     })
 }

@@ -245,4 +245,21 @@ impl Engine {
     pub fn next_fire(&self, workflow: &Workflow) -> Option<Millis> {
         workflow.schedule.as_ref()?.next_after(self.clock.now())
     }
+
+    /// The next `count` fires of a workflow's schedule after now (none without a schedule).
+    pub fn next_fires(&self, workflow: &Workflow, count: usize) -> Vec<Millis> {
+        let Some(schedule) = workflow.schedule.as_ref() else { return Vec::new() };
+        let mut fires = Vec::with_capacity(count);
+        let mut after = self.clock.now();
+        while fires.len() < count {
+            match schedule.next_after(after) {
+                Some(fire) if fire > after => {
+                    fires.push(fire);
+                    after = fire;
+                }
+                _ => break,
+            }
+        }
+        fires
+    }
 }

@@ -7,6 +7,8 @@
 //! - `timers`: wakes runs whose retry is due.
 //! - `sweeper`: belt and braces: re-queues runs that say they are running but have neither a
 //!   live lease nor a queued entry; trims streams and expires finished runs.
+//! - `replicas`: each replica's heartbeat in the store, and the list of live replicas.
+//! - `stats`: counts of recent runs for the dashboard.
 //!
 //! Shutdown: one root [`CancellationToken`]; every loop races its work against it; in-flight
 //! steps get the grace period to finish, then are cancelled and left to the other replicas.
@@ -17,8 +19,10 @@ mod cron;
 mod executor;
 mod metrics;
 mod operator;
+mod replicas;
 mod router;
 mod services;
+mod stats;
 mod sweeper;
 mod timers;
 mod traces;
@@ -26,6 +30,8 @@ mod traces;
 pub use clock::Clock;
 pub use metrics::{Metrics, STEP_BUCKETS, WorkflowMetrics};
 pub use operator::LoadedRun;
+pub use replicas::{HEARTBEAT_EVERY, HEARTBEAT_TTL};
+pub use stats::{MAX_COUNTED, RunStats};
 
 use crate::definition::{Registry, Workflow};
 use crate::machine::{self, Millis, Recorded, TraceContext, Transition, Trigger};
@@ -253,6 +259,7 @@ impl Engine {
         self.tasks.spawn(Arc::clone(self).cron_loop());
         self.tasks.spawn(Arc::clone(self).router_loop());
         self.tasks.spawn(Arc::clone(self).router_reclaim_loop());
+        self.tasks.spawn(Arc::clone(self).heartbeat_loop());
     }
 
     /// Stops claiming, lets in-flight steps finish within the grace period, then aborts the

@@ -36,6 +36,28 @@ impl Engine {
         Ok(Some(LoadedRun { id: run.clone(), log, state, workflow }))
     }
 
+    /// The run as it was right after its log entry `at` (a seq, from 1): the machine's fold of the
+    /// log up to and including that entry, with that part of the log. `None` for no such run;
+    /// an `at` past the end of the log is invalid.
+    pub async fn load_at(&self, run: &RunId, at: u64) -> Result<Option<LoadedRun>, EngineError> {
+        let Some(mut log) = self.store.history(run).await? else { return Ok(None) };
+        let last = log.last().map_or(0, |l| l.seq);
+        if at == 0 || at > last {
+            return Err(EngineError::Invalid(format!("`at` must be a seq of the run's log, from 1 to {last}")));
+        }
+        log.retain(|l| l.seq <= at);
+        let state = match machine::replay(log.iter().map(|l| &l.recorded)) {
+            Ok(Some(state)) => state,
+            Ok(None) => return Ok(None),
+            Err((index, err)) => {
+                let entry = log.get(index).map_or(index as u64 + 1, |l| l.seq);
+                return Err(EngineError::CorruptLog { run: run.to_string(), entry, problem: err.to_string() });
+            }
+        };
+        let workflow = self.definition(run.shard, &state.definition).await?;
+        Ok(Some(LoadedRun { id: run.clone(), log, state, workflow }))
+    }
+
     /// [`Engine::load`] for the engine's loops, whose errors are the store's: a log that does not
     /// replay is corrupt data.
     pub(super) async fn load_for_loop(&self, run: &RunId) -> Result<Option<LoadedRun>, StoreError> {

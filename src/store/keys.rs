@@ -154,6 +154,17 @@ impl Keys {
         format!("{}:waits:{event}", self.prefix)
     }
 
+    /// Set: the ids of replicas that have beaten (some possibly expired since). Its hash tag
+    /// puts it beside the beats themselves, so that one `MGET` reads them on a cluster too.
+    pub fn replicas(&self) -> String {
+        format!("{}:{{replicas}}:ids", self.prefix)
+    }
+
+    /// String (JSON, expiring): a replica's last heartbeat.
+    pub fn replica(&self, id: &str) -> String {
+        format!("{}:{{replicas}}:beat:{id}", self.prefix)
+    }
+
     /// String: a small shared value of the actions (a sync cursor, say).
     pub fn value(&self, key: &str) -> String {
         format!("{}:kv:{key}", self.prefix)

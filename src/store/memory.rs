@@ -18,8 +18,9 @@
 
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, RunId, RunPage, RunSummary, SettledEvent,
-    Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields, terminal_name,
+    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat, RunId, RunPage, RunSummary,
+    SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields,
+    terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState};
@@ -276,6 +277,8 @@ struct State {
     values: HashMap<String, String>,
     /// Keys marked seen (`mark_seen`), until the instant each expires.
     seen: HashMap<String, Instant>,
+    /// Replicas' last heartbeats, until the instant each expires.
+    replicas: BTreeMap<String, (ReplicaBeat, Instant)>,
 }
 
 /// An entry's raw fields, binary-safe.
@@ -1135,6 +1138,24 @@ impl Store for MemoryStore {
 
     async fn memory_used(&self) -> StoreResult<Option<u64>> {
         Ok(None)
+    }
+
+    async fn heartbeat(&self, beat: &ReplicaBeat, ttl: Duration) -> StoreResult<()> {
+        let until = Instant::now() + ttl;
+        self.shared.state.lock().replicas.insert(beat.id.clone(), (beat.clone(), until));
+        Ok(())
+    }
+
+    async fn forget_replica(&self, id: &str) -> StoreResult<()> {
+        self.shared.state.lock().replicas.remove(id);
+        Ok(())
+    }
+
+    async fn replicas(&self) -> StoreResult<Vec<ReplicaBeat>> {
+        let now = Instant::now();
+        let mut state = self.shared.state.lock();
+        state.replicas.retain(|_, (_, until)| *until > now);
+        Ok(state.replicas.values().map(|(beat, _)| beat.clone()).collect())
     }
 }
 

@@ -418,6 +418,19 @@ pub struct StreamStats {
     pub events_hostile_removed: u64,
 }
 
+/// A replica's heartbeat: who it is and how busy, as it last said (see [`Store::heartbeat`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaBeat {
+    /// The replica's consumer name (`REPLICA_ID` and an incarnation suffix): unique per process.
+    pub id: String,
+    pub version: String,
+    pub executors_busy: u64,
+    pub executors_total: u64,
+    pub started_at: Millis,
+    /// When it wrote this beat (by the store's clock, as the replica knows it).
+    pub last_seen: Millis,
+}
+
 /// The store the engine runs on.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -631,6 +644,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Bytes of memory the store uses, where it can tell.
     async fn memory_used(&self) -> StoreResult<Option<u64>>;
+
+    // ---- replicas ----
+
+    /// Records `beat` for `ttl`: the replica counts as live until then unless it beats again.
+    async fn heartbeat(&self, beat: &ReplicaBeat, ttl: Duration) -> StoreResult<()>;
+
+    /// Takes a replica's heartbeat back (it is shutting down).
+    async fn forget_replica(&self, id: &str) -> StoreResult<()>;
+
+    /// The live replicas' last beats (whose time-to-live has not run out), by id.
+    async fn replicas(&self) -> StoreResult<Vec<ReplicaBeat>>;
 }
 
 /// Orders stream entry ids (`<ms>-<seq>`) numerically.

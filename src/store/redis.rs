@@ -11,8 +11,8 @@ use super::codec::{
 use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReadyTask, RunId, RunPage, RunState,
-    RunSummary, SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReadyTask, ReplicaBeat, RunId, RunPage,
+    RunState, RunSummary, SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded};
@@ -1666,5 +1666,48 @@ impl Store for RedisStore {
     async fn memory_used(&self) -> StoreResult<Option<u64>> {
         let info = text(&self.cmd("INFO", vec!["memory".into()]).await?).unwrap_or_default();
         Ok(info.lines().find_map(|line| line.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()))
+    }
+
+    async fn heartbeat(&self, beat: &ReplicaBeat, ttl: Duration) -> StoreResult<()> {
+        let json = serde_json::to_string(beat).map_err(|err| StoreError::Fatal(format!("a heartbeat: {err}")))?;
+        let ttl = (ttl.as_millis().max(1)).min(i64::MAX as u128) as i64;
+        self.cmd("SET", vec![self.keys.replica(&beat.id).into(), json.into(), "PX".into(), ttl.into()]).await?;
+        self.cmd("SADD", vec![self.keys.replicas().into(), beat.id.clone().into()]).await?;
+        Ok(())
+    }
+
+    async fn forget_replica(&self, id: &str) -> StoreResult<()> {
+        self.cmd("DEL", vec![self.keys.replica(id).into()]).await?;
+        self.cmd("SREM", vec![self.keys.replicas().into(), id.into()]).await?;
+        Ok(())
+    }
+
+    async fn replicas(&self) -> StoreResult<Vec<ReplicaBeat>> {
+        let ids: Vec<String> = match self.cmd("SMEMBERS", vec![self.keys.replicas().into()]).await? {
+            Value::Array(items) => items.iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = ids.iter().map(|id| self.keys.replica(id).into()).collect();
+        let beats = match self.cmd("MGET", keys).await? {
+            Value::Array(items) => items,
+            _ => Vec::new(),
+        };
+        let mut live = Vec::new();
+        let mut gone: Vec<Value> = vec![self.keys.replicas().into()];
+        for (id, beat) in ids.iter().zip(beats.iter().map(text).chain(std::iter::repeat(None))) {
+            match beat.and_then(|json| serde_json::from_str::<ReplicaBeat>(&json).ok()) {
+                Some(beat) => live.push(beat),
+                // Expired (or unreadable, from another version): no longer a live replica.
+                None => gone.push(id.clone().into()),
+            }
+        }
+        if gone.len() > 1 {
+            self.cmd("SREM", gone).await?;
+        }
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(live)
     }
 }
