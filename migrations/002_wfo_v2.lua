@@ -5,15 +5,6 @@
 -- only compare-and-append, so that every transition is one round trip, all or nothing.
 -- Keys are always passed in KEYS (one shard's hash tag each call), so they work on Redis Cluster.
 
--- Reads ARGV front to back.
-local function cursor(argv)
-  local i = 0
-  return function()
-    i = i + 1
-    return argv[i]
-  end
-end
-
 -- Is entry `id` of stream `stream` pending for `consumer` in `group`?
 local function holds(stream, group, consumer, id)
   local pending = redis.call('XPENDING', stream, group, id, id, 1)
@@ -36,79 +27,82 @@ local TERMINAL = {completed = true, failed = true, cancelled = true, timed_out =
 
 -- Group commit: the transitions of several runs in one call. Every run is checked before anything
 -- is written, and each gets its own outcome; the leases of the accepted runs are acknowledged
--- together at the end. The fence is one `XPENDING` range read per ready stream for all the
--- runs' leases (the consumer's pending entries between the lowest and highest lease).
+-- together at the end. The fence is one `XPENDING` read per ready stream of the consumer's own
+-- pending entries (a replica holds at most about its executors' worth on a stream).
 --
 -- A run's log is a list: entry i (1-based) is the record of seq i, so its length is the seq.
--- The run hash's `seq` always equals it (both are written here, together).
+-- The run hash's `seq` always equals it (both are written here, together: `seq` is set from the
+-- records, never sent).
+--
+-- The arguments are positional and few, read in place (records and summary fields go to their
+-- commands straight from ARGV with `unpack`): the cost of a call is its commands and its
+-- arguments, so nothing a step does not use is sent.
 --
 -- KEYS: any order; the arguments name them by index (a run's keys share its shard's hash tag;
 --       on Redis Cluster a call holds runs of one shard).
 -- ARGV: group, consumer, n runs, then per run:
---       run id, expected seq (0 = create), ready key index, timers key index, run hash index,
---       log index, lease entry ('' = none), reopen ('1': the run may be finished: resuming it),
---       idempotency key index (0 = none), idempotency ttl (s),
---       n records, n x record,
---       n fields, n x (field, value), dispatch data ('' = none), timer due ('' = none),
---       clear timer ('1'/'0'), n zadd, n x (key index, score), n zrem, n x key index
---       (zadd/zrem members are the run id)
+--       run id, expected seq (0 = create), shard key index s (KEYS[s] its ready stream,
+--       KEYS[s + 1] its timers), run key index k (KEYS[k] its summary hash, KEYS[k + 1] its log),
+--       lease entry ('' = none), options ('' or letters: 'r' reopen: the run may be finished,
+--       resuming it; 't' clear its timer; 'i' an idempotency key, whose key index and ttl (s)
+--       follow),
+--       n records, n x record, n fields, n x (field, value), dispatch data ('' = none),
+--       timer due ('' = none), n index moves, n x (key index, score for ZADD or '' for ZREM)
+--       (index members are the run id)
 -- Returns one outcome per run, in order: {'ok', seq, ready entry id or ''} | {'duplicate', run id}
 --         | {'stale'} | {'lease_lost'} | {'gone'}
 local function parse_commits(argv)
-  local arg = cursor(argv)
-  local group, consumer = arg(), arg()
-  local runs = {}
-  for r = 1, tonumber(arg()) do
+  local runs, i = {}, 4
+  for r = 1, tonumber(argv[3]) do
     local run = {
-      id = arg(), expected = tonumber(arg()), ready = tonumber(arg()), timers = tonumber(arg()),
-      hash = tonumber(arg()), log = tonumber(arg()), lease = arg(), reopen = arg() == '1',
-      idem = tonumber(arg()), idem_ttl = arg(),
+      id = argv[i], expected = tonumber(argv[i + 1]), shard = tonumber(argv[i + 2]),
+      key = tonumber(argv[i + 3]), lease = argv[i + 4], idem = 0,
     }
-    local records = {}
-    for i = 1, tonumber(arg()) do records[i] = arg() end
-    run.records = records
-    local fields = {}
-    for i = 1, tonumber(arg()) * 2 do fields[i] = arg() end
-    run.fields = fields
-    run.dispatch, run.due, run.clear_timer = arg(), arg(), arg() == '1'
-    local zadd = {}
-    for i = 1, tonumber(arg()) do zadd[i] = {tonumber(arg()), arg()} end
-    run.zadd = zadd
-    local zrem = {}
-    for i = 1, tonumber(arg()) do zrem[i] = tonumber(arg()) end
-    run.zrem = zrem
+    local options = argv[i + 5]
+    i = i + 6
+    if options ~= '' then
+      run.reopen = string.find(options, 'r', 1, true) ~= nil
+      run.clear_timer = string.find(options, 't', 1, true) ~= nil
+      if string.find(options, 'i', 1, true) then
+        run.idem, run.idem_ttl = tonumber(argv[i]), argv[i + 1]
+        i = i + 2
+      end
+    end
+    run.records = tonumber(argv[i])
+    run.first_record = i + 1
+    i = i + 1 + run.records
+    run.fields = tonumber(argv[i]) * 2
+    run.first_field = i + 1
+    i = i + 1 + run.fields
+    run.dispatch, run.due = argv[i], argv[i + 1]
+    run.indexes = tonumber(argv[i + 2]) * 2
+    run.first_index = i + 3
+    i = i + 3 + run.indexes
     runs[r] = run
   end
-  return group, consumer, runs
+  return argv[1], argv[2], runs
 end
 
--- The lease entries `consumer` holds among `ids` (of one ready stream): one XPENDING range read,
--- paged only if the consumer holds more entries in that range than a page.
-local function held_among(stream, group, consumer, ids)
-  local low, high = ids[1], ids[1]
-  for _, id in ipairs(ids) do
-    if compare_ids(id, low) < 0 then low = id end
-    if compare_ids(id, high) > 0 then high = id end
-  end
-  local held, from, page = {}, low, 1000
+-- The entries of `stream` that `consumer` holds (its pending entries), as a set.
+local function held_by(stream, group, consumer)
+  local held, from, page = {}, '-', 1000
   while true do
-    local pending = redis.call('XPENDING', stream, group, from, high, page, consumer)
+    local pending = redis.call('XPENDING', stream, group, from, '+', page, consumer)
     for _, entry in ipairs(pending) do held[entry[1]] = true end
-    if #pending < page then break end
+    if #pending < page then return held end
     from = '(' .. pending[#pending][1]
   end
-  return held
 end
 
 -- Checks one run against the store, without writing (but the idempotency key of a new run,
 -- which is its check). `planned` holds the seq a run reaches through earlier runs of this call.
-local function check(keys, group, run, held, planned)
-  if run.lease ~= '' and not held[run.ready][run.lease] then
+local function check(keys, run, held, planned)
+  if run.lease ~= '' and not held[run.shard][run.lease] then
     return {'lease_lost'}
   end
-  local log = keys[run.log]
-  if run.expected == 0 and #run.records > 0 then
-    if planned[log] or redis.call('EXISTS', keys[run.hash]) == 1 then
+  local log = keys[run.key + 1]
+  if run.expected == 0 and run.records > 0 then
+    if planned[log] or redis.call('EXISTS', keys[run.key]) == 1 then
       -- A run id is fresh: a log already there is this very call's, resent after a lost reply.
       return {'stale'}
     end
@@ -120,7 +114,7 @@ local function check(keys, group, run, held, planned)
   end
   local seq, status = planned[log], nil
   if not seq then
-    local summary = redis.call('HMGET', keys[run.hash], 'seq', 'status')
+    local summary = redis.call('HMGET', keys[run.key], 'seq', 'status')
     seq, status = tonumber(summary[1]), summary[2]
   end
   if not seq then
@@ -130,7 +124,7 @@ local function check(keys, group, run, held, planned)
   if run.reopen then
     -- A resume: only of a run that is still finished as the caller read it.
     if not finished then return {'stale'} end
-  elseif #run.records > 0 and finished then
+  elseif run.records > 0 and finished then
     -- Records never go into a finished run's log (only a resume reopens it).
     return {'gone'}
   end
@@ -141,50 +135,45 @@ local function check(keys, group, run, held, planned)
 end
 
 -- Writes one checked run; returns its outcome.
-local function apply(keys, run)
-  local log = keys[run.log]
-  if #run.records > 0 then
-    redis.call('RPUSH', log, unpack(run.records))
+local function apply(keys, argv, run)
+  local seq = run.expected + run.records
+  if run.records > 0 then
+    redis.call('RPUSH', keys[run.key + 1], unpack(argv, run.first_record, run.first_record + run.records - 1))
   end
-  local fields = run.fields
   local ready_id = ''
+  local last_field = run.first_field + run.fields - 1
   if run.dispatch ~= '' then
-    ready_id = redis.call('XADD', keys[run.ready], '*', 'run', run.id, 'data', run.dispatch)
-    fields[#fields + 1] = 'ready_entry'
-    fields[#fields + 1] = ready_id
-  end
-  if #fields > 0 then
-    redis.call('HSET', keys[run.hash], unpack(fields))
+    ready_id = redis.call('XADD', keys[run.shard], '*', 'run', run.id, 'data', run.dispatch)
+    redis.call('HSET', keys[run.key], 'seq', seq, 'ready_entry', ready_id, unpack(argv, run.first_field, last_field))
+  else
+    redis.call('HSET', keys[run.key], 'seq', seq, unpack(argv, run.first_field, last_field))
   end
   if run.due ~= '' then
-    redis.call('ZADD', keys[run.timers], run.due, run.id)
+    redis.call('ZADD', keys[run.shard + 1], run.due, run.id)
   elseif run.clear_timer then
-    redis.call('ZREM', keys[run.timers], run.id)
+    redis.call('ZREM', keys[run.shard + 1], run.id)
   end
-  for _, zadd in ipairs(run.zadd) do
-    redis.call('ZADD', keys[zadd[1]], zadd[2], run.id)
+  for i = run.first_index, run.first_index + run.indexes - 1, 2 do
+    local score = argv[i + 1]
+    if score == '' then
+      redis.call('ZREM', keys[tonumber(argv[i])], run.id)
+    else
+      redis.call('ZADD', keys[tonumber(argv[i])], score, run.id)
+    end
   end
-  for _, index in ipairs(run.zrem) do
-    redis.call('ZREM', keys[index], run.id)
-  end
-  return {'ok', run.expected + #run.records, ready_id}
+  return {'ok', seq, ready_id}
 end
 
 -- `guard(keys, group, run, held, planned)`, when given, checks each run in place of `check`
 -- (the sweeper's re-queue refuses more).
 local function commit_runs(keys, argv, guard)
   local group, consumer, runs = parse_commits(argv)
-  -- The fence: every lease of the call, one range read per ready stream.
-  local leases = {}
-  for _, run in ipairs(runs) do
-    if run.lease ~= '' then
-      leases[run.ready] = leases[run.ready] or {}
-      table.insert(leases[run.ready], run.lease)
-    end
-  end
+  -- The fence: every lease of the call, one read per ready stream.
   local held = {}
-  for ready, ids in pairs(leases) do
-    held[ready] = held_among(keys[ready], group, consumer, ids)
+  for _, run in ipairs(runs) do
+    if run.lease ~= '' and not held[run.shard] then
+      held[run.shard] = held_by(keys[run.shard], group, consumer)
+    end
   end
   local outcomes, planned, acks = {}, {}, {}
   for r, run in ipairs(runs) do
@@ -192,30 +181,30 @@ local function commit_runs(keys, argv, guard)
     if guard then
       refused = guard(keys, group, run, held, planned)
     else
-      refused = check(keys, group, run, held, planned)
+      refused = check(keys, run, held, planned)
     end
     outcomes[r] = refused
     if not refused then
-      planned[keys[run.log]] = run.expected + #run.records
+      planned[keys[run.key + 1]] = run.expected + run.records
       -- Its lease is used up by this commit, as if the commit had been applied alone.
-      if run.lease ~= '' then held[run.ready][run.lease] = nil end
+      if run.lease ~= '' then held[run.shard][run.lease] = nil end
     elseif refused[1] == 'gone' and run.lease ~= '' then
       -- Nothing to apply it to: the entry is done with.
-      acks[run.ready] = acks[run.ready] or {}
-      table.insert(acks[run.ready], run.lease)
+      acks[run.shard] = acks[run.shard] or {}
+      table.insert(acks[run.shard], run.lease)
     end
   end
   for r, run in ipairs(runs) do
     if not outcomes[r] then
-      outcomes[r] = apply(keys, run)
+      outcomes[r] = apply(keys, argv, run)
       if run.lease ~= '' then
-        acks[run.ready] = acks[run.ready] or {}
-        table.insert(acks[run.ready], run.lease)
+        acks[run.shard] = acks[run.shard] or {}
+        table.insert(acks[run.shard], run.lease)
       end
     end
   end
-  for ready, ids in pairs(acks) do
-    redis.call('XACK', keys[ready], group, unpack(ids))
+  for shard, ids in pairs(acks) do
+    redis.call('XACK', keys[shard], group, unpack(ids))
   end
   return outcomes
 end
@@ -248,11 +237,11 @@ end
 -- many replicas sweep at once.
 local function requeue(keys, argv)
   return commit_runs(keys, argv, function(keys, group, run, held, planned)
-    local entry = redis.call('HGET', keys[run.hash], 'ready_entry')
-    if entry and entry ~= '' and live_entry(keys[run.ready], group, entry) then
+    local entry = redis.call('HGET', keys[run.key], 'ready_entry')
+    if entry and entry ~= '' and live_entry(keys[run.shard], group, entry) then
       return {'stale'}
     end
-    return check(keys, group, run, held, planned)
+    return check(keys, run, held, planned)
   end)
 end
 
@@ -566,8 +555,8 @@ local function migrate_history(keys, argv)
   return #argv - 1
 end
 
-redis.register_function('wfo_v2_commit', commit)
-redis.register_function('wfo_v2_requeue', requeue)
+redis.register_function('wfo_v2_commit_group', commit)
+redis.register_function('wfo_v2_requeue_group', requeue)
 redis.register_function('wfo_v2_migrate_log', migrate_log)
 redis.register_function('wfo_v2_migrate_history', migrate_history)
 redis.register_function('wfo_v2_cron_advance', cron_advance)

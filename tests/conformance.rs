@@ -1168,7 +1168,7 @@ fn redis_upgrades_schema_1_data_in_place() {
             "run".into(),
             live.to_string().into(),
             "data".into(),
-            bytes(encode_task(&task)),
+            bytes(encode_task(&task.run, &task.state)),
         ])
         .await;
         let mut hset = vec!["HSET".into(), format!("wfo:{{2}}:run:{live}").into()];

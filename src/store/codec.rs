@@ -2,7 +2,7 @@
 //! the run summary as hash fields.
 
 use super::{ReadyTask, RunSummary};
-use crate::machine::{Millis, Recorded};
+use crate::machine::{Millis, Recorded, RunState};
 
 pub fn encode_recorded(recorded: &Recorded) -> Vec<u8> {
     rmp_serde::to_vec(recorded).expect("transitions always encode")
@@ -24,8 +24,15 @@ pub fn decode_compacted(mut bytes: &[u8]) -> Result<Vec<Recorded>, String> {
     Ok(out)
 }
 
-pub fn encode_task(task: &ReadyTask) -> Vec<u8> {
-    rmp_serde::to_vec(task).expect("tasks always encode")
+/// A ready task of run `run` in `state`, encoded as a [`ReadyTask`] without copying the state.
+pub fn encode_task(run: &str, state: &RunState) -> Vec<u8> {
+    /// [`ReadyTask`]'s shape, borrowed.
+    #[derive(serde::Serialize)]
+    struct TaskRef<'a> {
+        run: &'a str,
+        state: &'a RunState,
+    }
+    rmp_serde::to_vec(&TaskRef { run, state }).expect("tasks always encode")
 }
 
 pub fn decode_task(bytes: &[u8]) -> Result<ReadyTask, String> {
@@ -216,7 +223,7 @@ mod tests {
         assert_eq!(workflow, "w");
         let state = crate::machine::apply(None, &recorded).unwrap();
         let task = ReadyTask { run: "0-1".into(), state };
-        let old: before_traces::ReadyTask = rmp_serde::from_slice(&encode_task(&task)).unwrap();
+        let old: before_traces::ReadyTask = rmp_serde::from_slice(&encode_task(&task.run, &task.state)).unwrap();
         assert_eq!((old.run.as_str(), old.state.seq), ("0-1", 1));
     }
 
@@ -246,6 +253,6 @@ mod tests {
         let state = crate::machine::apply(None, &recorded).unwrap();
         assert_eq!(state.trace.as_ref(), Some(&trace));
         let task = ReadyTask { run: "0-1".into(), state };
-        assert_eq!(decode_task(&encode_task(&task)).unwrap(), task);
+        assert_eq!(decode_task(&encode_task(&task.run, &task.state)).unwrap(), task);
     }
 }

@@ -11,7 +11,7 @@
 //! - indexes model the sorted sets `idx:all`, `idx:wf:<workflow>`, `idx:active` (by creation
 //!   time) and `idx:st:<status>` (by end time), with ties ordered by run id text as Redis orders
 //!   members of equal score;
-//! - a commit checks and changes in the order of `wfo_v2_commit` in `migrations/002_wfo_v2.lua`.
+//! - a commit checks and changes in the order of `wfo_v2_commit_group` in `migrations/002_wfo_v2.lua`.
 //!
 //! Every operation is a synchronous method of the private `State`, run under one lock: that makes each as
 //! atomic as one Redis function call and keeps the async trait methods thin.
@@ -409,7 +409,7 @@ impl State {
         Ok(Created::New(new.run))
     }
 
-    /// The compare-and-append, in the order of `wfo_v2_commit`.
+    /// The compare-and-append, in the order of `wfo_v2_commit_group`.
     fn commit(&mut self, commit: Commit, now: Millis) -> CommitOutcome {
         let Commit { run: id, expected_seq, lease, records, state, dispatch, timer, clear_timer } = commit;
         // The run's ready stream is the one the fence checks, whatever shard the lease names.

@@ -1,6 +1,6 @@
 //! The Redis store: the durable, multi-replica engine's only contact with Redis (via fred).
 //!
-//! Every transition is one `FCALL wfo_v2_commit`, alone or in a group of runs (see
+//! Every transition is one `FCALL wfo_v2_commit_group`, alone or in a group of runs (see
 //! `migrations/002_wfo_v2.lua`); data of schema 1 is upgraded at start-up; reads are
 //! batched; concurrent calls share one pipelined connection, and blocking reads have their own so
 //! that they never hold up a commit.
@@ -11,8 +11,8 @@ use super::codec::{
 use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReadyTask, ReplicaBeat, RunId, RunPage,
-    RunState, RunSummary, SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReplicaBeat, RunId, RunPage, RunState,
+    RunSummary, SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded};
@@ -30,6 +30,11 @@ const LIBRARY: &str = include_str!("../../migrations/002_wfo_v2.lua");
 const SCHEMA_VERSION: u64 = 2;
 /// The library of schema 1, removed by the upgrade.
 const V1_LIBRARY_NAME: &str = "wfo_v1";
+/// The group commit and the sweeper's re-queue (named apart from the first layout of their
+/// arguments, `wfo_v2_commit` and `wfo_v2_requeue`, so that a replica of an older build never
+/// sends that layout to these).
+const COMMIT: &str = "wfo_v2_commit_group";
+const REQUEUE: &str = "wfo_v2_requeue_group";
 /// Connections for non-blocking commands.
 const POOL_SIZE: usize = 4;
 /// The router's first and longest pause between empty reads of the bus (see `read_events`).
@@ -489,7 +494,7 @@ impl RedisStore {
         Ok(condition)
     }
 
-    /// Sends one `wfo_v2_commit` (or `wfo_v2_requeue`) of `parts`: one outcome per part, in
+    /// Sends one `wfo_v2_commit_group` (or `wfo_v2_requeue_group`) of `parts`: one outcome per part, in
     /// order, each `(tag, rest)`.
     async fn call_commit(
         &self,
@@ -514,37 +519,36 @@ impl RedisStore {
         Ok(outcomes)
     }
 
-    /// The part of a `wfo_v2_commit` call that carries `commit` (`reopen`: resuming a finished
-    /// run, which moves it back among the live runs).
+    /// The part of a `wfo_v2_commit_group` call that carries `commit` (`reopen`: resuming a
+    /// finished run, which moves it back among the live runs).
     fn commit_part<'a>(&self, commit: &'a Commit, reopen: bool) -> CommitPart<'a> {
         let shard = commit.run.shard;
         let state = &commit.state;
         let terminal = state.status.is_terminal();
-        let summary = RunSummary::of(state);
-        let fields: Vec<(&'static str, String)> = summary_fields(&summary)
-            .into_iter()
-            .filter(|(name, _)| !matches!(*name, "workflow" | "definition" | "created_at"))
-            .collect();
         let status = state.status.name();
-        let (zadd, zrem) = if terminal {
-            (
-                vec![
-                    (self.keys.index_finished(shard, status), state.created_at),
-                    (self.keys.index_workflow_finished(shard, &state.workflow, status), state.created_at),
-                ],
-                vec![self.keys.index_active(shard)],
-            )
+        // What a transition may change (`seq` is set by the function from the records).
+        let (step, attempt) = state.status.step_attempt().unzip();
+        let fields = vec![
+            ("status", status.to_owned()),
+            ("step", step.map_or_else(String::new, |s| s.to_string())),
+            ("attempt", attempt.map_or_else(String::new, |a| a.to_string())),
+            ("updated_at", state.updated_at.to_string()),
+        ];
+        let indexes = if terminal {
+            vec![
+                (self.keys.index_finished(shard, status), Some(state.created_at)),
+                (self.keys.index_workflow_finished(shard, &state.workflow, status), Some(state.created_at)),
+                (self.keys.index_active(shard), None),
+            ]
         } else if reopen {
             // Back among the live runs, out of the finished ones (it was `failed`).
-            (
-                vec![(self.keys.index_active(shard), state.created_at)],
-                vec![
-                    self.keys.index_finished(shard, "failed"),
-                    self.keys.index_workflow_finished(shard, &state.workflow, "failed"),
-                ],
-            )
+            vec![
+                (self.keys.index_active(shard), Some(state.created_at)),
+                (self.keys.index_finished(shard, "failed"), None),
+                (self.keys.index_workflow_finished(shard, &state.workflow, "failed"), None),
+            ]
         } else {
-            (Vec::new(), Vec::new())
+            Vec::new()
         };
         CommitPart {
             run: &commit.run,
@@ -559,8 +563,7 @@ impl RedisStore {
             // from elsewhere (a cancel, a time-out) may have one to remove.
             clear_timer: commit.clear_timer || (terminal && commit.lease.is_none()),
             idempotency: None,
-            zadd,
-            zrem,
+            indexes,
         }
     }
 
@@ -630,7 +633,7 @@ fn fcall_args(function: &'static str, keys: Vec<String>, args: Vec<Value>) -> Ve
 
 /// The one outcome of a call of one commit.
 fn one(mut outcomes: Vec<CommitOutcome>) -> StoreResult<CommitOutcome> {
-    outcomes.pop().ok_or_else(|| corrupt("wfo_v2_commit", "no outcome"))
+    outcomes.pop().ok_or_else(|| corrupt(COMMIT, "no outcome"))
 }
 
 fn outcome(reply: Value) -> StoreResult<(String, Vec<Value>)> {
@@ -639,87 +642,98 @@ fn outcome(reply: Value) -> StoreResult<(String, Vec<Value>)> {
     Ok((tag, parts.collect()))
 }
 
-/// One run's transition as `wfo_v2_commit` takes it.
+/// One run's transition as `wfo_v2_commit_group` takes it.
 struct CommitPart<'a> {
     run: &'a RunId,
     expected_seq: u64,
     lease: Option<&'a Lease>,
     reopen: bool,
     records: &'a [Recorded],
+    /// Summary fields to set (`seq` is set by the function).
     fields: Vec<(&'static str, String)>,
     dispatch: Option<&'a RunState>,
     timer: Option<Millis>,
     clear_timer: bool,
     idempotency: Option<&'a (String, Duration)>,
-    zadd: Vec<(String, Millis)>,
-    zrem: Vec<String>,
+    /// Index moves: `ZADD` with the score, or `ZREM` for `None`.
+    indexes: Vec<(String, Option<Millis>)>,
 }
 
-/// The keys and arguments of one `wfo_v2_commit` call being built: each key once, named by its
-/// index in the arguments (runs of one shard share their ready stream and timers).
+/// The keys and arguments of one `wfo_v2_commit_group` call being built: each shard's ready
+/// stream and timers once (runs of one shard share them), then each run's summary and log.
 #[derive(Default)]
 struct CommitCall {
     keys: Vec<String>,
-    positions: std::collections::HashMap<String, usize>,
+    /// The index in KEYS of each shard's ready stream (its timers follow it).
+    shards: Vec<(u16, usize)>,
     args: Vec<Value>,
 }
 
 impl CommitCall {
-    /// The 1-based index of `key` in KEYS, adding it if new.
-    fn key(&mut self, key: String) -> Value {
-        let next = self.keys.len() + 1;
-        let index = *self.positions.entry(key.clone()).or_insert(next);
-        if index == next {
-            self.keys.push(key);
-        }
-        Value::from(index as i64)
+    /// Adds a key; its 1-based index in KEYS.
+    fn key(&mut self, key: String) -> usize {
+        self.keys.push(key);
+        self.keys.len()
     }
 
     fn push(&mut self, keys: &Keys, part: &CommitPart<'_>) {
-        let run_text = part.run.to_string();
         let shard = part.run.shard;
-        let ready = self.key(keys.ready(shard));
-        let timers = self.key(keys.timers(shard));
-        let hash = self.key(keys.run(part.run));
-        let log = self.key(keys.log(part.run));
-        let idempotency = part.idempotency.map(|(key, ttl)| (self.key(keys.idempotency(shard, key)), ttl));
-        let args = &mut self.args;
-        args.push(run_text.clone().into());
-        args.push(part.expected_seq.to_string().into());
-        args.extend([ready, timers, hash, log]);
-        args.push(part.lease.map_or_else(String::new, |l| l.entry.clone()).into());
-        args.push(if part.reopen { "1" } else { "0" }.into());
-        match idempotency {
-            Some((index, ttl)) => {
-                args.push(index);
-                // `EX` counts whole seconds: round up, so a key is held at least its retention.
-                args.push(ttl.as_millis().div_ceil(1000).max(1).to_string().into());
+        let shard_index = match self.shards.iter().find(|(s, _)| *s == shard) {
+            Some((_, index)) => *index,
+            None => {
+                let index = self.key(keys.ready(shard));
+                self.key(keys.timers(shard));
+                self.shards.push((shard, index));
+                index
             }
-            None => args.extend(["0".into(), "0".into()]),
+        };
+        let run_index = self.key(keys.run(part.run));
+        self.key(keys.log(part.run));
+        let idempotency = part.idempotency.map(|(key, ttl)| (self.key(keys.idempotency(shard, key)), ttl));
+        let indexes: Vec<(usize, Option<Millis>)> =
+            part.indexes.iter().map(|(key, score)| (self.key(key.clone()), *score)).collect();
+        let run_text = part.run.to_string();
+        let args = &mut self.args;
+        args.reserve(16 + part.records.len() + 2 * part.fields.len() + 2 * indexes.len());
+        let number = |n: usize| Value::from(n as i64);
+        args.push(run_text.as_str().into());
+        args.push(Value::from(part.expected_seq as i64));
+        args.push(number(shard_index));
+        args.push(number(run_index));
+        args.push(part.lease.map_or_else(|| "".into(), |l| l.entry.as_str().into()));
+        let mut options = String::new();
+        if part.reopen {
+            options.push('r');
         }
-        args.push(part.records.len().to_string().into());
+        if part.clear_timer {
+            options.push('t');
+        }
+        if idempotency.is_some() {
+            options.push('i');
+        }
+        args.push(options.into());
+        if let Some((index, ttl)) = idempotency {
+            args.push(number(index));
+            // `EX` counts whole seconds: round up, so a key is held at least its retention.
+            args.push(Value::from(ttl.as_millis().div_ceil(1000).max(1) as i64));
+        }
+        args.push(number(part.records.len()));
         args.extend(part.records.iter().map(|recorded| Value::Bytes(encode_recorded(recorded).into())));
-        args.push(part.fields.len().to_string().into());
+        args.push(number(part.fields.len()));
         for (name, value) in &part.fields {
             args.push((*name).into());
-            args.push(value.clone().into());
+            args.push(value.as_str().into());
         }
         args.push(match part.dispatch {
-            Some(state) => Value::Bytes(encode_task(&ReadyTask { run: run_text, state: state.clone() }).into()),
+            Some(state) => Value::Bytes(encode_task(&run_text, state).into()),
             None => "".into(),
         });
-        args.push(part.timer.map_or_else(String::new, |t| t.to_string()).into());
-        args.push(if part.clear_timer { "1" } else { "0" }.into());
-        let zadd: Vec<(Value, Millis)> = part.zadd.iter().map(|(key, score)| (self.key(key.clone()), *score)).collect();
-        let zrem: Vec<Value> = part.zrem.iter().map(|key| self.key(key.clone())).collect();
-        let args = &mut self.args;
-        args.push(zadd.len().to_string().into());
-        for (index, score) in zadd {
-            args.push(index);
-            args.push(score.to_string().into());
+        args.push(part.timer.map_or_else(|| "".into(), |t| Value::from(t as i64)));
+        args.push(number(indexes.len()));
+        for (index, score) in indexes {
+            args.push(number(index));
+            args.push(score.map_or_else(|| "".into(), |s| Value::from(s as i64)));
         }
-        args.push(zrem.len().to_string().into());
-        args.extend(zrem);
     }
 }
 
@@ -809,14 +823,13 @@ impl Store for RedisStore {
             timer: None,
             clear_timer: false,
             idempotency: new.idempotency.as_ref(),
-            zadd: vec![
-                (self.keys.index_all(shard), created),
-                (self.keys.index_workflow(shard, &new.state.workflow), created),
-                (self.keys.index_active(shard), created),
+            indexes: vec![
+                (self.keys.index_all(shard), Some(created)),
+                (self.keys.index_workflow(shard, &new.state.workflow), Some(created)),
+                (self.keys.index_active(shard), Some(created)),
             ],
-            zrem: Vec::new(),
         };
-        let mut outcomes = self.call_commit(std::slice::from_ref(&part), "wfo_v2_commit").await?;
+        let mut outcomes = self.call_commit(std::slice::from_ref(&part), COMMIT).await?;
         match outcomes.pop() {
             Some((tag, _)) if tag == "ok" => Ok(Created::New(new.run)),
             Some((tag, rest)) if tag == "duplicate" => {
@@ -830,22 +843,22 @@ impl Store for RedisStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(std::slice::from_ref(&commit), false, "wfo_v2_commit").await?)
+        one(self.apply_commits(std::slice::from_ref(&commit), false, COMMIT).await?)
     }
 
     async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
         if commits.is_empty() {
             return Ok(Vec::new());
         }
-        self.apply_commits(&commits, false, "wfo_v2_commit").await
+        self.apply_commits(&commits, false, COMMIT).await
     }
 
     async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(std::slice::from_ref(&commit), true, "wfo_v2_commit").await?)
+        one(self.apply_commits(std::slice::from_ref(&commit), true, COMMIT).await?)
     }
 
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(std::slice::from_ref(&commit), false, "wfo_v2_requeue").await?)
+        one(self.apply_commits(std::slice::from_ref(&commit), false, REQUEUE).await?)
     }
 
     async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {
