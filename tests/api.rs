@@ -740,6 +740,48 @@ fn runs_are_listed_newest_first_in_cursor_pages_and_filtered_by_workflow_and_sta
     // Percent-encoded parameters are decoded.
     let encoded = service.get_ok("/api/runs?workflow%49d=quick&limit=1");
     assert_eq!(run_ids(&encoded["runs"]), [listed_ids[0].clone()]);
+
+    // A row says what started the run, and a failed run's row the step it failed at.
+    assert_eq!(first["trigger"], "api", "{first}");
+    assert!(first["step"].is_null(), "a completed run is at no step: {first}");
+    for run in failed["runs"].as_array().unwrap() {
+        assert_eq!((run["step"].clone(), run["trigger"].clone()), (json!("boom"), json!("api")), "{run}");
+    }
+
+    // By creation time: `createdBefore` excludes its instant, `createdAfter` includes it, in
+    // pages like any listing.
+    let pivot = listed[12]["createdAt"].as_str().unwrap().to_owned();
+    let created = |run: &Value| run["createdAt"].as_str().unwrap().to_owned();
+    let expect = |keep: &dyn Fn(&str) -> bool| {
+        let mut ids: Vec<String> =
+            listed.iter().filter(|r| keep(&created(r))).map(|r| r["runId"].as_str().unwrap().to_owned()).collect();
+        ids.sort();
+        ids
+    };
+    let pages = |query: &str| {
+        let mut ids = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..30 {
+            let path = match &cursor {
+                None => format!("/api/runs?workflowId=quick&limit=4&{query}"),
+                Some(cursor) => format!("/api/runs?workflowId=quick&limit=4&{query}&cursor={cursor}"),
+            };
+            let page = service.get_ok(&path);
+            ids.extend(run_ids(&page["runs"]));
+            match page["nextCursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        ids.sort();
+        ids
+    };
+    let before = pages(&format!("createdBefore={pivot}"));
+    assert_eq!(before, expect(&|at| at < pivot.as_str()));
+    let after = pages(&format!("createdAfter={pivot}"));
+    assert_eq!(after, expect(&|at| at >= pivot.as_str()));
+    assert_eq!(before.len() + after.len(), 25);
+    assert_eq!(pages(&format!("createdAfter={pivot}&createdBefore={pivot}")), Vec::<String>::new());
 }
 
 #[test]
@@ -759,6 +801,9 @@ fn bad_query_values_are_refused_with_400() {
         "cursor=0193e4a17b2c7d3e8f001a2b3c4d5e6f",
         "limit=1&limit=2",
         "status=%ff",
+        "createdAfter=yesterday",
+        "createdBefore=2026-12-07",
+        "createdAfter=",
     ] {
         let answer = service.get(&format!("/api/runs?{bad}"));
         answer.assert_error(400, "bad_request");

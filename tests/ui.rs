@@ -579,7 +579,22 @@ fn runs_are_filtered_and_a_step_output_holding_markup_is_shown_as_text() {
         .await;
         page.select("#filter-status", "failed").await;
         page.until("the failed runs", &format!("return {LISTED} === '{failed}'")).await;
+        // The row says what started the run and the step it failed at.
+        assert_eq!(
+            page.js("return [...document.querySelectorAll('#runs-list tbody tr td')].slice(3, 5).map(td => td.textContent).join('|')")
+                .await,
+            json!("api|needs-marker")
+        );
         page.screenshot("-filtered").await;
+
+        // By creation time: before `hello` was created, and from then on.
+        let hello_created = api_run(service, &hello)["createdAt"].as_str().expect("createdAt").to_owned();
+        page.goto(&format!("/ui/runs?createdBefore={hello_created}")).await;
+        page.until("the runs created before `hello`", &format!("return {LISTED} === '{xss}'")).await;
+        page.goto(&format!("/ui/runs?createdAfter={hello_created}")).await;
+        page.until("the runs created from `hello` on", &format!("return {LISTED} === '{failed},{hello}'")).await;
+        assert_eq!(page.js("return document.getElementById('filter-after').value !== ''").await, json!(true));
+        page.screenshot("-by-time").await;
 
         page.goto(&format!("/ui/runs/{xss}")).await;
         page.wait_run_status("completed").await;

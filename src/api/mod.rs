@@ -907,7 +907,7 @@ async fn rerun(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer 
 
 /// `GET /api/runs`: newest first, a cursor-paginated page of summaries.
 async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
-    let params = query_params(query, &["workflowId", "status", "limit", "cursor"])?;
+    let params = query_params(query, &["workflowId", "status", "limit", "cursor", "createdAfter", "createdBefore"])?;
     let limit = limit_param(&params, 50, 500)?;
     let workflow = params.get("workflowId").map(String::as_str);
     if let Some(workflow) = workflow {
@@ -926,10 +926,30 @@ async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
                 .map_err(|_| ApiError::bad_request("`cursor` is not a cursor from a previous page"))?,
         ),
     };
-    let runs = engine.list_runs(workflow, status, cursor.as_ref(), limit).await?;
-    let next_cursor = (runs.len() == limit).then(|| runs.last().map(ToString::to_string)).flatten();
+    let created_after = params.get("createdAfter").map(|t| time_param("createdAfter", t)).transpose()?;
+    let created_before = params.get("createdBefore").map(|t| time_param("createdBefore", t)).transpose()?;
+    // Runs are listed newest first by creation: `createdBefore` is where the first page starts
+    // (the cursor, when a later page's is further), `createdAfter` where the last page ends.
+    let start = match (cursor, created_before.map(RunId::first_at)) {
+        (Some(cursor), Some(bound)) => Some(if bound.uuid < cursor.uuid { bound } else { cursor }),
+        (cursor, bound) => cursor.or(bound),
+    };
+    let mut runs = engine.list_runs(workflow, status, start.as_ref(), limit).await?;
+    let full = runs.len() == limit;
+    if let Some(after) = created_after {
+        runs.retain(|run| run.created_at() >= after);
+    }
+    let next_cursor = (full && runs.len() == limit).then(|| runs.last().map(ToString::to_string)).flatten();
     let views = summaries(engine, &runs).await?;
     ok_json(StatusCode::OK, json!({ "runs": views, "nextCursor": next_cursor }))
+}
+
+/// A time parameter: RFC 3339 (`2026-12-07T10:00:00Z`, fractions and offsets allowed).
+fn time_param(name: &str, text: &str) -> Result<machine::Millis, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+        .ok_or_else(|| ApiError::bad_request(format!("`{name}` must be an RFC 3339 time, like 2026-12-07T10:00:00Z")))
 }
 
 /// Summary views of runs (skipping runs deleted meanwhile).

@@ -205,6 +205,7 @@ pub fn summary(run_id: &str, summary: &RunSummary, step: Option<String>) -> Valu
         "runId": run_id,
         "workflowId": summary.workflow,
         "status": summary.status,
+        "trigger": summary.trigger,
         "step": step,
         "attempt": summary.attempt,
         "createdAt": timestamp(summary.created_at),

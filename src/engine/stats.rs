@@ -26,14 +26,6 @@ pub struct RunStats {
     pub capped: bool,
 }
 
-/// When a run was created, from its UUIDv7.
-pub fn created_at(run: &RunId) -> Millis {
-    run.uuid.get_timestamp().map_or(0, |ts| {
-        let (secs, nanos) = ts.to_unix();
-        secs * 1000 + u64::from(nanos) / 1_000_000
-    })
-}
-
 impl Engine {
     pub async fn run_stats(&self) -> Result<RunStats, StoreError> {
         let now = self.clock.now();
@@ -48,7 +40,7 @@ impl Engine {
             'pages: loop {
                 let page = self.store.list_runs(None, status, cursor.as_ref(), PAGE).await?.runs;
                 for run in &page {
-                    let at = created_at(run);
+                    let at = run.created_at();
                     if at < first_hour {
                         break 'pages;
                     }

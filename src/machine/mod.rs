@@ -39,6 +39,16 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// The kind of trigger: `api`, `cron`, `event` or `rerun`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Trigger::Api => "api",
+            Trigger::Cron { .. } => "cron",
+            Trigger::Event { .. } => "event",
+            Trigger::Rerun { .. } => "rerun",
+        }
+    }
+
     /// What started a run, as JSON: the run view shows it, and actions see it as `run.trigger`.
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;

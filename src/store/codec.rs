@@ -51,6 +51,9 @@ pub fn summary_fields(summary: &RunSummary) -> Vec<(&'static str, String)> {
     ];
     fields.push(("step", summary.step.map_or_else(String::new, |s| s.to_string())));
     fields.push(("attempt", summary.attempt.map_or_else(String::new, |a| a.to_string())));
+    if let Some(trigger) = &summary.trigger {
+        fields.push(("trigger", trigger.clone()));
+    }
     fields
 }
 
@@ -69,6 +72,7 @@ pub fn summary_from_fields<'a>(
         created_at: 0,
         updated_at: 0,
         ready_entry: None,
+        trigger: None,
     };
     let mut seen = false;
     let corrupt = |field: &str, value: &str| super::StoreError::Corrupt {
@@ -91,6 +95,7 @@ pub fn summary_from_fields<'a>(
             "step" => summary.step = optional(field, value)?,
             "attempt" => summary.attempt = optional(field, value)?,
             "ready_entry" => summary.ready_entry = Some(value.to_owned()).filter(|v| !v.is_empty()),
+            "trigger" => summary.trigger = Some(value.to_owned()).filter(|v| !v.is_empty()),
             _ => {}
         }
     }

@@ -633,10 +633,7 @@ impl State {
     fn created_at_of(&self, id: &RunId) -> Millis {
         match self.runs.get(id) {
             Some(run) => run.created_at,
-            None => id.uuid.get_timestamp().map_or(Millis::MAX, |ts| {
-                let (secs, nanos) = ts.to_unix();
-                secs * 1000 + u64::from(nanos) / 1_000_000
-            }),
+            None => id.created_at(),
         }
     }
 

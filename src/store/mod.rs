@@ -48,6 +48,20 @@ impl RunId {
         let ts = uuid::Timestamp::from_unix(uuid::NoContext, now / 1000, ((now % 1000) * 1_000_000) as u32);
         RunId { shard, uuid: uuid::Uuid::new_v7(ts) }
     }
+
+    /// When the run was created: the time its id carries (milliseconds).
+    pub fn created_at(&self) -> Millis {
+        self.uuid.get_timestamp().map_or(0, |t| {
+            let (secs, nanos) = t.to_unix();
+            secs * 1000 + u64::from(nanos / 1_000_000)
+        })
+    }
+
+    /// The lowest id of runs created at `at`: a listing cursor that starts with the runs created
+    /// before `at` (ids order by creation time, and a listing takes the ids below its cursor).
+    pub fn first_at(at: Millis) -> RunId {
+        RunId { shard: 0, uuid: uuid::Builder::from_unix_timestamp_millis(at, &[0; 10]).into_uuid() }
+    }
 }
 
 impl fmt::Display for RunId {
@@ -199,12 +213,15 @@ pub struct RunSummary {
     pub updated_at: Millis,
     /// The id of the ready entry of the current dispatch, if the run has one.
     pub ready_entry: Option<String>,
+    /// What started the run ([`crate::machine::Trigger::kind`]); `None` for runs created by a
+    /// version that did not record it.
+    pub trigger: Option<String>,
 }
 
 impl RunSummary {
     /// The summary a state projects to: what the run hash must hold after a commit.
     pub fn of(state: &RunState) -> RunSummary {
-        let step_attempt = state.status.step_attempt();
+        let step_attempt = RunSummary::position(state);
         RunSummary {
             workflow: state.workflow.clone(),
             definition: state.definition.clone(),
@@ -215,12 +232,26 @@ impl RunSummary {
             created_at: state.created_at,
             updated_at: state.updated_at,
             ready_entry: None,
+            trigger: Some(state.trigger.kind().to_owned()),
         }
     }
 
-    /// Whether the stored summary says what the replayed state says (ignoring the ready entry).
+    /// The step and attempt a summary names: a live run's current one, and a failed run's
+    /// failed one (where a retry resumes it), so that a list of runs can say where each failed.
+    pub fn position(state: &RunState) -> Option<(u32, u32)> {
+        match (&state.status, &state.last_error) {
+            (Status::Failed, Some(error)) => Some((error.step, error.attempt)),
+            (status, _) => status.step_attempt(),
+        }
+    }
+
+    /// Whether the stored summary says what the replayed state says (ignoring the ready entry,
+    /// and the trigger where a run's summary has none: runs created before it was recorded).
     pub fn matches(&self, state: &RunState) -> bool {
-        let expected = RunSummary { ready_entry: self.ready_entry.clone(), ..RunSummary::of(state) };
+        let mut expected = RunSummary { ready_entry: self.ready_entry.clone(), ..RunSummary::of(state) };
+        if self.trigger.is_none() {
+            expected.trigger = None;
+        }
         &expected == self
     }
 }

@@ -182,14 +182,6 @@ fn successor(id: &str) -> Option<String> {
     Some(if seq == u64::MAX { format!("{}-0", ms.checked_add(1)?) } else { format!("{ms}-{}", seq + 1) })
 }
 
-/// A run's creation time, from its time-ordered id.
-fn created_ms(run: &RunId) -> Millis {
-    run.uuid.get_timestamp().map_or(0, |t| {
-        let (secs, nanos) = t.to_unix();
-        secs * 1000 + u64::from(nanos / 1_000_000)
-    })
-}
-
 use super::compare_entry_ids as compare_ids;
 
 impl RedisStore {
@@ -527,7 +519,7 @@ impl RedisStore {
         let terminal = state.status.is_terminal();
         let status = state.status.name();
         // What a transition may change (`seq` is set by the function from the records).
-        let (step, attempt) = state.status.step_attempt().unzip();
+        let (step, attempt) = RunSummary::position(state).unzip();
         let fields = vec![
             ("status", status.to_owned()),
             ("step", step.map_or_else(String::new, |s| s.to_string())),
@@ -1149,7 +1141,7 @@ impl Store for RedisStore {
         before: Option<&RunId>,
         limit: usize,
     ) -> StoreResult<RunPage> {
-        let max_score = before.map_or_else(|| "+inf".to_owned(), |b| created_ms(b).to_string());
+        let max_score = before.map_or_else(|| "+inf".to_owned(), |b| b.created_at().to_string());
         let live_status = status.filter(|s| !super::is_terminal_name(s));
         // Finished statuses and "any status" have an index of their own: read the page from
         // each shard (over-fetching for runs created in the cursor's millisecond) and merge.

@@ -277,11 +277,26 @@ function legend(text, color) {
   return el;
 }
 
+// The step column: where a live run is, and where a failed run failed.
 function summaryRows(runs) {
   return runs.map((r) => h("tr", {}, h("td", {}, runLink(r.runId)), h("td", {}, workflowLink(r.workflowId)), h("td", {}, badge(r.status)),
-    h("td", {}, r.step || "—"), h("td", { class: "hide-narrow" }, when(r.createdAt)), h("td", {}, duration(r.durationMs))));
+    h("td", { class: "hide-narrow" }, r.trigger || "—"), h("td", {}, r.step || "—"), h("td", { class: "hide-narrow" }, when(r.createdAt)),
+    h("td", {}, duration(r.durationMs))));
 }
-const SUMMARY_HEAD = ["Run", "Workflow", "Status", "Step", "Created", "Duration"];
+const SUMMARY_HEAD = ["Run", "Workflow", "Status", "Trigger", "Step", "Created", "Duration"];
+
+// A `datetime-local` input's value (local time) as RFC 3339, and back.
+function toInstant(local) {
+  const at = new Date(local);
+  return isNaN(at) ? "" : at.toISOString();
+}
+function toLocalInput(instant) {
+  if (!instant) return "";
+  const at = new Date(instant);
+  if (isNaN(at)) return "";
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${at.getFullYear()}-${pad(at.getMonth() + 1)}-${pad(at.getDate())}T${pad(at.getHours())}:${pad(at.getMinutes())}`;
+}
 
 async function overviewPage() {
   const ctx = newPage("overview");
@@ -464,18 +479,27 @@ async function runsPage() {
   const workflowSelect = h("select", { id: "filter-workflow" }, h("option", { value: "" }, "any workflow"));
   const statusSelect = h("select", { id: "filter-status" }, h("option", { value: "" }, "any status"), STATUSES.map((s) => h("option", { value: s }, s)));
   statusSelect.value = params.get("status") || "";
+  const afterInput = h("input", { id: "filter-after", type: "datetime-local" });
+  const beforeInput = h("input", { id: "filter-before", type: "datetime-local" });
+  afterInput.value = toLocalInput(params.get("createdAfter"));
+  beforeInput.value = toLocalInput(params.get("createdBefore"));
   const apply = () => {
     const query = new URLSearchParams();
     if (workflowSelect.value) query.set("workflowId", workflowSelect.value);
     if (statusSelect.value) query.set("status", statusSelect.value);
+    if (toInstant(afterInput.value)) query.set("createdAfter", toInstant(afterInput.value));
+    if (toInstant(beforeInput.value)) query.set("createdBefore", toInstant(beforeInput.value));
     navigate("/ui/runs" + (query.toString() ? "?" + query : ""));
   };
   workflowSelect.addEventListener("change", apply);
   statusSelect.addEventListener("change", apply);
+  afterInput.addEventListener("change", apply);
+  beforeInput.addEventListener("change", apply);
   const list = h("div", { id: "runs-list" }, h("p", { class: "muted" }, "Loading…"));
   const pager = h("div", { class: "actions" });
   main.replaceChildren(h("h1", {}, "Runs"),
-    h("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, h("label", {}, "Workflow", workflowSelect), h("label", {}, "Status", statusSelect)),
+    h("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, h("label", {}, "Workflow", workflowSelect), h("label", {}, "Status", statusSelect),
+      h("label", {}, "Created after", afterInput), h("label", {}, "Created before", beforeInput)),
     panel(null, list, pager));
   try {
     const { workflows } = await api("/api/workflows");
@@ -491,7 +515,9 @@ async function runsPage() {
   const load = async () => {
     const query = new URLSearchParams({ limit: "25" });
     if (params.get("workflowId")) query.set("workflowId", params.get("workflowId"));
-    if (params.get("status")) query.set("status", params.get("status"));
+    for (const name of ["status", "createdAfter", "createdBefore"]) {
+      if (params.get(name)) query.set(name, params.get(name));
+    }
     if (cursor) query.set("cursor", cursor);
     const listed = await api("/api/runs?" + query);
     if (!ctx.alive) return false;
