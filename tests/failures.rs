@@ -266,6 +266,64 @@ fn a_step_that_kills_its_replica_fails_the_run_after_bounded_deliveries() {
     assert!(pending.values().all(|&n| n == 0), "pending entries left: {pending:?}");
 }
 
+// ---- 3b. a killed replica's step, taken over ----
+
+/// Its first start waits (for its replica to be killed); a later start finishes at once. Each
+/// start appends its time (ns since the epoch) to `starts` in the working directory.
+const TAKEN_OVER: &str = r#"
+[[workflow]]
+id = "taken-over"
+[[workflow.step]]
+id = "hold"
+action = "exec"
+with = { command = ["sh", "-c", "n=$(cat starts 2>/dev/null | wc -l); date +%s%N >> starts; if [ \"$n\" -gt 0 ]; then echo resumed; else sleep 60; fi"], cwd = "{dir}" }
+timeout = "2m"
+"#;
+
+/// A step whose replica is `kill -9`ed starts again on another replica once its lease expired,
+/// and completes once. Prints how long after the kill it started again, the failover figure of
+/// the README (the lease is renewed every third of `LEASE_TTL`, so its last renewal was up to a
+/// third of it before the kill); asserts only what was recorded.
+#[test]
+fn a_killed_replicas_step_starts_again_on_another_once_its_lease_expired() {
+    const TRIALS: usize = 3;
+    let redis = RedisServer::start();
+    let mut delays = Vec::new();
+    for trial in 0..TRIALS {
+        let dir = tempfile::tempdir().unwrap();
+        let text = TAKEN_OVER.replace("{dir}", &dir.path().display().to_string());
+        let file = workflows_file(dir.path(), &text);
+        let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path())
+            .env("LEASE_TTL", "4s")
+            .env("KEY_PREFIX", &format!("takeover{trial}"));
+        let mut first = config.start("first");
+        let run_id = first.trigger("taken-over", json!({}));
+        let starts = dir.path().join("starts");
+        let lines = |at_least: usize| {
+            wait_for(Duration::from_secs(30), Duration::from_millis(5), || {
+                let text = std::fs::read_to_string(&starts).ok()?;
+                let times: Vec<u128> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+                (times.len() >= at_least).then_some(times)
+            })
+        };
+        lines(1).expect("the step starts on the first replica");
+        let second = config.start("second");
+        let killed_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos();
+        first.kill9();
+        let times = lines(2).expect("the step starts again on the second replica");
+        let run = second.wait_terminal(&run_id, Duration::from_secs(30));
+        assert_eq!(run["status"], "completed", "{run}");
+        let history = second.history(&run_id);
+        assert_eq!(count(&history, "step_completed"), 1, "{history:#?}");
+        assert_eq!(history.iter().rfind(|t| t["type"] == "step_completed").unwrap()["replica"], "second");
+        delays.push(Duration::from_nanos((times[1].saturating_sub(killed_at)) as u64));
+    }
+    eprintln!(
+        "LEASE_TTL 4 s: the step started again {} after its replica was killed",
+        delays.iter().map(|d| format!("{} ms", d.as_millis())).collect::<Vec<_>>().join(", ")
+    );
+}
+
 // ---- 4. Redis restarted under load ----
 
 const THREE_SHORT_STEPS: &str = r#"

@@ -26,17 +26,23 @@ pub(super) enum CommitPath {
 /// sequence compare to another transition of the run, before it is given up.
 const REAPPLY_LIMIT: usize = 3;
 
+/// The longest wait between two looks for steps whose lease expired (see `claim_loop`).
+const RECLAIM_EVERY: Duration = Duration::from_millis(400);
 /// How long one blocking read waits for work before looking at the shutdown token again.
 const CLAIM_BLOCK: Duration = Duration::from_secs(1);
 
 impl Engine {
-    /// Claims ready steps for the free executors and, every half lease period, first takes over
-    /// steps whose lease expired. Both are done here because this loop holds every free
-    /// executor's permit while its read blocks: a separate reclaim loop asking for free permits
-    /// would nearly always find none and never take anything over on an idle replica.
+    /// Claims ready steps for the free executors and, every half lease period (at most
+    /// [`RECLAIM_EVERY`]), first takes over steps whose lease expired. Both are done here
+    /// because this loop holds every free executor's permit while its read blocks: a separate
+    /// reclaim loop asking for free permits would nearly always find none and never take
+    /// anything over on an idle replica.
     pub(super) async fn claim_loop(self: Arc<Self>) {
         let mut failures = 0u32;
-        let reclaim_every = (self.config.lease_ttl / 2).max(Duration::from_millis(200));
+        // A step whose replica died is taken over at most one period (and its jitter) after its
+        // lease expired: a short period bounds that wait, whatever `LEASE_TTL`, for a few cheap
+        // calls a second (an `XAUTOCLAIM` per shard that finds nothing idle costs microseconds).
+        let reclaim_every = (self.config.lease_ttl / 2).clamp(Duration::from_millis(100), RECLAIM_EVERY);
         let next_reclaim = || Instant::now() + reclaim_every.mul_f64(rand::random_range(0.8..1.2));
         let mut reclaim_at = next_reclaim();
         loop {
