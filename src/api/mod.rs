@@ -293,36 +293,22 @@ impl<'a> Route<'a> {
     /// signature of its own), and the dashboard's page, assets and login (no run data: that
     /// comes from the API).
     fn is_public(&self) -> bool {
+        self.is_dashboard() || matches!(self, Route::Health | Route::Metrics | Route::InngestWebhook)
+    }
+
+    /// The dashboard's page, assets and session routes: they carry no run data and need no
+    /// store (the page gets its data from the API).
+    fn is_dashboard(&self) -> bool {
         matches!(
             self,
-            Route::Health
-                | Route::Metrics
-                | Route::InngestWebhook
-                | Route::Root
-                | Route::UiPage
-                | Route::UiAsset(_)
-                | Route::UiSession
-                | Route::UiLogin
-                | Route::UiLogout
+            Route::Root | Route::UiPage | Route::UiAsset(_) | Route::UiSession | Route::UiLogin | Route::UiLogout
         )
     }
 
     /// Whether answering needs the store (so that a store known to be down is a fast 503).
     /// `/health` and `/metrics` report on the store themselves.
     fn needs_store(&self) -> bool {
-        !matches!(
-            self,
-            Route::Health
-                | Route::Metrics
-                | Route::OpenApi
-                | Route::Workflows
-                | Route::Root
-                | Route::UiPage
-                | Route::UiAsset(_)
-                | Route::UiSession
-                | Route::UiLogin
-                | Route::UiLogout
-        )
+        !(self.is_dashboard() || matches!(self, Route::Health | Route::Metrics | Route::OpenApi | Route::Workflows))
     }
 }
 

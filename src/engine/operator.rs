@@ -24,16 +24,7 @@ impl Engine {
     /// Reads a run's log and folds it: the run's state by replay.
     pub async fn load(&self, run: &RunId) -> Result<Option<LoadedRun>, EngineError> {
         let Some(log) = self.store.history(run).await? else { return Ok(None) };
-        let state = match machine::replay(log.iter().map(|l| &l.recorded)) {
-            Ok(Some(state)) => state,
-            Ok(None) => return Ok(None),
-            Err((index, err)) => {
-                let entry = log.get(index).map_or(index as u64 + 1, |l| l.seq);
-                return Err(EngineError::CorruptLog { run: run.to_string(), entry, problem: err.to_string() });
-            }
-        };
-        let workflow = self.definition(run.shard, &state.definition).await?;
-        Ok(Some(LoadedRun { id: run.clone(), log, state, workflow }))
+        self.fold(run, log).await
     }
 
     /// The run as it was right after its log entry `at` (a seq, from 1): the machine's fold of the
@@ -46,6 +37,11 @@ impl Engine {
             return Err(EngineError::Invalid(format!("`at` must be a seq of the run's log, from 1 to {last}")));
         }
         log.retain(|l| l.seq <= at);
+        self.fold(run, log).await
+    }
+
+    /// Folds `log` (the whole log of `run`, or its beginning) into the run's state.
+    async fn fold(&self, run: &RunId, log: Vec<Logged>) -> Result<Option<LoadedRun>, EngineError> {
         let state = match machine::replay(log.iter().map(|l| &l.recorded)) {
             Ok(Some(state)) => state,
             Ok(None) => return Ok(None),
