@@ -9,7 +9,15 @@
 //!
 //! ```sh
 //! cargo bench --bench list_runs -- --port 6390 --runs 100000
+//! cargo bench --bench list_runs -- --port 6390 --runs 100000 --browser   # and the dashboard's runs page
 //! ```
+//!
+//! With `--browser`, the same engine then serves the API and the dashboard on a loopback port,
+//! and Debian's `chromium`, headless, driven through `chromedriver` (a free loopback port;
+//! stopped by its pid at the end), opens the dashboard's runs page `--repeat-browser` times
+//! (default 10) per query: each a fresh page load, timed from the navigation's start to the first
+//! render of the listed runs (the page's `firstReadyMs`, `performance.now()` when it marked
+//! itself ready), as a person opening the page would wait.
 //!
 //! Prints one JSON line on stdout: per query, p50 and p99 in milliseconds.
 
@@ -94,7 +102,7 @@ where
     json!({ "p50_ms": percentile(&mut samples, 0.5), "p99_ms": percentile(&mut samples, 0.99), "runs_per_page": listed })
 }
 
-async fn run(port: u16, total: usize, repeat: usize) -> Result<Value, String> {
+async fn run(port: u16, total: usize, repeat: usize, browser_repeat: Option<usize>) -> Result<Value, String> {
     flushall(port).map_err(|err| format!("cannot reach 127.0.0.1:{port}: {err}"))?;
     let registry = Arc::new(Registry::parse("list_runs benchmark", DEFINITIONS).map_err(|e| e.to_string())?);
     let store: Arc<dyn Store> = Arc::new(
@@ -154,8 +162,15 @@ async fn run(port: u16, total: usize, repeat: usize) -> Result<Value, String> {
             _ => break,
         }
     }
-    let engine = &engine;
+    let engine_ref = &engine;
     let cursors = &cursors;
+    // The time filter starts its page deep in the cursor chain.
+    let deep = cursors.last().cloned().flatten();
+    let browser = match browser_repeat {
+        Some(repeat) => Some(browser::runs_page(Arc::clone(engine_ref), repeat, deep).await?),
+        None => None,
+    };
+    let engine = engine_ref;
     let results = json!({
         "first_page": time(repeat, |_| async move { page(engine, None, None, None).await.len() }).await,
         "deep_pages": time(repeat, |i| async move { page(engine, None, None, cursors[i % cursors.len()].as_ref()).await.len() }).await,
@@ -164,9 +179,147 @@ async fn run(port: u16, total: usize, repeat: usize) -> Result<Value, String> {
         "by_workflow_and_status": time(repeat, |_| async move { page(engine, Some("flaky"), Some("failed"), None).await.len() }).await,
     });
     engine.shutdown().await;
-    Ok(
-        json!({ "bench": "list_runs", "runs_stored": total, "page": PAGE, "repeat": repeat, "fill_s": (fill_s * 10.0).round() / 10.0, "queries": results }),
-    )
+    Ok(json!({
+        "bench": "list_runs",
+        "runs_stored": total,
+        "page": PAGE,
+        "repeat": repeat,
+        "fill_s": (fill_s * 10.0).round() / 10.0,
+        "queries": results,
+        "runs_page_in_browser": browser,
+    }))
+}
+
+/// The dashboard's runs page in a real browser, over the engine's own API.
+mod browser {
+    use super::percentile;
+    use fantoccini::{Client, ClientBuilder};
+    use serde_json::{Value, json};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio_util::sync::CancellationToken;
+    use workflow_orchestrator::api::{ApiState, serve};
+    use workflow_orchestrator::engine::Engine;
+    use workflow_orchestrator::store::RunId;
+
+    /// chromedriver, killed by its pid when dropped.
+    struct Driver(Child);
+
+    impl Drop for Driver {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn free_port() -> Result<u16, String> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| e.to_string())?;
+        Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+    }
+
+    async fn session(port: u16, profile: &std::path::Path) -> Result<Client, String> {
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert("browserName".to_owned(), json!("chrome"));
+        capabilities.insert(
+            "goog:chromeOptions".to_owned(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--window-size=1280,1000", format!("--user-data-dir={}", profile.display())],
+            }),
+        );
+        let mut builder = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
+        builder.capabilities(capabilities);
+        let url = format!("http://127.0.0.1:{port}");
+        // chromedriver takes a moment to listen: a bounded number of tries.
+        let mut last = String::new();
+        for _ in 0..100 {
+            match tokio::time::timeout(Duration::from_secs(60), builder.connect(&url)).await {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(err)) => last = err.to_string(),
+                Err(_) => last = "no session within 60 s".to_owned(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("no browser session: {last}"))
+    }
+
+    /// Loads `path` and waits (bounded) until the runs page marked itself ready; the time from
+    /// the navigation's start to that first render, in ms.
+    async fn load(client: &Client, base: &str, path: &str) -> Result<f64, String> {
+        client.goto(&format!("{base}{path}")).await.map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = client
+                .execute(
+                    "return document.body.dataset.ready === 'runs' ? Number(document.body.dataset.firstReadyMs) : null",
+                    vec![],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(ms) = ready.as_f64() {
+                let rows = client
+                    .execute("return document.querySelectorAll('#runs-list tbody tr').length", vec![])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if rows.as_u64().unwrap_or(0) == 0 {
+                    return Err(format!("{path}: the page listed no runs"));
+                }
+                return Ok(ms);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{path}: not ready within 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub async fn runs_page(engine: Arc<Engine>, repeat: usize, deep: Option<RunId>) -> Result<Value, String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+        let base = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, Arc::new(ApiState::new(engine, None, Vec::new())), stop.clone()));
+        let port = free_port()?;
+        let profile = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let _driver = Driver(
+            Command::new("/usr/bin/chromedriver")
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start /usr/bin/chromedriver (Debian's chromium-driver): {e}"))?,
+        );
+        let client = session(port, profile.path()).await?;
+        let before = deep.map(|run| workflow_orchestrator::machine::timestamp(run.created_at()));
+        let mut queries: Vec<(&str, String)> = vec![
+            ("first_page", "/ui/runs".to_owned()),
+            ("by_workflow", "/ui/runs?workflowId=alpha".to_owned()),
+            ("by_status_failed", "/ui/runs?status=failed".to_owned()),
+        ];
+        if let Some(before) = before {
+            queries.push(("created_before_a_deep_run", format!("/ui/runs?createdBefore={before}")));
+        }
+        let mut results = serde_json::Map::new();
+        for (name, path) in &queries {
+            let mut samples = Vec::with_capacity(repeat);
+            for _ in 0..repeat {
+                samples.push(load(&client, &base, path).await?);
+            }
+            results.insert(
+                (*name).to_owned(),
+                json!({ "p50_ms": percentile(&mut samples, 0.5), "max_ms": percentile(&mut samples, 1.0) }),
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), client.close()).await;
+        stop.cancel();
+        let _ = server.await;
+        Ok(
+            json!({ "repeat": repeat, "from": "navigation start to the first render of the listed runs", "queries": results }),
+        )
+    }
 }
 
 fn main() {
@@ -184,8 +337,12 @@ fn main() {
     };
     let total = flag(&args, "--runs").and_then(|n| n.parse().ok()).unwrap_or(100_000);
     let repeat = flag(&args, "--repeat").and_then(|n| n.parse().ok()).unwrap_or(200);
+    let browser_repeat = args
+        .iter()
+        .any(|a| a == "--browser")
+        .then(|| flag(&args, "--repeat-browser").and_then(|n| n.parse().ok()).unwrap_or(10));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
-    match runtime.block_on(run(port, total, repeat)) {
+    match runtime.block_on(run(port, total, repeat, browser_repeat)) {
         Ok(report) => println!("{report}"),
         Err(problem) => {
             eprintln!("list_runs: {problem}");

@@ -156,6 +156,46 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) 
     }
 }
 
+/// `bulk <cancel|retry>`: see [`Engine::bulk`]. Exits 1 when a matched run was left as it was.
+pub async fn bulk(
+    engine: &Engine,
+    action: &str,
+    workflow: Option<String>,
+    status: Option<String>,
+    created_after: Option<String>,
+    created_before: Option<String>,
+    limit: usize,
+) -> anyhow::Result<ExitCode> {
+    use workflow_orchestrator::engine::{BulkAction, BulkFilter, MAX_BULK};
+    let action = match action {
+        "cancel" => BulkAction::Cancel,
+        "retry" => BulkAction::Retry,
+        other => bail!("the action is `cancel` or `retry`, not `{other}`"),
+    };
+    if !(1..=MAX_BULK).contains(&limit) {
+        bail!("--limit must be from 1 to {MAX_BULK}");
+    }
+    let time = |name: &str, text: Option<String>| -> anyhow::Result<Option<machine::Millis>> {
+        text.map(|text| {
+            machine::parse_timestamp(&text)
+                .with_context(|| format!("--{name} must be an RFC 3339 time, like 2026-12-07T10:00:00Z"))
+        })
+        .transpose()
+    };
+    let filter = BulkFilter {
+        workflow,
+        status,
+        created_after: time("created-after", created_after)?,
+        created_before: time("created-before", created_before)?,
+    };
+    let outcome = engine.bulk(action, &filter, limit).await?;
+    println!("matched {}, done {}, left as they were {}", outcome.matched, outcome.done, outcome.failed.len());
+    for (run, error) in &outcome.failed {
+        println!("  {run}: {error}");
+    }
+    Ok(if outcome.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 pub async fn runs(
     engine: &Engine,
     workflow: Option<&str>,

@@ -66,6 +66,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel or retry every run matching a filter (at most --limit, newest first); prints what
+    /// was done. Safe to repeat.
+    Bulk {
+        /// `cancel` (live runs) or `retry` (failed runs).
+        action: String,
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        /// Runs created at or after this time (RFC 3339).
+        #[arg(long)]
+        created_after: Option<String>,
+        /// Runs created before this time (RFC 3339).
+        #[arg(long)]
+        created_before: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Start a run of a workflow.
     Trigger {
         workflow: String,
@@ -151,6 +169,9 @@ fn main() -> ExitCode {
                     Command::Replay { run_id, json, at } => cli::replay(&engine, &run_id, json, at).await,
                     Command::Runs { workflow, status, limit, json } => {
                         cli::runs(&engine, workflow.as_deref(), status.as_deref(), limit, json).await
+                    }
+                    Command::Bulk { action, workflow, status, created_after, created_before, limit } => {
+                        cli::bulk(&engine, &action, workflow, status, created_after, created_before, limit).await
                     }
                     Command::Trigger { workflow, input, idempotency_key } => {
                         cli::trigger(&engine, &workflow, &input, idempotency_key.as_deref()).await

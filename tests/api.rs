@@ -105,9 +105,15 @@ struct Service {
 
 impl Service {
     fn start(env: &[(&str, &str)]) -> Service {
+        Service::start_with(env, "")
+    }
+
+    /// With more workflows than the ones above (`{dir}` replaced the same way).
+    fn start_with(env: &[(&str, &str)], more_workflows: &str) -> Service {
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = workflows_file(dir.path(), &WORKFLOWS.replace("{dir}", &dir.path().display().to_string()));
+        let text = format!("{WORKFLOWS}\n{more_workflows}").replace("{dir}", &dir.path().display().to_string());
+        let file = workflows_file(dir.path(), &text);
         let mut config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path());
         for (key, value) in env {
             config = config.env(key, value);
@@ -352,7 +358,7 @@ fn health_openapi_workflows_and_metrics_answer_with_their_shapes() {
 }
 
 /// The routes the service answers, as OpenAPI path templates with their methods.
-const ROUTES: [(&str, &[&str]); 24] = [
+const ROUTES: [(&str, &[&str]); 25] = [
     ("/health", &["get"]),
     ("/metrics", &["get"]),
     ("/api/openapi.json", &["get"]),
@@ -367,6 +373,7 @@ const ROUTES: [(&str, &[&str]); 24] = [
     ("/api/runs/{runId}/cancel", &["post"]),
     ("/api/runs/{runId}/retry", &["post"]),
     ("/api/runs/{runId}/rerun", &["post"]),
+    ("/api/runs/bulk", &["post"]),
     ("/api/webhooks/inngest", &["post"]),
     ("/api/runs/{runId}/state", &["get"]),
     ("/api/replicas", &["get"]),
@@ -782,6 +789,102 @@ fn runs_are_listed_newest_first_in_cursor_pages_and_filtered_by_workflow_and_sta
     assert_eq!(after, expect(&|at| at >= pivot.as_str()));
     assert_eq!(before.len() + after.len(), 25);
     assert_eq!(pages(&format!("createdAfter={pivot}&createdBefore={pivot}")), Vec::<String>::new());
+}
+
+// ---- bulk actions ----
+
+/// Runs that park at once (a long sleep), holding no executor.
+const NAPPING: &str = r#"
+[[workflow]]
+id = "napping"
+[[workflow.step]]
+id = "nap"
+action = "sleep"
+with = { duration = "1h" }
+
+[[workflow]]
+id = "dozing"
+[[workflow.step]]
+id = "doze"
+action = "sleep"
+with = { duration = "1h" }
+"#;
+
+/// Waits (bounded) until `workflow` has `count` runs in `status`.
+fn wait_count(service: &Service, workflow: &str, status: &str, count: u64) {
+    let seen = wait_for(Duration::from_secs(120), Duration::from_millis(100), || {
+        let counts = service.get_ok(&format!("/api/workflows/{workflow}/status"))["counts"].clone();
+        (counts[status] == count).then_some(())
+    });
+    assert!(seen.is_some(), "{workflow}: {count} runs {status} not seen within 120 s");
+}
+
+#[test]
+fn a_bulk_cancel_cancels_the_matching_live_runs_once_and_a_bulk_retry_resumes_failed_ones() {
+    let service = Service::start_with(&[], NAPPING);
+    let napping: Vec<String> = (0..1000).map(|n| service.trigger("napping", json!({ "n": n }))).collect();
+    let dozing: Vec<String> = (0..20).map(|n| service.trigger("dozing", json!({ "n": n }))).collect();
+    wait_count(&service, "napping", "sleeping", 1000);
+    wait_count(&service, "dozing", "sleeping", 20);
+
+    // 1,000 runs matching the filter, cancelled; the others untouched.
+    let request = json!({ "action": "cancel", "filter": { "workflowId": "napping" }, "limit": 1000 });
+    let answer = service.post_json("/api/runs/bulk", &request);
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json(), json!({ "matched": 1000, "done": 1000, "failed": [] }));
+    wait_count(&service, "napping", "cancelled", 1000);
+    wait_count(&service, "dozing", "sleeping", 20);
+    for run in [&napping[0], &napping[999]] {
+        let history = service.history(run);
+        assert_eq!(history.last().unwrap()["type"], "run_cancelled", "{history:#?}");
+    }
+    // Safe to repeat: nothing matches any more.
+    let again = service.post_json("/api/runs/bulk", &request);
+    assert_eq!(again.json(), json!({ "matched": 0, "done": 0, "failed": [] }));
+
+    // By creation time and status: the dozing runs created from the eleventh on.
+    let eleventh = service.replica.run(&dozing[10])["createdAt"].as_str().unwrap().to_owned();
+    let answer = service.post_json(
+        "/api/runs/bulk",
+        &json!({ "action": "cancel", "filter": { "workflowId": "dozing", "status": "sleeping", "createdAfter": eleventh } }),
+    );
+    let outcome = answer.json();
+    assert_eq!((outcome["matched"].clone(), outcome["done"].clone()), (json!(10), json!(10)), "{outcome}");
+    wait_count(&service, "dozing", "sleeping", 10);
+    assert_eq!(service.replica.run(&dozing[9])["status"], "sleeping");
+    assert_eq!(service.replica.run(&dozing[10])["status"], "cancelled");
+
+    // A bulk retry of failed runs: they fail until the marker exists, then resume and complete.
+    let flaky: Vec<String> = (0..5).map(|_| service.trigger("flaky", json!({}))).collect();
+    for run in &flaky {
+        assert_eq!(service.wait_terminal(run)["status"], "failed");
+    }
+    std::fs::write(service.path("marker"), "").unwrap();
+    let retry = json!({ "action": "retry", "filter": { "workflowId": "flaky" } });
+    let answer = service.post_json("/api/runs/bulk", &retry);
+    assert_eq!(answer.json(), json!({ "matched": 5, "done": 5, "failed": [] }));
+    for run in &flaky {
+        assert_eq!(service.wait_terminal(run)["status"], "completed");
+    }
+    assert_eq!(service.post_json("/api/runs/bulk", &retry).json(), json!({ "matched": 0, "done": 0, "failed": [] }));
+
+    // What a bulk action refuses.
+    for bad in [
+        json!({ "action": "delete" }),
+        json!({}),
+        json!({ "action": "cancel", "filter": { "status": "completed" } }),
+        json!({ "action": "retry", "filter": { "status": "sleeping" } }),
+        json!({ "action": "cancel", "limit": 0 }),
+        json!({ "action": "cancel", "limit": 10001 }),
+        json!({ "action": "cancel", "filter": { "owner": "x" } }),
+        json!({ "action": "cancel", "filter": { "workflowId": null } }),
+        json!({ "action": "cancel", "filter": { "createdAfter": "yesterday" } }),
+        json!({ "action": "cancel", "filter": "napping" }),
+        json!({ "action": "cancel", "extra": 1 }),
+    ] {
+        service.post_json("/api/runs/bulk", &bad).assert_error(400, "bad_request");
+    }
+    wait_count(&service, "dozing", "sleeping", 10);
 }
 
 #[test]

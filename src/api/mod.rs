@@ -213,6 +213,8 @@ enum Route<'a> {
     Cancel(&'a str),
     Retry(&'a str),
     Rerun(&'a str),
+    /// `POST /api/runs/bulk`: cancel or retry the runs matching a filter.
+    Bulk,
     RunStateAt(&'a str),
     Replicas,
     Stats,
@@ -239,6 +241,7 @@ impl<'a> Route<'a> {
             ["api", "events"] => Route::Events,
             ["api", "events", "dead"] => Route::DeadEvents,
             ["api", "runs"] => Route::Runs,
+            ["api", "runs", "bulk"] => Route::Bulk,
             ["api", "runs", id] => Route::Run(id),
             ["api", "runs", id, "history"] => Route::History(id),
             ["api", "runs", id, "cancel"] => Route::Cancel(id),
@@ -267,6 +270,7 @@ impl<'a> Route<'a> {
             | Route::Cancel(_)
             | Route::Retry(_)
             | Route::Rerun(_)
+            | Route::Bulk
             | Route::InngestWebhook
             | Route::UiLogin
             | Route::UiLogout => "POST",
@@ -372,6 +376,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
         Route::Cancel(id) => cancel(engine, id, request).await,
         Route::Retry(id) => retry(engine, id, request).await,
         Route::Rerun(id) => rerun(engine, id, request).await,
+        Route::Bulk => bulk(engine, request).await,
         Route::RunStateAt(id) => run_state_at(engine, id, query).await,
         Route::Replicas => replicas(engine).await,
         Route::Stats => stats(engine).await,
@@ -869,6 +874,71 @@ async fn retry(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer 
     )
 }
 
+/// `POST /api/runs/bulk` `{"action": "cancel"|"retry", "filter": {"workflowId", "status",
+/// "createdAfter", "createdBefore"}, "limit": N}`: at most `limit` matching runs (default 100, at
+/// most [`crate::engine::MAX_BULK`]), newest first; `{"matched", "done", "failed": [{"runId",
+/// "error"}]}`. Safe to repeat: what was done no longer matches.
+async fn bulk(engine: &Engine, request: Request<Incoming>) -> Answer {
+    use crate::engine::{BulkAction, BulkFilter, MAX_BULK};
+    let mut body = object_body(request, &["action", "filter", "limit"]).await?;
+    let action = match body.remove("action") {
+        Some(Value::String(action)) if action == "cancel" => BulkAction::Cancel,
+        Some(Value::String(action)) if action == "retry" => BulkAction::Retry,
+        _ => return Err(ApiError::bad_request("`action` must be \"cancel\" or \"retry\"")),
+    };
+    let limit = match body.remove("limit") {
+        None | Some(Value::Null) => 100,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(limit) if (1..=MAX_BULK as u64).contains(&limit) => limit as usize,
+            _ => return Err(ApiError::bad_request(format!("`limit` must be a number from 1 to {MAX_BULK}"))),
+        },
+        Some(_) => return Err(ApiError::bad_request(format!("`limit` must be a number from 1 to {MAX_BULK}"))),
+    };
+    let mut filter = BulkFilter::default();
+    match body.remove("filter") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(mut given)) => {
+            let known = ["workflowId", "status", "createdAfter", "createdBefore"];
+            if let Some(unknown) = given.keys().find(|k| !known.contains(&k.as_str())) {
+                return Err(ApiError::bad_request(format!(
+                    "unknown filter field `{}`; the filter takes {}",
+                    unknown.chars().take(64).collect::<String>(),
+                    known.join(", ")
+                )));
+            }
+            let mut text = |name: &str| -> Result<Option<String>, ApiError> {
+                match given.remove(name) {
+                    None => Ok(None),
+                    Some(Value::String(text)) => Ok(Some(text)),
+                    Some(_) => Err(ApiError::bad_request(format!("filter `{name}` must be a string"))),
+                }
+            };
+            filter.workflow = text("workflowId")?;
+            filter.status = text("status")?;
+            filter.created_after = text("createdAfter")?.map(|t| time_param("createdAfter", &t)).transpose()?;
+            filter.created_before = text("createdBefore")?.map(|t| time_param("createdBefore", &t)).transpose()?;
+        }
+        Some(_) => return Err(ApiError::bad_request("`filter` must be a JSON object")),
+    }
+    if let Some(workflow) = &filter.workflow {
+        check_workflow_id(workflow)?;
+    }
+    if let Some(status) = &filter.status
+        && !machine::STATUS_NAMES.contains(&status.as_str())
+    {
+        return Err(ApiError::bad_request(format!("`status` must be one of {}", machine::STATUS_NAMES.join(", "))));
+    }
+    let outcome = engine.bulk(action, &filter, limit).await?;
+    ok_json(
+        StatusCode::OK,
+        json!({
+            "matched": outcome.matched,
+            "done": outcome.done,
+            "failed": outcome.failed.iter().map(|(run, error)| json!({ "runId": run, "error": error })).collect::<Vec<_>>(),
+        }),
+    )
+}
+
 async fn rerun(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer {
     let run = parse_run_id(id)?;
     let mut body = object_body(request, &["fromStep", "inputData"]).await?;
@@ -932,9 +1002,7 @@ async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
 
 /// A time parameter: RFC 3339 (`2026-12-07T10:00:00Z`, fractions and offsets allowed).
 fn time_param(name: &str, text: &str) -> Result<machine::Millis, ApiError> {
-    chrono::DateTime::parse_from_rfc3339(text)
-        .ok()
-        .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+    machine::parse_timestamp(text)
         .ok_or_else(|| ApiError::bad_request(format!("`{name}` must be an RFC 3339 time, like 2026-12-07T10:00:00Z")))
 }
 

@@ -13,6 +13,7 @@
 //! Shutdown: one root [`CancellationToken`]; every loop races its work against it; in-flight
 //! steps get the grace period to finish, then are cancelled and left to the other replicas.
 
+mod bulk;
 mod clock;
 mod commits;
 mod cron;
@@ -27,6 +28,7 @@ mod sweeper;
 mod timers;
 mod traces;
 
+pub use bulk::{BulkAction, BulkFilter, BulkOutcome, MAX_BULK};
 pub use clock::Clock;
 pub use metrics::{Metrics, STEP_BUCKETS, WorkflowMetrics};
 pub use operator::LoadedRun;

@@ -23,6 +23,12 @@ pub fn timestamp(at: Millis) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(at)).to_string()
 }
 
+/// An RFC 3339 time (`2026-12-07T10:00:00Z`, fractions and offsets allowed) in milliseconds
+/// since the epoch; `None` if it is not one, or before the epoch.
+pub fn parse_timestamp(text: &str) -> Option<Millis> {
+    chrono::DateTime::parse_from_rfc3339(text).ok().and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+}
+
 /// What started a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
