@@ -37,6 +37,7 @@ use workflow_orchestrator::store::{RunId, Store};
 const DEFINITIONS: &str = r#"
 [[workflow]]
 id = "alpha"
+search = ["user"]
 [[workflow.step]]
 id = "only"
 action = "noop"
@@ -79,7 +80,11 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 
 /// A page as the API serves it: the ids, then each run's summary.
 async fn page(engine: &Engine, workflow: Option<&str>, status: Option<&str>, cursor: Option<&RunId>) -> Vec<RunId> {
-    let runs = engine.list_runs(workflow, status, cursor, PAGE).await.expect("a page");
+    with_summaries(engine, engine.list_runs(workflow, status, cursor, PAGE).await.expect("a page")).await
+}
+
+/// Reads each listed run's summary, as the API does for a page.
+async fn with_summaries(engine: &Engine, runs: Vec<RunId>) -> Vec<RunId> {
     let reads = runs.iter().map(|run| engine.summary(run));
     for summary in futures::future::join_all(reads).await {
         summary.expect("a summary");
@@ -130,7 +135,9 @@ async fn run(port: u16, total: usize, repeat: usize, browser_repeat: Option<usiz
             "beta"
         };
         let engine = Arc::clone(&engine);
-        in_flight.push(async move { engine.trigger(workflow, &json!({ "i": i }), None, Trigger::Api).await });
+        // 100 users: a search by one of the even ones finds its 1,000 alpha runs among 100,000.
+        let input = json!({ "i": i, "user": i % 100 });
+        in_flight.push(async move { engine.trigger(workflow, &input, None, Trigger::Api).await });
         if in_flight.len() >= 500 {
             in_flight.next().await.transpose().map_err(|e| e.to_string())?;
         }
@@ -177,6 +184,11 @@ async fn run(port: u16, total: usize, repeat: usize, browser_repeat: Option<usiz
         "by_workflow": time(repeat, |_| async move { page(engine, Some("alpha"), None, None).await.len() }).await,
         "by_status_failed": time(repeat, |_| async move { page(engine, None, Some("failed"), None).await.len() }).await,
         "by_workflow_and_status": time(repeat, |_| async move { page(engine, Some("flaky"), Some("failed"), None).await.len() }).await,
+        "by_input_field": time(repeat, |i| async move {
+            let user = (i % 50 * 2).to_string();
+            let runs = engine.search_runs("alpha", "user", &user, None, PAGE).await.expect("a page");
+            with_summaries(engine, runs).await.len()
+        }).await,
     });
     engine.shutdown().await;
     Ok(json!({
@@ -298,6 +310,7 @@ mod browser {
             ("first_page", "/ui/runs".to_owned()),
             ("by_workflow", "/ui/runs?workflowId=alpha".to_owned()),
             ("by_status_failed", "/ui/runs?status=failed".to_owned()),
+            ("by_input_field", "/ui/runs?workflowId=alpha&input.user=42".to_owned()),
         ];
         if let Some(before) = before {
             queries.push(("created_before_a_deep_run", format!("/ui/runs?createdBefore={before}")));

@@ -791,6 +791,69 @@ fn runs_are_listed_newest_first_in_cursor_pages_and_filtered_by_workflow_and_sta
     assert_eq!(pages(&format!("createdAfter={pivot}&createdBefore={pivot}")), Vec::<String>::new());
 }
 
+// ---- search by input fields ----
+
+const SEARCHABLE: &str = r#"
+[[workflow]]
+id = "orders"
+search = ["userId", "region"]
+[[workflow.step]]
+id = "take"
+action = "noop"
+"#;
+
+#[test]
+fn runs_are_found_by_an_indexed_input_field_newest_first() {
+    let service = Service::start_with(&[], SEARCHABLE);
+    let inputs = [
+        json!({ "userId": 7, "region": "eu" }),
+        json!({ "userId": 8, "region": "eu" }),
+        json!({ "userId": "7", "region": "us" }),
+        json!({ "userId": 7.5 }),
+        json!({ "userId": 7, "region": ["eu"] }),
+    ];
+    // A few milliseconds apart: runs created in the same millisecond have no order among them.
+    let runs: Vec<String> = inputs
+        .iter()
+        .map(|input| {
+            std::thread::sleep(Duration::from_millis(3));
+            service.trigger("orders", input.clone())
+        })
+        .collect();
+    for run in &runs {
+        service.wait_terminal(run);
+    }
+    let workflows = service.get_ok("/api/workflows");
+    let orders = workflows["workflows"].as_array().unwrap().iter().find(|w| w["id"] == "orders").unwrap().clone();
+    assert_eq!(orders["search"], json!(["userId", "region"]));
+
+    let found = |query: &str| run_ids(&service.get_ok(&format!("/api/runs?workflowId=orders&{query}"))["runs"]);
+    // A number and its text alike; newest first.
+    assert_eq!(found("input.userId=7"), [runs[4].clone(), runs[2].clone(), runs[0].clone()]);
+    assert_eq!(found("input.userId=7.5"), [runs[3].clone()]);
+    assert_eq!(found("input.region=eu"), [runs[1].clone(), runs[0].clone()], "an array is not indexed");
+    assert_eq!(found("input.region=asia"), Vec::<String>::new());
+    // Paged like any listing.
+    let first = service.get_ok("/api/runs?workflowId=orders&input.userId=7&limit=2");
+    assert_eq!(run_ids(&first["runs"]), [runs[4].clone(), runs[2].clone()]);
+    let cursor = first["nextCursor"].as_str().expect("a next page");
+    assert_eq!(found(&format!("input.userId=7&limit=2&cursor={cursor}")), [runs[0].clone()]);
+    let eu_after = service.replica.run(&runs[1])["createdAt"].as_str().unwrap().to_owned();
+    assert_eq!(found(&format!("input.region=eu&createdAfter={eu_after}")), [runs[1].clone()]);
+
+    for bad in [
+        "/api/runs?input.userId=7",
+        "/api/runs?workflowId=orders&input.email=a",
+        "/api/runs?workflowId=orders&input.userId=7&status=completed",
+        "/api/runs?workflowId=orders&input.userId=7&input.region=eu",
+        "/api/runs?workflowId=quick&input.userId=7",
+        "/api/runs?workflowId=nothing-here&input.userId=7",
+        "/api/runs?workflowId=orders&input.userId=%ff",
+    ] {
+        service.get(bad).assert_error(400, "bad_request");
+    }
+}
+
 // ---- bulk actions ----
 
 /// Runs that park at once (a long sleep), holding no executor.

@@ -102,6 +102,7 @@ conformance! {
     housekeeping_deletes_only_runs_that_ended_before_the_retention = housekeeping_expires_old_finished_runs(4);
     definitions_are_found_by_hash_on_every_shard = definitions_are_found_by_hash(16);
     replicas_are_listed_while_their_heartbeat_lives = replicas_are_listed_while_their_heartbeat_lives(4);
+    runs_are_found_by_their_input_values = runs_are_found_by_their_input_values(16);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -148,6 +149,7 @@ fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str
         state,
         records: appended,
         idempotency: idempotency.map(|(key, retention)| (key.to_owned(), retention)),
+        search: Vec::new(),
     }
 }
 
@@ -1042,6 +1044,61 @@ async fn housekeeping_expires_old_finished_runs(store: Arc<dyn Store>) {
     expected.sort();
     assert_eq!(runs, expected, "the queued step and the leased run's next step are claimable");
     assert_eq!(store.housekeeping(Millis::MAX).await.unwrap().expired_runs, 0);
+}
+
+async fn runs_are_found_by_their_input_values(store: Arc<dyn Store>) {
+    let toml = "[[workflow]]\nid = \"wf\"\nsearch = [\"user\", \"order\"]\n[[workflow.step]]\nid = \"s0\"\naction = \"noop\"\n";
+    let def = Registry::parse("search.toml", toml).unwrap().get("wf").unwrap().def.clone();
+    let shards = store.shards();
+    // (user, created at, id), across shards, two runs per millisecond.
+    let mut runs: Vec<(u64, Millis, RunId)> = Vec::new();
+    for n in 0..18u64 {
+        let now = 10_000 + (n / 2) * 1_000;
+        let input = serde_json::json!({ "user": n % 3, "order": format!("o-{n}"), "note": { "nested": true } });
+        let search = def.search_values(&input);
+        assert_eq!(search, [("user".to_owned(), (n % 3).to_string()), ("order".to_owned(), format!("o-{n}"))]);
+        let shard = ((n * 5) % u64::from(shards)) as u16;
+        let id = create(&store, NewRun { search, ..new_run(&def, shard, now, None) }).await;
+        runs.push((n % 3, now, id));
+    }
+    runs.sort_by_key(|(_, at, id)| std::cmp::Reverse((*at, id.to_string())));
+    let of_user =
+        |user: u64| -> Vec<RunId> { runs.iter().filter(|(u, _, _)| *u == user).map(|(_, _, id)| id.clone()).collect() };
+    for user in 0..3 {
+        let expected = of_user(user);
+        let found = store.search_runs("wf", "user", &user.to_string(), None, 100).await.unwrap().runs;
+        assert_eq!(found, expected, "user {user}, newest first");
+        let mut paged = Vec::new();
+        let mut cursor: Option<RunId> = None;
+        for _ in 0..10 {
+            let page = store.search_runs("wf", "user", &user.to_string(), cursor.as_ref(), 2).await.unwrap().runs;
+            if page.is_empty() {
+                break;
+            }
+            cursor = page.last().cloned();
+            paged.extend(page);
+        }
+        assert_eq!(paged, expected, "user {user} in pages of 2");
+    }
+    let seventh = store.search_runs("wf", "order", "o-7", None, 10).await.unwrap().runs;
+    assert_eq!(seventh.len(), 1);
+    for (workflow, field, value) in
+        [("wf", "user", "3"), ("wf", "note", "true"), ("other", "user", "1"), ("wf", "order", "o-")]
+    {
+        assert!(store.search_runs(workflow, field, value, None, 10).await.unwrap().runs.is_empty(), "{field}={value}");
+    }
+
+    // The summary keeps the values through the run's commits; expiry takes it out of the index.
+    let (_, _, newest) = runs[0].clone();
+    let claimed = store.claim("a", 100, BLOCK).await.unwrap();
+    let mine = claimed.iter().find(|c| c.task.as_ref().unwrap().run == newest.to_string()).unwrap();
+    let commit = work(&def, mine, true, 30_000);
+    assert!(matches!(store.commit(commit).await.unwrap(), CommitOutcome::Applied { .. }));
+    let summary = store.summary(&newest).await.unwrap().unwrap();
+    assert_eq!((summary.status.as_str(), summary.search.len()), ("completed", 2), "{summary:?}");
+    assert_eq!(store.housekeeping(Millis::MAX).await.unwrap().expired_runs, 1);
+    let user = runs[0].0;
+    assert_eq!(store.search_runs("wf", "user", &user.to_string(), None, 100).await.unwrap().runs, of_user(user)[1..]);
 }
 
 async fn definitions_are_found_by_hash(store: Arc<dyn Store>) {

@@ -59,9 +59,11 @@ with = { duration = "10m" }
 id = "after"
 action = "noop"
 
-# Its output holds markup that would run if it were ever inserted as HTML.
+# Its output holds markup that would run if it were ever inserted as HTML. Its runs are indexed
+# by their input's `note`.
 [[workflow]]
 id = "xss"
+search = ["note"]
 [[workflow.step]]
 id = "markup"
 action = "exec"
@@ -595,6 +597,27 @@ fn runs_are_filtered_and_a_step_output_holding_markup_is_shown_as_text() {
         page.until("the runs created from `hello` on", &format!("return {LISTED} === '{failed},{hello}'")).await;
         assert_eq!(page.js("return document.getElementById('filter-after').value !== ''").await, json!(true));
         page.screenshot("-by-time").await;
+
+        // By an input field the workflow indexes: a value entered (the page re-renders on its
+        // `change`, so it is set and announced in one script rather than typed).
+        page.goto("/ui/runs?workflowId=xss").await;
+        page.ready("runs").await;
+        assert_eq!(page.js("return document.getElementById('filter-field').value").await, json!("note"));
+        let enter = |value: &str| {
+            format!(
+                "const input = document.getElementById('filter-value'); input.value = {}; input.dispatchEvent(new Event('change')); return true",
+                json!(value)
+            )
+        };
+        page.js(&enter("<b>bold?</b>")).await;
+        page.until(
+            "the runs whose note is the markup",
+            &format!("return location.search.includes('input.note') && {LISTED} === '{xss}'"),
+        )
+        .await;
+        page.js(&enter("something else")).await;
+        page.until("no run", "return location.search.includes('something') && document.getElementById('runs-list').textContent.includes('No runs match')").await;
+        page.screenshot("-by-input").await;
 
         page.goto(&format!("/ui/runs/{xss}")).await;
         page.wait_run_status("completed").await;

@@ -724,6 +724,7 @@ fn workflows(engine: &Engine) -> Value {
                 "events": w.def.events,
                 "steps": w.def.steps.iter().map(|s| json!({ "id": s.id, "action": s.action.name() })).collect::<Vec<_>>(),
                 "definitionHash": w.hash,
+                "search": w.def.search,
             })
         })
         .collect();
@@ -963,7 +964,9 @@ async fn rerun(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer 
 
 /// `GET /api/runs`: newest first, a cursor-paginated page of summaries.
 async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
-    let params = query_params(query, &["workflowId", "status", "limit", "cursor", "createdAfter", "createdBefore"])?;
+    let (query, inputs) = input_params(query)?;
+    let params =
+        query_params(Some(&query), &["workflowId", "status", "limit", "cursor", "createdAfter", "createdBefore"])?;
     let limit = limit_param(&params, 50, 500)?;
     let workflow = params.get("workflowId").map(String::as_str);
     if let Some(workflow) = workflow {
@@ -990,7 +993,17 @@ async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
         (Some(cursor), Some(bound)) => Some(if bound.uuid < cursor.uuid { bound } else { cursor }),
         (cursor, bound) => cursor.or(bound),
     };
-    let mut runs = engine.list_runs(workflow, status, start.as_ref(), limit).await?;
+    let mut runs = match inputs.as_slice() {
+        [] => engine.list_runs(workflow, status, start.as_ref(), limit).await?,
+        [(field, value)] => {
+            let workflow = searchable(engine, workflow, field)?;
+            if status.is_some() {
+                return Err(ApiError::bad_request("`input.*` cannot be combined with `status`"));
+            }
+            engine.search_runs(workflow, field, value, start.as_ref(), limit).await?
+        }
+        _ => return Err(ApiError::bad_request("at most one `input.<field>` parameter")),
+    };
     let full = runs.len() == limit;
     if let Some(after) = created_after {
         runs.retain(|run| run.created_at() >= after);
@@ -998,6 +1011,40 @@ async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
     let next_cursor = (full && runs.len() == limit).then(|| runs.last().map(ToString::to_string)).flatten();
     let views = summaries(engine, &runs).await?;
     ok_json(StatusCode::OK, json!({ "runs": views, "nextCursor": next_cursor }))
+}
+
+/// Splits the `input.<field>=<value>` parameters (searches by an indexed input field) from the
+/// others, which are returned as a query string of their own.
+fn input_params(query: Option<&str>) -> Result<(String, Vec<(String, String)>), ApiError> {
+    let mut rest = Vec::new();
+    let mut inputs = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let bad = || ApiError::bad_request("a query parameter is not valid percent-encoded UTF-8");
+        match percent_decode(name).ok_or_else(bad)?.strip_prefix("input.") {
+            Some(field) => inputs.push((field.to_owned(), percent_decode(value).ok_or_else(bad)?)),
+            None => rest.push(pair),
+        }
+    }
+    Ok((rest.join("&"), inputs))
+}
+
+/// The workflow a search by `input.<field>` names, if it indexes that field.
+fn searchable<'a>(engine: &Engine, workflow: Option<&'a str>, field: &str) -> Result<&'a str, ApiError> {
+    let Some(workflow) = workflow else {
+        return Err(ApiError::bad_request("`input.<field>` needs `workflowId` (fields are indexed per workflow)"));
+    };
+    let Some(loaded) = engine.registry().get(workflow) else {
+        return Err(ApiError::bad_request(format!("no workflow `{workflow}` to search the runs of")));
+    };
+    if !loaded.def.search.iter().any(|f| f == field) {
+        let fields = if loaded.def.search.is_empty() { "none".to_owned() } else { loaded.def.search.join(", ") };
+        return Err(ApiError::bad_request(format!(
+            "workflow `{workflow}` does not index the input field `{}` (its `search` fields: {fields})",
+            field.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(workflow)
 }
 
 /// A time parameter: RFC 3339 (`2026-12-07T10:00:00Z`, fractions and offsets allowed).

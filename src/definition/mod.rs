@@ -60,6 +60,42 @@ pub struct WorkflowDef {
     pub overlap: Overlap,
     pub events: Vec<String>,
     pub steps: Vec<StepDef>,
+    /// Input fields a run is indexed by when it is created, so that its runs can be found by
+    /// their values (`GET /api/runs?workflowId=W&input.<field>=<value>`). Left out of the
+    /// snapshot when empty, so that workflows without it keep their definition hashes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+}
+
+/// The most input fields a workflow may index.
+pub const MAX_SEARCH_FIELDS: usize = 8;
+/// The longest input value that is indexed (a longer one is not).
+pub const MAX_SEARCH_VALUE: usize = 256;
+
+impl WorkflowDef {
+    /// The values a run with `input` is indexed by: `(field, value)` for each `search` field the
+    /// input holds as a string (at most [`MAX_SEARCH_VALUE`] bytes), a number or a boolean,
+    /// written as text (`7`, `true`), so that `input.userId=7` finds `{"userId": 7}` and
+    /// `{"userId": "7"}` alike. Other values are not indexed.
+    pub fn search_values(&self, input: &serde_json::Value) -> Vec<(String, String)> {
+        self.search
+            .iter()
+            .filter_map(|field| {
+                let value = match input.get(field)? {
+                    serde_json::Value::String(text) if text.len() <= MAX_SEARCH_VALUE => text.clone(),
+                    serde_json::Value::Number(number) => number.to_string(),
+                    serde_json::Value::Bool(flag) => flag.to_string(),
+                    _ => return None,
+                };
+                Some((field.clone(), value))
+            })
+            .collect()
+    }
+}
+
+/// A searchable input field's name: 1-64 letters, digits or `_`.
+pub fn valid_search_field(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -306,6 +342,8 @@ struct RawWorkflow {
     #[serde(default)]
     events: Vec<String>,
     #[serde(default)]
+    search: Vec<String>,
+    #[serde(default)]
     step: Vec<RawStep>,
 }
 
@@ -377,6 +415,20 @@ impl RawWorkflow {
                 ));
             }
         }
+        if self.search.len() > MAX_SEARCH_FIELDS {
+            return Err(fail("search", format!("at most {MAX_SEARCH_FIELDS} input fields are indexed")));
+        }
+        for (index, field) in self.search.iter().enumerate() {
+            if !valid_search_field(field) {
+                return Err(fail(
+                    "search",
+                    format!("`{field}` is not an input field name (1-64 letters, digits or `_`)"),
+                ));
+            }
+            if self.search[..index].contains(field) {
+                return Err(fail("search", format!("`{field}` is named twice")));
+            }
+        }
         if self.step.is_empty() {
             return Err(fail("step", "a workflow needs at least one [[workflow.step]]".to_owned()));
         }
@@ -415,6 +467,7 @@ impl RawWorkflow {
             overlap: self.overlap,
             events: self.events,
             steps,
+            search: self.search,
         })
     }
 }
@@ -544,6 +597,31 @@ retry = { max_attempts = 5, initial_backoff = "1s", max_backoff = "1m", multipli
             other => panic!("expected exec, got {other:?}"),
         }
         assert_eq!(workflow.hash.len(), 16);
+    }
+
+    #[test]
+    fn search_fields_are_checked_and_index_scalar_values_only() {
+        let with =
+            |search: &str| EXAMPLE.replace("[[workflow.step]]", &format!("search = {search}\n[[workflow.step]]"));
+        let registry = Registry::parse("jobs.toml", &with(r#"["userId", "region"]"#)).unwrap();
+        let def = &registry.get("nightly-report").unwrap().def;
+        let input = serde_json::json!({ "userId": 7, "region": ["eu"], "other": "x" });
+        assert_eq!(def.search_values(&input), [("userId".to_owned(), "7".to_owned())]);
+        let long = serde_json::json!({ "userId": "x".repeat(MAX_SEARCH_VALUE + 1), "region": true });
+        assert_eq!(def.search_values(&long), [("region".to_owned(), "true".to_owned())]);
+        for (bad, says) in [
+            (r#"["user.id"]"#, "is not an input field name"),
+            (r#"[""]"#, "is not an input field name"),
+            (r#"["a", "a"]"#, "named twice"),
+            (r#"["a", "b", "c", "d", "e", "f", "g", "h", "i"]"#, "at most 8"),
+        ] {
+            let err = Registry::parse("jobs.toml", &with(bad)).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("search"), "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        // Without `search` a workflow keeps the hash it had before the field existed.
+        let plain = Registry::parse("example.toml", EXAMPLE).unwrap();
+        assert!(!plain.get("nightly-report").unwrap().snapshot.contains("search"));
     }
 
     #[test]

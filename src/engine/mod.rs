@@ -439,7 +439,15 @@ impl Engine {
             .iter()
             .any(|e| matches!(e, machine::Effect::Dispatch { .. }))
             .then(|| advanced.state.clone());
-        let new = NewRun { run: run.clone(), state: advanced.state, records: advanced.appended, dispatch, idempotency };
+        let search = workflow.def.search_values(input);
+        let new = NewRun {
+            run: run.clone(),
+            state: advanced.state,
+            records: advanced.appended,
+            dispatch,
+            idempotency,
+            search,
+        };
         match self.store.create_run(new).await? {
             Created::New(run) => {
                 Counters::add(&self.counters.runs_started);
@@ -467,6 +475,18 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<RunId>, StoreError> {
         Ok(self.store.list_runs(workflow, status, before, limit).await?.runs)
+    }
+
+    /// Runs of `workflow` by a search field's value (see [`Store::search_runs`]).
+    pub async fn search_runs(
+        &self,
+        workflow: &str,
+        field: &str,
+        value: &str,
+        before: Option<&RunId>,
+        limit: usize,
+    ) -> Result<Vec<RunId>, StoreError> {
+        Ok(self.store.search_runs(workflow, field, value, before, limit).await?.runs)
     }
 
     pub async fn count_runs(&self, workflow: &str) -> Result<Vec<(String, u64)>, StoreError> {

@@ -22,6 +22,7 @@ fn definition(steps: usize, max_attempts: u32) -> WorkflowDef {
                 retry: RetryPolicy { max_attempts, ..RetryPolicy::default() },
             })
             .collect(),
+        search: Vec::new(),
     }
 }
 

@@ -54,6 +54,9 @@ pub fn summary_fields(summary: &RunSummary) -> Vec<(&'static str, String)> {
     if let Some(trigger) = &summary.trigger {
         fields.push(("trigger", trigger.clone()));
     }
+    if !summary.search.is_empty() {
+        fields.push(("search", serde_json::to_string(&summary.search).expect("pairs of strings encode")));
+    }
     fields
 }
 
@@ -73,6 +76,7 @@ pub fn summary_from_fields<'a>(
         updated_at: 0,
         ready_entry: None,
         trigger: None,
+        search: Vec::new(),
     };
     let mut seen = false;
     let corrupt = |field: &str, value: &str| super::StoreError::Corrupt {
@@ -96,6 +100,7 @@ pub fn summary_from_fields<'a>(
             "attempt" => summary.attempt = optional(field, value)?,
             "ready_entry" => summary.ready_entry = Some(value.to_owned()).filter(|v| !v.is_empty()),
             "trigger" => summary.trigger = Some(value.to_owned()).filter(|v| !v.is_empty()),
+            "search" => summary.search = serde_json::from_str(value).map_err(|_| corrupt(field, value))?,
             _ => {}
         }
     }

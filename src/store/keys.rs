@@ -103,6 +103,13 @@ impl Keys {
         format!("{}:idx:wf:{workflow}", self.shard(shard))
     }
 
+    /// Sorted set: a workflow's runs whose input held `value` in the search field `field`, by
+    /// creation time. (Neither a workflow id nor a field name holds `:`, so the key is
+    /// unambiguous whatever the value.)
+    pub fn index_search(&self, shard: u16, workflow: &str, field: &str, value: &str) -> String {
+        format!("{}:idx:in:{workflow}:{field}:{value}", self.shard(shard))
+    }
+
     /// Sorted set: non-terminal runs by creation time.
     pub fn index_active(&self, shard: u16) -> String {
         format!("{}:idx:active", self.shard(shard))

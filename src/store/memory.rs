@@ -262,6 +262,8 @@ struct State {
     next_shard: u16,
     all: Index,
     by_workflow: HashMap<String, Index>,
+    /// By workflow, search field and value, as the keys `wfo:{N}:idx:in:...`.
+    by_search: HashMap<(String, String, String), Index>,
     active: Index,
     /// By status name, scored by the time the run ended.
     finished: HashMap<&'static str, Index>,
@@ -391,7 +393,7 @@ impl State {
             let expires = instant.checked_add(*retention);
             self.idempotency.insert(slot, Idempotent { run: new.run.to_string(), expires });
         }
-        let mut summary = RunSummary::of(&new.state);
+        let mut summary = RunSummary { search: new.search.clone(), ..RunSummary::of(&new.state) };
         if let Some(dispatch) = new.dispatch {
             let task = ReadyTask { run: new.run.to_string(), state: dispatch };
             summary.ready_entry = Some(self.ready.entry(new.run.shard).or_default().push(task, now).to_string());
@@ -400,6 +402,10 @@ impl State {
         let key = index_key(created_at, &new.run);
         self.all.insert(key.clone(), new.run.clone());
         self.by_workflow.entry(new.state.workflow.clone()).or_default().insert(key.clone(), new.run.clone());
+        for (field, value) in &new.search {
+            let slot = (new.state.workflow.clone(), field.clone(), value.clone());
+            self.by_search.entry(slot).or_default().insert(key.clone(), new.run.clone());
+        }
         self.active.insert(key, new.run.clone());
         self.runs.insert(
             new.run.clone(),
@@ -441,7 +447,8 @@ impl State {
             queue.push(task, now).to_string()
         });
         let ready_entry = dispatched.or_else(|| run.summary.ready_entry.take());
-        run.summary = RunSummary { ready_entry, ..RunSummary::of(&state) };
+        run.summary =
+            RunSummary { ready_entry, search: std::mem::take(&mut run.summary.search), ..RunSummary::of(&state) };
         // A run that ended has nothing left to wake for.
         let old_timer = match (timer, clear_timer || ends) {
             (Some(due), _) => run.timer.replace(due),
@@ -610,6 +617,18 @@ impl State {
             },
             None => &self.all,
         };
+        self.page(index, status, before, limit)
+    }
+
+    fn search_runs(&self, slot: (String, String, String), before: Option<&RunId>, limit: usize) -> RunPage {
+        match self.by_search.get(&slot) {
+            Some(index) => self.page(index, None, before, limit),
+            None => RunPage { runs: Vec::new() },
+        }
+    }
+
+    /// A page of `index`, newest first, below the cursor `before`, of runs in `status` if given.
+    fn page(&self, index: &Index, status: Option<&str>, before: Option<&RunId>, limit: usize) -> RunPage {
         let upper = match before {
             Some(cursor) => Bound::Excluded(index_key(self.created_at_of(cursor), cursor)),
             None => Bound::Unbounded,
@@ -666,6 +685,15 @@ impl State {
             index.remove(&key);
             if index.is_empty() {
                 self.by_workflow.remove(&run.summary.workflow);
+            }
+        }
+        for (field, value) in &run.summary.search {
+            let slot = (run.summary.workflow.clone(), field.clone(), value.clone());
+            if let Some(index) = self.by_search.get_mut(&slot) {
+                index.remove(&key);
+                if index.is_empty() {
+                    self.by_search.remove(&slot);
+                }
             }
         }
         if let Some((status, at)) = run.finished
@@ -832,6 +860,18 @@ impl Store for MemoryStore {
         limit: usize,
     ) -> StoreResult<RunPage> {
         Ok(self.shared.state.lock().list_runs(workflow, status, before, limit))
+    }
+
+    async fn search_runs(
+        &self,
+        workflow: &str,
+        field: &str,
+        value: &str,
+        before: Option<&RunId>,
+        limit: usize,
+    ) -> StoreResult<RunPage> {
+        let slot = (workflow.to_owned(), field.to_owned(), value.to_owned());
+        Ok(self.shared.state.lock().search_runs(slot, before, limit))
     }
 
     async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
@@ -1181,6 +1221,7 @@ mod tests {
                     retry: RetryPolicy { max_attempts, ..RetryPolicy::default() },
                 })
                 .collect(),
+            search: Vec::new(),
         }
     }
 
@@ -1215,6 +1256,7 @@ mod tests {
             state,
             records: appended,
             idempotency: idempotency.map(|(key, retention)| (key.to_owned(), retention)),
+            search: Vec::new(),
         }
     }
 

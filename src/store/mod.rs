@@ -156,6 +156,8 @@ pub struct NewRun {
     pub dispatch: Option<RunState>,
     /// `(key, retention)`: the same key within its retention returns the first run.
     pub idempotency: Option<(String, Duration)>,
+    /// The input values the run is indexed by (`WorkflowDef::search_values`).
+    pub search: Vec<(String, String)>,
 }
 
 /// The outcome of [`Store::create_run`].
@@ -216,6 +218,9 @@ pub struct RunSummary {
     /// What started the run ([`crate::machine::Trigger::kind`]); `None` for runs created by a
     /// version that did not record it.
     pub trigger: Option<String>,
+    /// The input values the run was indexed by when it was created (what its deletion must
+    /// remove from the search indexes).
+    pub search: Vec<(String, String)>,
 }
 
 impl RunSummary {
@@ -233,6 +238,7 @@ impl RunSummary {
             updated_at: state.updated_at,
             ready_entry: None,
             trigger: Some(state.trigger.kind().to_owned()),
+            search: Vec::new(),
         }
     }
 
@@ -245,10 +251,12 @@ impl RunSummary {
         }
     }
 
-    /// Whether the stored summary says what the replayed state says (ignoring the ready entry,
-    /// and the trigger where a run's summary has none: runs created before it was recorded).
+    /// Whether the stored summary says what the replayed state says (ignoring the ready entry
+    /// and the search values, which the state does not hold, and the trigger where a run's
+    /// summary has none: runs created before it was recorded).
     pub fn matches(&self, state: &RunState) -> bool {
-        let mut expected = RunSummary { ready_entry: self.ready_entry.clone(), ..RunSummary::of(state) };
+        let mut expected =
+            RunSummary { ready_entry: self.ready_entry.clone(), search: self.search.clone(), ..RunSummary::of(state) };
         if self.trigger.is_none() {
             expected.trigger = None;
         }
@@ -557,6 +565,18 @@ pub trait Store: Send + Sync + 'static {
         &self,
         workflow: Option<&str>,
         status: Option<&str>,
+        before: Option<&RunId>,
+        limit: usize,
+    ) -> StoreResult<RunPage>;
+
+    /// Runs of `workflow` whose input held `value` in the search field `field` when they were
+    /// created, newest first, created before `before` (the last run of the previous page):
+    /// O(page), like [`Store::list_runs`].
+    async fn search_runs(
+        &self,
+        workflow: &str,
+        field: &str,
+        value: &str,
         before: Option<&RunId>,
         limit: usize,
     ) -> StoreResult<RunPage>;

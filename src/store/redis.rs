@@ -610,6 +610,39 @@ impl RedisStore {
         Ok(Some(oldest))
     }
 
+    /// The newest `fetch` runs of each shard's index `key_of(shard)` created before `before`'s
+    /// millisecond, merged newest first, those not below the cursor left out.
+    async fn index_page(
+        &self,
+        key_of: impl Fn(u16) -> String,
+        before: Option<&RunId>,
+        fetch: usize,
+    ) -> StoreResult<Vec<RunId>> {
+        let max_score = before.map_or_else(|| "+inf".to_owned(), |b| b.created_at().to_string());
+        let reads = (0..self.keys.shards()).map(|shard| {
+            self.cmd(
+                "ZREVRANGEBYSCORE",
+                vec![
+                    key_of(shard).into(),
+                    max_score.clone().into(),
+                    "-inf".into(),
+                    "LIMIT".into(),
+                    "0".into(),
+                    (fetch as i64).into(),
+                ],
+            )
+        });
+        let mut candidates: Vec<RunId> = Vec::new();
+        for reply in join_all(reads).await {
+            candidates.extend(reply?.into_array().iter().filter_map(|m| text(m)?.parse::<RunId>().ok()));
+        }
+        candidates.sort_by_key(|r| std::cmp::Reverse(r.uuid));
+        if let Some(cursor) = before {
+            candidates.retain(|r| r.uuid < cursor.uuid);
+        }
+        Ok(candidates)
+    }
+
     async fn summaries(&self, runs: &[RunId]) -> StoreResult<Vec<Option<RunSummary>>> {
         join_all(runs.iter().map(|run| self.summary(run))).await.into_iter().collect()
     }
@@ -810,16 +843,24 @@ impl Store for RedisStore {
             lease: None,
             reopen: false,
             records: &new.records,
-            fields: summary_fields(&RunSummary::of(&new.state)),
+            fields: summary_fields(&RunSummary { search: new.search.clone(), ..RunSummary::of(&new.state) }),
             dispatch: new.dispatch.as_ref(),
             timer: None,
             clear_timer: false,
             idempotency: new.idempotency.as_ref(),
-            indexes: vec![
-                (self.keys.index_all(shard), Some(created)),
-                (self.keys.index_workflow(shard, &new.state.workflow), Some(created)),
-                (self.keys.index_active(shard), Some(created)),
-            ],
+            indexes: [
+                self.keys.index_all(shard),
+                self.keys.index_workflow(shard, &new.state.workflow),
+                self.keys.index_active(shard),
+            ]
+            .into_iter()
+            .chain(
+                new.search
+                    .iter()
+                    .map(|(field, value)| self.keys.index_search(shard, &new.state.workflow, field, value)),
+            )
+            .map(|key| (key, Some(created)))
+            .collect(),
         };
         let mut outcomes = self.call_commit(std::slice::from_ref(&part), COMMIT).await?;
         match outcomes.pop() {
@@ -1134,6 +1175,20 @@ impl Store for RedisStore {
         Ok(!reply.is_null())
     }
 
+    async fn search_runs(
+        &self,
+        workflow: &str,
+        field: &str,
+        value: &str,
+        before: Option<&RunId>,
+        limit: usize,
+    ) -> StoreResult<RunPage> {
+        let key_of = |shard| self.keys.index_search(shard, workflow, field, value);
+        let mut runs = self.index_page(key_of, before, limit + 16).await?;
+        runs.truncate(limit);
+        Ok(RunPage { runs })
+    }
+
     async fn list_runs(
         &self,
         workflow: Option<&str>,
@@ -1141,33 +1196,19 @@ impl Store for RedisStore {
         before: Option<&RunId>,
         limit: usize,
     ) -> StoreResult<RunPage> {
-        let max_score = before.map_or_else(|| "+inf".to_owned(), |b| b.created_at().to_string());
         let live_status = status.filter(|s| !super::is_terminal_name(s));
         // Finished statuses and "any status" have an index of their own: read the page from
         // each shard (over-fetching for runs created in the cursor's millisecond) and merge.
         // Live statuses come from the shard's live runs, filtered.
-        let fetch = if live_status.is_some() { 1000 } else { (limit + 16) as i64 };
-        let reads = (0..self.keys.shards()).map(|shard| {
-            let key = match (workflow, status) {
-                (_, Some(_)) if live_status.is_some() => self.keys.index_active(shard),
-                (Some(w), Some(s)) => self.keys.index_workflow_finished(shard, w, s),
-                (None, Some(s)) => self.keys.index_finished(shard, s),
-                (Some(w), None) => self.keys.index_workflow(shard, w),
-                (None, None) => self.keys.index_all(shard),
-            };
-            self.cmd(
-                "ZREVRANGEBYSCORE",
-                vec![key.into(), max_score.clone().into(), "-inf".into(), "LIMIT".into(), "0".into(), fetch.into()],
-            )
-        });
-        let mut candidates: Vec<RunId> = Vec::new();
-        for reply in join_all(reads).await {
-            candidates.extend(reply?.into_array().iter().filter_map(|m| text(m)?.parse::<RunId>().ok()));
-        }
-        candidates.sort_by_key(|r| std::cmp::Reverse(r.uuid));
-        if let Some(cursor) = before {
-            candidates.retain(|r| r.uuid < cursor.uuid);
-        }
+        let fetch = if live_status.is_some() { 1000 } else { limit + 16 };
+        let key_of = |shard| match (workflow, status) {
+            (_, Some(_)) if live_status.is_some() => self.keys.index_active(shard),
+            (Some(w), Some(s)) => self.keys.index_workflow_finished(shard, w, s),
+            (None, Some(s)) => self.keys.index_finished(shard, s),
+            (Some(w), None) => self.keys.index_workflow(shard, w),
+            (None, None) => self.keys.index_all(shard),
+        };
+        let mut candidates = self.index_page(key_of, before, fetch).await?;
         let Some(live_status) = live_status else {
             candidates.truncate(limit);
             return Ok(RunPage { runs: candidates });
@@ -1266,6 +1307,12 @@ impl Store for RedisStore {
                     by_index.entry(self.keys.index_all(shard)).or_default().push(run.to_string().into());
                     by_index.entry(index.clone()).or_default().push(run.to_string().into());
                     if let Some(summary) = summary {
+                        for (field, value) in &summary.search {
+                            by_index
+                                .entry(self.keys.index_search(shard, &summary.workflow, field, value))
+                                .or_default()
+                                .push(run.to_string().into());
+                        }
                         by_index
                             .entry(self.keys.index_workflow(shard, &summary.workflow))
                             .or_default()

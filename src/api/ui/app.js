@@ -483,10 +483,20 @@ async function runsPage() {
   const beforeInput = h("input", { id: "filter-before", type: "datetime-local" });
   afterInput.value = toLocalInput(params.get("createdAfter"));
   beforeInput.value = toLocalInput(params.get("createdBefore"));
+  // A search by an input field the selected workflow indexes (its `search`).
+  const searched = [...params.keys()].find((name) => name.startsWith("input.")) || null;
+  const fieldSelect = h("select", { id: "filter-field" });
+  const valueInput = h("input", { id: "filter-value", type: "search", placeholder: "value" });
+  const searchLabel = h("label", { hidden: true }, "Input field", fieldSelect, valueInput);
+  if (searched) valueInput.value = params.get(searched);
   const apply = () => {
     const query = new URLSearchParams();
     if (workflowSelect.value) query.set("workflowId", workflowSelect.value);
-    if (statusSelect.value) query.set("status", statusSelect.value);
+    if (workflowSelect.value && !searchLabel.hidden && fieldSelect.value && valueInput.value) {
+      query.set("input." + fieldSelect.value, valueInput.value);
+    } else if (statusSelect.value) {
+      query.set("status", statusSelect.value);
+    }
     if (toInstant(afterInput.value)) query.set("createdAfter", toInstant(afterInput.value));
     if (toInstant(beforeInput.value)) query.set("createdBefore", toInstant(beforeInput.value));
     navigate("/ui/runs" + (query.toString() ? "?" + query : ""));
@@ -495,16 +505,21 @@ async function runsPage() {
   statusSelect.addEventListener("change", apply);
   afterInput.addEventListener("change", apply);
   beforeInput.addEventListener("change", apply);
+  valueInput.addEventListener("change", apply);
   const list = h("div", { id: "runs-list" }, h("p", { class: "muted" }, "Loading…"));
   const pager = h("div", { class: "actions" });
   main.replaceChildren(h("h1", {}, "Runs"),
     h("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, h("label", {}, "Workflow", workflowSelect), h("label", {}, "Status", statusSelect),
-      h("label", {}, "Created after", afterInput), h("label", {}, "Created before", beforeInput)),
+      h("label", {}, "Created after", afterInput), h("label", {}, "Created before", beforeInput), searchLabel),
     panel(null, list, pager));
   try {
     const { workflows } = await api("/api/workflows");
     for (const w of workflows) workflowSelect.append(h("option", { value: w.id }, w.id));
     workflowSelect.value = params.get("workflowId") || "";
+    const fields = (workflows.find((w) => w.id === workflowSelect.value) || {}).search || [];
+    fieldSelect.replaceChildren(...fields.map((f) => h("option", { value: f }, f)));
+    if (searched) fieldSelect.value = searched.slice("input.".length);
+    searchLabel.hidden = !fields.length;
   } catch (err) {
     if (err.status !== 401) showError(err);
     return;
@@ -518,6 +533,7 @@ async function runsPage() {
     for (const name of ["status", "createdAfter", "createdBefore"]) {
       if (params.get(name)) query.set(name, params.get(name));
     }
+    if (searched) query.set(searched, params.get(searched));
     if (cursor) query.set("cursor", cursor);
     const listed = await api("/api/runs?" + query);
     if (!ctx.alive) return false;
