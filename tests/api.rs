@@ -4,7 +4,7 @@
 //!
 //! Each test starts its own Redis and replica. No test asserts on how long anything took.
 
-use crate::util::{RedisServer, Replica, ReplicaConfig, wait_for, workflows_file};
+use crate::util::{Replica, Served, wait_for};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::Duration;
@@ -96,11 +96,13 @@ action = "noop"
 "#;
 
 /// A private Redis and one replica serving the workflows above (with `env` added).
-struct Service {
-    // Dropped in this order: the replica before its Redis, the directory last.
-    replica: Replica,
-    _redis: RedisServer,
-    dir: tempfile::TempDir,
+struct Service(Served);
+
+impl std::ops::Deref for Service {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.0
+    }
 }
 
 impl Service {
@@ -110,16 +112,7 @@ impl Service {
 
     /// With more workflows than the ones above (`{dir}` replaced the same way).
     fn start_with(env: &[(&str, &str)], more_workflows: &str) -> Service {
-        let redis = RedisServer::start();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let text = format!("{WORKFLOWS}\n{more_workflows}").replace("{dir}", &dir.path().display().to_string());
-        let file = workflows_file(dir.path(), &text);
-        let mut config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path());
-        for (key, value) in env {
-            config = config.env(key, value);
-        }
-        let replica = config.start("api");
-        Service { replica, _redis: redis, dir }
+        Service(Served::start("api", &format!("{WORKFLOWS}\n{more_workflows}"), env))
     }
 
     fn path(&self, name: &str) -> std::path::PathBuf {

@@ -7,7 +7,7 @@
 //! (`scripts/test.sh` installs them) these tests fail, saying so. Every wait is bounded; no test
 //! asserts on how long anything took.
 
-use crate::util::{RedisServer, Replica, ReplicaConfig, free_port, wait_for, workflows_file};
+use crate::util::{Served, free_port, wait_for};
 use fantoccini::{Client, ClientBuilder, Locator};
 use futures::FutureExt;
 use serde_json::{Value, json};
@@ -72,10 +72,14 @@ with = { command = ["sh", "-c", "printf '%s' '<script>window.__xss = 1</script><
 
 // ---- the service, the driver and the browser ----
 
-struct Service {
-    replica: Replica,
-    _redis: RedisServer,
-    dir: tempfile::TempDir,
+/// A private Redis and one replica serving the workflows above (with `env` added).
+struct Service(Served);
+
+impl std::ops::Deref for Service {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.0
+    }
 }
 
 impl Service {
@@ -85,16 +89,7 @@ impl Service {
 
     /// With more workflows (`{dir}` replaced as in [`WORKFLOWS`]).
     fn start_with(env: &[(&str, &str)], more_workflows: &str) -> Service {
-        let redis = RedisServer::start();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let text = format!("{WORKFLOWS}\n{more_workflows}").replace("{dir}", &dir.path().display().to_string());
-        let file = workflows_file(dir.path(), &text);
-        let mut config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path());
-        for (key, value) in env {
-            config = config.env(key, value);
-        }
-        let replica = config.start("ui");
-        Service { replica, _redis: redis, dir }
+        Service(Served::start("ui", &format!("{WORKFLOWS}\n{more_workflows}"), env))
     }
 
     fn base(&self) -> String {

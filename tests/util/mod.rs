@@ -372,6 +372,29 @@ pub fn workflows_file(dir: &Path, toml: &str) -> PathBuf {
     path
 }
 
+/// A private Redis and one replica named `name` serving `workflows` (`{dir}` in them replaced by
+/// the test's directory), with `env` added. Dropped in field order: the replica before its
+/// Redis, the directory last.
+pub struct Served {
+    pub replica: Replica,
+    pub redis: RedisServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl Served {
+    pub fn start(name: &str, workflows: &str, env: &[(&str, &str)]) -> Served {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = workflows_file(dir.path(), &workflows.replace("{dir}", &dir.path().display().to_string()));
+        let mut config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path());
+        for (key, value) in env {
+            config = config.env(key, value);
+        }
+        let replica = config.start(name);
+        Served { replica, redis, dir }
+    }
+}
+
 // ---- added for tests/failures.rs ----
 
 impl RedisServer {
