@@ -64,11 +64,8 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) 
     let stored: Option<RunSummary> = engine.summary(&run).await?;
     let consistent = stored.as_ref().is_some_and(|s| s.matches(&state));
     if partial {
-        let mut view = views::run(run_id, &state, &log, &workflow);
-        view["at"] = serde_json::json!(state.seq);
-        view["current"] = views::current(&state, &workflow);
         // As `GET /api/runs/:id/state?at=`: the check against the stored state is the end's.
-        view["foldMatchesStored"] = serde_json::Value::Null;
+        let view = views::run_at(run_id, &state, &log, &workflow, None);
         if json {
             println!("{}", serde_json::to_string_pretty(&view)?);
         } else {

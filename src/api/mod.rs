@@ -602,14 +602,11 @@ async fn run_state_at(engine: &Engine, id: &str, query: Option<&str>) -> Answer 
         }
     };
     let loaded = loaded.ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?;
-    let mut view = views::run(&loaded.id.to_string(), &loaded.state, &loaded.log, &loaded.workflow);
-    view["at"] = json!(loaded.state.seq);
-    view["current"] = views::current(&loaded.state, &loaded.workflow);
     // At the end of the log: replay's check, that the fold is what the store says the run is.
     let stored = engine.summary(&run).await?;
     let at_end = stored.as_ref().is_none_or(|s| s.seq <= loaded.state.seq);
-    view["foldMatchesStored"] =
-        if at_end { json!(stored.is_some_and(|s| s.matches(&loaded.state))) } else { Value::Null };
+    let fold_matches = at_end.then(|| stored.is_some_and(|s| s.matches(&loaded.state)));
+    let view = views::run_at(&loaded.id.to_string(), &loaded.state, &loaded.log, &loaded.workflow, fold_matches);
     ok_json(StatusCode::OK, view)
 }
 

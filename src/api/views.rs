@@ -214,8 +214,25 @@ pub fn summary(run_id: &str, summary: &RunSummary, step: Option<String>) -> Valu
     })
 }
 
+/// A run as it was right after the last entry of `log` (its fold `state`): the run view with
+/// `at` (that entry's seq), `current`, and `foldMatchesStored`, replay's check against the
+/// stored summary where it was made (at the log's end), else `null`.
+pub fn run_at(
+    run_id: &str,
+    state: &RunState,
+    log: &[Logged],
+    workflow: &Workflow,
+    fold_matches: Option<bool>,
+) -> Value {
+    let mut view = run(run_id, state, log, workflow);
+    view["at"] = json!(state.seq);
+    view["current"] = current(state, workflow);
+    view["foldMatchesStored"] = json!(fold_matches);
+    view
+}
+
 /// Where a run is, in detail: its current step and attempt and what it waits for.
-pub fn current(state: &RunState, workflow: &Workflow) -> Value {
+fn current(state: &RunState, workflow: &Workflow) -> Value {
     let (step, attempt) =
         state.status.step_attempt().map_or((Value::Null, Value::Null), |(s, a)| (step_id(workflow, s), json!(a)));
     let mut current = json!({ "status": state.status.name(), "step": step, "attempt": attempt });
