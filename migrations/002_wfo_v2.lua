@@ -44,13 +44,15 @@ local TERMINAL = {completed = true, failed = true, cancelled = true, timed_out =
 --       run id, expected seq (0 = create), shard key index s (KEYS[s] its ready stream,
 --       KEYS[s + 1] its timers), run key index k (KEYS[k] its summary hash, KEYS[k + 1] its log),
 --       lease entry ('' = none), options ('' or letters: 'r' reopen: the run may be finished,
---       resuming it; 't' clear its timer; 'i' an idempotency key, whose key index and ttl (s)
---       follow),
---       n records, n x record, n fields, n x (field, value), dispatch data ('' = none),
---       timer due ('' = none), n index moves, n x (key index, score for ZADD or '' for ZREM)
---       (index members are the run id)
--- Returns one outcome per run, in order: {'ok', seq, ready entry id or ''} | {'duplicate', run id}
---         | {'stale'} | {'lease_lost'} | {'gone'}
+--       resuming it; 't' clear its timer; 'e' the commit ends the run: its other queued
+--       entries are withdrawn; 'i' an idempotency key, whose key index and ttl (s) follow),
+--       n records, n x record, n fields, n x (field, value), n ready tasks, n x task (each
+--       its own ready entry), timer due ('' = none), n index moves, n x (key index, score for
+--       ZADD or '' for ZREM) (index members are the run id)
+-- The summary's `ready_entry` holds the ids of the run's entries that may still be live,
+-- space-separated: an applied commit drops its lease's entry and adds the ones it queues.
+-- Returns one outcome per run, in order: {'ok', seq} | {'duplicate', run id} | {'stale'}
+--         | {'lease_lost'} | {'gone'}
 local function parse_commits(argv)
   local runs, i = {}, 4
   for r = 1, tonumber(argv[3]) do
@@ -63,6 +65,7 @@ local function parse_commits(argv)
     if options ~= '' then
       run.reopen = string.find(options, 'r', 1, true) ~= nil
       run.clear_timer = string.find(options, 't', 1, true) ~= nil
+      run.ends = string.find(options, 'e', 1, true) ~= nil
       if string.find(options, 'i', 1, true) then
         run.idem, run.idem_ttl = tonumber(argv[i]), argv[i + 1]
         i = i + 2
@@ -74,10 +77,13 @@ local function parse_commits(argv)
     run.fields = tonumber(argv[i]) * 2
     run.first_field = i + 1
     i = i + 1 + run.fields
-    run.dispatch, run.due = argv[i], argv[i + 1]
-    run.indexes = tonumber(argv[i + 2]) * 2
-    run.first_index = i + 3
-    i = i + 3 + run.indexes
+    run.tasks = tonumber(argv[i])
+    run.first_task = i + 1
+    i = i + 1 + run.tasks
+    run.due = argv[i]
+    run.indexes = tonumber(argv[i + 1]) * 2
+    run.first_index = i + 2
+    i = i + 2 + run.indexes
     runs[r] = run
   end
   return argv[1], argv[2], runs
@@ -114,8 +120,8 @@ local function check(keys, run, held, planned)
   end
   local seq, status = planned[log], nil
   if not seq then
-    local summary = redis.call('HMGET', keys[run.key], 'seq', 'status')
-    seq, status = tonumber(summary[1]), summary[2]
+    local summary = redis.call('HMGET', keys[run.key], 'seq', 'status', 'ready_entry')
+    seq, status, run.entries = tonumber(summary[1]), summary[2], summary[3]
   end
   if not seq then
     return {'gone'}
@@ -134,17 +140,42 @@ local function check(keys, run, held, planned)
   return nil
 end
 
--- Writes one checked run; returns its outcome.
-local function apply(keys, argv, run)
+-- The run's entries that may still be live after a commit: those before (`entries`, ids
+-- separated by spaces) but the commit's lease, then the ones it queued.
+local function live_entries(entries, lease, queued)
+  local kept = {}
+  if entries and entries ~= '' then
+    for id in string.gmatch(entries, '%S+') do
+      if id ~= lease then kept[#kept + 1] = id end
+    end
+  end
+  for _, id in ipairs(queued) do kept[#kept + 1] = id end
+  return table.concat(kept, ' ')
+end
+
+-- Writes one checked run; returns its outcome. `written` holds the live entries of the runs
+-- this call wrote so far (a run may be written twice by commits without records).
+local function apply(keys, argv, run, written)
   local seq = run.expected + run.records
   if run.records > 0 then
     redis.call('RPUSH', keys[run.key + 1], unpack(argv, run.first_record, run.first_record + run.records - 1))
   end
-  local ready_id = ''
+  local queued = {}
+  for t = run.first_task, run.first_task + run.tasks - 1 do
+    queued[#queued + 1] = redis.call('XADD', keys[run.shard], '*', 'run', run.id, 'data', argv[t])
+  end
   local last_field = run.first_field + run.fields - 1
-  if run.dispatch ~= '' then
-    ready_id = redis.call('XADD', keys[run.shard], '*', 'run', run.id, 'data', run.dispatch)
-    redis.call('HSET', keys[run.key], 'seq', seq, 'ready_entry', ready_id, unpack(argv, run.first_field, last_field))
+  if run.ends then
+    -- Its other queued steps are withdrawn: never delivered, or refused if they were (an
+    -- entry being worked stays pending until its commit finds the run finished).
+    local entries = live_entries(written[keys[run.key]] or run.entries, run.lease, queued)
+    for id in string.gmatch(entries, '%S+') do redis.call('XDEL', keys[run.shard], id) end
+    written[keys[run.key]] = ''
+    redis.call('HSET', keys[run.key], 'seq', seq, 'ready_entry', '', unpack(argv, run.first_field, last_field))
+  elseif run.lease ~= '' or #queued > 0 then
+    local entries = live_entries(written[keys[run.key]] or run.entries, run.lease, queued)
+    written[keys[run.key]] = entries
+    redis.call('HSET', keys[run.key], 'seq', seq, 'ready_entry', entries, unpack(argv, run.first_field, last_field))
   else
     redis.call('HSET', keys[run.key], 'seq', seq, unpack(argv, run.first_field, last_field))
   end
@@ -161,7 +192,7 @@ local function apply(keys, argv, run)
       redis.call('ZADD', keys[tonumber(argv[i])], score, run.id)
     end
   end
-  return {'ok', seq, ready_id}
+  return {'ok', seq}
 end
 
 -- `guard(keys, group, run, held, planned)`, when given, checks each run in place of `check`
@@ -194,9 +225,10 @@ local function commit_runs(keys, argv, guard)
       table.insert(acks[run.shard], run.lease)
     end
   end
+  local written = {}
   for r, run in ipairs(runs) do
     if not outcomes[r] then
-      outcomes[r] = apply(keys, argv, run)
+      outcomes[r] = apply(keys, argv, run, written)
       if run.lease ~= '' then
         acks[run.shard] = acks[run.shard] or {}
         table.insert(acks[run.shard], run.lease)
@@ -237,9 +269,11 @@ end
 -- many replicas sweep at once.
 local function requeue(keys, argv)
   return commit_runs(keys, argv, function(keys, group, run, held, planned)
-    local entry = redis.call('HGET', keys[run.key], 'ready_entry')
-    if entry and entry ~= '' and live_entry(keys[run.shard], group, entry) then
-      return {'stale'}
+    local entries = redis.call('HGET', keys[run.key], 'ready_entry')
+    if entries then
+      for entry in string.gmatch(entries, '%S+') do
+        if live_entry(keys[run.shard], group, entry) then return {'stale'} end
+      end
     end
     return check(keys, run, held, planned)
   end)
@@ -555,8 +589,8 @@ local function migrate_history(keys, argv)
   return #argv - 1
 end
 
-redis.register_function('wfo_v2_commit_group', commit)
-redis.register_function('wfo_v2_requeue_group', requeue)
+redis.register_function('wfo_v2_commit_steps', commit)
+redis.register_function('wfo_v2_requeue_steps', requeue)
 redis.register_function('wfo_v2_migrate_log', migrate_log)
 redis.register_function('wfo_v2_migrate_history', migrate_history)
 redis.register_function('wfo_v2_cron_advance', cron_advance)

@@ -45,9 +45,14 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) 
         log.retain(|l| l.seq <= at);
     }
     let partial = at.is_some_and(|at| at < last);
+    let Some(hash) = machine::definition_of(log.iter().map(|l| &l.recorded)) else {
+        eprintln!("replay of {run_id} FAILED: the log does not start with `run_created`");
+        return Ok(ExitCode::FAILURE);
+    };
+    let workflow = engine.definition(run.shard, hash).await?;
     let mut state = None;
     for entry in &log {
-        match machine::apply(state.as_ref(), &entry.recorded) {
+        match machine::apply(state.as_ref(), &entry.recorded, &workflow.def) {
             Ok(next) => state = Some(next),
             Err(err) => {
                 eprintln!(
@@ -60,7 +65,6 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) 
         }
     }
     let Some(state) = state else { bail!("run `{run_id}` has an empty log") };
-    let workflow = engine.definition(run.shard, &state.definition).await?;
     let stored: Option<RunSummary> = engine.summary(&run).await?;
     let consistent = stored.as_ref().is_some_and(|s| s.matches(&state));
     if partial {
@@ -115,7 +119,12 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) 
                     Trigger::Cron { fire_at } => format!("cron fire {}", views::timestamp(*fire_at)),
                     Trigger::Event { event_id, event_type } => format!("event {event_type} {event_id}"),
                     Trigger::Rerun { run_id, from_step } => format!("rerun of {run_id} from step {from_step}"),
+                    Trigger::Parent { run_id, step_id, attempt, .. } => {
+                        format!("child of run {run_id}, step {step_id} attempt {attempt}")
+                    }
                 },
+                Transition::ChildStarted { child, .. } => format!("child run {child}"),
+                Transition::ChildEnded { child, status, .. } => format!("child run {child} {status}"),
                 Transition::StepFailed { error, retry_at, .. } => match retry_at {
                     Some(at) => format!("error: {error} (retry at {})", views::timestamp(*at)),
                     None => format!("error: {error}"),
@@ -123,6 +132,7 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) 
                 Transition::RunFailed { error } => format!("error: {error}"),
                 Transition::RunCancelled { reason } => format!("reason: {reason}"),
                 Transition::StepReused { .. } => "output reused".to_owned(),
+                Transition::StepSkipped { .. } => "condition false: skipped".to_owned(),
                 _ => String::new(),
             };
             let attempt = if attempt == 0 { "-".to_owned() } else { attempt.to_string() };

@@ -309,7 +309,13 @@ fn health_openapi_workflows_and_metrics_answer_with_their_shapes() {
     assert_eq!(list.len(), 7, "{workflows}");
     let two = list.iter().find(|w| w["id"] == "two").expect("workflow `two` is listed");
     assert_eq!(two["description"], "a noop, then the input echoed");
-    assert_eq!(two["steps"], json!([{ "id": "first", "action": "noop" }, { "id": "second", "action": "exec" }]));
+    assert_eq!(
+        two["steps"],
+        json!([
+            { "id": "first", "action": "noop", "needs": [] },
+            { "id": "second", "action": "exec", "needs": ["first"] }
+        ])
+    );
     assert!(two["schedule"].is_null() && two["nextRunAt"].is_null(), "{two}");
     assert_eq!(two["timezone"], "UTC");
     assert!(two["definitionHash"].as_str().is_some_and(|h| !h.is_empty()), "{two}");
@@ -1549,11 +1555,12 @@ fn replicas_heartbeat_stats_count_recent_runs_and_a_runs_state_is_served_after_a
     assert_eq!(middle["steps"][1]["attempts"], 0, "queued, not started yet: {middle}");
     assert!(middle["steps"][1]["output"].is_null(), "{middle}");
     assert_eq!(middle["current"]["step"], "second", "{middle}");
+    assert_eq!(middle["current"]["live"], json!([{ "step": "second", "status": "queued", "attempt": 1 }]), "{middle}");
     assert_eq!(middle["status"], "running", "{middle}");
     let end = service.get_ok(&format!("/api/runs/{run}/state?at={last}"));
     let mut now = service.get_ok(&format!("/api/runs/{run}"));
     now["at"] = json!(last);
-    now["current"] = json!({ "status": "completed", "step": null, "attempt": null, "lastError": null });
+    now["current"] = json!({ "status": "completed", "step": null, "attempt": null, "live": [], "lastError": null });
     now["foldMatchesStored"] = json!(true);
     assert_eq!(end, now);
     assert_eq!(service.get_ok(&format!("/api/runs/{run}/state")), now, "without `at`: as it is now");

@@ -246,7 +246,9 @@ fn three_replicas_survive_kill_9_every_two_seconds() {
         for run in &triggered.accepted {
             let id: RunId = run.parse().expect("a run id");
             let log = store.history(&id).await.expect("history").unwrap_or_else(|| panic!("no log for {run}"));
-            let state = machine::replay(log.iter().map(|l| &l.recorded))
+            let hash = machine::definition_of(log.iter().map(|l| &l.recorded)).expect("a log from run_created");
+            let workflow = store.load_definition(id.shard, hash).await.expect("definition").expect("its snapshot");
+            let state = machine::replay(log.iter().map(|l| &l.recorded), &workflow.def)
                 .unwrap_or_else(|(index, err)| panic!("run {run}: log entry {} does not replay: {err}", index + 1))
                 .unwrap_or_else(|| panic!("run {run}: empty log"));
             assert_eq!(state.status, machine::Status::Completed, "run {run}");
@@ -285,6 +287,166 @@ fn three_replicas_survive_kill_9_every_two_seconds() {
         takeovers_logged,
         counted,
         settled.as_secs_f64(),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steps as a graph: a diamond whose middle steps run at once, through the same kills.
+// ---------------------------------------------------------------------------------------------
+
+const DIAMOND_RUNS: usize = 500;
+const DIAMOND_STEPS: [&str; 4] = ["a", "b", "c", "d"];
+
+/// `a`; `b` and `c` need `a`; `d` needs `b` and `c`: each step sleeps a random 50-200 ms and then
+/// appends `run:step:attempt` to the effects file.
+fn diamond_steps(effects: &Path) -> String {
+    let script = r#"sleep "$(printf '0.%03d' $(( $(od -An -N2 -tu2 /dev/urandom) % 151 + 50 )))" && printf '%s\n' "$WFO_RUN_ID:$WFO_STEP_ID:$WFO_ATTEMPT" >> "$EFFECTS""#;
+    let mut toml = String::from("[[workflow]]\nid = \"chaos\"\ndescription = \"a diamond of short steps\"\n");
+    let needs = [("a", ""), ("b", "needs = [\"a\"]\n"), ("c", "needs = [\"a\"]\n"), ("d", "needs = [\"b\", \"c\"]\n")];
+    for (step, needs) in needs {
+        toml.push_str(&format!(
+            "[[workflow.step]]\nid = \"{step}\"\naction = \"exec\"\ntimeout = \"30s\"\n{needs}\
+             with = {{ command = [\"sh\", \"-c\", '''{script}'''], env = {{ EFFECTS = '{}' }} }}\n",
+            effects.display()
+        ));
+    }
+    toml
+}
+
+/// When each step of a run's history started and completed (its accepted attempt), by step id.
+fn step_spans(transitions: &[Value]) -> HashMap<String, (u64, u64)> {
+    let at = |t: &Value| t["at"].as_str().and_then(machine::parse_timestamp).unwrap_or(0);
+    let mut started: HashMap<(String, u64), u64> = HashMap::new();
+    let mut spans = HashMap::new();
+    for t in transitions {
+        let (Some(step), Some(attempt)) = (t["step"].as_str(), t["attempt"].as_u64()) else { continue };
+        match t["type"].as_str() {
+            Some("step_started") => {
+                started.insert((step.to_owned(), attempt), at(t));
+            }
+            Some("step_completed") => {
+                let start = started.get(&(step.to_owned(), attempt)).copied().unwrap_or(0);
+                spans.insert(step.to_owned(), (start, at(t)));
+            }
+            _ => {}
+        }
+    }
+    spans
+}
+
+#[test]
+fn a_diamond_runs_its_middle_steps_at_once_through_kill_9_every_two_seconds() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let effects = dir.path().join("effects.log");
+    let file = workflows_file(dir.path(), &diamond_steps(&effects));
+    let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path())
+        .env("LEASE_TTL", "2s")
+        .env("MAX_DELIVERIES", "10")
+        .env("SHUTDOWN_GRACE", "1s");
+    let names: Vec<String> = (0..REPLICAS).map(|i| format!("r{i}")).collect();
+    let mut replicas: Vec<Replica> = names.iter().map(|name| config.start(name)).collect();
+    let ports = Arc::new(Mutex::new(replicas.iter().map(|r| r.port).collect::<Vec<u16>>()));
+    let agent = agent();
+
+    let trigger_ports = Arc::clone(&ports);
+    let triggering = std::thread::spawn(move || trigger_runs(&trigger_ports, DIAMOND_RUNS));
+    let chaos_start = Instant::now();
+    for kill in 0..KILLS {
+        let at = chaos_start + KILL_EVERY * (kill as u32 + 1);
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        let victim = kill % REPLICAS;
+        replicas[victim].kill9();
+        replicas[victim] = config.start(&names[victim]);
+        ports.lock().unwrap()[victim] = replicas[victim].port;
+    }
+    let triggered = triggering.join().expect("the trigger thread");
+    assert!(triggered.refused.is_empty(), "live replicas refused triggers: {:?}", triggered.refused);
+    assert!(triggered.accepted.len() > DIAMOND_RUNS / 2, "too few triggers accepted: {triggered:?}");
+
+    // Every accepted run completes (bounded wait).
+    let mut waiting: Vec<String> = triggered.accepted.clone();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !waiting.is_empty() && Instant::now() < deadline {
+        waiting.retain(|run| {
+            let (status, body) = get(&agent, replicas[0].port, &format!("/api/runs/{run}"));
+            assert!(
+                !matches!(body["status"].as_str(), Some("failed" | "cancelled" | "timed_out")),
+                "run {run} ended otherwise: {body}"
+            );
+            !(status == 200 && body["status"] == "completed")
+        });
+        if !waiting.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    assert!(waiting.is_empty(), "{} runs still not finished after 180 s, e.g. {}", waiting.len(), waiting[0]);
+
+    // One accepted completion per (run, step), never a step before its needs, and `b` and `c`
+    // at once in most runs.
+    let mut overlapping = 0;
+    for run in &triggered.accepted {
+        let (status, body) = get(&agent, replicas[0].port, &format!("/api/runs/{run}/history"));
+        assert_eq!(status, 200, "history of {run}: {body}");
+        let transitions = body["transitions"].as_array().cloned().unwrap_or_default();
+        for step in DIAMOND_STEPS {
+            let completions = transitions.iter().filter(|t| t["type"] == "step_completed" && t["step"] == step).count();
+            assert_eq!(completions, 1, "run {run} step {step}: {completions} step_completed in {transitions:#?}");
+        }
+        // In the log's order (the times are each replica's reading of the store's clock, a
+        // few milliseconds apart): a step's accepted start comes after its needs' completions.
+        let seq_of = |kind: &str, step: &str| {
+            transitions.iter().rev().find(|t| t["type"] == kind && t["step"] == step).and_then(|t| t["seq"].as_u64())
+        };
+        let (started, completed) = (|s| seq_of("step_started", s), |s| seq_of("step_completed", s));
+        assert!(completed("a") < started("b") && completed("a") < started("c"), "run {run}: b or c before a");
+        assert!(completed("b") < started("d") && completed("c") < started("d"), "run {run}: d before b and c");
+        let spans = step_spans(&transitions);
+        let (b, c) = (spans["b"], spans["c"]);
+        if b.0 < c.1 && c.0 < b.1 {
+            overlapping += 1;
+        }
+    }
+    assert!(
+        overlapping * 2 > triggered.accepted.len(),
+        "b and c overlapped in only {overlapping} of {} runs",
+        triggered.accepted.len()
+    );
+
+    // Every (run, step) had its side effect, and every log replays to its stored summary.
+    let done: HashSet<(String, String)> = lines(&effects)
+        .iter()
+        .filter_map(|line| {
+            let mut parts = line.split(':');
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect();
+    for run in &triggered.accepted {
+        for step in DIAMOND_STEPS {
+            assert!(done.contains(&(run.clone(), step.to_owned())), "{run}:{step} completed without its effect");
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = RedisStore::connect(&redis.url(), "wfo", 16).await.expect("the test connects to Redis");
+        for run in &triggered.accepted {
+            let id: RunId = run.parse().expect("a run id");
+            let log = store.history(&id).await.expect("history").unwrap_or_else(|| panic!("no log for {run}"));
+            let hash = machine::definition_of(log.iter().map(|l| &l.recorded)).expect("a log from run_created");
+            let workflow = store.load_definition(id.shard, hash).await.expect("definition").expect("its snapshot");
+            let state = machine::replay(log.iter().map(|l| &l.recorded), &workflow.def)
+                .unwrap_or_else(|(index, err)| panic!("run {run}: log entry {} does not replay: {err}", index + 1))
+                .unwrap_or_else(|| panic!("run {run}: empty log"));
+            assert_eq!(state.status, machine::Status::Completed, "run {run}");
+            let summary = store.summary(&id).await.expect("summary").unwrap_or_else(|| panic!("no summary for {run}"));
+            assert!(summary.matches(&state), "run {run}: summary {summary:?} is not the replayed state {state:?}");
+        }
+    });
+    let takeovers: usize =
+        replicas.iter().map(|r| r.log_text().matches("took over a step whose lease expired").count()).sum();
+    eprintln!(
+        "diamond chaos: {} runs accepted, b and c overlapped in {overlapping}; takeovers logged by the last incarnations {takeovers}",
+        triggered.accepted.len()
     );
 }
 

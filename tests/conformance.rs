@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use workflow_orchestrator::definition::{Registry, Workflow, WorkflowDef};
 use workflow_orchestrator::machine::{
-    Advanced, Effect, Millis, Recorded, RunState, Transition, Trigger, advance, replay, step_failure,
+    Advanced, Effect, Millis, Recorded, RunState, Status, Transition, Trigger, advance, replay, step_failure,
 };
 use workflow_orchestrator::store::keys::shard_of;
 use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
-    Claimed, Commit, CommitOutcome, Created, Lease, Logged, NewRun, ReplicaBeat, RunId, RunSummary, Store,
+    Claimed, Commit, CommitOutcome, Created, Dispatch, Lease, Logged, NewRun, ReplicaBeat, RunId, RunSummary, Store,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -89,6 +89,8 @@ conformance! {
     a_stale_commit_changes_nothing = stale_commit_changes_nothing(4);
     a_commit_under_a_lost_lease_changes_nothing = commit_under_lost_lease_changes_nothing(4);
     a_group_commit_gives_each_run_its_own_outcome = group_commit_gives_each_run_its_own_outcome(4);
+    a_commit_queues_each_ready_step_as_its_own_entry = a_commit_queues_each_ready_step_as_its_own_entry(4);
+    a_run_that_ends_withdraws_its_queued_steps = a_run_that_ends_withdraws_its_queued_steps(4);
     renewal_keeps_held_leases_and_reports_lost_ones = renew_keeps_held_leases_and_reports_lost_ones(4);
     a_reclaim_counts_deliveries = reclaim_counts_deliveries(4);
     a_terminal_commit_keeps_a_replayable_history = terminal_commit_keeps_replayable_history(4);
@@ -125,8 +127,14 @@ fn record(at: Millis, transition: Transition) -> Recorded {
     Recorded { at, replica: Some("r1".to_owned()), transition }
 }
 
-fn dispatches(effects: &[Effect]) -> bool {
-    effects.iter().any(|effect| matches!(effect, Effect::Dispatch { .. }))
+fn dispatches(effects: &[Effect]) -> Vec<Dispatch> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Dispatch { step, attempt } => Some(Dispatch { step: *step, attempt: *attempt }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A new run of `def` on `shard`, created at `now` (its id's time too) and queued for its first
@@ -145,7 +153,7 @@ fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str
     let Advanced { state, appended, effects } = advance(None, def, vec![created], now).unwrap();
     NewRun {
         run: RunId::new(shard, now),
-        dispatch: dispatches(&effects).then(|| state.clone()),
+        dispatch: dispatches(&effects),
         state,
         records: appended,
         idempotency: idempotency.map(|(key, retention)| (key.to_owned(), retention)),
@@ -173,7 +181,7 @@ fn commit_of(
         expected_seq: from.seq,
         lease,
         records: appended,
-        dispatch: dispatches(&effects).then(|| state.clone()),
+        dispatch: dispatches(&effects),
         state,
         timer,
         clear_timer: timer.is_none(),
@@ -183,7 +191,7 @@ fn commit_of(
 /// The commit of an executor that worked `claimed`: the step started, then succeeded or failed.
 fn work(def: &WorkflowDef, claimed: &Claimed, succeed: bool, now: Millis) -> Commit {
     let task = claimed.task.as_ref().expect("a decodable task");
-    let (step, attempt) = task.state.status.step_attempt().expect("a step to work");
+    let (step, attempt) = (task.step, task.attempt);
     let ended = if succeed {
         Transition::StepCompleted { step, attempt, output: "{}".to_owned() }
     } else {
@@ -201,7 +209,7 @@ fn timer_only(run: &RunId, state: &RunState, timer: Option<Millis>, clear_timer:
         lease: None,
         records: Vec::new(),
         state: state.clone(),
-        dispatch: None,
+        dispatch: Vec::new(),
         timer,
         clear_timer,
     }
@@ -229,9 +237,9 @@ async fn snapshot(store: &Arc<dyn Store>, run: &RunId) -> (Option<RunSummary>, O
     (store.summary(run).await.unwrap(), store.history(run).await.unwrap())
 }
 
-/// Replays a stored history.
-fn replayed(history: &[Logged]) -> RunState {
-    replay(history.iter().map(|l| &l.recorded)).expect("the history replays").expect("a non-empty history")
+/// Replays a stored history of a run of `def`.
+fn replayed(history: &[Logged], def: &WorkflowDef) -> RunState {
+    replay(history.iter().map(|l| &l.recorded), def).expect("the history replays").expect("a non-empty history")
 }
 
 fn sorted(mut leases: Vec<Lease>) -> Vec<Lease> {
@@ -251,26 +259,27 @@ async fn created_run_agrees_with_its_state(store: Arc<dyn Store>) {
     let def = definition("wf", 2, 1);
     let new = new_run(&def, 2, 1_000, None);
     let state = new.state.clone();
-    let dispatched = new.dispatch.clone().unwrap();
+    assert_eq!(new.dispatch, [Dispatch { step: 0, attempt: 1 }]);
     let id = create(&store, new).await;
 
     let summary = store.summary(&id).await.unwrap().expect("a summary");
     assert!(summary.matches(&state), "{summary:?} vs {state:?}");
     assert_eq!((summary.status.as_str(), summary.seq, summary.created_at), ("pending", 1, 1_000));
-    let entry = summary.ready_entry.clone().expect("the first step's ready entry");
-    assert!(store.dispatch_exists(&id, &entry).await.unwrap());
+    let [entry] = summary.ready_entries.as_slice() else { panic!("the first step's ready entry: {summary:?}") };
+    assert!(store.dispatch_exists(&id, entry).await.unwrap());
 
     let history = store.history(&id).await.unwrap().expect("a history");
     assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1]);
     assert_eq!(history[0].recorded.transition.kind(), "run_created");
-    assert_eq!(replayed(&history), state);
-    assert!(summary.matches(&replayed(&history)));
+    assert_eq!(replayed(&history, &def), state);
+    assert!(summary.matches(&replayed(&history, &def)));
 
     assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, std::slice::from_ref(&id));
     assert!(!store.has_timer(&id).await.unwrap());
     let claimed = claim_one(&store, "a").await;
-    assert_eq!(claimed.lease.entry, entry);
-    assert_eq!(claimed.task.unwrap().state, dispatched);
+    assert_eq!(&claimed.lease.entry, entry);
+    let task = claimed.task.unwrap();
+    assert_eq!((task.step, task.attempt, &task.state), (0, 1, &state));
 
     let unknown = RunId::new(2, 1_000);
     assert_eq!(snapshot(&store, &unknown).await, (None, None));
@@ -278,12 +287,12 @@ async fn created_run_agrees_with_its_state(store: Arc<dyn Store>) {
 
 async fn run_created_without_dispatch_queues_nothing(store: Arc<dyn Store>) {
     let def = definition("wf", 1, 1);
-    let new = NewRun { dispatch: None, ..new_run(&def, 1, 1_000, None) };
+    let new = NewRun { dispatch: Vec::new(), ..new_run(&def, 1, 1_000, None) };
     let state = new.state.clone();
     let id = create(&store, new).await;
     let summary = store.summary(&id).await.unwrap().unwrap();
     assert!(summary.matches(&state), "{summary:?}");
-    assert_eq!(summary.ready_entry, None);
+    assert_eq!(summary.ready_entries, Vec::<String>::new());
     assert!(nothing_claimable(&store, "a").await);
 }
 
@@ -340,15 +349,16 @@ async fn idempotency_key_holds_for_its_whole_retention(store: Arc<dyn Store>) {
 async fn claim_returns_the_dispatched_task(store: Arc<dyn Store>) {
     let def = definition("wf", 2, 1);
     let new = new_run(&def, 3, 1_000, None);
-    let dispatched = new.dispatch.clone().unwrap();
+    let dispatched = new.state.clone();
     let id = create(&store, new).await;
 
     let claimed = claim_one(&store, "a").await;
     assert_eq!(claimed.deliveries, 1);
     assert_eq!((claimed.lease.shard, claimed.lease.consumer.as_str()), (3, "a"));
-    assert_eq!(Some(&claimed.lease.entry), store.summary(&id).await.unwrap().unwrap().ready_entry.as_ref());
+    let listed = store.summary(&id).await.unwrap().unwrap().ready_entries;
+    assert_eq!(std::slice::from_ref(&claimed.lease.entry), listed.as_slice());
     let task = claimed.task.expect("a decodable task");
-    assert_eq!(task.run, id.to_string());
+    assert_eq!((task.run, task.step, task.attempt), (id.to_string(), 0, 1));
     assert_eq!(task.state, dispatched);
     assert!(nothing_claimable(&store, "b").await, "an entry is delivered once");
 }
@@ -433,7 +443,8 @@ async fn commit_under_lease_applies_acks_and_dispatches(store: Arc<dyn Store>) {
 
     let commit = work(&def, &first, true, 1_010);
     let state = commit.state.clone();
-    let next = commit.dispatch.clone().expect("the second step is dispatched");
+    assert_eq!(commit.dispatch, [Dispatch { step: 1, attempt: 1 }], "the second step is dispatched");
+    let next = commit.state.clone();
     assert_eq!(store.commit(commit.clone()).await.unwrap(), CommitOutcome::Applied { seq: 3 });
 
     let summary = store.summary(&id).await.unwrap().unwrap();
@@ -441,7 +452,7 @@ async fn commit_under_lease_applies_acks_and_dispatches(store: Arc<dyn Store>) {
     assert_eq!((summary.status.as_str(), summary.step, summary.attempt, summary.seq), ("running", Some(1), Some(1), 3));
     let history = store.history(&id).await.unwrap().unwrap();
     assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
-    assert_eq!(replayed(&history), state);
+    assert_eq!(replayed(&history, &def), state);
 
     // The worked entry is acknowledged: not queued, not leased, not to be taken over.
     assert!(!store.dispatch_exists(&id, &first.lease.entry).await.unwrap(), "the worked entry was acked");
@@ -450,7 +461,7 @@ async fn commit_under_lease_applies_acks_and_dispatches(store: Arc<dyn Store>) {
     assert!(store.reclaim("b", Duration::ZERO, 10).await.unwrap().is_empty(), "an acked entry is not reclaimed");
 
     // The next step is queued, once.
-    let next_entry = summary.ready_entry.expect("the next step's entry");
+    let next_entry = summary.ready_entries.last().cloned().expect("the next step's entry");
     assert_ne!(next_entry, first.lease.entry);
     assert!(store.dispatch_exists(&id, &next_entry).await.unwrap());
     let second = claim_one(&store, "b").await;
@@ -504,6 +515,80 @@ async fn stale_commit_changes_nothing(store: Arc<dyn Store>) {
     assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
+/// `a`; then `b` and `c`, which both need `a`: each tried once.
+fn fork(id: &str) -> WorkflowDef {
+    let toml = format!(
+        "[[workflow]]\nid = \"{id}\"\n\
+         [[workflow.step]]\nid = \"a\"\naction = \"noop\"\nretry = {{ max_attempts = 1 }}\n\
+         [[workflow.step]]\nid = \"b\"\naction = \"noop\"\nneeds = [\"a\"]\nretry = {{ max_attempts = 1 }}\n\
+         [[workflow.step]]\nid = \"c\"\naction = \"noop\"\nneeds = [\"a\"]\nretry = {{ max_attempts = 1 }}\n"
+    );
+    Registry::parse("fork.toml", &toml).expect("a valid test workflow").get(id).expect("parsed").def.clone()
+}
+
+/// Steps whose needs are met together are queued together, each as its own entry for any
+/// consumer; the run's live entries are tracked through the commits that ack them; a sibling's
+/// outcome decided on the older state is stale, and applies re-decided on the new one.
+async fn a_commit_queues_each_ready_step_as_its_own_entry(store: Arc<dyn Store>) {
+    let def = fork("wf");
+    let id = create(&store, new_run(&def, 1, 1_000, None)).await;
+    let a = claim_one(&store, "x").await;
+    let commit = work(&def, &a, true, 1_010);
+    assert_eq!(commit.dispatch, [Dispatch { step: 1, attempt: 1 }, Dispatch { step: 2, attempt: 1 }]);
+    assert_eq!(store.commit(commit).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+    let entries = store.summary(&id).await.unwrap().unwrap().ready_entries;
+    assert_eq!(entries.len(), 2, "{entries:?}");
+
+    // Two consumers take one each.
+    let first = store.claim("x", 1, BLOCK).await.unwrap().remove(0);
+    let second = store.claim("y", 1, BLOCK).await.unwrap().remove(0);
+    let steps: BTreeSet<u32> = [&first, &second].iter().map(|c| c.task.as_ref().unwrap().step).collect();
+    assert_eq!(steps, BTreeSet::from([1, 2]));
+    let mut claimed: Vec<String> = vec![first.lease.entry.clone(), second.lease.entry.clone()];
+    claimed.sort();
+    let mut listed = entries.clone();
+    listed.sort();
+    assert_eq!(claimed, listed, "the summary lists the entries it queued");
+
+    // The first commits; the other's outcome, decided on the state both were queued with, is stale.
+    assert_eq!(store.commit(work(&def, &first, true, 1_020)).await.unwrap(), CommitOutcome::Applied { seq: 5 });
+    let listed = store.summary(&id).await.unwrap().unwrap().ready_entries;
+    assert_eq!(listed.as_slice(), std::slice::from_ref(&second.lease.entry));
+    let before = snapshot(&store, &id).await;
+    assert_eq!(store.commit(work(&def, &second, true, 1_020)).await.unwrap(), CommitOutcome::Stale);
+    assert_eq!(snapshot(&store, &id).await, before, "a stale sibling writes nothing");
+    // Re-decided on the run's new state, under the same lease, it applies and ends the run.
+    let now = replayed(&store.history(&id).await.unwrap().unwrap(), &def);
+    let task = second.task.as_ref().unwrap();
+    let happened = vec![
+        Transition::StepStarted { step: task.step, attempt: task.attempt },
+        Transition::StepCompleted { step: task.step, attempt: task.attempt, output: "{}".to_owned() },
+    ];
+    let again = commit_of(&def, &id, &now, Some(second.lease.clone()), happened, 1_030);
+    assert_eq!(store.commit(again).await.unwrap(), CommitOutcome::Applied { seq: 8 });
+    let (summary, history) = snapshot(&store, &id).await;
+    let summary = summary.unwrap();
+    assert_eq!((summary.status.as_str(), summary.ready_entries.len()), ("completed", 0));
+    assert_eq!(replayed(&history.unwrap(), &def).status, Status::Completed);
+    assert!(nothing_claimable(&store, "z").await);
+}
+
+/// A commit that ends a run withdraws the steps it still had queued: they are never delivered.
+async fn a_run_that_ends_withdraws_its_queued_steps(store: Arc<dyn Store>) {
+    let def = fork("wf");
+    let id = create(&store, new_run(&def, 2, 1_000, None)).await;
+    let a = claim_one(&store, "x").await;
+    assert!(matches!(store.commit(work(&def, &a, true, 1_010)).await.unwrap(), CommitOutcome::Applied { .. }));
+    let b = store.claim("x", 1, BLOCK).await.unwrap().remove(0);
+    // `b` fails for good (one attempt): the run fails, and `c`, still queued, is withdrawn.
+    let failed = work(&def, &b, false, 1_020);
+    assert_eq!(failed.state.status, Status::Failed);
+    assert_eq!(store.commit(failed).await.unwrap(), CommitOutcome::Applied { seq: 6 });
+    let summary = store.summary(&id).await.unwrap().unwrap();
+    assert_eq!((summary.status.as_str(), summary.ready_entries.len()), ("failed", 0));
+    assert!(nothing_claimable(&store, "y").await, "the sibling's entry was withdrawn");
+}
+
 async fn commit_under_lost_lease_changes_nothing(store: Arc<dyn Store>) {
     let def = definition("wf", 2, 1);
     let id = create(&store, new_run(&def, 3, 1_000, None)).await;
@@ -525,7 +610,7 @@ async fn commit_under_lost_lease_changes_nothing(store: Arc<dyn Store>) {
     assert!(store.dispatch_exists(&id, &mine.lease.entry).await.unwrap(), "a lost lease does not ack");
 
     assert_eq!(store.commit(work(&def, &taken[0], true, 1_020)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
-    assert_eq!(replayed(&store.history(&id).await.unwrap().unwrap()).updated_at, 1_020);
+    assert_eq!(replayed(&store.history(&id).await.unwrap().unwrap(), &def).updated_at, 1_020);
 }
 
 /// One group of fresh, stale, lease-lost and finished runs' commits: each gets the outcome it
@@ -553,7 +638,7 @@ async fn group_commit_gives_each_run_its_own_outcome(store: Arc<dyn Store>) {
     let state = |c: &Claimed| c.task.as_ref().unwrap().state.clone();
 
     // `stale`'s run moves on (a record appended elsewhere); `finished`'s run is cancelled.
-    let (step, attempt) = state(&stale).status.step_attempt().unwrap();
+    let (step, attempt) = state(&stale).position().unwrap();
     let moved = commit_of(&def, &ids[1], &state(&stale), None, vec![Transition::StepStarted { step, attempt }], 1_005);
     assert_eq!(store.commit(moved).await.unwrap(), CommitOutcome::Applied { seq: 2 });
     let cancel = commit_of(
@@ -570,7 +655,7 @@ async fn group_commit_gives_each_run_its_own_outcome(store: Arc<dyn Store>) {
     let first = work(&def, &fresh, true, 1_010);
     // Another commit of the same run decided on the same seq (a sibling step's, once steps run in
     // parallel), in the same group after the first.
-    let (step, attempt) = state(&fresh).status.step_attempt().unwrap();
+    let (step, attempt) = state(&fresh).position().unwrap();
     let sibling =
         commit_of(&def, &ids[0], &state(&fresh), None, vec![Transition::StepStarted { step, attempt }], 1_011);
     let outcomes = store
@@ -595,7 +680,7 @@ async fn group_commit_gives_each_run_its_own_outcome(store: Arc<dyn Store>) {
     );
     let after: Vec<_> = futures::future::join_all(ids[1..].iter().map(|id| snapshot(&store, id))).await;
     assert_eq!(after, before, "a refused commit wrote nothing");
-    assert_eq!(replayed(&store.history(&ids[0]).await.unwrap().unwrap()), first.state);
+    assert_eq!(replayed(&store.history(&ids[0]).await.unwrap().unwrap(), &def), first.state);
     assert!(!store.dispatch_exists(&ids[0], &fresh.lease.entry).await.unwrap(), "the applied one's lease is acked");
     assert!(store.dispatch_exists(&ids[1], &stale.lease.entry).await.unwrap(), "a stale commit acks nothing");
     assert!(store.dispatch_exists(&ids[2], &lost.lease.entry).await.unwrap(), "b still holds its entry");
@@ -606,7 +691,7 @@ async fn group_commit_gives_each_run_its_own_outcome(store: Arc<dyn Store>) {
     assert_eq!(next.task.as_ref().unwrap().run, ids[0].to_string());
     let redone = work(&def, &next, true, 1_020);
     assert_eq!(store.commit_group(vec![redone.clone()]).await.unwrap(), [CommitOutcome::Applied { seq: 6 }]);
-    assert_eq!(replayed(&store.history(&ids[0]).await.unwrap().unwrap()), redone.state);
+    assert_eq!(replayed(&store.history(&ids[0]).await.unwrap().unwrap(), &def), redone.state);
 }
 
 async fn renew_keeps_held_leases_and_reports_lost_ones(store: Arc<dyn Store>) {
@@ -644,7 +729,7 @@ async fn renew_keeps_held_leases_and_reports_lost_ones(store: Arc<dyn Store>) {
 async fn reclaim_counts_deliveries(store: Arc<dyn Store>) {
     let def = definition("wf", 1, 1);
     let new = new_run(&def, 1, 1_000, None);
-    let dispatched = new.dispatch.clone().unwrap();
+    let dispatched = new.state.clone();
     create(&store, new).await;
     let first = claim_one(&store, "a").await;
     assert_eq!(first.deliveries, 1);
@@ -706,7 +791,7 @@ async fn terminal_commit_keeps_replayable_history(store: Arc<dyn Store>) {
         ]
     );
     assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<u64>>());
-    assert_eq!(replayed(&history), state);
+    assert_eq!(replayed(&history, &def), state);
     let summary = store.summary(&id).await.unwrap().unwrap();
     assert!(summary.matches(&state), "{summary:?}");
     assert_eq!((summary.status.as_str(), summary.step, summary.seq), ("completed", None, 8));
@@ -725,7 +810,7 @@ async fn terminal_commit_keeps_replayable_history(store: Arc<dyn Store>) {
     let history = store.history(&failed_id).await.unwrap().unwrap();
     let kinds: Vec<&str> = history.iter().map(|l| l.recorded.transition.kind()).collect();
     assert_eq!(kinds, ["run_created", "step_started", "step_failed", "run_failed"]);
-    assert_eq!(replayed(&history), failed);
+    assert_eq!(replayed(&history, &def), failed);
     assert!(store.summary(&failed_id).await.unwrap().unwrap().matches(&failed));
     assert_eq!(store.list_runs(None, Some("failed"), None, 10).await.unwrap().runs, [failed_id]);
 }
@@ -752,7 +837,7 @@ async fn late_commit_to_an_ended_run_is_gone(store: Arc<dyn Store>) {
     assert_eq!(snapshot(&store, &other_id).await, before);
     assert_eq!(store.renew(std::slice::from_ref(&worked.lease)).await.unwrap(), std::slice::from_ref(&worked.lease));
     let history = store.history(&other_id).await.unwrap().unwrap();
-    assert_eq!(replayed(&history), cancelled);
+    assert_eq!(replayed(&history, &def), cancelled);
     assert_eq!(store.list_runs(None, Some("cancelled"), None, 10).await.unwrap().runs, [other_id]);
 
     // A run that does not exist is gone too.
@@ -797,14 +882,15 @@ async fn timer_is_due_at_its_time_until_cleared(store: Arc<dyn Store>) {
     );
 
     // Firing it: the commit clears it and queues the retry.
-    let (step, attempt) = retrying.status.step_attempt().unwrap();
+    let (step, attempt) = retrying.position().unwrap();
     let fired = commit_of(&def, &id, &retrying, None, vec![Transition::TimerFired { step, attempt }], due);
     assert!(fired.clear_timer && fired.timer.is_none());
     assert_eq!(store.commit(fired).await.unwrap(), CommitOutcome::Applied { seq: 4 });
     assert!(!store.has_timer(&id).await.unwrap());
     assert!(store.due_timers(Millis::MAX, 10).await.unwrap().is_empty());
     let retry = claim_one(&store, "a").await;
-    assert_eq!(retry.task.as_ref().unwrap().state.status.step_attempt(), Some((0, 2)));
+    let task = retry.task.as_ref().unwrap();
+    assert_eq!((task.step, task.attempt), (0, 2));
 
     // A run that ends loses its timer, even when the commit does not say so.
     let failed = work(&def, &retry, false, due + 10);
@@ -884,7 +970,7 @@ async fn quiet_runs_are_live_runs_not_updated_since(store: Arc<dyn Store>) {
 async fn dispatch_exists_while_queued_or_leased(store: Arc<dyn Store>) {
     let def = definition("wf", 1, 1);
     let id = create(&store, new_run(&def, 2, 1_000, None)).await;
-    let entry = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
+    let entry = store.summary(&id).await.unwrap().unwrap().ready_entries.last().cloned().unwrap();
     assert!(store.dispatch_exists(&id, &entry).await.unwrap(), "queued");
     let claimed = claim_one(&store, "a").await;
     assert!(store.dispatch_exists(&id, &entry).await.unwrap(), "pending under a lease");
@@ -898,10 +984,10 @@ async fn dispatch_exists_while_queued_or_leased(store: Arc<dyn Store>) {
     assert!(!store.dispatch_exists(&id, &entry).await.unwrap(), "acked: neither queued nor pending");
 
     // What the sweeper does for such a run: re-queue it from its state, at the same seq.
-    let state = replayed(&store.history(&id).await.unwrap().unwrap());
-    let again = Commit { dispatch: Some(state.clone()), ..timer_only(&id, &state, None, false) };
+    let state = replayed(&store.history(&id).await.unwrap().unwrap(), &def);
+    let again = Commit { dispatch: vec![Dispatch { step: 0, attempt: 1 }], ..timer_only(&id, &state, None, false) };
     assert_eq!(store.commit(again).await.unwrap(), CommitOutcome::Applied { seq: 1 });
-    let requeued = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
+    let requeued = store.summary(&id).await.unwrap().unwrap().ready_entries.last().cloned().unwrap();
     assert_ne!(requeued, entry);
     assert!(store.dispatch_exists(&id, &requeued).await.unwrap());
     assert!(!store.dispatch_exists(&id, &entry).await.unwrap());
@@ -921,21 +1007,24 @@ async fn dispatch_exists_while_queued_or_leased(store: Arc<dyn Store>) {
 async fn requeue_loses_to_a_live_entry(store: Arc<dyn Store>) {
     let def = definition("wf", 1, 1);
     let id = create(&store, new_run(&def, 2, 1_000, None)).await;
-    let entry = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
-    let state = replayed(&store.history(&id).await.unwrap().unwrap());
-    let requeue = Commit { dispatch: Some(state.clone()), ..timer_only(&id, &state, None, false) };
+    let entry = store.summary(&id).await.unwrap().unwrap().ready_entries.last().cloned().unwrap();
+    let state = replayed(&store.history(&id).await.unwrap().unwrap(), &def);
+    let requeue = Commit { dispatch: vec![Dispatch { step: 0, attempt: 1 }], ..timer_only(&id, &state, None, false) };
 
     assert_eq!(store.requeue(requeue.clone()).await.unwrap(), CommitOutcome::Stale, "queued: refused");
     let claimed = claim_one(&store, "a").await;
     assert_eq!(claimed.lease.entry, entry);
     assert_eq!(store.requeue(requeue.clone()).await.unwrap(), CommitOutcome::Stale, "leased: refused");
     assert!(nothing_claimable(&store, "b").await, "a refused re-queue queues nothing");
-    assert_eq!(store.summary(&id).await.unwrap().unwrap().ready_entry.as_deref(), Some(entry.as_str()));
+    assert_eq!(
+        store.summary(&id).await.unwrap().unwrap().ready_entries.last().map(String::as_str),
+        Some(entry.as_str())
+    );
 
     // The entry acknowledged without a transition (its work lost): now the run is an orphan.
     store.ack(&claimed.lease).await.unwrap();
     assert_eq!(store.requeue(requeue.clone()).await.unwrap(), CommitOutcome::Applied { seq: 1 });
-    let requeued = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
+    let requeued = store.summary(&id).await.unwrap().unwrap().ready_entries.last().cloned().unwrap();
     assert_ne!(requeued, entry);
     // A second sweeper with the same view loses to the entry the first one queued.
     assert_eq!(store.requeue(requeue.clone()).await.unwrap(), CommitOutcome::Stale, "re-queued already");
@@ -1011,7 +1100,7 @@ async fn housekeeping_expires_old_finished_runs(store: Arc<dyn Store>) {
     let leased_id = create(&store, new_run(&two, 2, 1_000, None)).await;
     let leased = claim_one(&store, "a").await;
     let queued_id = create(&store, new_run(&def, 3, 1_000, None)).await;
-    let queued_entry = store.summary(&queued_id).await.unwrap().unwrap().ready_entry.unwrap();
+    let queued_entry = store.summary(&queued_id).await.unwrap().unwrap().ready_entries.last().cloned().unwrap();
 
     let report = store.housekeeping(1_010).await.unwrap();
     assert_eq!(report.expired_runs, 0, "a run that ended at the retention time is kept");
@@ -1145,7 +1234,7 @@ fn redis_keeps_a_runs_log_as_a_list() {
         }
         let history = store.history(&id).await.unwrap().unwrap();
         assert_eq!(history.len(), 6);
-        assert_eq!(replayed(&history), state);
+        assert_eq!(replayed(&history, &def), state);
         assert_eq!(server.cli(&["GET", "wfo:schema"]).trim(), "2");
     });
 }
@@ -1217,7 +1306,8 @@ fn redis_upgrades_schema_1_data_in_place() {
             ])
             .await;
         }
-        let task = ReadyTask { run: live.to_string(), state: live_state.clone() };
+        let (step, attempt) = live_state.position().expect("a live run's step");
+        let task = ReadyTask { run: live.to_string(), step, attempt, state: live_state.clone() };
         let entry = call(vec![
             "XADD".into(),
             "wfo:{2}:ready".into(),
@@ -1225,7 +1315,7 @@ fn redis_upgrades_schema_1_data_in_place() {
             "run".into(),
             live.to_string().into(),
             "data".into(),
-            bytes(encode_task(&task.run, &task.state)),
+            bytes(encode_task(&task.run, Dispatch { step, attempt }, &task.state)),
         ])
         .await;
         let mut hset = vec!["HSET".into(), format!("wfo:{{2}}:run:{live}").into()];
@@ -1261,7 +1351,7 @@ fn redis_upgrades_schema_1_data_in_place() {
             if state.status.is_terminal() {
                 let history = store.history(&live).await.unwrap().unwrap();
                 assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), (1..=seq).collect::<Vec<u64>>());
-                assert_eq!(replayed(&history), state);
+                assert_eq!(replayed(&history, &def), state);
                 break;
             }
         }

@@ -324,6 +324,81 @@ fn a_killed_replicas_step_starts_again_on_another_once_its_lease_expired() {
     );
 }
 
+// ---- 3b. A ready entry this build cannot read ----
+
+const TWO_NOOPS: &str = r#"
+[[workflow]]
+id = "two"
+[[workflow.step]]
+id = "one"
+action = "noop"
+[[workflow.step]]
+id = "two"
+action = "noop"
+"#;
+
+/// A ready entry that does not decode (one queued by the build before steps formed a graph, or
+/// any corrupt one) is dead-lettered with its reason, and its run, left with no live entry, is
+/// queued again from its log by the sweeper: it completes, each step once.
+#[test]
+fn an_undecodable_ready_entry_is_dead_lettered_and_its_run_queued_again_from_its_log() {
+    use workflow_orchestrator::definition::Registry;
+    use workflow_orchestrator::machine::{self, Recorded, Transition, Trigger};
+    use workflow_orchestrator::store::redis::RedisStore;
+    use workflow_orchestrator::store::{Created, NewRun, RunId, Store};
+
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = workflows_file(dir.path(), TWO_NOOPS);
+    let replica = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path()).env("LEASE_TTL", "1s").start("a");
+
+    // A run created without a ready entry of this build: only one the build cannot decode.
+    let registry = Registry::parse("two.toml", TWO_NOOPS).unwrap();
+    let workflow = registry.get("two").unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let run = runtime.block_on(async {
+        let store = RedisStore::connect(&redis.url(), "wfo", 16).await.expect("the test connects to Redis");
+        let now = store.now().await.unwrap();
+        let created = Recorded {
+            at: now,
+            replica: None,
+            transition: Transition::RunCreated {
+                workflow: "two".to_owned(),
+                definition: workflow.hash.clone(),
+                input: "{}".to_owned(),
+                trigger: Trigger::Api,
+                trace: None,
+            },
+        };
+        let advanced = machine::advance(None, &workflow.def, vec![created], now).unwrap();
+        let run = RunId::new(3, now);
+        let new = NewRun {
+            run: run.clone(),
+            state: advanced.state,
+            records: advanced.appended,
+            dispatch: Vec::new(),
+            idempotency: None,
+            search: Vec::new(),
+        };
+        assert_eq!(store.create_run(new).await.unwrap(), Created::New(run.clone()));
+        run
+    });
+    let stream = "wfo:{3}:ready";
+    let entry =
+        redis.cli(&["XADD", stream, "*", "run", &run.to_string(), "data", "\u{92}\u{a5}old shape"]).trim().to_owned();
+    redis.cli(&["HSET", &format!("wfo:{{3}}:run:{run}"), "ready_entry", &entry]);
+
+    let run_id = run.to_string();
+    let settled = replica.wait_terminal(&run_id, Duration::from_secs(30));
+    assert_eq!(settled["status"], "completed", "{settled}; log:\n{}", replica.log_text());
+    let history = replica.history(&run_id);
+    assert_eq!(count(&history, "step_completed"), 2, "{history:#?}");
+    let dead = redis.cli(&["XRANGE", "wfo:{3}:ready:dead", "-", "+"]);
+    assert!(dead.contains(&entry) || dead.contains(&run_id), "the entry was dead-lettered: {dead}");
+    assert!(dead.contains("undecodable"), "with its reason: {dead}");
+    assert!(replica.log_text().contains("re-queued it"), "the sweeper queued the run again:\n{}", replica.log_text());
+}
+
 // ---- 4. Redis restarted under load ----
 
 const THREE_SHORT_STEPS: &str = r#"

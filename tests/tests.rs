@@ -2,6 +2,7 @@ mod util;
 
 mod api;
 mod chaos;
+mod children;
 mod conformance;
 mod failures;
 mod hardening;

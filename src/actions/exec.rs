@@ -155,6 +155,7 @@ mod tests {
 
     fn context() -> StepContext {
         StepContext {
+            step: 0,
             run_id: "r1".into(),
             workflow_id: "wf".into(),
             step_id: "s".into(),

@@ -1,6 +1,7 @@
 //! What a step does. [`Actions::run`] runs a step's action to its end (or until its cancellation
 //! token fires: time-out, lost lease, shutdown) and returns its output as JSON, or says that the
-//! step parks the run (`sleep`, `wait_for_event`), or fails saying whether trying again may help.
+//! step parks the run (`sleep`, `wait_for_event`) or waits for a child run it started
+//! (`workflow`), or fails saying whether trying again may help.
 //!
 //! Actions reach the rest of the system only through [`Services`], which the engine implements.
 //! Built-in actions ([`Builtin`]) are Rust code behind one small trait; a library user can
@@ -28,6 +29,8 @@ pub use http::sign;
 pub struct StepContext {
     pub run_id: String,
     pub workflow_id: String,
+    /// The step's index in the run's definition, and its id.
+    pub step: u32,
     pub step_id: String,
     pub attempt: u32,
     /// The run's input, as JSON text.
@@ -102,6 +105,9 @@ pub trait Services: Send + Sync {
     async fn housekeeping(&self) -> Result<Value, ActionError>;
     /// The store's security-relevant settings: `{"kind", "authenticated", "warnings": [...]}`.
     async fn store_report(&self) -> Result<Value, ActionError>;
+    /// Starts a run of `workflow` with `input` as the child of the step `parent` runs, once per
+    /// step attempt (a redelivered attempt gets the run it started); returns the child's id.
+    async fn start_child(&self, parent: &StepContext, workflow: &str, input: &Value) -> Result<String, ActionError>;
 }
 
 /// A named action written in Rust.
@@ -225,8 +231,12 @@ impl ActionConfig {
 pub enum Outcome {
     /// The step's output, as JSON text.
     Done(String),
+    /// The step's `when` condition is false: it does not run (the machine records it skipped).
+    Skipped,
     /// The run parks until `until`, or until an event of type `event` arrives (a wait).
     Park { until: Millis, event: Option<String> },
+    /// The step started child run `run_id` and waits for it to end.
+    Child { run_id: String },
 }
 
 /// The actions of a replica: the HTTP client, where things are sent, the built-ins.
@@ -327,7 +337,7 @@ impl Actions {
         if let Some(when) = &step.when
             && !template::condition(when, &scope).map_err(ActionError::fatal)?
         {
-            return Ok(Outcome::Done(serde_json::json!({ "skipped": true }).to_string()));
+            return Ok(Outcome::Skipped);
         }
         let done = |value: Value| Ok(Outcome::Done(value.to_string()));
         match &step.action {
@@ -396,6 +406,16 @@ impl Actions {
                 let call =
                     BuiltinCall { params: render(&spec.params)?, step: context, services, http: &self.http, cancel };
                 done(builtin.run(call).await?)
+            }
+            ActionSpec::Workflow(spec) => {
+                let input = match &spec.input {
+                    Some(input) => render(input)?,
+                    None => serde_json::json!({}),
+                };
+                if !input.is_object() {
+                    return Err(ActionError::fatal(format!("the child's input must be a JSON object, not `{input}`")));
+                }
+                Ok(Outcome::Child { run_id: services.start_child(context, &spec.workflow, &input).await? })
             }
         }
     }

@@ -719,7 +719,13 @@ fn workflows(engine: &Engine) -> Value {
                 "catchup": w.def.catchup,
                 "overlap": w.def.overlap,
                 "events": w.def.events,
-                "steps": w.def.steps.iter().map(|s| json!({ "id": s.id, "action": s.action.name() })).collect::<Vec<_>>(),
+                "steps": w
+                    .def
+                    .steps
+                    .iter()
+                    .enumerate()
+                    .map(|(index, s)| json!({ "id": s.id, "action": s.action.name(), "needs": views::needs(w, index as u32) }))
+                    .collect::<Vec<_>>(),
                 "definitionHash": w.hash,
                 "search": w.def.search,
             })

@@ -1,7 +1,7 @@
 //! JSON views of runs, built from their logs (the source of truth) and definition snapshots.
 
 use crate::definition::Workflow;
-use crate::machine::{Millis, RunState, Status, Transition};
+use crate::machine::{self, Millis, RunState, StepStatus, Transition};
 use crate::store::{BusEntry, ListedEvent, Logged, ReplicaBeat, RunSummary};
 use serde_json::{Value, json};
 
@@ -18,54 +18,19 @@ fn step_id(workflow: &Workflow, step: u32) -> Value {
 
 /// `GET /api/runs/:runId`.
 pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) -> Value {
-    let current = state.status.step_attempt();
-    let steps: Vec<Value> = workflow
-        .def
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(index, def)| {
-            let index = index as u32;
-            let mut attempts = 0;
-            let mut output = Value::Null;
-            let mut error = Value::Null;
-            let mut completed = false;
-            for entry in log {
-                match &entry.recorded.transition {
-                    Transition::StepStarted { step, attempt } if *step == index => attempts = attempts.max(*attempt),
-                    Transition::StepCompleted { step, output: out, .. }
-                    | Transition::StepReused { step, output: out }
-                        if *step == index =>
-                    {
-                        completed = true;
-                        output = json_text(out);
-                    }
-                    Transition::StepFailed { step, error: err, .. } if *step == index => {
-                        error = Value::String(err.clone())
-                    }
-                    _ => {}
-                }
-            }
-            let status = if completed {
-                "completed"
-            } else if current.is_some_and(|(step, _)| step == index) {
-                match state.status {
-                    Status::Retrying { .. } => "retrying",
-                    Status::Sleeping { .. } => "sleeping",
-                    Status::Waiting { .. } => "waiting",
-                    Status::Pending => "pending",
-                    _ => "running",
-                }
-            } else if attempts > 0 {
-                match state.status {
-                    Status::Cancelled => "cancelled",
-                    Status::TimedOut => "timed_out",
-                    _ => "failed",
-                }
-            } else {
-                "pending"
-            };
-            json!({ "id": def.id, "status": status, "attempts": attempts, "output": output, "error": error })
+    let steps: Vec<Value> = machine::step_views(state, log.iter().map(|l| &l.recorded), &workflow.def)
+        .into_iter()
+        .map(|view| {
+            json!({
+                "id": step_id(workflow, view.step),
+                "status": view.status,
+                "attempts": view.attempts,
+                "output": view.output.as_deref().map_or(Value::Null, json_text),
+                "error": view.error,
+                "needs": needs(workflow, view.step),
+                "startedAt": view.started_at.map(timestamp),
+                "endedAt": view.ended_at.map(timestamp),
+            })
         })
         .collect();
     // The error that ended the run: a failure before the run was last resumed is history only.
@@ -78,12 +43,28 @@ pub fn run(run_id: &str, state: &RunState, log: &[Logged], workflow: &Workflow) 
             Transition::RunCancelled { reason } => Some(format!("cancelled: {reason}")),
             _ => None,
         });
+    let (parent_run, parent_step) = match &state.trigger {
+        machine::Trigger::Parent { run_id, step_id, .. } => (json!(run_id), json!(step_id)),
+        _ => (Value::Null, Value::Null),
+    };
+    let children: Vec<Value> = log
+        .iter()
+        .filter_map(|entry| match &entry.recorded.transition {
+            Transition::ChildStarted { step, attempt, child } => {
+                Some(json!({ "step": step_id(workflow, *step), "attempt": attempt, "runId": child }))
+            }
+            _ => None,
+        })
+        .collect();
     json!({
         "runId": run_id,
         "workflowId": state.workflow,
         "status": state.status.name(),
         "input": json_text(&state.input),
         "trigger": state.trigger.to_json(),
+        "parentRunId": parent_run,
+        "parentStep": parent_step,
+        "children": children,
         "steps": steps,
         "error": run_error,
         "seq": state.seq,
@@ -126,6 +107,9 @@ pub fn transition(entry: &Logged, workflow: &Workflow) -> Value {
         Transition::EventReceived { event_id, payload, .. } => {
             json!({ "eventId": event_id, "payload": json_text(payload) })
         }
+        Transition::ChildStarted { child, .. } => json!({ "childRunId": child }),
+        Transition::ChildEnded { child, status, .. } => json!({ "childRunId": child, "childStatus": status }),
+        Transition::StepSkipped { .. } => json!({ "output": json_text(machine::SKIPPED_OUTPUT) }),
         Transition::StepStarted { .. }
         | Transition::TimerFired { .. }
         | Transition::RunCompleted
@@ -231,31 +215,58 @@ pub fn run_at(
     view
 }
 
-/// Where a run is, in detail: its current step and attempt and what it waits for.
+/// Where a run is, in detail: the step it is shown at (see [`RunState::position`]), with its
+/// attempt and what it waits for, and every step that is live now.
 fn current(state: &RunState, workflow: &Workflow) -> Value {
     let (step, attempt) =
-        state.status.step_attempt().map_or((Value::Null, Value::Null), |(s, a)| (step_id(workflow, s), json!(a)));
+        state.position().map_or((Value::Null, Value::Null), |(s, a)| (step_id(workflow, s), json!(a)));
     let mut current = json!({ "status": state.status.name(), "step": step, "attempt": attempt });
-    match &state.status {
-        Status::Retrying { due, .. } => current["retryAt"] = json!(timestamp(*due)),
-        Status::Sleeping { until, .. } => current["until"] = json!(timestamp(*until)),
-        Status::Waiting { event, until, .. } => {
-            current["event"] = json!(event);
-            current["until"] = json!(timestamp(*until));
+    let live: Vec<Value> = if state.status.is_terminal() {
+        Vec::new()
+    } else {
+        state
+            .steps
+            .iter()
+            .filter(|(_, status)| !matches!(status, StepStatus::Completed | StepStatus::Failed { .. }))
+            .map(|(step, status)| {
+                let mut live =
+                    json!({ "step": step_id(workflow, *step), "status": status.name(), "attempt": status.attempt() });
+                match status {
+                    StepStatus::Retrying { due, .. } => live["retryAt"] = json!(timestamp(*due)),
+                    StepStatus::Sleeping { until, .. } => live["until"] = json!(timestamp(*until)),
+                    StepStatus::Waiting { event, until, .. } => {
+                        live["event"] = json!(event);
+                        live["until"] = json!(timestamp(*until));
+                    }
+                    StepStatus::AwaitingChild { child, .. } => live["child"] = json!(child),
+                    StepStatus::Queued { .. }
+                    | StepStatus::Running { .. }
+                    | StepStatus::Completed
+                    | StepStatus::Failed { .. } => {}
+                }
+                live
+            })
+            .collect()
+    };
+    // The shown step's details at the top level, as for a run with one step at a time.
+    if let Some(shown) = live.iter().find(|l| l["step"] == current["step"]) {
+        for field in ["retryAt", "until", "event"] {
+            if let Some(value) = shown.get(field) {
+                current[field] = value.clone();
+            }
         }
-        Status::Pending
-        | Status::Queued { .. }
-        | Status::Running { .. }
-        | Status::Completed
-        | Status::Failed
-        | Status::Cancelled
-        | Status::TimedOut => {}
     }
+    current["live"] = json!(live);
     current["lastError"] = state.last_error.as_ref().map_or(
         Value::Null,
         |err| json!({ "step": step_id(workflow, err.step), "attempt": err.attempt, "message": err.message }),
     );
     current
+}
+
+/// The ids of the steps `step` starts after.
+pub fn needs(workflow: &Workflow, step: u32) -> Vec<Value> {
+    workflow.def.needs(step).map(|need| step_id(workflow, need)).collect()
 }
 
 /// One live replica of `GET /api/replicas`.

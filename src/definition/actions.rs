@@ -94,6 +94,18 @@ pub struct Correlate {
     pub equals: String,
 }
 
+/// `workflow`: starts a run of another workflow (a child) and parks the step, holding no
+/// executor, until the child ends; the child's output becomes the step's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildSpec {
+    /// The child workflow's id (checked at load to be a workflow of the same registry).
+    pub workflow: String,
+    /// The child's input (templates rendered from the parent run); default `{}`.
+    #[serde(default)]
+    pub input: Option<serde_json::Value>,
+}
+
 /// `inngest`: sends an event to Inngest's event API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,6 +268,12 @@ pub(super) fn parse_more(
                 Ok(ActionSpec::WaitForEvent(spec))
             })
         }
+        "workflow" => parse::<ChildSpec>(action, with, "{ workflow = \"<id>\", input = { ... } }").and_then(|spec| {
+            if !super::valid_id(&spec.workflow) {
+                return Err(("with.workflow", format!("`{}` is not a workflow id", spec.workflow)));
+            }
+            Ok(ActionSpec::Workflow(spec))
+        }),
         "inngest" => {
             parse::<InngestSpec>(action, with, "{ event = \"app/name\", data = { ... } }").map(ActionSpec::Inngest)
         }

@@ -73,6 +73,34 @@ pub const MAX_SEARCH_FIELDS: usize = 8;
 pub const MAX_SEARCH_VALUE: usize = 256;
 
 impl WorkflowDef {
+    /// The steps `step` starts after (see [`StepDef::needs`]).
+    pub fn needs(&self, step: u32) -> impl Iterator<Item = u32> + '_ {
+        let explicit = self.steps.get(step as usize).and_then(|def| def.needs.as_deref());
+        let implicit = (explicit.is_none() && step > 0).then(|| step - 1);
+        explicit.unwrap_or(&[]).iter().copied().chain(implicit)
+    }
+
+    /// The steps that start with the run: those that need nothing.
+    pub fn roots(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.steps.len() as u32).filter(|&step| self.needs(step).next().is_none())
+    }
+
+    /// Whether `step` comes after `ancestor` in the graph: needs it, or needs a step that does.
+    pub fn depends_on(&self, step: u32, ancestor: u32) -> bool {
+        let mut seen = vec![false; self.steps.len()];
+        let mut stack: Vec<u32> = self.needs(step).collect();
+        while let Some(next) = stack.pop() {
+            if next == ancestor {
+                return true;
+            }
+            if let Some(seen) = seen.get_mut(next as usize).filter(|seen| !**seen) {
+                *seen = true;
+                stack.extend(self.needs(next));
+            }
+        }
+        false
+    }
+
     /// The values a run with `input` is indexed by: `(field, value)` for each `search` field the
     /// input holds as a string (at most [`MAX_SEARCH_VALUE`] bytes), a number or a boolean,
     /// written as text (`7`, `true`), so that `input.userId=7` finds `{"userId": 7}` and
@@ -103,12 +131,18 @@ pub struct StepDef {
     pub id: String,
     pub action: ActionSpec,
     /// A template (`${steps.wait.timedOut}`): the step runs only when it is truthy; otherwise it
-    /// completes at once with `{"skipped": true}`.
+    /// is recorded skipped (`step_skipped`), its output `{"skipped": true}`.
     #[serde(default)]
     pub when: Option<String>,
     #[serde(with = "duration::serde_human")]
     pub timeout: Duration,
     pub retry: RetryPolicy,
+    /// The steps (by index) this one starts after: it runs once all of them completed (or were
+    /// skipped). `None`, a step without `needs` in its file, follows the step before it (the
+    /// first step starts at once); left out of the snapshot then, so that a workflow without
+    /// `needs` keeps its definition hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs: Option<Vec<u32>>,
 }
 
 /// What a step does, with its parameters (the TOML `action` and `with`).
@@ -126,6 +160,8 @@ pub enum ActionSpec {
     WaitForEvent(actions::WaitSpec),
     Inngest(actions::InngestSpec),
     Builtin(actions::BuiltinSpec),
+    /// Runs another workflow as a child and completes with its output.
+    Workflow(actions::ChildSpec),
 }
 
 impl ActionSpec {
@@ -140,6 +176,7 @@ impl ActionSpec {
             ActionSpec::WaitForEvent(_) => "wait_for_event",
             ActionSpec::Inngest(_) => "inngest",
             ActionSpec::Builtin(_) => "builtin",
+            ActionSpec::Workflow(_) => "workflow",
         }
     }
 }
@@ -288,6 +325,21 @@ impl Registry {
             registry.by_id.insert(workflow.def.id.clone(), Arc::clone(&workflow));
             registry.ordered.push(workflow);
         }
+        // A child workflow must be one of this registry (defined anywhere in the file).
+        for workflow in &registry.ordered {
+            for (index, step) in workflow.def.steps.iter().enumerate() {
+                if let ActionSpec::Workflow(child) = &step.action
+                    && !registry.by_id.contains_key(&child.workflow)
+                {
+                    return Err(DefinitionError {
+                        file: file.to_owned(),
+                        workflow: Some(workflow.def.id.clone()),
+                        field: Some(format!("step[{index}].with.workflow")),
+                        problem: format!("`{}` is not a workflow of this file", child.workflow),
+                    });
+                }
+            }
+        }
         Ok(registry)
     }
 
@@ -358,6 +410,8 @@ struct RawStep {
     with: Option<toml::Value>,
     timeout: Option<String>,
     retry: Option<RawRetry>,
+    #[serde(default)]
+    needs: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -368,6 +422,68 @@ struct RawRetry {
     max_backoff: Option<String>,
     multiplier: Option<f64>,
     jitter: Option<f64>,
+}
+
+/// The most steps a workflow may have.
+pub const MAX_STEPS: usize = 256;
+
+/// A step's `needs` as step indexes: every name another step of the workflow, none twice.
+fn resolve_needs(step: &str, names: &[String], step_ids: &[String]) -> Result<Vec<u32>, String> {
+    let mut needs = Vec::with_capacity(names.len());
+    for name in names {
+        if name == step {
+            return Err(format!("step `{step}` cannot need itself"));
+        }
+        let Some(index) = step_ids.iter().position(|id| id == name) else {
+            return Err(format!("step `{step}` needs `{name}`, which is not a step of this workflow"));
+        };
+        if needs.contains(&(index as u32)) {
+            return Err(format!("step `{step}` names `{name}` twice"));
+        }
+        needs.push(index as u32);
+    }
+    Ok(needs)
+}
+
+/// A cycle of steps that need each other, by id, the first repeated at the end; `None` when
+/// the steps form a graph without one (every step can start eventually).
+fn find_cycle(steps: &[StepDef]) -> Option<Vec<String>> {
+    let needs = |step: usize| -> Vec<usize> {
+        match &steps[step].needs {
+            Some(needs) => needs.iter().map(|&n| n as usize).collect(),
+            None => step.checked_sub(1).into_iter().collect(),
+        }
+    };
+    // Depth-first, with the path on a stack: 0 unvisited, 1 on the path, 2 done.
+    let mut mark = vec![0u8; steps.len()];
+    for start in 0..steps.len() {
+        if mark[start] != 0 {
+            continue;
+        }
+        let mut path: Vec<(usize, Vec<usize>)> = vec![(start, needs(start))];
+        mark[start] = 1;
+        while let Some((step, pending)) = path.last_mut() {
+            let step = *step;
+            match pending.pop() {
+                Some(next) if mark[next] == 1 => {
+                    let from = path.iter().position(|(s, _)| *s == next).unwrap_or(0);
+                    let mut cycle: Vec<String> = path[from..].iter().map(|(s, _)| steps[*s].id.clone()).collect();
+                    cycle.push(steps[next].id.clone());
+                    return Some(cycle);
+                }
+                Some(next) if mark[next] == 0 => {
+                    mark[next] = 1;
+                    path.push((next, needs(next)));
+                }
+                Some(_) => {}
+                None => {
+                    mark[step] = 2;
+                    path.pop();
+                }
+            }
+        }
+    }
+    None
 }
 
 /// How far back `catchup = "all"` looks by default.
@@ -432,6 +548,10 @@ impl RawWorkflow {
         if self.step.is_empty() {
             return Err(fail("step", "a workflow needs at least one [[workflow.step]]".to_owned()));
         }
+        if self.step.len() > MAX_STEPS {
+            return Err(fail("step", format!("a workflow has at most {MAX_STEPS} steps")));
+        }
+        let step_ids: Vec<String> = self.step.iter().map(|raw| raw.id.clone()).collect();
         let mut steps: Vec<StepDef> = Vec::with_capacity(self.step.len());
         for (index, raw) in self.step.into_iter().enumerate() {
             let at = |name: &str| format!("step[{index}].{name}");
@@ -455,7 +575,16 @@ impl RawWorkflow {
                 }
                 None => RetryPolicy::default(),
             };
-            steps.push(StepDef { id: raw.id, action, when: raw.when, timeout, retry });
+            let needs = match raw.needs {
+                Some(names) => {
+                    Some(resolve_needs(&raw.id, &names, &step_ids).map_err(|problem| fail(&at("needs"), problem))?)
+                }
+                None => None,
+            };
+            steps.push(StepDef { id: raw.id, action, when: raw.when, timeout, retry, needs });
+        }
+        if let Some(cycle) = find_cycle(&steps) {
+            return Err(fail("needs", format!("the steps need each other in a cycle: {}", cycle.join(" -> "))));
         }
         Ok(WorkflowDef {
             id: self.id,
@@ -524,7 +653,7 @@ fn parse_action(action: &str, with: Option<toml::Value>) -> Result<ActionSpec, (
             Err((
                 "action",
                 format!(
-                    "unknown action `{other}` (known: noop, exec, http, publish, notify, sleep, wait_for_event, inngest, builtin)"
+                    "unknown action `{other}` (known: noop, exec, http, publish, notify, sleep, wait_for_event, inngest, builtin, workflow)"
                 ),
             ))
         }),
@@ -655,6 +784,57 @@ retry = { max_attempts = 5, initial_backoff = "1s", max_backoff = "1m", multipli
         let bad = EXAMPLE.replace("timeout =", "timout =");
         let err = Registry::parse("jobs.toml", &bad).unwrap_err();
         assert!(err.to_string().contains("timout"), "{err}");
+    }
+
+    /// A workflow of steps `a`, `b`, `c`, `d` with the given `needs` lines (`""`: none).
+    fn graph(needs: [&str; 4]) -> Result<Registry, DefinitionError> {
+        let mut text = "[[workflow]]\nid = \"g\"\n".to_owned();
+        for (id, needs) in ["a", "b", "c", "d"].iter().zip(needs) {
+            text.push_str(&format!("[[workflow.step]]\nid = \"{id}\"\naction = \"noop\"\n{needs}\n"));
+        }
+        Registry::parse("g.toml", &text)
+    }
+
+    #[test]
+    fn needs_form_a_graph_checked_at_load() {
+        let diamond = graph(["", "needs = [\"a\"]", "needs = [\"a\"]", "needs = [\"b\", \"c\"]"]).unwrap();
+        let def = &diamond.get("g").unwrap().def;
+        let needs = |step| def.needs(step).collect::<Vec<_>>();
+        assert_eq!((needs(0), needs(1), needs(2), needs(3)), (vec![], vec![0], vec![0], vec![1, 2]));
+        assert_eq!(def.roots().collect::<Vec<_>>(), [0]);
+        assert!(def.depends_on(3, 0) && def.depends_on(3, 2) && !def.depends_on(2, 1) && !def.depends_on(0, 3));
+        // Without `needs` a step follows the one before it; `needs = []` starts with the run.
+        let mixed = graph(["", "", "needs = []", "needs = [\"d\"]"]);
+        let err = mixed.unwrap_err();
+        assert!(err.to_string().contains("cannot need itself"), "{err}");
+        let mixed = graph(["", "", "needs = []", ""]).unwrap();
+        let def = &mixed.get("g").unwrap().def;
+        assert_eq!(def.roots().collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(def.needs(3).collect::<Vec<_>>(), [2]);
+        // A step may need a later one.
+        let later = graph(["needs = [\"d\"]", "", "", "needs = []"]).unwrap();
+        assert_eq!(later.get("g").unwrap().def.roots().collect::<Vec<_>>(), [3]);
+
+        for (needs, field, problem) in [
+            (["", "needs = [\"zz\"]", "", ""], "step[1].needs", "`zz`, which is not a step"),
+            (["", "needs = [\"a\", \"a\"]", "", ""], "step[1].needs", "names `a` twice"),
+            (["needs = [\"c\"]", "", "", ""], "needs", "cycle: a -> c -> b -> a"),
+            (["needs = [\"b\"]", "needs = [\"a\"]", "", ""], "needs", "cycle"),
+        ] {
+            let err = graph(needs).unwrap_err();
+            assert_eq!((err.workflow.as_deref(), err.field.as_deref()), (Some("g"), Some(field)), "{err}");
+            assert!(err.problem.contains(problem), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_workflow_without_needs_keeps_its_definition_hash() {
+        let plain = Registry::parse("example.toml", EXAMPLE).unwrap();
+        assert!(!plain.get("nightly-report").unwrap().snapshot.contains("needs"));
+        let explicit = EXAMPLE.replace("id = \"build\"", "id = \"build\"\nneeds = []");
+        let with = Registry::parse("example.toml", &explicit).unwrap();
+        assert!(with.get("nightly-report").unwrap().snapshot.contains("needs"));
+        assert_ne!(with.get("nightly-report").unwrap().hash, plain.get("nightly-report").unwrap().hash);
     }
 
     #[test]

@@ -226,10 +226,7 @@ impl Engine {
         workflow: &crate::definition::Workflow,
         trace: Option<crate::machine::TraceContext>,
     ) -> Result<(), StoreError> {
-        let Some((step, attempt)) = task.state.status.step_attempt() else {
-            self.store.ack(lease).await?;
-            return Ok(());
-        };
+        let (step, attempt) = (task.step, task.attempt);
         let Some(step_def) = workflow.def.steps.get(step as usize) else {
             return Err(StoreError::Corrupt {
                 key: run.to_string(),
@@ -251,6 +248,7 @@ impl Engine {
                 Default::default()
             };
             let context = StepContext {
+                step,
                 run_id: task.run.clone(),
                 workflow_id: workflow.def.id.clone(),
                 step_id: step_def.id.clone(),
@@ -269,13 +267,25 @@ impl Engine {
         let now = self.clock.now();
         self.metrics.step_took(&workflow.def.id, std::time::Duration::from_millis(now.saturating_sub(started_at)));
         let mut parked_on = None;
+        let mut started_child = false;
         let span = tracing::Span::current();
         let finished = match outcome {
+            Ok(actions::Outcome::Skipped) => {
+                tracing::debug!("step skipped: its condition is false");
+                self.attempt_ended(&span, "skipped", None);
+                Transition::StepSkipped { step, attempt }
+            }
             Ok(actions::Outcome::Done(output)) => {
                 Counters::add(&self.counters.steps_completed);
                 tracing::debug!("step completed");
                 self.attempt_ended(&span, "completed", None);
                 Transition::StepCompleted { step, attempt, output }
+            }
+            Ok(actions::Outcome::Child { run_id }) => {
+                tracing::debug!(child = %run_id, "step waits for its child run");
+                self.attempt_ended(&span, "waiting", None);
+                started_child = true;
+                Transition::ChildStarted { step, attempt, child: run_id }
             }
             Ok(actions::Outcome::Park { until, event }) => {
                 tracing::debug!(until, event = event.as_deref(), "step parked");
@@ -285,19 +295,9 @@ impl Engine {
             }
             Err(err) => {
                 Counters::add(&self.counters.steps_failed);
-                if err.retryable {
-                    machine::step_failure(
-                        &workflow.def,
-                        &task.state,
-                        step,
-                        attempt,
-                        err.message,
-                        now,
-                        rand::random_range(-1.0..=1.0),
-                    )
-                } else {
-                    Transition::StepFailed { step, attempt, error: err.message, retry_at: None }
-                }
+                let jitter = rand::random_range(-1.0..=1.0);
+                let failure = machine::Failure { error: err.message, retryable: err.retryable };
+                machine::attempt_failed(&workflow.def, &task.state, step, attempt, failure, now, jitter)
             }
         };
         if let Transition::StepFailed { error, retry_at, .. } = &finished {
@@ -308,6 +308,12 @@ impl Engine {
             vec![self.recorded(started_at, Transition::StepStarted { step, attempt }), self.recorded(now, finished)];
         let created_at = task.state.created_at;
         let outcome = self.commit_outcome(run, lease, task.state, workflow, happened, now).await?;
+        if started_child && matches!(outcome, CommitOutcome::Applied { .. }) {
+            // The child may have ended before the wait was recorded: its end found nothing to wake.
+            if let Some(loaded) = self.load_for_loop(run).await? {
+                self.wake_for_ended_children(run, &loaded.state).await?;
+            }
+        }
         if let (Some((event, until)), CommitOutcome::Applied { .. }) = (parked_on, outcome) {
             // Found by the router when the event arrives. Not atomic with the commit: the
             // sweeper registers a waiting run again if this is lost.
@@ -389,11 +395,11 @@ impl Engine {
         let mut outputs = serde_json::Map::new();
         let Some(log) = self.store.history(run).await? else { return Ok(outputs) };
         for entry in &log {
-            if let Transition::StepCompleted { step, output, .. } | Transition::StepReused { step, output } =
-                &entry.recorded.transition
-                && let Some(def) = workflow.def.steps.get(*step as usize)
+            if let Some((step, output)) = machine::output_of(&entry.recorded.transition)
+                && let Some(def) = workflow.def.steps.get(step as usize)
             {
-                let value = serde_json::from_str(output).unwrap_or_else(|_| serde_json::Value::String(output.clone()));
+                let value =
+                    serde_json::from_str(output).unwrap_or_else(|_| serde_json::Value::String(output.to_owned()));
                 outputs.insert(def.id.clone(), value);
             }
         }
@@ -422,15 +428,11 @@ impl Engine {
         clear_timer: bool,
         path: CommitPath,
     ) -> Result<CommitOutcome, StoreError> {
-        let mut dispatch = None;
-        let mut timer = None;
-        for effect in &advanced.effects {
-            match effect {
-                Effect::Dispatch { .. } => dispatch = Some(advanced.state.clone()),
-                Effect::SetTimer { due } => timer = Some(*due),
-                Effect::CompleteRun | Effect::FailRun { .. } => {}
-            }
-        }
+        let dispatch = super::dispatches(&advanced.effects);
+        let timer = advanced.effects.iter().find_map(|effect| match effect {
+            Effect::SetTimer { due } => Some(*due),
+            _ => None,
+        });
         let retrying =
             advanced.appended.iter().any(|r| matches!(r.transition, Transition::StepFailed { retry_at: Some(_), .. }));
         let ended = advanced.appended.iter().find_map(|r| match r.transition {
@@ -440,6 +442,9 @@ impl Engine {
         });
         let workflow = advanced.state.workflow.clone();
         let final_status = advanced.state.status.is_terminal().then(|| advanced.state.status.name());
+        // A child run's end wakes its parent.
+        let ended_child =
+            (final_status.is_some() && advanced.state.trigger.depth() > 0).then(|| advanced.state.clone());
         // For the run span, exported once the end is committed; only when traces are on.
         let ended_state = (final_status.is_some() && self.config.traces.is_some()).then(|| advanced.state.clone());
         let ended_at = advanced.appended.last().map(|r| r.at);
@@ -477,6 +482,9 @@ impl Engine {
                 if let (Some(state), Some(at)) = (&ended_state, ended_at) {
                     self.run_ended(run, state, at);
                 }
+                if let Some(state) = &ended_child {
+                    Box::pin(self.child_run_ended(run, state)).await;
+                }
             }
             CommitOutcome::LeaseLost => {
                 Counters::add(&self.counters.completions_fenced);
@@ -503,9 +511,9 @@ impl Engine {
 /// `trace_id` is recorded by the traces when they are on, this being the attempt's span. At
 /// ERROR level so that no `LOG_LEVEL` drops it while it still lets its lines through.
 pub(super) fn step_span(run: &RunId, task: &ReadyTask, workflow: &crate::definition::Workflow) -> tracing::Span {
-    let (step, attempt) = task.state.status.step_attempt().unzip();
+    let attempt = task.attempt;
     // As text (`step=fetch`), like the other fields, not as a quoted debug string.
-    let step = step.and_then(|step| workflow.def.steps.get(step as usize)).map(|def| tracing::field::display(&def.id));
+    let step = workflow.def.steps.get(task.step as usize).map(|def| tracing::field::display(&def.id));
     tracing::error_span!(
         "step",
         run_id = %run,

@@ -42,7 +42,13 @@ impl Engine {
 
     /// Folds `log` (the whole log of `run`, or its beginning) into the run's state.
     async fn fold(&self, run: &RunId, log: Vec<Logged>) -> Result<Option<LoadedRun>, EngineError> {
-        let state = match machine::replay(log.iter().map(|l| &l.recorded)) {
+        let Some(first) = log.first() else { return Ok(None) };
+        let Some(hash) = machine::definition_of(log.iter().map(|l| &l.recorded)) else {
+            let problem = "the log does not start with `run_created`".to_owned();
+            return Err(EngineError::CorruptLog { run: run.to_string(), entry: first.seq, problem });
+        };
+        let workflow = self.definition(run.shard, hash).await?;
+        let state = match machine::replay(log.iter().map(|l| &l.recorded), &workflow.def) {
             Ok(Some(state)) => state,
             Ok(None) => return Ok(None),
             Err((index, err)) => {
@@ -50,7 +56,6 @@ impl Engine {
                 return Err(EngineError::CorruptLog { run: run.to_string(), entry, problem: err.to_string() });
             }
         };
-        let workflow = self.definition(run.shard, &state.definition).await?;
         Ok(Some(LoadedRun { id: run.clone(), log, state, workflow }))
     }
 
@@ -76,17 +81,15 @@ impl Engine {
             if loaded.state.status.is_terminal() {
                 return Err(EngineError::Conflict(format!("run {run} is already {}", loaded.state.status.name())));
             }
-            let queued = self.store.summary(run).await?.and_then(|s| s.ready_entry);
             let now = self.clock.now();
             let cancelled = self.recorded(now, Transition::RunCancelled { reason: reason.to_owned() });
             let advanced = machine::advance(Some(&loaded.state), &loaded.workflow.def, vec![cancelled], now)
                 .map_err(|err| EngineError::Conflict(err.to_string()))?;
             let state = advanced.state.clone();
             match self.commit_advanced(run, loaded.state.seq, None, advanced, true).await? {
+                // The commit withdrew the run's queued steps; its children are cancelled too.
                 CommitOutcome::Applied { .. } => {
-                    if let Some(entry) = queued {
-                        self.store.retract(run, &entry).await?;
-                    }
+                    self.cancel_children(run, &loaded.state).await;
                     return Ok(state);
                 }
                 CommitOutcome::Stale => continue,
@@ -115,11 +118,9 @@ impl Engine {
             let resumed = self.recorded(now, Transition::RunResumed { step, attempt });
             let advanced = machine::advance(Some(&loaded.state), &loaded.workflow.def, vec![resumed], now)
                 .map_err(|err| EngineError::Conflict(err.to_string()))?;
-            let dispatch = advanced
-                .effects
-                .iter()
-                .any(|e| matches!(e, machine::Effect::Dispatch { .. }))
-                .then(|| advanced.state.clone());
+            let dispatch = super::dispatches(&advanced.effects);
+            // Steps of the run still parked or retrying keep their timer.
+            let timer = advanced.state.next_timer();
             let state = advanced.state.clone();
             let commit = Commit {
                 run: run.clone(),
@@ -128,7 +129,7 @@ impl Engine {
                 records: advanced.appended,
                 state: advanced.state,
                 dispatch,
-                timer: None,
+                timer,
                 clear_timer: false,
             };
             match self.store.reopen(commit).await? {
@@ -143,8 +144,8 @@ impl Engine {
     }
 
     /// Starts a new run of `run`'s definition snapshot, reusing the outputs it recorded for the
-    /// steps before `from_step` (default: the first, so nothing is reused), with `input` or the
-    /// original input.
+    /// steps that do not come after `from_step` (default: the first, so nothing is reused; in a
+    /// workflow without `needs`, the steps before it), with `input` or the original input.
     pub async fn rerun(
         &self,
         run: &RunId,
@@ -163,23 +164,40 @@ impl Engine {
                 ))
             })? as u32,
         };
-        let mut reused = Vec::with_capacity(from as usize);
-        for step in 0..from {
-            let output = loaded.log.iter().rev().find_map(|l| match &l.recorded.transition {
+        let def = &loaded.workflow.def;
+        let output_of = |step: u32| {
+            loaded.log.iter().rev().find_map(|l| match &l.recorded.transition {
                 Transition::StepCompleted { step: s, output, .. } | Transition::StepReused { step: s, output }
                     if *s == step =>
                 {
                     Some(output.clone())
                 }
                 _ => None,
-            });
-            match output {
-                Some(output) => reused.push((step, output)),
-                None => {
-                    return Err(EngineError::Invalid(format!(
-                        "`fromStep`: step `{}` has no recorded output in run {run} to reuse",
-                        steps[step as usize].id
-                    )));
+            })
+        };
+        // Every step `from` comes after must have an output to reuse; the other steps that do
+        // not come after it (parallel branches) are reused where they completed, else run again.
+        let mut outputs: Vec<Option<String>> = Vec::with_capacity(steps.len());
+        for step in 0..steps.len() as u32 {
+            let reusable = step != from && !def.depends_on(step, from);
+            let output = if reusable { output_of(step) } else { None };
+            if output.is_none() && def.depends_on(from, step) {
+                return Err(EngineError::Invalid(format!(
+                    "`fromStep`: step `{}` has no recorded output in run {run} to reuse",
+                    steps[step as usize].id
+                )));
+            }
+            outputs.push(output);
+        }
+        // Each reused after the steps it needs (a step reused is one the run reached).
+        let mut reused = Vec::new();
+        let mut placed = vec![false; steps.len()];
+        for _ in 0..steps.len() {
+            for step in 0..steps.len() as u32 {
+                let index = step as usize;
+                if !placed[index] && outputs[index].is_some() && def.needs(step).all(|need| placed[need as usize]) {
+                    placed[index] = true;
+                    reused.push((step, outputs[index].clone().unwrap_or_default()));
                 }
             }
         }

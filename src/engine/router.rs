@@ -13,7 +13,7 @@
 
 use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
 use crate::definition::valid_event_type;
-use crate::machine::{TraceContext, Transition, Trigger};
+use crate::machine::{TraceContext, Trigger};
 use crate::store::{BUS_CLOCK_TOLERANCE, BusEntry, DEAD_LETTER_KEEP, EntryCap, SettledEvent, StoreError};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -126,6 +126,10 @@ fn crash_before_ack() -> bool {
 fn truncate(text: &str) -> String {
     text.chars().take(64).collect()
 }
+
+/// How often an event's wake-up of a run is decided again after another step of the run
+/// committed first.
+const WAKE_ATTEMPTS: usize = 5;
 
 impl Engine {
     /// Validates and appends an event to the bus (the REST way in); returns its entry id.
@@ -313,44 +317,67 @@ impl Engine {
     /// Wakes `run` with the event `id` if it waits for it (type and correlation); returns its
     /// workflow if it did.
     async fn wake_one(&self, run: &crate::store::RunId, id: &str, event: &Event) -> Result<Option<String>, StoreError> {
+        // Another step of the run may commit between the read and the wake: decide again on
+        // its new state.
+        for _ in 0..WAKE_ATTEMPTS {
+            if let Some(woken) = self.try_wake(run, id, event).await? {
+                return Ok(woken);
+            }
+        }
+        tracing::error!(run_id = %run, event = %id, "the run kept changing while an event was waking it: the event was not delivered to it");
+        Ok(None)
+    }
+
+    /// One attempt of [`Engine::wake_one`]: its answer, or `None` when the run moved on between
+    /// the read and the commit (to be decided again).
+    async fn try_wake(
+        &self,
+        run: &crate::store::RunId,
+        id: &str,
+        event: &Event,
+    ) -> Result<Option<Option<String>>, StoreError> {
         let loaded = match self.load(run).await {
             Ok(Some(loaded)) => loaded,
             Ok(None) => {
                 self.store.remove_wait(&event.event_type, run).await?;
-                return Ok(None);
+                return Ok(Some(None));
             }
             Err(EngineError::Store(err)) => return Err(err),
             Err(err) => {
                 tracing::error!(run_id = %run, %err, "a waiting run cannot be read; leaving it to its time-out");
-                return Ok(None);
+                return Ok(Some(None));
             }
         };
-        let crate::machine::Status::Waiting { step, attempt, event: ref awaited, .. } = loaded.state.status else {
+        // The first step (by index) waiting for this type whose correlation rule the event
+        // satisfies.
+        let run_id = run.to_string();
+        let mut waiting = loaded.state.waiting_for(&event.event_type).peekable();
+        if waiting.peek().is_none() {
             // Woken or ended meanwhile: the registration is stale.
             self.store.remove_wait(&event.event_type, run).await?;
-            return Ok(None);
-        };
-        let Some(step_def) = loaded.workflow.def.steps.get(step as usize) else { return Ok(None) };
-        if *awaited != event.event_type
-            || !crate::actions::Actions::correlates(step_def, &run.to_string(), &loaded.state.input, &event.payload)
-        {
-            return Ok(None);
+            return Ok(Some(None));
         }
-        let payload = event.payload.to_string();
-        let output = serde_json::json!({
-            "timedOut": false,
-            "event": { "id": id, "type": event.event_type, "payload": event.payload },
-        })
-        .to_string();
-        let woke = Transition::EventReceived { step, attempt, event_id: id.to_owned(), payload };
+        let Some((step, attempt, step_def)) = waiting.find_map(|(step, attempt, _)| {
+            let step_def = loaded.workflow.def.steps.get(step as usize)?;
+            crate::actions::Actions::correlates(step_def, &run_id, &loaded.state.input, &event.payload)
+                .then_some((step, attempt, step_def))
+        }) else {
+            return Ok(Some(None));
+        };
+        let happened = crate::machine::event_arrived(step, attempt, id, &event.event_type, &event.payload);
         let now = self.clock.now();
-        match self.wake(run, &loaded.state, &loaded.workflow, woke, output, now).await? {
+        match self.wake(run, &loaded.state, &loaded.workflow, happened, now).await? {
             crate::store::CommitOutcome::Applied { .. } => {
                 tracing::info!(run_id = %run, workflow = %loaded.state.workflow, step = %step_def.id, attempt, event = %id, "event woke a waiting run");
-                self.store.remove_wait(&event.event_type, run).await?;
-                Ok(Some(loaded.state.workflow.clone()))
+                self.wait_ended(run, &loaded.state, step, true, now);
+                // Kept while another step of the run waits for this type.
+                if loaded.state.waiting_for(&event.event_type).nth(1).is_none() {
+                    self.store.remove_wait(&event.event_type, run).await?;
+                }
+                Ok(Some(Some(loaded.state.workflow.clone())))
             }
-            _ => Ok(None),
+            crate::store::CommitOutcome::Stale => Ok(None),
+            crate::store::CommitOutcome::Gone | crate::store::CommitOutcome::LeaseLost => Ok(Some(None)),
         }
     }
 

@@ -1,8 +1,8 @@
 //! What the engine offers actions ([`Services`]): the bus, small shared values, activity
-//! summaries and the orchestrator's own housekeeping.
+//! summaries, the orchestrator's own housekeeping, and child runs (see `children`).
 
 use super::Engine;
-use crate::actions::{ActionError, Services};
+use crate::actions::{ActionError, Services, StepContext};
 use crate::machine::Millis;
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -17,6 +17,10 @@ const ACTIVITY_RUNS: usize = 10_000;
 
 #[async_trait]
 impl Services for Engine {
+    async fn start_child(&self, parent: &StepContext, workflow: &str, input: &Value) -> Result<String, ActionError> {
+        Engine::start_child(self, parent, workflow, input).await
+    }
+
     fn now(&self) -> Millis {
         self.clock.now()
     }

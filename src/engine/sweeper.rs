@@ -48,7 +48,9 @@ impl Engine {
         let before = self.clock.now().saturating_sub(quiet_for.as_millis() as u64);
         let mut requeued = 0;
         for (run, summary) in self.store.quiet_runs(before, SWEEP_BATCH).await? {
-            if summary.status == "waiting" {
+            // A run shows `waiting` when nothing else of it is busy; a step of a `running` one
+            // may wait too.
+            if summary.status == "waiting" || summary.status == "running" {
                 self.register_wait(&run).await?;
             }
             // A cheap first look from reads that are not one snapshot; the re-queue itself is
@@ -73,26 +75,31 @@ impl Engine {
 
     async fn is_orphan(&self, run: &RunId, summary: &RunSummary) -> Result<bool, StoreError> {
         match summary.status.as_str() {
-            "pending" | "running" => match &summary.ready_entry {
-                Some(entry) => Ok(!self.store.dispatch_exists(run, entry).await?),
-                None => Ok(true),
-            },
+            "pending" | "running" => {
+                for entry in &summary.ready_entries {
+                    if self.store.dispatch_exists(run, entry).await? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
             "retrying" | "sleeping" | "waiting" => Ok(!self.store.has_timer(run).await?),
             _ => Ok(false),
         }
     }
 
     /// Registers a waiting run for its event again (idempotent): the registration is written
-    /// after the commit that parks the run, so a crash in between could lose it. A run of an
+    /// after the commit that parks the run, so a crash in between could lose it. Wakes the
+    /// steps whose child runs ended (their wake-up may have been lost the same way). A run of an
     /// older definition may wait for a type no workflow of the registry waits for, which the
     /// router then does not look up: such a run looks back over the bus for its event here.
     async fn register_wait(&self, run: &RunId) -> Result<(), StoreError> {
-        if let Some(loaded) = self.load_for_loop(run).await?
-            && let machine::Status::Waiting { event, until, .. } = loaded.state.status
-        {
-            self.store.add_wait(&event, run, until).await?;
-            if !self.awaited_types.contains(&event) {
-                self.look_back_for(run, &event, loaded.state.created_at).await?;
+        let Some(loaded) = self.load_for_loop(run).await? else { return Ok(()) };
+        self.wake_for_ended_children(run, &loaded.state).await?;
+        for (event, until) in loaded.state.waits() {
+            self.store.add_wait(event, run, until).await?;
+            if !self.awaited_types.contains(event) {
+                self.look_back_for(run, event, loaded.state.created_at).await?;
             }
         }
         Ok(())
@@ -103,8 +110,11 @@ impl Engine {
     async fn requeue(&self, run: &RunId) -> Result<bool, StoreError> {
         let Some(super::LoadedRun { state, workflow, .. }) = self.load_for_loop(run).await? else { return Ok(false) };
         let now = self.clock.now();
-        let advanced = machine::advance(Some(&state), &workflow.def, Vec::new(), now)
+        let mut advanced = machine::advance(Some(&state), &workflow.def, Vec::new(), now)
             .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
+        // Every step the run has queued, not only those a transition just queued: none of its
+        // entries is live.
+        advanced.effects = machine::next(&advanced.state, &workflow.def, now);
         // The summary the sweeper judged from may be older than the log: a run that has ended
         // since implies nothing to record or perform again.
         let performs = |effect: &machine::Effect| {

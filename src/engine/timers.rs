@@ -1,8 +1,8 @@
-//! Durable timers: wakes runs whose retry is due. Every replica polls; the fenced commit lets
-//! exactly one of them fire each timer.
+//! Durable timers: wakes runs whose retry, sleep or wait time-out is due. Every replica polls;
+//! the fenced commit lets exactly one of them fire each timer.
 
 use super::{Engine, sleep_or_cancelled};
-use crate::machine::{self, Status, Transition};
+use crate::machine::{self, StepStatus, Transition};
 use crate::store::{Commit, RunId, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,74 +33,60 @@ impl Engine {
         }
     }
 
+    /// Fires every timer of `run` that is due (retries, sleeps, waits' time-outs), in one
+    /// commit that also queues what comes next and keeps the run's next timer.
     async fn fire_timer(&self, run: &RunId, now: machine::Millis) -> Result<(), StoreError> {
         let Some(super::LoadedRun { state, workflow, .. }) = self.load_for_loop(run).await? else { return Ok(()) };
-        match state.status {
-            Status::Retrying { step, attempt, due } if due <= now => {
-                let fired = self.recorded(now, Transition::TimerFired { step, attempt });
-                let advanced = machine::advance(Some(&state), &workflow.def, vec![fired], now)
-                    .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
-                if let crate::store::CommitOutcome::Applied { .. } =
-                    self.commit_advanced(run, state.seq, None, advanced, true).await?
-                {
-                    self.wait_ended(run, &state, false, now);
-                }
-            }
-            Status::Sleeping { step, attempt, until } if until <= now => {
-                let output = serde_json::json!({ "sleptUntil": crate::machine::timestamp(until) }).to_string();
-                self.wake(run, &state, &workflow, Transition::TimerFired { step, attempt }, output, now).await?;
-            }
-            Status::Waiting { step, attempt, ref event, until } if until <= now => {
-                // The wait timed out: the step completes saying so, and later steps may branch
-                // on it (`when = "${steps.<id>.timedOut}"`).
-                let event = event.clone();
-                let output = serde_json::json!({ "timedOut": true, "event": null }).to_string();
-                self.wake(run, &state, &workflow, Transition::TimerFired { step, attempt }, output, now).await?;
-                self.store.remove_wait(&event, run).await?;
-            }
+        if state.next_timer().is_none() {
+            // The run no longer waits on a timer: drop the stale one.
+            let commit = Commit {
+                run: run.clone(),
+                expected_seq: state.seq,
+                lease: None,
+                records: Vec::new(),
+                state,
+                dispatch: Vec::new(),
+                timer: None,
+                clear_timer: true,
+            };
+            self.store.commit(commit).await?;
+            return Ok(());
+        }
+        let fired = machine::timers_fired(&state, now);
+        if fired.is_empty() {
             // Due by the set's score, not yet by the log: clocks; next poll.
-            Status::Retrying { .. } | Status::Sleeping { .. } | Status::Waiting { .. } => {}
-            _ => {
-                // The run no longer waits on a timer: drop the stale one.
-                let commit = Commit {
-                    run: run.clone(),
-                    expected_seq: state.seq,
-                    lease: None,
-                    records: Vec::new(),
-                    state,
-                    dispatch: None,
-                    timer: None,
-                    clear_timer: true,
-                };
-                self.store.commit(commit).await?;
+            return Ok(());
+        }
+        let happened =
+            fired.iter().flat_map(|(_, fired)| fired.iter().map(|t| self.recorded(now, t.clone()))).collect();
+        let advanced = machine::advance(Some(&state), &workflow.def, happened, now)
+            .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
+        if let crate::store::CommitOutcome::Applied { .. } =
+            self.commit_advanced(run, state.seq, None, advanced, true).await?
+        {
+            for (step, _) in &fired {
+                self.wait_ended(run, &state, *step, false, now);
+                if let Some(StepStatus::Waiting { event, .. }) = state.steps.get(step) {
+                    self.store.remove_wait(event, run).await?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Wakes a parked step (`woke`: its timer or its event) and completes it with `output`, in
-    /// one commit that also queues what comes next.
+    /// Records `happened` (a parked step's wake-up and completion) on `state` in one commit that
+    /// also queues what comes next.
     pub(super) async fn wake(
         &self,
         run: &RunId,
         state: &machine::RunState,
         workflow: &crate::definition::Workflow,
-        woke: Transition,
-        output: String,
+        happened: Vec<Transition>,
         now: machine::Millis,
     ) -> Result<crate::store::CommitOutcome, StoreError> {
-        let Some((step, attempt)) = woke.step_attempt() else {
-            return Err(StoreError::Corrupt { key: run.to_string(), problem: "a wake-up without a step".to_owned() });
-        };
-        let by_event = matches!(woke, Transition::EventReceived { .. });
-        let happened =
-            vec![self.recorded(now, woke), self.recorded(now, Transition::StepCompleted { step, attempt, output })];
+        let happened = happened.into_iter().map(|t| self.recorded(now, t)).collect();
         let advanced = machine::advance(Some(state), &workflow.def, happened, now)
             .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
-        let committed = self.commit_advanced(run, state.seq, None, advanced, true).await?;
-        if let crate::store::CommitOutcome::Applied { .. } = committed {
-            self.wait_ended(run, state, by_event, now);
-        }
-        Ok(committed)
+        self.commit_advanced(run, state.seq, None, advanced, true).await
     }
 }

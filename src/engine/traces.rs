@@ -15,7 +15,7 @@
 //! still kept with the run and passed on to what the steps call.
 
 use super::Engine;
-use crate::machine::{Millis, RunState, RunTrace, Status, TraceContext};
+use crate::machine::{Millis, RunState, RunTrace, Status, StepStatus, TraceContext};
 use crate::store::RunId;
 use crate::telemetry::otel::TRACER;
 use opentelemetry::trace::{
@@ -93,9 +93,9 @@ impl Engine {
     pub(super) fn run_ended(&self, run: &RunId, state: &RunState, now: Millis) {
         let Some(trace) = self.sampled(state) else { return };
         let tracer = opentelemetry::global::tracer(TRACER);
-        // A resume starts its step at an attempt after the failed one: only then is the
-        // offset non-zero.
-        let resumed = state.attempt_offset > 0;
+        // A resume starts its step at an attempt after the failed one: only then is there an
+        // offset.
+        let resumed = !state.attempt_offsets.is_empty();
         let (parent, mut builder) = if resumed {
             let parent = Context::new().with_remote_span_context(span_context(&trace.span));
             (parent, tracer.span_builder("run.resumed").with_start_time(system_time(state.updated_at)))
@@ -119,24 +119,26 @@ impl Engine {
         span.end_with_timestamp(system_time(now));
     }
 
-    /// Exports the span of a wait that just ended: a back-off (the state is `retrying`) or a
-    /// parked step (`sleeping`, `waiting`). `state` is the run's state before the wake-up;
-    /// `by_event`: a waiting step's event came (else its time did).
-    pub(super) fn wait_ended(&self, run: &RunId, state: &RunState, by_event: bool, now: Millis) {
+    /// Exports the span of a wait of `step` that just ended: a back-off (the step is
+    /// `retrying`) or a parked step (`sleeping`, `waiting`). `state` is the run's state before
+    /// the wake-up, whose last update is taken as the wait's start (exact for a run with one
+    /// step at a time); `by_event`: a waiting step's event came (else its time did).
+    pub(super) fn wait_ended(&self, run: &RunId, state: &RunState, step: u32, by_event: bool, now: Millis) {
         let Some(trace) = self.sampled(state) else { return };
-        let (name, step, attempt, outcome) = match &state.status {
-            Status::Retrying { step, attempt, .. } => ("backoff", *step, *attempt, "retry"),
-            Status::Sleeping { step, attempt, .. } => ("sleep", *step, *attempt, "slept"),
-            Status::Waiting { step, attempt, .. } => {
-                ("wait", *step, *attempt, if by_event { "event" } else { "timed_out" })
+        let (name, attempt, outcome) = match state.steps.get(&step) {
+            Some(StepStatus::Retrying { attempt, .. }) => ("backoff", *attempt, "retry"),
+            Some(StepStatus::Sleeping { attempt, .. }) => ("sleep", *attempt, "slept"),
+            Some(StepStatus::Waiting { attempt, .. }) => {
+                ("wait", *attempt, if by_event { "event" } else { "timed_out" })
             }
-            Status::Pending
-            | Status::Queued { .. }
-            | Status::Running { .. }
-            | Status::Completed
-            | Status::Failed
-            | Status::Cancelled
-            | Status::TimedOut => return,
+            Some(
+                StepStatus::Queued { .. }
+                | StepStatus::Running { .. }
+                | StepStatus::AwaitingChild { .. }
+                | StepStatus::Completed
+                | StepStatus::Failed { .. },
+            )
+            | None => return,
         };
         let tracer = opentelemetry::global::tracer(TRACER);
         let builder = tracer

@@ -8,15 +8,33 @@
 //! the machine decides on its own (completing or failing the run).
 
 pub mod trace;
+pub mod view;
 
 use crate::definition::WorkflowDef;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 pub use trace::{RunTrace, TraceContext, TraceparentError};
+pub use view::{StepView, step_views};
 
 /// Milliseconds since the Unix epoch, on the store's clock.
 pub type Millis = u64;
+
+/// The output of a step whose `when` condition was false (what `${steps.<id>.skipped}` reads).
+pub const SKIPPED_OUTPUT: &str = r#"{"skipped":true}"#;
+
+/// The output a log entry records for its step, if it records one: a completion's, a reused
+/// output, a skip's [`SKIPPED_OUTPUT`].
+pub fn output_of(transition: &Transition) -> Option<(u32, &str)> {
+    match transition {
+        Transition::StepCompleted { step, output, .. } | Transition::StepReused { step, output } => {
+            Some((*step, output.as_str()))
+        }
+        Transition::StepSkipped { step, .. } => Some((*step, SKIPPED_OUTPUT)),
+        _ => None,
+    }
+}
 
 /// A time as RFC 3339 text with milliseconds, UTC: how outputs, views and logs show times.
 pub fn timestamp(at: Millis) -> String {
@@ -42,6 +60,9 @@ pub enum Trigger {
     /// `POST /api/runs/:id/rerun`: a new run of another run's definition snapshot, reusing the
     /// outputs that run recorded for the steps before `from_step`.
     Rerun { run_id: String, from_step: u32 },
+    /// A parent run's step (`action = "workflow"`): the run is its child, `depth` levels below
+    /// a run that has no parent.
+    Parent { run_id: String, step: u32, step_id: String, attempt: u32, depth: u32 },
 }
 
 impl Trigger {
@@ -52,6 +73,7 @@ impl Trigger {
             Trigger::Cron { .. } => "cron",
             Trigger::Event { .. } => "event",
             Trigger::Rerun { .. } => "rerun",
+            Trigger::Parent { .. } => "parent",
         }
     }
 
@@ -65,6 +87,17 @@ impl Trigger {
                 json!({ "kind": "event", "eventId": event_id, "eventType": event_type })
             }
             Trigger::Rerun { run_id, from_step } => json!({ "kind": "rerun", "runId": run_id, "fromStep": from_step }),
+            Trigger::Parent { run_id, step_id, attempt, depth, .. } => {
+                json!({ "kind": "parent", "runId": run_id, "step": step_id, "attempt": attempt, "depth": depth })
+            }
+        }
+    }
+
+    /// How deep a run is among child workflows: 0 for a run that has no parent.
+    pub fn depth(&self) -> u32 {
+        match self {
+            Trigger::Parent { depth, .. } => *depth,
+            Trigger::Api | Trigger::Cron { .. } | Trigger::Event { .. } | Trigger::Rerun { .. } => 0,
         }
     }
 }
@@ -86,6 +119,12 @@ pub enum Transition {
         trace: Option<RunTrace>,
     },
     StepStarted {
+        step: u32,
+        attempt: u32,
+    },
+    /// The step's `when` condition was false: it completed without running, its output
+    /// [`SKIPPED_OUTPUT`].
+    StepSkipped {
         step: u32,
         attempt: u32,
     },
@@ -138,6 +177,20 @@ pub enum Transition {
         step: u32,
         attempt: u32,
     },
+    /// The step started run `child` of another workflow and waits for it, holding no executor.
+    ChildStarted {
+        step: u32,
+        attempt: u32,
+        child: String,
+    },
+    /// The child the step waited for ended with `status` (a run status name); the step's
+    /// outcome follows in the same commit.
+    ChildEnded {
+        step: u32,
+        attempt: u32,
+        child: String,
+        status: String,
+    },
 }
 
 impl Transition {
@@ -147,6 +200,7 @@ impl Transition {
             Transition::RunCreated { .. } => "run_created",
             Transition::StepStarted { .. } => "step_started",
             Transition::StepReused { .. } => "step_reused",
+            Transition::StepSkipped { .. } => "step_skipped",
             Transition::StepCompleted { .. } => "step_completed",
             Transition::StepFailed { .. } => "step_failed",
             Transition::TimerFired { .. } => "timer_fired",
@@ -158,6 +212,8 @@ impl Transition {
             Transition::RunCancelled { .. } => "run_cancelled",
             Transition::RunTimedOut => "run_timed_out",
             Transition::RunResumed { .. } => "run_resumed",
+            Transition::ChildStarted { .. } => "child_started",
+            Transition::ChildEnded { .. } => "child_ended",
         }
     }
 
@@ -166,11 +222,14 @@ impl Transition {
         match self {
             Transition::StepStarted { step, attempt }
             | Transition::StepCompleted { step, attempt, .. }
+            | Transition::StepSkipped { step, attempt }
             | Transition::StepFailed { step, attempt, .. }
             | Transition::TimerFired { step, attempt }
             | Transition::StepSuspended { step, attempt, .. }
             | Transition::EventReceived { step, attempt, .. }
-            | Transition::RunResumed { step, attempt } => Some((*step, *attempt)),
+            | Transition::RunResumed { step, attempt }
+            | Transition::ChildStarted { step, attempt, .. }
+            | Transition::ChildEnded { step, attempt, .. } => Some((*step, *attempt)),
             Transition::StepReused { step, .. } => Some((*step, 0)),
             Transition::RunCreated { .. }
             | Transition::RunCompleted
@@ -189,41 +248,20 @@ pub struct Recorded {
     pub transition: Transition,
 }
 
-/// Where a run is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a run is, as a whole: what its steps add up to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
-    /// Created; its first step is queued and has not started.
+    /// Created; no step has started yet.
     Pending,
-    /// `step` (attempt `attempt`) is queued for an executor: after a completed step or a retry.
-    Queued {
-        step: u32,
-        attempt: u32,
-    },
-    /// `step` (attempt `attempt`) was started by a replica.
-    Running {
-        step: u32,
-        attempt: u32,
-    },
-    /// Attempt `attempt` of `step` will be queued at `due`.
-    Retrying {
-        step: u32,
-        attempt: u32,
-        due: Millis,
-    },
-    /// `step` sleeps until `until`.
-    Sleeping {
-        step: u32,
-        attempt: u32,
-        until: Millis,
-    },
-    /// `step` waits for an event of type `event`, at most until `until`.
-    Waiting {
-        step: u32,
-        attempt: u32,
-        event: String,
-        until: Millis,
-    },
+    /// A step is queued or running (or the next ones are about to be queued).
+    Running,
+    /// Nothing runs or is queued; a step waits for its retry.
+    Retrying,
+    /// Nothing runs, is queued or retries; a step sleeps.
+    Sleeping,
+    /// Nothing runs, is queued, retries or sleeps; a step waits for an event.
+    Waiting,
     Completed,
     Failed,
     Cancelled,
@@ -234,12 +272,7 @@ impl Status {
     pub fn is_terminal(&self) -> bool {
         match self {
             Status::Completed | Status::Failed | Status::Cancelled | Status::TimedOut => true,
-            Status::Pending
-            | Status::Queued { .. }
-            | Status::Running { .. }
-            | Status::Retrying { .. }
-            | Status::Sleeping { .. }
-            | Status::Waiting { .. } => false,
+            Status::Pending | Status::Running | Status::Retrying | Status::Sleeping | Status::Waiting => false,
         }
     }
 
@@ -247,27 +280,14 @@ impl Status {
     pub fn name(&self) -> &'static str {
         match self {
             Status::Pending => "pending",
-            Status::Queued { .. } | Status::Running { .. } => "running",
-            Status::Retrying { .. } => "retrying",
-            Status::Sleeping { .. } => "sleeping",
-            Status::Waiting { .. } => "waiting",
+            Status::Running => "running",
+            Status::Retrying => "retrying",
+            Status::Sleeping => "sleeping",
+            Status::Waiting => "waiting",
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
             Status::TimedOut => "timed_out",
-        }
-    }
-
-    /// The current step and attempt, for states that have one.
-    pub fn step_attempt(&self) -> Option<(u32, u32)> {
-        match self {
-            Status::Pending => Some((0, 1)),
-            Status::Queued { step, attempt }
-            | Status::Running { step, attempt }
-            | Status::Retrying { step, attempt, .. }
-            | Status::Sleeping { step, attempt, .. }
-            | Status::Waiting { step, attempt, .. } => Some((*step, *attempt)),
-            Status::Completed | Status::Failed | Status::Cancelled | Status::TimedOut => None,
         }
     }
 }
@@ -275,6 +295,90 @@ impl Status {
 /// Every public status name, in the order the API documents them.
 pub const STATUS_NAMES: [&str; 9] =
     ["pending", "running", "retrying", "sleeping", "waiting", "completed", "failed", "cancelled", "timed_out"];
+
+/// Where one step of a run is, once it has been reached (its needs met). A step not in
+/// [`RunState::steps`] has not been reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Attempt `attempt` is queued for an executor.
+    Queued {
+        attempt: u32,
+    },
+    /// Attempt `attempt` was started by a replica (never durable on its own: a start is
+    /// recorded with the attempt's outcome).
+    Running {
+        attempt: u32,
+    },
+    /// Attempt `attempt` will be queued at `due`.
+    Retrying {
+        attempt: u32,
+        due: Millis,
+    },
+    /// Attempt `attempt` sleeps until `until`.
+    Sleeping {
+        attempt: u32,
+        until: Millis,
+    },
+    /// Attempt `attempt` waits for an event of type `event`, at most until `until`.
+    Waiting {
+        attempt: u32,
+        event: String,
+        until: Millis,
+    },
+    /// Attempt `attempt` waits for its child run `child` to end.
+    AwaitingChild {
+        attempt: u32,
+        child: String,
+    },
+    Completed,
+    /// Attempt `attempt` failed for good: the run fails with it.
+    Failed {
+        attempt: u32,
+    },
+}
+
+impl StepStatus {
+    /// The attempt a step is at, unless it completed.
+    pub fn attempt(&self) -> Option<u32> {
+        match self {
+            StepStatus::Queued { attempt }
+            | StepStatus::Running { attempt }
+            | StepStatus::Retrying { attempt, .. }
+            | StepStatus::Sleeping { attempt, .. }
+            | StepStatus::Waiting { attempt, .. }
+            | StepStatus::AwaitingChild { attempt, .. }
+            | StepStatus::Failed { attempt } => Some(*attempt),
+            StepStatus::Completed => None,
+        }
+    }
+
+    /// When the step's timer is due: its retry, the end of its sleep, its wait's time-out.
+    pub fn timer(&self) -> Option<Millis> {
+        match self {
+            StepStatus::Retrying { due, .. } => Some(*due),
+            StepStatus::Sleeping { until, .. } | StepStatus::Waiting { until, .. } => Some(*until),
+            StepStatus::Queued { .. }
+            | StepStatus::Running { .. }
+            | StepStatus::AwaitingChild { .. }
+            | StepStatus::Completed
+            | StepStatus::Failed { .. } => None,
+        }
+    }
+
+    /// The public name of a step's status.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepStatus::Queued { .. } => "queued",
+            StepStatus::Running { .. } => "running",
+            StepStatus::Retrying { .. } => "retrying",
+            StepStatus::Sleeping { .. } => "sleeping",
+            StepStatus::Waiting { .. } | StepStatus::AwaitingChild { .. } => "waiting",
+            StepStatus::Completed => "completed",
+            StepStatus::Failed { .. } => "failed",
+        }
+    }
+}
 
 /// The last failure of a step, kept so the run can report it and `next` can fail the run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,20 +397,95 @@ pub struct RunState {
     /// The run's input, as JSON text.
     pub input: String,
     pub trigger: Trigger,
+    /// The run as a whole: terminal once it ended, else what its steps add up to.
     pub status: Status,
+    /// Every step reached so far (its needs met), by index.
+    pub steps: BTreeMap<u32, StepStatus>,
     /// How many transitions the log holds.
     pub seq: u64,
     pub created_at: Millis,
     pub updated_at: Millis,
     pub last_error: Option<StepError>,
-    /// Attempts of the current step made before the run was last resumed: they do not count
-    /// against the step's retry budget.
+    /// Per step resumed by an operator: the attempts made before the resume, which do not
+    /// count against the step's retry budget.
     #[serde(default)]
-    pub attempt_offset: u32,
+    pub attempt_offsets: BTreeMap<u32, u32>,
     /// From `run_created`, so that an executor has it with the ready task. Last, defaulted and
-    /// left out when `None`, like it (and the state is the last field of a ready task).
+    /// left out when `None`, like it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<RunTrace>,
+}
+
+impl RunState {
+    /// The step and attempt a run is shown at: a failed run's failed step; else its first step
+    /// (by index) that is queued, running or parked.
+    pub fn position(&self) -> Option<(u32, u32)> {
+        if self.status == Status::Failed {
+            return self.last_error.as_ref().map(|err| (err.step, err.attempt));
+        }
+        if self.status.is_terminal() {
+            return None;
+        }
+        self.steps.iter().find_map(|(step, status)| match status {
+            StepStatus::Completed | StepStatus::Failed { .. } => None,
+            live => live.attempt().map(|attempt| (*step, attempt)),
+        })
+    }
+
+    /// The steps waiting for an event of type `event`, with their attempts and time-outs.
+    pub fn waiting_for<'a>(&'a self, event: &'a str) -> impl Iterator<Item = (u32, u32, Millis)> + 'a {
+        self.steps.iter().filter_map(move |(step, status)| match status {
+            StepStatus::Waiting { attempt, event: awaited, until } if awaited == event => {
+                Some((*step, *attempt, *until))
+            }
+            _ => None,
+        })
+    }
+
+    /// The steps waiting for an event, by event type, with their time-outs.
+    pub fn waits(&self) -> impl Iterator<Item = (&str, Millis)> + '_ {
+        self.steps.values().filter_map(|status| match status {
+            StepStatus::Waiting { event, until, .. } => Some((event.as_str(), *until)),
+            _ => None,
+        })
+    }
+
+    /// When the run's next timer is due: the earliest of its steps'.
+    pub fn next_timer(&self) -> Option<Millis> {
+        if self.status.is_terminal() {
+            return None;
+        }
+        self.steps.values().filter_map(StepStatus::timer).min()
+    }
+
+    /// The attempts of `step` that count against its retry budget, of `attempt` made.
+    pub fn counted_attempts(&self, step: u32, attempt: u32) -> u32 {
+        attempt.saturating_sub(self.attempt_offsets.get(&step).copied().unwrap_or(0))
+    }
+
+    /// What a live run's steps add up to (see [`Status`]): pending until anything happened to
+    /// a step, then the busiest of its steps.
+    fn derived_status(&self) -> Status {
+        if self.steps.values().all(|step| *step == StepStatus::Queued { attempt: 1 }) {
+            return Status::Pending;
+        }
+        let busiest = self
+            .steps
+            .values()
+            .map(|step| match step {
+                // A failed step: the run is about to fail.
+                StepStatus::Queued { .. } | StepStatus::Running { .. } | StepStatus::Failed { .. } => {
+                    (4, Status::Running)
+                }
+                StepStatus::Retrying { .. } => (3, Status::Retrying),
+                StepStatus::Sleeping { .. } => (2, Status::Sleeping),
+                StepStatus::Waiting { .. } | StepStatus::AwaitingChild { .. } => (1, Status::Waiting),
+                // Every step completed: the run is about to complete.
+                StepStatus::Completed => (0, Status::Running),
+            })
+            .max_by_key(|(rank, _)| *rank);
+        busiest.map_or(Status::Running, |(_, status)| status)
+    }
 }
 
 /// A transition that cannot happen in the state it was applied to.
@@ -326,32 +505,54 @@ impl fmt::Display for InvalidTransition {
 fn invalid(transition: &Transition, state: Option<&RunState>, reason: &'static str) -> InvalidTransition {
     InvalidTransition {
         transition: transition.kind(),
-        state: state.map_or_else(|| "<none>".to_owned(), |s| format!("{:?}", s.status)),
+        state: state.map_or_else(|| "<none>".to_owned(), |s| format!("{:?} {:?}", s.status, s.steps)),
         reason,
     }
 }
 
-/// Folds one recorded transition into a state (`None`: the run does not exist yet).
+/// Queues every step not yet reached whose needs all completed.
+fn reach_ready_steps(state: &mut RunState, definition: &WorkflowDef) {
+    for step in 0..definition.steps.len() as u32 {
+        if !state.steps.contains_key(&step)
+            && definition.needs(step).all(|need| state.steps.get(&need) == Some(&StepStatus::Completed))
+        {
+            state.steps.insert(step, StepStatus::Queued { attempt: 1 });
+        }
+    }
+}
+
+/// Folds one recorded transition into a state (`None`: the run does not exist yet), under the
+/// run's definition (which says what a completed step lets start).
 ///
-/// Terminal states absorb every later transition except a second `run_created`, because streams
-/// redeliver: the state comes back unchanged (and such a transition is never logged).
-pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, InvalidTransition> {
+/// Terminal states absorb every later transition except a second `run_created` and an
+/// operator's resume, because streams redeliver: the state comes back unchanged (and such a
+/// transition is never logged).
+pub fn apply(
+    state: Option<&RunState>,
+    recorded: &Recorded,
+    definition: &WorkflowDef,
+) -> Result<RunState, InvalidTransition> {
     let transition = &recorded.transition;
     let Some(current) = state else {
         return match transition {
-            Transition::RunCreated { workflow, definition, input, trigger, trace } => Ok(RunState {
-                workflow: workflow.clone(),
-                definition: definition.clone(),
-                input: input.clone(),
-                trigger: trigger.clone(),
-                status: Status::Pending,
-                seq: 1,
-                created_at: recorded.at,
-                updated_at: recorded.at,
-                last_error: None,
-                attempt_offset: 0,
-                trace: trace.clone(),
-            }),
+            Transition::RunCreated { workflow, definition: hash, input, trigger, trace } => {
+                let mut created = RunState {
+                    workflow: workflow.clone(),
+                    definition: hash.clone(),
+                    input: input.clone(),
+                    trigger: trigger.clone(),
+                    status: Status::Pending,
+                    steps: BTreeMap::new(),
+                    seq: 1,
+                    created_at: recorded.at,
+                    updated_at: recorded.at,
+                    last_error: None,
+                    attempt_offsets: BTreeMap::new(),
+                    trace: trace.clone(),
+                };
+                reach_ready_steps(&mut created, definition);
+                Ok(created)
+            }
             _ => Err(invalid(transition, None, "the run has not been created")),
         };
     };
@@ -362,8 +563,9 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
         return match (&current.status, &current.last_error) {
             (Status::Failed, Some(err)) if err.step == *step && err.attempt + 1 == *attempt => {
                 let mut next = current.clone();
-                next.status = Status::Queued { step: *step, attempt: *attempt };
-                next.attempt_offset = attempt - 1;
+                next.steps.insert(*step, StepStatus::Queued { attempt: *attempt });
+                next.attempt_offsets.insert(*step, attempt - 1);
+                next.status = next.derived_status();
                 next.seq += 1;
                 next.updated_at = recorded.at;
                 Ok(next)
@@ -378,105 +580,138 @@ pub fn apply(state: Option<&RunState>, recorded: &Recorded) -> Result<RunState, 
         return Ok(current.clone());
     }
     let mut next = current.clone();
-    match (transition, &current.status) {
-        (Transition::StepStarted { step, attempt }, Status::Pending) if (*step, *attempt) == (0, 1) => {
-            next.status = Status::Running { step: *step, attempt: *attempt };
-        }
-        (Transition::StepStarted { step, attempt }, Status::Queued { step: s, attempt: a })
-            if (step, attempt) == (s, a) =>
-        {
-            next.status = Status::Running { step: *step, attempt: *attempt };
+    let step_status = transition.step_attempt().and_then(|(step, _)| current.steps.get(&step));
+    match (transition, step_status) {
+        (Transition::StepStarted { step, attempt }, Some(StepStatus::Queued { attempt: a })) if attempt == a => {
+            next.steps.insert(*step, StepStatus::Running { attempt: *attempt });
         }
         (Transition::StepStarted { .. }, _) => {
             return Err(invalid(transition, state, "that step attempt is not queued"));
         }
-        (Transition::StepReused { step: 0, .. }, Status::Pending) => {
-            next.status = Status::Queued { step: 1, attempt: 1 };
-        }
-        (Transition::StepReused { step, .. }, Status::Queued { step: s, attempt: 1 }) if step == s => {
-            next.status = Status::Queued { step: step + 1, attempt: 1 };
+        (Transition::StepReused { step, .. }, Some(StepStatus::Queued { attempt: 1 })) => {
+            next.steps.insert(*step, StepStatus::Completed);
+            reach_ready_steps(&mut next, definition);
         }
         (Transition::StepReused { .. }, _) => {
             return Err(invalid(transition, state, "only a queued step can be reused"));
         }
-        (Transition::StepCompleted { step, attempt, .. }, Status::Running { step: s, attempt: a })
-            if (step, attempt) == (s, a) && !failed_at(current, *s, *a) =>
-        {
-            next.status = Status::Queued { step: step + 1, attempt: 1 };
-            next.last_error = None;
+        (Transition::StepCompleted { step, attempt, .. }, Some(StepStatus::Running { attempt: a })) if attempt == a => {
+            next.steps.insert(*step, StepStatus::Completed);
+            if next.last_error.as_ref().is_some_and(|err| err.step == *step) {
+                next.last_error = None;
+            }
+            reach_ready_steps(&mut next, definition);
         }
         (Transition::StepCompleted { .. }, _) => {
             return Err(invalid(transition, state, "that step attempt is not running"));
         }
-        (Transition::StepFailed { step, attempt, error, retry_at }, Status::Running { step: s, attempt: a })
-            if (step, attempt) == (s, a) && !failed_at(current, *s, *a) =>
+        (Transition::StepSkipped { step, attempt }, Some(StepStatus::Running { attempt: a })) if attempt == a => {
+            next.steps.insert(*step, StepStatus::Completed);
+            reach_ready_steps(&mut next, definition);
+        }
+        (Transition::StepSkipped { .. }, _) => {
+            return Err(invalid(transition, state, "that step attempt is not running"));
+        }
+        (Transition::StepFailed { step, attempt, error, retry_at }, Some(StepStatus::Running { attempt: a }))
+            if attempt == a =>
         {
             next.last_error = Some(StepError { step: *step, attempt: *attempt, message: error.clone() });
-            if let Some(due) = retry_at {
-                next.status = Status::Retrying { step: *step, attempt: attempt + 1, due: *due };
-            }
+            let failed = match retry_at {
+                Some(due) => StepStatus::Retrying { attempt: attempt + 1, due: *due },
+                None => StepStatus::Failed { attempt: *attempt },
+            };
+            next.steps.insert(*step, failed);
         }
         (Transition::StepFailed { .. }, _) => {
             return Err(invalid(transition, state, "that step attempt is not running"));
         }
-        (Transition::StepSuspended { step, attempt, until, event }, Status::Running { step: s, attempt: a })
-            if (step, attempt) == (s, a) && !failed_at(current, *s, *a) =>
+        (Transition::StepSuspended { step, attempt, until, event }, Some(StepStatus::Running { attempt: a }))
+            if attempt == a =>
         {
-            next.status = match event {
-                None => Status::Sleeping { step: *step, attempt: *attempt, until: *until },
-                Some(event) => Status::Waiting { step: *step, attempt: *attempt, event: event.clone(), until: *until },
+            let parked = match event {
+                None => StepStatus::Sleeping { attempt: *attempt, until: *until },
+                Some(event) => StepStatus::Waiting { attempt: *attempt, event: event.clone(), until: *until },
             };
+            next.steps.insert(*step, parked);
         }
         (Transition::StepSuspended { .. }, _) => {
             return Err(invalid(transition, state, "that step attempt is not running"));
         }
-        (Transition::EventReceived { step, attempt, .. }, Status::Waiting { step: s, attempt: a, .. })
-            if (step, attempt) == (s, a) =>
+        (Transition::EventReceived { step, attempt, .. }, Some(StepStatus::Waiting { attempt: a, .. }))
+            if attempt == a =>
         {
-            next.status = Status::Running { step: *step, attempt: *attempt };
+            next.steps.insert(*step, StepStatus::Running { attempt: *attempt });
         }
         (Transition::EventReceived { .. }, _) => {
             return Err(invalid(transition, state, "that step attempt is not waiting for an event"));
         }
+        (Transition::ChildStarted { step, attempt, child }, Some(StepStatus::Running { attempt: a }))
+            if attempt == a =>
+        {
+            next.steps.insert(*step, StepStatus::AwaitingChild { attempt: *attempt, child: child.clone() });
+        }
+        (Transition::ChildStarted { .. }, _) => {
+            return Err(invalid(transition, state, "that step attempt is not running"));
+        }
+        (
+            Transition::ChildEnded { step, attempt, child, .. },
+            Some(StepStatus::AwaitingChild { attempt: a, child: c }),
+        ) if attempt == a && child == c => {
+            next.steps.insert(*step, StepStatus::Running { attempt: *attempt });
+        }
+        (Transition::ChildEnded { .. }, _) => {
+            return Err(invalid(transition, state, "that step attempt is not waiting for that child"));
+        }
         (
             Transition::TimerFired { step, attempt },
-            Status::Sleeping { step: s, attempt: a, .. } | Status::Waiting { step: s, attempt: a, .. },
-        ) if (step, attempt) == (s, a) => {
-            next.status = Status::Running { step: *step, attempt: *attempt };
+            Some(StepStatus::Sleeping { attempt: a, .. } | StepStatus::Waiting { attempt: a, .. }),
+        ) if attempt == a => {
+            next.steps.insert(*step, StepStatus::Running { attempt: *attempt });
         }
-        (Transition::TimerFired { step, attempt }, Status::Retrying { step: s, attempt: a, .. })
-            if (step, attempt) == (s, a) =>
-        {
-            next.status = Status::Queued { step: *step, attempt: *attempt };
+        (Transition::TimerFired { step, attempt }, Some(StepStatus::Retrying { attempt: a, .. })) if attempt == a => {
+            next.steps.insert(*step, StepStatus::Queued { attempt: *attempt });
         }
         (Transition::TimerFired { .. }, _) => {
             return Err(invalid(transition, state, "no timer is set for that step attempt"));
         }
-        (Transition::RunCompleted, Status::Queued { attempt: 1, step }) if *step > 0 => {
+        (Transition::RunCompleted, _) => {
+            let steps = definition.steps.len() as u32;
+            if !(0..steps).all(|step| current.steps.get(&step) == Some(&StepStatus::Completed)) {
+                return Err(invalid(transition, state, "the run has work left"));
+            }
             next.status = Status::Completed;
         }
-        (Transition::RunCompleted, _) => return Err(invalid(transition, state, "the run has work left")),
         (Transition::RunFailed { .. }, _) => next.status = Status::Failed,
         (Transition::RunCancelled { .. }, _) => next.status = Status::Cancelled,
         (Transition::RunTimedOut, _) => next.status = Status::TimedOut,
         (Transition::RunCreated { .. } | Transition::RunResumed { .. }, _) => unreachable!("handled above"),
+    }
+    if !next.status.is_terminal() {
+        next.status = next.derived_status();
     }
     next.seq += 1;
     next.updated_at = recorded.at;
     Ok(next)
 }
 
-fn failed_at(state: &RunState, step: u32, attempt: u32) -> bool {
-    state.last_error.as_ref().is_some_and(|e| e.step == step && e.attempt == attempt)
-}
-
-/// Folds a whole log from the start: replay.
-pub fn replay<'a>(log: impl IntoIterator<Item = &'a Recorded>) -> Result<Option<RunState>, (usize, InvalidTransition)> {
+/// Folds a whole log from the start under the run's definition: replay.
+pub fn replay<'a>(
+    log: impl IntoIterator<Item = &'a Recorded>,
+    definition: &WorkflowDef,
+) -> Result<Option<RunState>, (usize, InvalidTransition)> {
     let mut state: Option<RunState> = None;
     for (index, recorded) in log.into_iter().enumerate() {
-        state = Some(apply(state.as_ref(), recorded).map_err(|err| (index, err))?);
+        state = Some(apply(state.as_ref(), recorded, definition).map_err(|err| (index, err))?);
     }
     Ok(state)
+}
+
+/// The definition hash a log's first transition names: what to load before folding it.
+pub fn definition_of<'a>(log: impl IntoIterator<Item = &'a Recorded>) -> Option<&'a str> {
+    match &log.into_iter().next()?.transition {
+        Transition::RunCreated { definition, .. } => Some(definition),
+        _ => None,
+    }
 }
 
 /// Work the engine must do for a run, as data.
@@ -492,24 +727,38 @@ pub enum Effect {
     FailRun { error: String },
 }
 
-/// What the engine must do for a run in `state` under `definition`.
+/// What the engine must do for a run in `state` under `definition`: fail it when a step failed
+/// for good, complete it when every step completed, else queue every queued step and keep a
+/// timer for the earliest of its steps' (retries, sleeps, waits).
 pub fn next(state: &RunState, definition: &WorkflowDef, _now: Millis) -> Vec<Effect> {
-    let steps = definition.steps.len() as u32;
-    match &state.status {
-        Status::Pending => vec![Effect::Dispatch { step: 0, attempt: 1 }],
-        Status::Queued { step, .. } if *step >= steps => vec![Effect::CompleteRun],
-        Status::Queued { step, attempt } => vec![Effect::Dispatch { step: *step, attempt: *attempt }],
-        Status::Running { step, attempt } => match &state.last_error {
-            Some(err) if err.step == *step && err.attempt == *attempt => {
-                let id = definition.steps.get(*step as usize).map_or("?", |s| s.id.as_str());
-                vec![Effect::FailRun { error: format!("step `{id}` failed on attempt {attempt}: {}", err.message) }]
-            }
-            _ => Vec::new(),
-        },
-        Status::Retrying { due, .. } => vec![Effect::SetTimer { due: *due }],
-        Status::Sleeping { until, .. } | Status::Waiting { until, .. } => vec![Effect::SetTimer { due: *until }],
-        Status::Completed | Status::Failed | Status::Cancelled | Status::TimedOut => Vec::new(),
+    if state.status.is_terminal() {
+        return Vec::new();
     }
+    let failed = state.steps.iter().find_map(|(step, status)| match status {
+        StepStatus::Failed { attempt } => Some((*step, *attempt)),
+        _ => None,
+    });
+    if let Some((step, attempt)) = failed {
+        let id = definition.steps.get(step as usize).map_or("?", |s| s.id.as_str());
+        let message = state.last_error.as_ref().filter(|err| err.step == step).map_or("", |err| err.message.as_str());
+        return vec![Effect::FailRun { error: format!("step `{id}` failed on attempt {attempt}: {message}") }];
+    }
+    let steps = definition.steps.len() as u32;
+    if (0..steps).all(|step| state.steps.get(&step) == Some(&StepStatus::Completed)) {
+        return vec![Effect::CompleteRun];
+    }
+    let mut effects: Vec<Effect> = state
+        .steps
+        .iter()
+        .filter_map(|(step, status)| match status {
+            StepStatus::Queued { attempt } => Some(Effect::Dispatch { step: *step, attempt: *attempt }),
+            _ => None,
+        })
+        .collect();
+    if let Some(due) = state.next_timer() {
+        effects.push(Effect::SetTimer { due });
+    }
+    effects
 }
 
 /// The outcome of [`advance`]: the new state, every transition to append (in order) and the
@@ -522,7 +771,9 @@ pub struct Advanced {
 }
 
 /// Applies `happened` to `state`, then records the follow-up transitions the machine decides by
-/// itself (`run_completed`, `run_failed`) with the same time and replica.
+/// itself (`run_completed`, `run_failed`) with the same time and replica. Its effects queue only
+/// the step attempts that these transitions queued: the others were queued by the commits that
+/// queued them.
 pub fn advance(
     state: Option<&RunState>,
     definition: &WorkflowDef,
@@ -533,7 +784,7 @@ pub fn advance(
     let mut current = state.cloned();
     let mut appended = Vec::with_capacity(happened.len() + 1);
     for recorded in happened {
-        current = Some(apply(current.as_ref(), &recorded)?);
+        current = Some(apply(current.as_ref(), &recorded, definition)?);
         appended.push(recorded);
     }
     let Some(mut current) = current else {
@@ -543,9 +794,14 @@ pub fn advance(
             reason: "nothing happened to a run that does not exist",
         });
     };
+    let queued_before = |step: u32, attempt: u32| {
+        state.is_some_and(|before| {
+            !before.status.is_terminal() && before.steps.get(&step) == Some(&StepStatus::Queued { attempt })
+        })
+    };
     // Each follow-up ends the run, so this settles after at most one round.
     for _ in 0..2 {
-        let effects = next(&current, definition, now);
+        let mut effects = next(&current, definition, now);
         let follow_up = effects.iter().find_map(|effect| match effect {
             Effect::CompleteRun => Some(Transition::RunCompleted),
             Effect::FailRun { error } => Some(Transition::RunFailed { error: error.clone() }),
@@ -554,13 +810,134 @@ pub fn advance(
         match follow_up {
             Some(transition) => {
                 let recorded = Recorded { at: now, replica: replica.clone(), transition };
-                current = apply(Some(&current), &recorded)?;
+                current = apply(Some(&current), &recorded, definition)?;
                 appended.push(recorded);
             }
-            None => return Ok(Advanced { state: current, appended, effects }),
+            None => {
+                effects.retain(|effect| match effect {
+                    Effect::Dispatch { step, attempt } => !queued_before(*step, *attempt),
+                    _ => true,
+                });
+                return Ok(Advanced { state: current, appended, effects });
+            }
         }
     }
     Ok(Advanced { effects: next(&current, definition, now), state: current, appended })
+}
+
+/// What a run's timers due at `now` record, step by step: a retry's attempt is queued again;
+/// a sleep that ended completes its step with `{"sleptUntil": <time>}`; a wait that timed out
+/// completes its step with `{"timedOut": true, "event": null}` (later steps may branch on it:
+/// `when = "${steps.<id>.timedOut}"`). Steps whose timers are not due record nothing.
+pub fn timers_fired(state: &RunState, now: Millis) -> Vec<(u32, Vec<Transition>)> {
+    if state.status.is_terminal() {
+        return Vec::new();
+    }
+    state
+        .steps
+        .iter()
+        .filter(|(_, status)| status.timer().is_some_and(|due| due <= now))
+        .filter_map(|(step, status)| {
+            let (step, fired) = (*step, |attempt| Transition::TimerFired { step: *step, attempt });
+            let completed = |attempt, output: serde_json::Value| Transition::StepCompleted {
+                step,
+                attempt,
+                output: output.to_string(),
+            };
+            let transitions = match status {
+                StepStatus::Retrying { attempt, .. } => vec![fired(*attempt)],
+                StepStatus::Sleeping { attempt, until } => {
+                    vec![fired(*attempt), completed(*attempt, serde_json::json!({ "sleptUntil": timestamp(*until) }))]
+                }
+                StepStatus::Waiting { attempt, .. } => {
+                    vec![fired(*attempt), completed(*attempt, serde_json::json!({ "timedOut": true, "event": null }))]
+                }
+                StepStatus::Queued { .. }
+                | StepStatus::Running { .. }
+                | StepStatus::AwaitingChild { .. }
+                | StepStatus::Completed
+                | StepStatus::Failed { .. } => return None,
+            };
+            Some((step, transitions))
+        })
+        .collect()
+}
+
+/// What the arrival of the event a waiting step waited for records: the event, and the step's
+/// completion with `{"timedOut": false, "event": {"id", "type", "payload"}}`.
+pub fn event_arrived(
+    step: u32,
+    attempt: u32,
+    event_id: &str,
+    event_type: &str,
+    payload: &serde_json::Value,
+) -> Vec<Transition> {
+    let output = serde_json::json!({
+        "timedOut": false,
+        "event": { "id": event_id, "type": event_type, "payload": payload },
+    });
+    vec![
+        Transition::EventReceived { step, attempt, event_id: event_id.to_owned(), payload: payload.to_string() },
+        Transition::StepCompleted { step, attempt, output: output.to_string() },
+    ]
+}
+
+/// How a child run ended, as its parent's step sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildEnding {
+    /// Completed with this output (JSON text): the step's output.
+    Completed { output: String },
+    /// Failed, cancelled or timed out (`status`), for `reason`.
+    Ended { status: Status, reason: String },
+}
+
+/// What the end of `child`, the run step `step` (attempt `attempt`) waited for, records: the
+/// child's end, then the step's completion with the child's output, or its failure (retried per
+/// the step's policy: a retry starts a new child). `jitter_unit` as for [`step_failure`].
+#[allow(clippy::too_many_arguments)]
+pub fn child_ended(
+    definition: &WorkflowDef,
+    state: &RunState,
+    step: u32,
+    attempt: u32,
+    child: &str,
+    ending: ChildEnding,
+    now: Millis,
+    jitter_unit: f64,
+) -> Vec<Transition> {
+    let (status, outcome) = match ending {
+        ChildEnding::Completed { output } => (Status::Completed, Transition::StepCompleted { step, attempt, output }),
+        ChildEnding::Ended { status, reason } => {
+            let error = format!("child run {child} {}: {reason}", status.name());
+            (status, step_failure(definition, state, step, attempt, error, now, jitter_unit))
+        }
+    };
+    vec![Transition::ChildEnded { step, attempt, child: child.to_owned(), status: status.name().to_owned() }, outcome]
+}
+
+/// Why an attempt failed, and whether another attempt may succeed (a 4xx, say, will not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub error: String,
+    pub retryable: bool,
+}
+
+/// The transition for a failed attempt: final when another attempt cannot help, else as
+/// [`step_failure`] (retried while the step's policy allows).
+pub fn attempt_failed(
+    definition: &WorkflowDef,
+    state: &RunState,
+    step: u32,
+    attempt: u32,
+    failure: Failure,
+    now: Millis,
+    jitter_unit: f64,
+) -> Transition {
+    if failure.retryable {
+        step_failure(definition, state, step, attempt, failure.error, now, jitter_unit)
+    } else {
+        Transition::StepFailed { step, attempt, error: failure.error, retry_at: None }
+    }
 }
 
 /// The transition for a failed attempt: retried at `now + backoff` while attempts remain,
@@ -575,7 +952,7 @@ pub fn step_failure(
     jitter_unit: f64,
 ) -> Transition {
     // Attempts made before a resume do not count against the budget.
-    let counted = attempt.saturating_sub(state.attempt_offset);
+    let counted = state.counted_attempts(step, attempt);
     let retry_at = definition
         .steps
         .get(step as usize)

@@ -3,7 +3,13 @@ use crate::definition::{ActionSpec, RetryPolicy, StepDef, WorkflowDef};
 use proptest::prelude::*;
 use std::time::Duration;
 
+/// A workflow of `steps` steps, each following the one before it (no `needs`).
 fn definition(steps: usize, max_attempts: u32) -> WorkflowDef {
+    graph(&vec![None; steps], max_attempts)
+}
+
+/// A workflow whose step `i` needs `needs[i]` (`None`: the step before it).
+fn graph(needs: &[Option<Vec<u32>>], max_attempts: u32) -> WorkflowDef {
     WorkflowDef {
         id: "wf".to_owned(),
         description: String::new(),
@@ -13,17 +19,63 @@ fn definition(steps: usize, max_attempts: u32) -> WorkflowDef {
         catchup_window: std::time::Duration::from_secs(3600),
         overlap: Default::default(),
         events: Vec::new(),
-        steps: (0..steps)
-            .map(|i| StepDef {
+        steps: needs
+            .iter()
+            .enumerate()
+            .map(|(i, needs)| StepDef {
                 id: format!("s{i}"),
                 action: ActionSpec::Noop,
                 when: None,
                 timeout: Duration::from_secs(1),
                 retry: RetryPolicy { max_attempts, ..RetryPolicy::default() },
+                needs: needs.clone(),
             })
             .collect(),
         search: Vec::new(),
     }
+}
+
+/// The diamond: `a`; `b` and `c` need `a`; `d` needs `b` and `c`.
+fn diamond() -> WorkflowDef {
+    graph(&[None, Some(vec![0]), Some(vec![0]), Some(vec![1, 2])], 2)
+}
+
+/// A random graph without cycles: each step needs a subset of the steps before it in a random
+/// order, or (`None`) the step before it by index; then the indexes are shuffled, so that a step
+/// may need a later one.
+fn random_graph() -> impl Strategy<Value = WorkflowDef> {
+    (1usize..7, 1u32..4)
+        .prop_flat_map(|(steps, max_attempts)| {
+            let needs =
+                proptest::collection::vec(proptest::option::weighted(0.8, proptest::bits::u8::masked(0x3f)), steps);
+            (
+                needs,
+                Just(steps).prop_perturb(|steps, mut rng| {
+                    let mut order: Vec<u32> = (0..steps as u32).collect();
+                    for i in (1..order.len()).rev() {
+                        order.swap(i, rng.random_range(0..=i));
+                    }
+                    order
+                }),
+                Just(max_attempts),
+            )
+        })
+        .prop_map(|(masks, order, max_attempts)| {
+            // `order[k]` is the index of the k-th step in an order the graph respects.
+            let mut needs = vec![None; order.len()];
+            for (k, mask) in masks.iter().enumerate() {
+                let step = order[k];
+                let follows_previous = step > 0 && order[..k].contains(&(step - 1));
+                needs[step as usize] = match mask {
+                    Some(mask) => Some((0..k).filter(|j| mask & (1 << j) != 0).map(|j| order[j]).collect()),
+                    // Without `needs` a step follows the one before it by index: acyclic only
+                    // when that one comes earlier in the order.
+                    None if follows_previous => None,
+                    None => Some(Vec::new()),
+                };
+            }
+            graph(&needs, max_attempts)
+        })
 }
 
 fn at(at: Millis, transition: Transition) -> Recorded {
@@ -56,6 +108,10 @@ enum Choice {
     Sleep,
     /// The step waits for an event (which arrives, or the time-out fires).
     Wait,
+    /// The step starts a child run (which later completes, on `Succeed`, or fails).
+    Child,
+    /// The step's `when` condition is false.
+    Skip,
 }
 
 fn choice() -> impl Strategy<Value = Choice> {
@@ -67,23 +123,45 @@ fn choice() -> impl Strategy<Value = Choice> {
         1 => Just(Choice::Resume),
         1 => Just(Choice::Sleep),
         1 => Just(Choice::Wait),
+        1 => Just(Choice::Child),
+        1 => Just(Choice::Skip),
     ]
 }
 
-/// Drives a run the way the engine does (through `advance` and `next`) and returns its whole log
-/// with the state maintained incrementally along the way.
-fn drive(def: &WorkflowDef, choices: &[Choice], jitter: f64) -> (Vec<Recorded>, RunState) {
+/// What a drive saw besides the log: every step attempt an advance queued, in order, from the
+/// last resume on (a resume queues again the steps left queued when the run failed, whose
+/// entries were withdrawn then).
+#[derive(Debug, Default)]
+struct Seen {
+    dispatched: Vec<(u32, u32)>,
+}
+
+/// Drives a run the way the engine does (through `advance`), acting each time on the live step
+/// `pick` names among those that can move (queued, parked or retrying), and returns its whole
+/// log with the state maintained incrementally along the way.
+fn drive(def: &WorkflowDef, choices: &[(Choice, usize)], jitter: f64) -> (Vec<Recorded>, RunState, Seen) {
     let mut now: Millis = 1;
+    let mut seen = Seen::default();
     let mut outcome = advance(None, def, vec![created()], now).unwrap();
     let mut log = outcome.appended.clone();
     let mut state = outcome.state.clone();
-    for choice in choices {
+    let record = |seen: &mut Seen, effects: &[Effect]| {
+        for effect in effects {
+            if let Effect::Dispatch { step, attempt } = effect {
+                seen.dispatched.push((*step, *attempt));
+            }
+        }
+    };
+    record(&mut seen, &outcome.effects);
+    for (choice, pick) in choices {
         now += 10;
         if state.status.is_terminal() {
             match (choice, &state.status, &state.last_error) {
                 (Choice::Resume, Status::Failed, Some(err)) => {
                     let resumed = at(now, Transition::RunResumed { step: err.step, attempt: err.attempt + 1 });
                     outcome = advance(Some(&state), def, vec![resumed], now).unwrap();
+                    seen.dispatched.clear();
+                    record(&mut seen, &outcome.effects);
                     log.extend(outcome.appended.iter().cloned());
                     state = outcome.state.clone();
                     continue;
@@ -91,105 +169,213 @@ fn drive(def: &WorkflowDef, choices: &[Choice], jitter: f64) -> (Vec<Recorded>, 
                 _ => break,
             }
         }
-        let happened = match (*choice, outcome.effects.first()) {
+        let movable: Vec<(u32, StepStatus)> = state
+            .steps
+            .iter()
+            .filter(|(_, s)| !matches!(s, StepStatus::Completed | StepStatus::Failed { .. }))
+            .map(|(step, s)| (*step, s.clone()))
+            .collect();
+        assert!(!movable.is_empty(), "a live run has a step that can move: {state:?}");
+        let (step, status) = movable[pick % movable.len()].clone();
+        let happened = match (*choice, status) {
             (Choice::Cancel, _) => vec![at(now, Transition::RunCancelled { reason: "test".to_owned() })],
             (Choice::TimeOut, _) => vec![at(now, Transition::RunTimedOut)],
-            (choice, Some(Effect::SetTimer { .. })) => {
-                let (step, attempt) = state.status.step_attempt().unwrap();
-                let completed = at(now, Transition::StepCompleted { step, attempt, output: "{}".to_owned() });
-                match (&state.status, choice) {
-                    // A parked step wakes (its event, or its timer) and completes in one commit.
-                    (Status::Waiting { .. }, Choice::Succeed) => vec![
-                        at(
-                            now,
-                            Transition::EventReceived {
-                                step,
-                                attempt,
-                                event_id: "1-0".to_owned(),
-                                payload: "{}".to_owned(),
-                            },
-                        ),
-                        completed,
-                    ],
-                    (Status::Sleeping { .. } | Status::Waiting { .. }, _) => {
-                        vec![at(now, Transition::TimerFired { step, attempt }), completed]
+            (choice, StepStatus::AwaitingChild { attempt, child }) => {
+                let ending = match choice {
+                    Choice::Succeed => ChildEnding::Completed { output: "{\"child\":1}".to_owned() },
+                    Choice::Fail | Choice::Sleep => {
+                        ChildEnding::Ended { status: Status::Failed, reason: "boom".to_owned() }
                     }
-                    _ => vec![at(now, Transition::TimerFired { step, attempt })],
-                }
+                    _ => ChildEnding::Ended { status: Status::Cancelled, reason: "operator".to_owned() },
+                };
+                child_ended(def, &state, step, attempt, &child, ending, now, jitter)
+                    .into_iter()
+                    .map(|t| at(now, t))
+                    .collect()
             }
-            (Choice::Sleep | Choice::Wait, Some(Effect::Dispatch { step, attempt })) => vec![
-                at(now, Transition::StepStarted { step: *step, attempt: *attempt }),
+            (Choice::Skip, StepStatus::Queued { attempt }) => vec![
+                at(now, Transition::StepStarted { step, attempt }),
+                at(now, Transition::StepSkipped { step, attempt }),
+            ],
+            (Choice::Child, StepStatus::Queued { attempt }) => vec![
+                at(now, Transition::StepStarted { step, attempt }),
+                at(now, Transition::ChildStarted { step, attempt, child: format!("child-{step}-{attempt}") }),
+            ],
+            (Choice::Succeed, StepStatus::Waiting { attempt, .. }) => {
+                event_arrived(step, attempt, "1-0", "user.verified", &serde_json::json!({}))
+                    .into_iter()
+                    .map(|t| at(now, t))
+                    .collect()
+            }
+            (
+                _,
+                StepStatus::Sleeping { until, .. }
+                | StepStatus::Waiting { until, .. }
+                | StepStatus::Retrying { due: until, .. },
+            ) => {
+                // Its timer fires (with every other timer of the run due by then).
+                now = now.max(until);
+                timers_fired(&state, now).into_iter().flat_map(|(_, t)| t).map(|t| at(now, t)).collect()
+            }
+            (Choice::Sleep | Choice::Wait, StepStatus::Queued { attempt }) => vec![
+                at(now, Transition::StepStarted { step, attempt }),
                 at(
                     now,
                     Transition::StepSuspended {
-                        step: *step,
-                        attempt: *attempt,
+                        step,
+                        attempt,
                         until: now + 100,
                         event: matches!(choice, Choice::Wait).then(|| "user.verified".to_owned()),
                     },
                 ),
             ],
-            (Choice::Succeed, Some(Effect::Dispatch { step, attempt })) => vec![
-                at(now, Transition::StepStarted { step: *step, attempt: *attempt }),
-                at(now, Transition::StepCompleted { step: *step, attempt: *attempt, output: "{}".to_owned() }),
+            (Choice::Succeed, StepStatus::Queued { attempt }) => vec![
+                at(now, Transition::StepStarted { step, attempt }),
+                at(now, Transition::StepCompleted { step, attempt, output: "{}".to_owned() }),
             ],
-            (Choice::Fail | Choice::Resume, Some(Effect::Dispatch { step, attempt })) => vec![
-                at(now, Transition::StepStarted { step: *step, attempt: *attempt }),
-                at(now, step_failure(def, &state, *step, *attempt, "boom".to_owned(), now, jitter)),
+            (Choice::Fail | Choice::Resume, StepStatus::Queued { attempt }) => vec![
+                at(now, Transition::StepStarted { step, attempt }),
+                at(now, step_failure(def, &state, step, attempt, "boom".to_owned(), now, jitter)),
             ],
-            (_, other) => panic!("a live run must have an effect, got {other:?} in {:?}", state.status),
+            (_, other) => panic!("{other:?} is never durable"),
         };
         outcome = advance(Some(&state), def, happened, now).unwrap();
+        record(&mut seen, &outcome.effects);
         log.extend(outcome.appended.iter().cloned());
         state = outcome.state.clone();
         assert_eq!(state.seq as usize, log.len(), "seq counts the log");
     }
-    (log, state)
+    (log, state, seen)
+}
+
+fn choices(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<(Choice, usize)>> {
+    proptest::collection::vec((choice(), 0usize..8), len)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig { cases: 512, max_global_rejects: 20_000, ..ProptestConfig::default() })]
 
     #[test]
     fn folding_the_log_equals_the_incremental_state(
-        steps in 1usize..6,
-        max_attempts in 1u32..4,
-        choices in proptest::collection::vec(choice(), 0..40),
+        def in random_graph(),
+        choices in choices(0..60),
         jitter in -1.0f64..1.0,
     ) {
-        let def = definition(steps, max_attempts);
-        let (log, state) = drive(&def, &choices, jitter);
-        let replayed = replay(&log).unwrap().unwrap();
+        let (log, state, _) = drive(&def, &choices, jitter);
+        let replayed = replay(&log, &def).unwrap().unwrap();
         prop_assert_eq!(&replayed, &state);
         // Every prefix of a valid log folds too.
         for cut in 1..log.len() {
-            prop_assert!(replay(&log[..cut]).is_ok());
+            prop_assert!(replay(&log[..cut], &def).is_ok());
         }
     }
 
     #[test]
-    fn terminal_states_absorb_duplicates(
-        steps in 1usize..4,
-        choices in proptest::collection::vec(choice(), 40..60),
+    fn a_step_never_starts_before_its_needs_and_each_attempt_is_queued_once(
+        def in random_graph(),
+        choices in choices(0..60),
     ) {
-        let def = definition(steps, 2);
-        let (log, state) = drive(&def, &choices, 0.0);
+        let (log, _, seen) = drive(&def, &choices, 0.0);
+        let mut completed = std::collections::HashSet::new();
+        for recorded in &log {
+            match &recorded.transition {
+                Transition::StepStarted { step, .. } => {
+                    for need in def.needs(*step) {
+                        prop_assert!(completed.contains(&need), "step {} started before its need {}: {:#?}", step, need, log);
+                    }
+                }
+                Transition::StepCompleted { step, .. } | Transition::StepReused { step, .. } | Transition::StepSkipped { step, .. } => {
+                    completed.insert(*step);
+                }
+                _ => {}
+            }
+        }
+        let mut queued = seen.dispatched.clone();
+        queued.sort_unstable();
+        let before = queued.len();
+        queued.dedup();
+        prop_assert_eq!(queued.len(), before, "a step attempt queued twice: {:?}", seen.dispatched);
+    }
+
+    #[test]
+    fn every_order_of_completing_siblings_reaches_the_same_state(
+        def in random_graph(),
+        first in proptest::collection::vec(0usize..8, 0..40),
+        second in proptest::collection::vec(0usize..8, 0..40),
+    ) {
+        // Every step succeeds, in two orders: the same end (but the times and who did it).
+        let run = |picks: &[usize]| {
+            let mut choices: Vec<(Choice, usize)> = picks.iter().map(|p| (Choice::Succeed, *p)).collect();
+            choices.extend(std::iter::repeat_n((Choice::Succeed, 0), def.steps.len()));
+            drive(&def, &choices, 0.0).1
+        };
+        let (a, b) = (run(&first), run(&second));
+        prop_assert_eq!(a.status, Status::Completed);
+        prop_assert_eq!((&a.status, &a.steps, a.seq), (&b.status, &b.steps, b.seq));
+    }
+
+    #[test]
+    fn a_siblings_outcome_computed_on_an_older_state_applies_on_the_newer_one(
+        def in random_graph(),
+        picks in proptest::collection::vec(0usize..8, 1..30),
+    ) {
+        // Two queued steps ran at once from the same state; one committed first. The other's
+        // outcome, re-applied on the state that commit made, is taken (the work is not redone),
+        // and the two queue each later step once between them. Checked at every state of a run
+        // whose steps all succeed, in the order `picks` says.
+        let outcome = |(step, attempt): (u32, u32)| vec![
+            at(500, Transition::StepStarted { step, attempt }),
+            at(500, Transition::StepCompleted { step, attempt, output: "{}".to_owned() }),
+        ];
+        let mut checked = 0;
+        for cut in 0..picks.len() {
+            let choices: Vec<(Choice, usize)> = picks[..cut].iter().map(|p| (Choice::Succeed, *p)).collect();
+            let (_, state, _) = drive(&def, &choices, 0.0);
+            let queued: Vec<(u32, u32)> = state.steps.iter().filter_map(|(s, st)| match st {
+                StepStatus::Queued { attempt } => Some((*s, *attempt)),
+                _ => None,
+            }).collect();
+            if queued.len() < 2 || state.status.is_terminal() {
+                continue;
+            }
+            let (b, c) = (queued[picks[cut] % queued.len()], queued[(picks[cut] + 1) % queued.len()]);
+            let after_b = advance(Some(&state), &def, outcome(b), 500).unwrap();
+            let after_c = advance(Some(&after_b.state), &def, outcome(c), 500);
+            prop_assert!(after_c.is_ok(), "{:?}", after_c);
+            for effect in &after_c.unwrap().effects {
+                if let Effect::Dispatch { step, attempt } = effect {
+                    let queued_alone = after_b.effects.contains(&Effect::Dispatch { step: *step, attempt: *attempt });
+                    prop_assert!(!queued_alone, "step {} attempt {} queued twice", step, attempt);
+                }
+            }
+            checked += 1;
+        }
+        // Chains have no siblings.
+        prop_assume!(checked > 0);
+    }
+
+    #[test]
+    fn terminal_states_absorb_everything(
+        def in random_graph(),
+        choices in choices(40..80),
+    ) {
+        let (log, state, _) = drive(&def, &choices, 0.0);
         prop_assume!(state.status.is_terminal());
         for recorded in log.iter().skip(1).filter(|r| !matches!(r.transition, Transition::RunResumed { .. })) {
-            prop_assert_eq!(apply(Some(&state), recorded).unwrap(), state.clone());
+            prop_assert_eq!(apply(Some(&state), recorded, &def).unwrap(), state.clone());
         }
-        prop_assert!(apply(Some(&state), &log[0]).is_err(), "a second run_created is an error");
+        prop_assert!(apply(Some(&state), &log[0], &def).is_err(), "a second run_created is an error");
     }
 
     #[test]
     fn any_transition_in_any_state_is_a_value_never_a_panic(
-        choices in proptest::collection::vec(choice(), 0..20),
-        step in 0u32..4,
+        def in random_graph(),
+        choices in choices(0..20),
+        step in 0u32..8,
         attempt in 0u32..4,
-        kind in 0usize..13,
+        kind in 0usize..14,
     ) {
-        let def = definition(3, 3);
-        let (_, state) = drive(&def, &choices, 0.5);
+        let (_, state, _) = drive(&def, &choices, 0.5);
         let transition = match kind {
             0 => Transition::StepStarted { step, attempt },
             1 => Transition::StepCompleted { step, attempt, output: "1".to_owned() },
@@ -203,23 +389,27 @@ proptest! {
             9 => Transition::RunResumed { step, attempt },
             10 => Transition::StepSuspended { step, attempt, until: 5, event: None },
             11 => Transition::EventReceived { step, attempt, event_id: "1-0".to_owned(), payload: "{}".to_owned() },
+            12 => Transition::StepSkipped { step, attempt },
             _ => Transition::RunTimedOut,
         };
-        let result = apply(Some(&state), &at(99, transition.clone()));
+        let result = apply(Some(&state), &at(99, transition.clone()), &def);
         if let Ok(next_state) = &result
             && !state.status.is_terminal() {
                 prop_assert_eq!(next_state.seq, state.seq + 1);
             }
-        // Step transitions for an attempt that is not current are always rejected.
-        let current = state.status.step_attempt();
-        let step_level = matches!(kind, 0..=4 | 10 | 11);
         // A resume applies to a failed run only, for its failed step's next attempt.
         if kind == 9 {
             let resumable = matches!((&state.status, &state.last_error), (Status::Failed, Some(e)) if e.step == step && e.attempt + 1 == attempt);
             prop_assert_eq!(result.is_ok(), resumable, "{:?} in {:?}", transition, state.status);
         }
-        if step_level && !state.status.is_terminal() && current != Some((step, attempt)) {
-            prop_assert!(result.is_err(), "{:?} accepted in {:?}", transition, state.status);
+        // Step transitions for an attempt the step is not at are always rejected.
+        let at_attempt = state.steps.get(&step).and_then(StepStatus::attempt) == Some(attempt);
+        if matches!(kind, 0..=4 | 10..=12) && !state.status.is_terminal() && !at_attempt {
+            prop_assert!(result.is_err(), "{:?} accepted in {:?}", transition, state.steps);
+        }
+        // A step that was not reached never starts.
+        if kind == 0 && !state.status.is_terminal() && !state.steps.contains_key(&step) {
+            prop_assert!(result.is_err());
         }
     }
 }
@@ -227,7 +417,7 @@ proptest! {
 #[test]
 fn a_three_step_run_completes_through_advance() {
     let def = definition(3, 1);
-    let (log, state) = drive(&def, &[Choice::Succeed; 3], 0.0);
+    let (log, state, _) = drive(&def, &[(Choice::Succeed, 0); 3], 0.0);
     assert_eq!(state.status, Status::Completed);
     let kinds: Vec<&str> = log.iter().map(|r| r.transition.kind()).collect();
     assert_eq!(
@@ -246,9 +436,54 @@ fn a_three_step_run_completes_through_advance() {
 }
 
 #[test]
+fn a_diamond_queues_its_middle_steps_together_and_its_last_once_both_completed() {
+    let def = diamond();
+    let created = advance(None, &def, vec![created()], 1).unwrap();
+    assert_eq!(created.effects, [Effect::Dispatch { step: 0, attempt: 1 }]);
+    let done = |state: &RunState, step: u32| {
+        let happened = vec![
+            at(2, Transition::StepStarted { step, attempt: 1 }),
+            at(2, Transition::StepCompleted { step, attempt: 1, output: "{}".to_owned() }),
+        ];
+        advance(Some(state), &def, happened, 2).unwrap()
+    };
+    let a = done(&created.state, 0);
+    assert_eq!(a.effects, [Effect::Dispatch { step: 1, attempt: 1 }, Effect::Dispatch { step: 2, attempt: 1 }]);
+    assert_eq!(a.state.status, Status::Running);
+    let c = done(&a.state, 2);
+    assert_eq!(c.effects, [], "d waits for b");
+    let b = done(&c.state, 1);
+    assert_eq!(b.effects, [Effect::Dispatch { step: 3, attempt: 1 }]);
+    let d = done(&b.state, 3);
+    assert_eq!(d.state.status, Status::Completed);
+    assert_eq!(d.appended.last().unwrap().transition, Transition::RunCompleted);
+}
+
+#[test]
+fn a_step_failing_for_good_fails_the_run_while_its_sibling_sleeps() {
+    let def = graph(&[Some(vec![]), Some(vec![])], 1);
+    let created = advance(None, &def, vec![created()], 1).unwrap();
+    let slept = vec![
+        at(2, Transition::StepStarted { step: 0, attempt: 1 }),
+        at(2, Transition::StepSuspended { step: 0, attempt: 1, until: 1000, event: None }),
+    ];
+    let sleeping = advance(Some(&created.state), &def, slept, 2).unwrap();
+    assert_eq!(sleeping.effects, [Effect::SetTimer { due: 1000 }]);
+    assert_eq!(sleeping.state.status, Status::Running, "its sibling is queued");
+    let failed = vec![
+        at(3, Transition::StepStarted { step: 1, attempt: 1 }),
+        at(3, step_failure(&def, &sleeping.state, 1, 1, "boom".to_owned(), 3, 0.0)),
+    ];
+    let ended = advance(Some(&sleeping.state), &def, failed, 3).unwrap();
+    assert_eq!(ended.state.status, Status::Failed);
+    assert_eq!(ended.state.next_timer(), None, "a run that ended has nothing to wake for");
+    assert!(timers_fired(&ended.state, 2000).is_empty());
+}
+
+#[test]
 fn retries_follow_the_policy_then_the_run_fails_with_the_last_error() {
     let def = definition(1, 3);
-    let (log, state) = drive(&def, &[Choice::Fail; 10], 0.0);
+    let (log, state, _) = drive(&def, &[(Choice::Fail, 0); 10], 0.0);
     assert_eq!(state.status, Status::Failed);
     let retries: Vec<Option<Millis>> = log
         .iter()
@@ -270,8 +505,8 @@ fn a_resumed_run_retries_its_failed_step_with_a_fresh_budget() {
     let def = definition(2, 2);
     use Choice::{Fail, Resume, Succeed};
     // A choice is spent on each timer firing too (the `Fail` after each retry).
-    let choices = [Succeed, Fail, Fail, Fail, Resume, Fail, Fail, Fail, Resume, Succeed];
-    let (log, state) = drive(&def, &choices, 0.0);
+    let choices = [Succeed, Fail, Fail, Fail, Resume, Fail, Fail, Fail, Resume, Succeed].map(|c| (c, 0));
+    let (log, state, _) = drive(&def, &choices, 0.0);
     assert_eq!(state.status, Status::Completed, "{log:#?}");
     let resumed: Vec<(u32, u32)> = log
         .iter()
@@ -290,18 +525,60 @@ fn a_rerun_reuses_outputs_then_runs_the_rest() {
     let created = created();
     let reused = at(2, Transition::StepReused { step: 0, output: "{\"a\":1}".to_owned() });
     let outcome = advance(None, &def, vec![created, reused], 2).unwrap();
-    assert_eq!(outcome.state.status, Status::Queued { step: 1, attempt: 1 });
+    assert_eq!(outcome.state.steps.get(&1), Some(&StepStatus::Queued { attempt: 1 }));
     assert_eq!(outcome.effects, [Effect::Dispatch { step: 1, attempt: 1 }]);
 }
 
 #[test]
 fn invalid_transitions_are_errors_not_panics() {
-    let err = apply(None, &at(1, Transition::RunCompleted)).unwrap_err();
+    let def = definition(1, 1);
+    let err = apply(None, &at(1, Transition::RunCompleted), &def).unwrap_err();
     assert_eq!(err.transition, "run_completed");
-    let state = apply(None, &created()).unwrap();
-    let err = apply(Some(&state), &at(2, Transition::StepCompleted { step: 0, attempt: 1, output: String::new() }))
-        .unwrap_err();
+    let state = apply(None, &created(), &def).unwrap();
+    let err =
+        apply(Some(&state), &at(2, Transition::StepCompleted { step: 0, attempt: 1, output: String::new() }), &def)
+            .unwrap_err();
     assert!(err.to_string().contains("not running"), "{err}");
-    let err = apply(Some(&state), &at(2, Transition::RunCompleted)).unwrap_err();
+    let err = apply(Some(&state), &at(2, Transition::RunCompleted), &def).unwrap_err();
     assert!(err.to_string().contains("work left"), "{err}");
+}
+
+#[test]
+fn step_views_show_each_steps_own_status_attempts_and_times() {
+    let def = diamond();
+    let mut log = vec![created()];
+    let mut state = apply(None, &log[0], &def).unwrap();
+    let mut push = |state: &mut RunState, recorded: Recorded| {
+        *state = apply(Some(state), &recorded, &def).unwrap();
+        log.push(recorded);
+    };
+    push(&mut state, at(10, Transition::StepStarted { step: 0, attempt: 1 }));
+    push(&mut state, at(20, Transition::StepCompleted { step: 0, attempt: 1, output: "1".to_owned() }));
+    push(&mut state, at(30, Transition::StepStarted { step: 1, attempt: 1 }));
+    push(&mut state, at(40, Transition::StepFailed { step: 1, attempt: 1, error: "e".to_owned(), retry_at: Some(90) }));
+    let views = step_views(&state, &log, &def);
+    let shown: Vec<(&str, u32, Option<Millis>, Option<Millis>)> =
+        views.iter().map(|v| (v.status, v.attempts, v.started_at, v.ended_at)).collect();
+    assert_eq!(
+        shown,
+        [
+            ("completed", 1, Some(10), Some(20)),
+            ("retrying", 1, Some(30), None),
+            ("running", 0, None, None),
+            ("pending", 0, None, None)
+        ]
+    );
+    assert_eq!(views[1].error.as_deref(), Some("e"));
+    assert_eq!(views[0].output.as_deref(), Some("1"));
+}
+
+#[test]
+fn an_attempt_that_cannot_succeed_again_fails_for_good_whatever_its_budget() {
+    let def = definition(1, 5);
+    let state = apply(None, &created(), &def).unwrap();
+    let failure = |retryable| Failure { error: "e".to_owned(), retryable };
+    let retried = attempt_failed(&def, &state, 0, 1, failure(true), 10, 0.0);
+    assert!(matches!(retried, Transition::StepFailed { retry_at: Some(_), .. }), "{retried:?}");
+    let final_one = attempt_failed(&def, &state, 0, 1, failure(false), 10, 0.0);
+    assert_eq!(final_one, Transition::StepFailed { step: 0, attempt: 1, error: "e".to_owned(), retry_at: None });
 }

@@ -1,7 +1,7 @@
 //! Encodings of what the store keeps: transitions and ready tasks in MessagePack (rmp-serde),
 //! the run summary as hash fields.
 
-use super::{ReadyTask, RunSummary};
+use super::{Dispatch, ReadyTask, RunSummary};
 use crate::machine::{Millis, Recorded, RunState};
 
 pub fn encode_recorded(recorded: &Recorded) -> Vec<u8> {
@@ -24,15 +24,19 @@ pub fn decode_compacted(mut bytes: &[u8]) -> Result<Vec<Recorded>, String> {
     Ok(out)
 }
 
-/// A ready task of run `run` in `state`, encoded as a [`ReadyTask`] without copying the state.
-pub fn encode_task(run: &str, state: &RunState) -> Vec<u8> {
+/// A ready task of run `run`, step attempt `dispatch`, in `state`, encoded as a [`ReadyTask`]
+/// without copying the state.
+pub fn encode_task(run: &str, dispatch: Dispatch, state: &RunState) -> Vec<u8> {
     /// [`ReadyTask`]'s shape, borrowed.
     #[derive(serde::Serialize)]
     struct TaskRef<'a> {
         run: &'a str,
+        step: u32,
+        attempt: u32,
         state: &'a RunState,
     }
-    rmp_serde::to_vec(&TaskRef { run, state }).expect("tasks always encode")
+    rmp_serde::to_vec(&TaskRef { run, step: dispatch.step, attempt: dispatch.attempt, state })
+        .expect("tasks always encode")
 }
 
 pub fn decode_task(bytes: &[u8]) -> Result<ReadyTask, String> {
@@ -74,7 +78,7 @@ pub fn summary_from_fields<'a>(
         seq: 0,
         created_at: 0,
         updated_at: 0,
-        ready_entry: None,
+        ready_entries: Vec::new(),
         trigger: None,
         search: Vec::new(),
     };
@@ -98,7 +102,7 @@ pub fn summary_from_fields<'a>(
             "updated_at" => summary.updated_at = number(field, value)? as Millis,
             "step" => summary.step = optional(field, value)?,
             "attempt" => summary.attempt = optional(field, value)?,
-            "ready_entry" => summary.ready_entry = Some(value.to_owned()).filter(|v| !v.is_empty()),
+            "ready_entry" => summary.ready_entries = value.split_whitespace().map(str::to_owned).collect(),
             "trigger" => summary.trigger = Some(value.to_owned()).filter(|v| !v.is_empty()),
             "search" => summary.search = serde_json::from_str(value).map_err(|_| corrupt(field, value))?,
             _ => {}
@@ -117,6 +121,11 @@ pub fn summary_from_fields<'a>(
 mod tests {
     use super::*;
     use crate::machine::{Transition, Trigger};
+
+    fn one_step() -> crate::definition::WorkflowDef {
+        let text = "[[workflow]]\nid = \"w\"\n[[workflow.step]]\nid = \"a\"\naction = \"noop\"\n";
+        crate::definition::Registry::parse("test", text).unwrap().get("w").unwrap().def.clone()
+    }
 
     #[test]
     fn compacted_logs_decode_back_to_their_records() {
@@ -139,10 +148,9 @@ mod tests {
         assert!(decode_compacted(&blob[..blob.len() - 1]).is_err());
     }
 
-    /// The shapes the build before trace contexts wrote: `run_created` and the run state one
-    /// field shorter.
+    /// The shape the build before trace contexts wrote: `run_created` one field shorter.
     mod before_traces {
-        use crate::machine::{Millis, Status, StepError, Trigger};
+        use crate::machine::{Millis, Trigger};
         use serde::{Deserialize, Serialize};
 
         #[derive(Serialize, Deserialize)]
@@ -156,26 +164,6 @@ mod tests {
             pub at: Millis,
             pub replica: Option<String>,
             pub transition: Transition,
-        }
-
-        #[derive(Serialize, Deserialize)]
-        pub struct RunState {
-            pub workflow: String,
-            pub definition: String,
-            pub input: String,
-            pub trigger: Trigger,
-            pub status: Status,
-            pub seq: u64,
-            pub created_at: Millis,
-            pub updated_at: Millis,
-            pub last_error: Option<StepError>,
-            pub attempt_offset: u32,
-        }
-
-        #[derive(Serialize, Deserialize)]
-        pub struct ReadyTask {
-            pub run: String,
-            pub state: RunState,
         }
     }
 
@@ -194,24 +182,6 @@ mod tests {
         let decoded = decode_recorded(&rmp_serde::to_vec(&old).unwrap()).unwrap();
         let Transition::RunCreated { workflow, trace, .. } = &decoded.transition else { panic!("{decoded:?}") };
         assert_eq!((workflow.as_str(), trace), ("w", &None));
-
-        let task = before_traces::ReadyTask {
-            run: "0-1".into(),
-            state: before_traces::RunState {
-                workflow: "w".into(),
-                definition: "d".into(),
-                input: "{}".into(),
-                trigger: Trigger::Api,
-                status: crate::machine::Status::Queued { step: 1, attempt: 2 },
-                seq: 3,
-                created_at: 1,
-                updated_at: 2,
-                last_error: None,
-                attempt_offset: 1,
-            },
-        };
-        let decoded = decode_task(&rmp_serde::to_vec(&task).unwrap()).unwrap();
-        assert_eq!((decoded.state.seq, decoded.state.attempt_offset, decoded.state.trace), (3, 1, None));
     }
 
     #[test]
@@ -231,10 +201,6 @@ mod tests {
         let old: before_traces::Recorded = rmp_serde::from_slice(&encode_recorded(&recorded)).unwrap();
         let before_traces::Transition::RunCreated { workflow, .. } = old.transition;
         assert_eq!(workflow, "w");
-        let state = crate::machine::apply(None, &recorded).unwrap();
-        let task = ReadyTask { run: "0-1".into(), state };
-        let old: before_traces::ReadyTask = rmp_serde::from_slice(&encode_task(&task.run, &task.state)).unwrap();
-        assert_eq!((old.run.as_str(), old.state.seq), ("0-1", 1));
     }
 
     #[test]
@@ -260,9 +226,10 @@ mod tests {
             },
         };
         assert_eq!(decode_recorded(&encode_recorded(&recorded)).unwrap(), recorded);
-        let state = crate::machine::apply(None, &recorded).unwrap();
+        let state = crate::machine::apply(None, &recorded, &one_step()).unwrap();
         assert_eq!(state.trace.as_ref(), Some(&trace));
-        let task = ReadyTask { run: "0-1".into(), state };
-        assert_eq!(decode_task(&encode_task(&task.run, &task.state)).unwrap(), task);
+        let task = ReadyTask { run: "0-1".into(), step: 0, attempt: 1, state };
+        let dispatch = Dispatch { step: task.step, attempt: task.attempt };
+        assert_eq!(decode_task(&encode_task(&task.run, dispatch, &task.state)).unwrap(), task);
     }
 }

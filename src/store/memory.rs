@@ -394,9 +394,15 @@ impl State {
             self.idempotency.insert(slot, Idempotent { run: new.run.to_string(), expires });
         }
         let mut summary = RunSummary { search: new.search.clone(), ..RunSummary::of(&new.state) };
-        if let Some(dispatch) = new.dispatch {
-            let task = ReadyTask { run: new.run.to_string(), state: dispatch };
-            summary.ready_entry = Some(self.ready.entry(new.run.shard).or_default().push(task, now).to_string());
+        let queue = self.ready.entry(new.run.shard).or_default();
+        for dispatch in new.dispatch {
+            let task = ReadyTask {
+                run: new.run.to_string(),
+                step: dispatch.step,
+                attempt: dispatch.attempt,
+                state: new.state.clone(),
+            };
+            summary.ready_entries.push(queue.push(task, now).to_string());
         }
         let created_at = new.state.created_at;
         let key = index_key(created_at, &new.run);
@@ -442,13 +448,24 @@ impl State {
         let ends = state.status.is_terminal();
         run.closed |= ends && appended > 0;
         run.log.extend(records);
-        let dispatched = dispatch.map(|dispatch| {
-            let task = ReadyTask { run: id.to_string(), state: dispatch };
-            queue.push(task, now).to_string()
-        });
-        let ready_entry = dispatched.or_else(|| run.summary.ready_entry.take());
+        // The run's entries that may still be live: its own is done with, the new ones join.
+        let mut ready_entries = std::mem::take(&mut run.summary.ready_entries);
+        if let Some(lease) = &lease {
+            ready_entries.retain(|entry| *entry != lease.entry);
+        }
+        if ends && appended > 0 {
+            // Its other queued steps are withdrawn: never delivered, or refused if they were.
+            for entry in ready_entries.drain(..).filter_map(|entry| entry.parse::<EntryId>().ok()) {
+                queue.entries.remove(&entry);
+            }
+        }
+        for dispatch in dispatch {
+            let task =
+                ReadyTask { run: id.to_string(), step: dispatch.step, attempt: dispatch.attempt, state: state.clone() };
+            ready_entries.push(queue.push(task, now).to_string());
+        }
         run.summary =
-            RunSummary { ready_entry, search: std::mem::take(&mut run.summary.search), ..RunSummary::of(&state) };
+            RunSummary { ready_entries, search: std::mem::take(&mut run.summary.search), ..RunSummary::of(&state) };
         // A run that ended has nothing left to wake for.
         let old_timer = match (timer, clear_timer || ends) {
             (Some(due), _) => run.timer.replace(due),
@@ -753,7 +770,7 @@ impl Store for MemoryStore {
 
     async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
         let now = wall_clock()?;
-        let dispatches = new.dispatch.is_some();
+        let dispatches = !new.dispatch.is_empty();
         let created = self.shared.state.lock().create_run(new, now, Instant::now())?;
         if dispatches && matches!(created, Created::New(_)) {
             self.shared.dispatched.notify_waiters();
@@ -763,7 +780,7 @@ impl Store for MemoryStore {
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
         let now = wall_clock()?;
-        let dispatches = commit.dispatch.is_some();
+        let dispatches = !commit.dispatch.is_empty();
         let outcome = self.shared.state.lock().commit(commit, now);
         if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
             self.shared.dispatched.notify_waiters();
@@ -827,15 +844,13 @@ impl Store for MemoryStore {
 
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
         let now = wall_clock()?;
-        let dispatches = commit.dispatch.is_some();
+        let dispatches = !commit.dispatch.is_empty();
         let outcome = {
             // One section: the liveness judgement and the write see the same state.
             let mut state = self.shared.state.lock();
-            let live = state
-                .runs
-                .get(&commit.run)
-                .and_then(|run| run.summary.ready_entry.clone())
-                .is_some_and(|entry| state.dispatch_exists(&commit.run, &entry));
+            let live = state.runs.get(&commit.run).is_some_and(|run| {
+                run.summary.ready_entries.iter().any(|entry| state.dispatch_exists(&commit.run, entry))
+            });
             if live { CommitOutcome::Stale } else { state.commit(commit, now) }
         };
         if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
@@ -1068,7 +1083,7 @@ impl Store for MemoryStore {
 
     async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
         let now = wall_clock()?;
-        let dispatches = commit.dispatch.is_some();
+        let dispatches = !commit.dispatch.is_empty();
         let outcome = self.shared.state.lock().reopen(commit, now);
         if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
             self.shared.dispatched.notify_waiters();
@@ -1085,7 +1100,7 @@ impl Store for MemoryStore {
             commits
                 .into_iter()
                 .map(|commit| {
-                    let dispatches = commit.dispatch.is_some();
+                    let dispatches = !commit.dispatch.is_empty();
                     let outcome = state.commit(commit, now);
                     dispatched |= dispatches && matches!(outcome, CommitOutcome::Applied { .. });
                     outcome
@@ -1096,15 +1111,6 @@ impl Store for MemoryStore {
             self.shared.dispatched.notify_waiters();
         }
         Ok(outcomes)
-    }
-
-    async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {
-        let mut state = self.shared.state.lock();
-        if let (Some(queue), Ok(id)) = (state.ready.get_mut(&run.shard), entry.parse::<EntryId>()) {
-            queue.entries.remove(&id);
-            queue.pending.remove(&id);
-        }
-        Ok(())
     }
 
     async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>> {
@@ -1200,7 +1206,8 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
     use crate::definition::{ActionSpec, RetryPolicy, StepDef, WorkflowDef};
-    use crate::machine::{Advanced, Effect, Transition, Trigger, advance, replay, step_failure};
+    use crate::machine::{Advanced, Effect, Transition, Trigger, advance, step_failure};
+    use crate::store::Dispatch;
 
     fn definition(steps: usize, max_attempts: u32) -> WorkflowDef {
         WorkflowDef {
@@ -1219,6 +1226,7 @@ mod tests {
                     when: None,
                     timeout: Duration::from_secs(1),
                     retry: RetryPolicy { max_attempts, ..RetryPolicy::default() },
+                    needs: None,
                 })
                 .collect(),
             search: Vec::new(),
@@ -1233,8 +1241,14 @@ mod tests {
         Recorded { at, replica: Some("r1".to_owned()), transition }
     }
 
-    fn dispatches(effects: &[Effect]) -> bool {
-        effects.iter().any(|effect| matches!(effect, Effect::Dispatch { .. }))
+    fn dispatches(effects: &[Effect]) -> Vec<Dispatch> {
+        effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Dispatch { step, attempt } => Some(Dispatch { step: *step, attempt: *attempt }),
+                _ => None,
+            })
+            .collect()
     }
 
     /// A new run of `def` on `shard`, created at `now` and queued for its first step.
@@ -1252,7 +1266,7 @@ mod tests {
         let Advanced { state, appended, effects } = advance(None, def, vec![created], now).unwrap();
         NewRun {
             run: RunId::new(shard, now),
-            dispatch: dispatches(&effects).then(|| state.clone()),
+            dispatch: dispatches(&effects),
             state,
             records: appended,
             idempotency: idempotency.map(|(key, retention)| (key.to_owned(), retention)),
@@ -1280,7 +1294,7 @@ mod tests {
             expected_seq: from.seq,
             lease,
             records: appended,
-            dispatch: dispatches(&effects).then(|| state.clone()),
+            dispatch: dispatches(&effects),
             state,
             timer,
             clear_timer: timer.is_none(),
@@ -1290,7 +1304,7 @@ mod tests {
     /// The commit of an executor that worked `claimed`: the step started, then succeeded or failed.
     fn work(def: &WorkflowDef, claimed: &Claimed, succeed: bool, now: Millis) -> Commit {
         let task = claimed.task.as_ref().unwrap();
-        let (step, attempt) = task.state.status.step_attempt().unwrap();
+        let (step, attempt) = (task.step, task.attempt);
         let ended = if succeed {
             Transition::StepCompleted { step, attempt, output: "{}".to_owned() }
         } else {
@@ -1298,222 +1312,6 @@ mod tests {
         };
         let happened = vec![Transition::StepStarted { step, attempt }, ended];
         commit_of(def, &task.run.parse().unwrap(), &task.state, Some(claimed.lease.clone()), happened, now)
-    }
-
-    #[tokio::test]
-    async fn a_run_is_created_once_per_idempotency_key() {
-        let store = store();
-        let def = definition(1, 1);
-        let first = new_run(&def, 1, 1_000, Some(("k", Duration::from_secs(60))));
-        let id = first.run.clone();
-        assert_eq!(store.create_run(first).await.unwrap(), Created::New(id.clone()));
-        let second = new_run(&def, 1, 1_001, Some(("k", Duration::from_secs(60))));
-        let second_id = second.run.clone();
-        assert_eq!(store.create_run(second).await.unwrap(), Created::Duplicate(id.to_string()));
-        assert_eq!(store.summary(&second_id).await.unwrap(), None);
-
-        let summary = store.summary(&id).await.unwrap().unwrap();
-        assert_eq!((summary.status.as_str(), summary.seq, summary.created_at), ("pending", 1, 1_000));
-        let entry = summary.ready_entry.unwrap();
-        assert!(store.dispatch_exists(&id, &entry).await.unwrap());
-        let history = store.history(&id).await.unwrap().unwrap();
-        assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1]);
-        assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, [id]);
-
-        // A key is free again once its retention has passed.
-        let short = new_run(&def, 1, 1_002, Some(("short", Duration::from_millis(1))));
-        assert!(matches!(store.create_run(short).await.unwrap(), Created::New(_)));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let again = new_run(&def, 1, 1_003, Some(("short", Duration::from_millis(1))));
-        assert!(matches!(store.create_run(again).await.unwrap(), Created::New(_)));
-    }
-
-    #[tokio::test]
-    async fn a_claimed_step_commits_and_is_acknowledged() {
-        let store = store();
-        let def = definition(2, 1);
-        let new = new_run(&def, 2, 1_000, None);
-        let id = new.run.clone();
-        store.create_run(new).await.unwrap();
-
-        let claimed = store.claim("a", 10, Duration::ZERO).await.unwrap();
-        assert_eq!(claimed.len(), 1);
-        let first = &claimed[0];
-        assert_eq!((first.deliveries, first.lease.shard, first.lease.consumer.as_str()), (1, 2, "a"));
-        assert_eq!(first.task.as_ref().unwrap().run, id.to_string());
-        assert!(store.claim("b", 10, Duration::ZERO).await.unwrap().is_empty(), "an entry is delivered once");
-
-        let commit = work(&def, first, true, 1_010);
-        let state = commit.state.clone();
-        assert_eq!(store.commit(commit).await.unwrap(), CommitOutcome::Applied { seq: 3 });
-        assert!(!store.dispatch_exists(&id, &first.lease.entry).await.unwrap(), "the worked entry was acked");
-        assert_eq!(store.renew(std::slice::from_ref(&first.lease)).await.unwrap(), std::slice::from_ref(&first.lease));
-
-        let summary = store.summary(&id).await.unwrap().unwrap();
-        assert!(summary.matches(&state), "{summary:?}");
-        assert_eq!((summary.status.as_str(), summary.step, summary.seq), ("running", Some(1), 3));
-        let next_entry = summary.ready_entry.unwrap();
-        assert_ne!(next_entry, first.lease.entry);
-        assert!(store.dispatch_exists(&id, &next_entry).await.unwrap());
-        let history = store.history(&id).await.unwrap().unwrap();
-        assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(replay(history.iter().map(|l| &l.recorded)).unwrap(), Some(state));
-
-        let next = store.claim("b", 10, Duration::ZERO).await.unwrap();
-        assert_eq!(next.len(), 1);
-        assert_eq!(next[0].lease.entry, next_entry);
-        assert!(store.dispatch_exists(&id, &next_entry).await.unwrap(), "pending entries exist");
-        store.ack(&Lease { consumer: "a".to_owned(), ..next[0].lease.clone() }).await.unwrap();
-        assert!(store.dispatch_exists(&id, &next_entry).await.unwrap(), "only the holder acks");
-        store.ack(&next[0].lease).await.unwrap();
-        assert!(!store.dispatch_exists(&id, &next_entry).await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn a_stale_commit_changes_nothing() {
-        let store = store();
-        let def = definition(2, 1);
-        let new = new_run(&def, 0, 1_000, None);
-        let id = new.run.clone();
-        store.create_run(new).await.unwrap();
-        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
-        let summary = store.summary(&id).await.unwrap();
-        let history = store.history(&id).await.unwrap();
-
-        let good = work(&def, &claimed, true, 1_010);
-        for expected_seq in [0, 2, 5] {
-            let stale = Commit { expected_seq, ..good.clone() };
-            assert_eq!(store.commit(stale).await.unwrap(), CommitOutcome::Stale, "expected seq {expected_seq}");
-        }
-        let empty = Commit { expected_seq: 2, records: Vec::new(), ..good.clone() };
-        assert_eq!(store.commit(empty).await.unwrap(), CommitOutcome::Stale);
-        assert_eq!(store.summary(&id).await.unwrap(), summary);
-        assert_eq!(store.history(&id).await.unwrap(), history);
-        assert!(store.renew(std::slice::from_ref(&claimed.lease)).await.unwrap().is_empty(), "the lease is kept");
-        assert!(store.claim("a", 10, Duration::ZERO).await.unwrap().is_empty(), "nothing was dispatched");
-
-        assert_eq!(store.commit(good.clone()).await.unwrap(), CommitOutcome::Applied { seq: 3 });
-        assert_eq!(store.commit(good.clone()).await.unwrap(), CommitOutcome::LeaseLost, "a commit is accepted once");
-        let unleased = Commit { lease: None, ..good };
-        assert_eq!(store.commit(unleased).await.unwrap(), CommitOutcome::Stale);
-    }
-
-    #[tokio::test]
-    async fn a_lease_taken_over_is_lost() {
-        let store = store();
-        let def = definition(2, 1);
-        let new = new_run(&def, 3, 1_000, None);
-        let id = new.run.clone();
-        store.create_run(new).await.unwrap();
-        let mine = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
-        assert!(store.reclaim("b", Duration::from_secs(60), 10).await.unwrap().is_empty(), "the lease is fresh");
-
-        let taken = store.reclaim("b", Duration::ZERO, 10).await.unwrap();
-        assert_eq!(taken.len(), 1);
-        assert_eq!((taken[0].deliveries, taken[0].lease.consumer.as_str()), (2, "b"));
-        assert_eq!(taken[0].lease.entry, mine.lease.entry);
-        assert_eq!(taken[0].task, mine.task);
-
-        let history = store.history(&id).await.unwrap();
-        assert_eq!(store.commit(work(&def, &mine, true, 1_010)).await.unwrap(), CommitOutcome::LeaseLost);
-        assert_eq!(store.history(&id).await.unwrap(), history);
-        assert_eq!(store.commit(work(&def, &taken[0], true, 1_020)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
-        assert!(store.reclaim("a", Duration::ZERO, 10).await.unwrap().is_empty(), "acked entries are not reclaimed");
-    }
-
-    #[tokio::test]
-    async fn renewal_keeps_held_leases_and_reports_lost_ones() {
-        let store = store();
-        let def = definition(1, 1);
-        for shard in [0, 1] {
-            store.create_run(new_run(&def, shard, 1_000, None)).await.unwrap();
-        }
-        let mine = store.claim("a", 10, Duration::ZERO).await.unwrap();
-        assert_eq!(mine.len(), 2);
-        let taken = store.reclaim("b", Duration::ZERO, 1).await.unwrap();
-        assert_eq!(taken.len(), 1);
-        let leases: Vec<Lease> = mine.iter().map(|c| c.lease.clone()).collect();
-        let lost = store.renew(&leases).await.unwrap();
-        assert_eq!(lost.len(), 1);
-        assert_eq!(lost, [Lease { consumer: "a".to_owned(), ..taken[0].lease.clone() }]);
-        // Entry ids are per shard: two shards can hand out the same one.
-        let held: Vec<Lease> = leases.into_iter().filter(|l| *l != lost[0]).collect();
-
-        // Renewal resets the idle time: only the lease nobody renewed expires.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(store.renew(&held).await.unwrap().is_empty());
-        let expired = store.reclaim("c", Duration::from_millis(100), 10).await.unwrap();
-        assert_eq!(expired.len(), 1);
-        assert_eq!(expired[0].lease, Lease { consumer: "c".to_owned(), ..taken[0].lease.clone() });
-        assert_eq!(expired[0].deliveries, 3);
-    }
-
-    #[tokio::test]
-    async fn an_ended_run_keeps_its_history_and_leaves_the_active_index() {
-        let store = store();
-        let def = definition(1, 1);
-        let new = new_run(&def, 0, 1_000, None);
-        let id = new.run.clone();
-        store.create_run(new).await.unwrap();
-        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
-        let commit = work(&def, &claimed, true, 1_010);
-        let state = commit.state.clone();
-        assert_eq!(store.commit(commit.clone()).await.unwrap(), CommitOutcome::Applied { seq: 4 });
-
-        let summary = store.summary(&id).await.unwrap().unwrap();
-        assert_eq!((summary.status.as_str(), summary.seq), ("completed", 4));
-        let history = store.history(&id).await.unwrap().unwrap();
-        let kinds: Vec<&str> = history.iter().map(|l| l.recorded.transition.kind()).collect();
-        assert_eq!(kinds, ["run_created", "step_started", "step_completed", "run_completed"]);
-        assert_eq!(replay(history.iter().map(|l| &l.recorded)).unwrap(), Some(state.clone()));
-        assert!(store.quiet_runs(Millis::MAX, 10).await.unwrap().is_empty());
-        assert_eq!(store.list_runs(None, Some("completed"), None, 10).await.unwrap().runs, std::slice::from_ref(&id));
-        assert!(store.list_runs(None, Some("running"), None, 10).await.unwrap().runs.is_empty());
-
-        // Its log is closed: a late transition is refused as gone, and its lease acked.
-        let late = Commit { expected_seq: 4, lease: None, ..commit };
-        assert_eq!(store.commit(late).await.unwrap(), CommitOutcome::Gone);
-        let other = new_run(&def, 0, 2_000, None);
-        let other_id = other.run.clone();
-        store.create_run(other).await.unwrap();
-        let worked = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
-        let from = worked.task.clone().unwrap().state;
-        let cancel = vec![Transition::RunCancelled { reason: "operator".to_owned() }];
-        let cancelled = commit_of(&def, &other_id, &from, None, cancel, 2_005);
-        assert_eq!(store.commit(cancelled).await.unwrap(), CommitOutcome::Applied { seq: 2 });
-        assert_eq!(store.commit(work(&def, &worked, true, 2_010)).await.unwrap(), CommitOutcome::Gone);
-        assert_eq!(
-            store.renew(std::slice::from_ref(&worked.lease)).await.unwrap(),
-            std::slice::from_ref(&worked.lease)
-        );
-        assert_eq!(store.history(&other_id).await.unwrap().unwrap().len(), 2);
-    }
-
-    #[tokio::test]
-    async fn timers_stay_due_until_the_commit_that_fires_them() {
-        let store = store();
-        let def = definition(1, 2);
-        let new = new_run(&def, 1, 1_000, None);
-        let id = new.run.clone();
-        store.create_run(new).await.unwrap();
-        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
-        let failed = work(&def, &claimed, false, 1_010);
-        let due = failed.timer.unwrap();
-        let retrying = failed.state.clone();
-        assert_eq!(store.commit(failed).await.unwrap(), CommitOutcome::Applied { seq: 3 });
-        assert!(store.has_timer(&id).await.unwrap());
-        assert!(store.due_timers(due - 1, 10).await.unwrap().is_empty());
-        assert_eq!(store.due_timers(due, 10).await.unwrap(), std::slice::from_ref(&id));
-        assert_eq!(store.due_timers(due, 10).await.unwrap(), std::slice::from_ref(&id), "reading does not remove");
-        assert!(store.due_timers(due, 0).await.unwrap().is_empty());
-
-        let (step, attempt) = retrying.status.step_attempt().unwrap();
-        let fired = commit_of(&def, &id, &retrying, None, vec![Transition::TimerFired { step, attempt }], due);
-        assert_eq!(store.commit(fired).await.unwrap(), CommitOutcome::Applied { seq: 4 });
-        assert!(!store.has_timer(&id).await.unwrap());
-        assert!(store.due_timers(Millis::MAX, 10).await.unwrap().is_empty());
-        let retry = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
-        assert_eq!(retry.task.unwrap().state.status.step_attempt(), Some((0, 2)));
     }
 
     #[tokio::test]
@@ -1552,123 +1350,21 @@ mod tests {
             expected_seq: 1,
             lease: None,
             records: Vec::new(),
-            state: state.clone(),
-            dispatch: Some(state),
+            state,
+            dispatch: vec![Dispatch { step: 0, attempt: 1 }],
             timer: None,
             clear_timer: false,
         };
         assert_eq!(store.commit(Commit { expected_seq: 2, ..again.clone() }).await.unwrap(), CommitOutcome::Stale);
         assert_eq!(store.commit(again).await.unwrap(), CommitOutcome::Applied { seq: 1 });
-        let entry = store.summary(&id).await.unwrap().unwrap().ready_entry.unwrap();
-        assert_ne!(entry, lost.lease.entry);
-        assert!(store.dispatch_exists(&id, &entry).await.unwrap());
+        let entries = store.summary(&id).await.unwrap().unwrap().ready_entries;
+        let entry = entries.last().unwrap();
+        assert_ne!(*entry, lost.lease.entry);
+        assert!(store.dispatch_exists(&id, entry).await.unwrap());
         assert_eq!(store.history(&id).await.unwrap().unwrap().len(), 1);
         assert_eq!(store.claim("b", 5, Duration::ZERO).await.unwrap().len(), 1);
     }
 
-    #[tokio::test]
-    async fn housekeeping_deletes_runs_that_ended_before_the_retention() {
-        let store = store();
-        let def = definition(1, 1);
-        let ended = new_run(&def, 0, 1_000, None);
-        let ended_id = ended.run.clone();
-        store.create_run(ended).await.unwrap();
-        let claimed = store.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
-        store.commit(work(&def, &claimed, true, 1_500)).await.unwrap();
-        let live = new_run(&def, 0, 2_000, None);
-        let live_id = live.run.clone();
-        store.create_run(live).await.unwrap();
-
-        let kept = store.housekeeping(1_500).await.unwrap();
-        assert_eq!(kept, Housekeeping { trimmed_entries: 1, expired_runs: 0 }, "the acked entry goes");
-        assert!(store.summary(&ended_id).await.unwrap().is_some());
-
-        let swept = store.housekeeping(1_501).await.unwrap();
-        assert_eq!(swept, Housekeeping { trimmed_entries: 0, expired_runs: 1 });
-        assert_eq!(store.summary(&ended_id).await.unwrap(), None);
-        assert_eq!(store.history(&ended_id).await.unwrap(), None);
-        assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, std::slice::from_ref(&live_id));
-        assert!(store.list_runs(None, Some("completed"), None, 10).await.unwrap().runs.is_empty());
-        let entry = store.summary(&live_id).await.unwrap().unwrap().ready_entry.unwrap();
-        assert!(store.dispatch_exists(&live_id, &entry).await.unwrap(), "queued entries stay");
-    }
-
-    #[tokio::test]
-    async fn a_claim_waits_at_most_its_block_then_returns_nothing() {
-        let store = store();
-        let started = Instant::now();
-        let claimed = store.claim("a", 5, Duration::from_millis(100)).await.unwrap();
-        let waited = started.elapsed();
-        assert!(claimed.is_empty());
-        assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(2), "{waited:?}");
-    }
-
-    #[tokio::test]
-    async fn a_blocked_claim_wakes_when_a_step_is_dispatched() {
-        let store = store();
-        let waiting = tokio::spawn({
-            let store = store.clone();
-            async move { store.claim("a", 5, Duration::from_secs(10)).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        store.create_run(new_run(&definition(1, 1), 2, 1_000, None)).await.unwrap();
-        let claimed = tokio::time::timeout(Duration::from_secs(2), waiting).await.unwrap().unwrap().unwrap();
-        assert_eq!(claimed.len(), 1);
-    }
-
-    #[tokio::test]
-    async fn runs_are_listed_newest_first_in_pages() {
-        let store = store();
-        let def = definition(1, 1);
-        let mut ids = Vec::new();
-        for (shard, now) in [(0, 1_000), (1, 2_000), (2, 2_000), (3, 3_000)] {
-            let new = new_run(&def, shard, now, None);
-            ids.push(new.run.clone());
-            store.create_run(new).await.unwrap();
-        }
-        // Equal creation times are ordered by run id text, as Redis orders equal scores.
-        let (a, b) = (ids[1].to_string(), ids[2].to_string());
-        let (first_tie, second_tie) = if a > b { (&ids[1], &ids[2]) } else { (&ids[2], &ids[1]) };
-        let expected = [ids[3].clone(), first_tie.clone(), second_tie.clone(), ids[0].clone()];
-
-        let page = store.list_runs(Some("wf"), None, None, 2).await.unwrap().runs;
-        assert_eq!(page, expected[..2]);
-        let rest = store.list_runs(Some("wf"), Some("pending"), page.last(), 10).await.unwrap().runs;
-        assert_eq!(rest, expected[2..]);
-        assert!(store.list_runs(Some("other"), None, None, 10).await.unwrap().runs.is_empty());
-        assert!(store.list_runs(None, Some("failed"), None, 10).await.unwrap().runs.is_empty());
-    }
-
-    #[tokio::test]
-    async fn quiet_runs_are_live_runs_not_updated_since_at_most_max_per_shard() {
-        let store = store();
-        let def = definition(1, 1);
-        for (shard, now) in [(0, 1_000), (0, 1_100), (0, 1_200), (1, 1_000), (1, 5_000)] {
-            store.create_run(new_run(&def, shard, now, None)).await.unwrap();
-        }
-        let quiet = store.quiet_runs(2_000, 2).await.unwrap();
-        let shards: Vec<u16> = quiet.iter().map(|(id, _)| id.shard).collect();
-        assert_eq!(shards.iter().filter(|s| **s == 0).count(), 2);
-        assert_eq!(shards.iter().filter(|s| **s == 1).count(), 1);
-        assert!(quiet.iter().all(|(_, summary)| summary.updated_at < 2_000));
-    }
-
-    #[tokio::test]
-    async fn definitions_are_found_by_hash_on_every_shard() {
-        let store = store();
-        let workflow = Arc::new(Workflow::new(definition(2, 3)));
-        store.save_definitions(std::slice::from_ref(&workflow)).await.unwrap();
-        for shard in 0..store.shards() {
-            assert_eq!(store.load_definition(shard, &workflow.hash).await.unwrap().as_ref(), Some(&*workflow));
-        }
-        assert_eq!(store.load_definition(0, "unknown").await.unwrap(), None);
-        let health = store.health().await.unwrap();
-        assert_eq!(health.kind, StoreKind::Memory);
-        assert!(health.warnings.iter().any(|w| w.contains("nothing survives a restart")));
-    }
-
-    /// Parity with the Redis store's `bus_drop`: an entry ahead of the clock (here only a clock
-    /// stepped back could write one) is dead-lettered and removed, and new ids go by the clock.
     #[tokio::test]
     async fn the_bus_removes_entries_ahead_of_the_clock() {
         let store = MemoryStore::new(4);

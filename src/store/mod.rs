@@ -13,7 +13,7 @@ pub mod memory;
 pub mod redis;
 
 use crate::definition::Workflow;
-use crate::machine::{Millis, Recorded, RunState, Status};
+use crate::machine::{Millis, Recorded, RunState};
 use async_trait::async_trait;
 use std::fmt;
 use std::str::FromStr;
@@ -130,11 +130,22 @@ pub struct Lease {
     pub consumer: String,
 }
 
-/// A step ready to run, as queued: the run and its state when the step was dispatched.
+/// A step ready to run, as queued: the run, the step attempt, and the run's state when the step
+/// was dispatched.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReadyTask {
     pub run: String,
+    pub step: u32,
+    pub attempt: u32,
     pub state: RunState,
+}
+
+/// A step attempt a commit queues: a ready entry of its own (so that steps whose needs are met
+/// together run at once, on any executors), carrying the run's state after the commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatch {
+    pub step: u32,
+    pub attempt: u32,
 }
 
 /// A ready entry claimed by this replica.
@@ -153,7 +164,8 @@ pub struct NewRun {
     pub run: RunId,
     pub state: RunState,
     pub records: Vec<Recorded>,
-    pub dispatch: Option<RunState>,
+    /// The steps to queue, with `state`.
+    pub dispatch: Vec<Dispatch>,
     /// `(key, retention)`: the same key within its retention returns the first run.
     pub idempotency: Option<(String, Duration)>,
     /// The input values the run is indexed by (`WorkflowDef::search_values`).
@@ -179,8 +191,8 @@ pub struct Commit {
     pub records: Vec<Recorded>,
     /// The run's state after `records`.
     pub state: RunState,
-    /// Queue a step: the state to hand to the executor.
-    pub dispatch: Option<RunState>,
+    /// The steps to queue, with `state`.
+    pub dispatch: Vec<Dispatch>,
     /// Wake the run at this time (replacing any timer it had).
     pub timer: Option<Millis>,
     /// Remove the run's timer (it fired, or the run ended).
@@ -213,8 +225,10 @@ pub struct RunSummary {
     pub seq: u64,
     pub created_at: Millis,
     pub updated_at: Millis,
-    /// The id of the ready entry of the current dispatch, if the run has one.
-    pub ready_entry: Option<String>,
+    /// The ids of the run's ready entries that may still be live: every entry queued for it and
+    /// not yet acknowledged by the commit of its outcome (an entry acknowledged otherwise, or
+    /// dead-lettered, stays until the run's next commit that queues or acknowledges one).
+    pub ready_entries: Vec<String>,
     /// What started the run ([`crate::machine::Trigger::kind`]); `None` for runs created by a
     /// version that did not record it.
     pub trigger: Option<String>,
@@ -226,7 +240,7 @@ pub struct RunSummary {
 impl RunSummary {
     /// The summary a state projects to: what the run hash must hold after a commit.
     pub fn of(state: &RunState) -> RunSummary {
-        let step_attempt = RunSummary::position(state);
+        let step_attempt = state.position();
         RunSummary {
             workflow: state.workflow.clone(),
             definition: state.definition.clone(),
@@ -236,18 +250,9 @@ impl RunSummary {
             seq: state.seq,
             created_at: state.created_at,
             updated_at: state.updated_at,
-            ready_entry: None,
+            ready_entries: Vec::new(),
             trigger: Some(state.trigger.kind().to_owned()),
             search: Vec::new(),
-        }
-    }
-
-    /// The step and attempt a summary names: a live run's current one, and a failed run's
-    /// failed one (where a retry resumes it), so that a list of runs can say where each failed.
-    pub fn position(state: &RunState) -> Option<(u32, u32)> {
-        match (&state.status, &state.last_error) {
-            (Status::Failed, Some(error)) => Some((error.step, error.attempt)),
-            (status, _) => status.step_attempt(),
         }
     }
 
@@ -255,8 +260,11 @@ impl RunSummary {
     /// and the search values, which the state does not hold, and the trigger where a run's
     /// summary has none: runs created before it was recorded).
     pub fn matches(&self, state: &RunState) -> bool {
-        let mut expected =
-            RunSummary { ready_entry: self.ready_entry.clone(), search: self.search.clone(), ..RunSummary::of(state) };
+        let mut expected = RunSummary {
+            ready_entries: self.ready_entries.clone(),
+            search: self.search.clone(),
+            ..RunSummary::of(state)
+        };
         if self.trigger.is_none() {
             expected.trigger = None;
         }
@@ -522,10 +530,6 @@ pub trait Store: Send + Sync + 'static {
     /// re-queue never adds a second ready entry beside a live one, however many replicas sweep.
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome>;
 
-    /// Deletes a queued ready entry (its run was cancelled): it is never delivered; if it was,
-    /// its lease holder's commit is rejected as stale.
-    async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()>;
-
     /// Acknowledges an entry without a transition (it is obsolete), if it is still ours.
     async fn ack(&self, lease: &Lease) -> StoreResult<()>;
 
@@ -723,7 +727,7 @@ pub fn is_terminal_name(status: &str) -> bool {
 }
 
 /// A status's projection for the terminal indexes.
-pub fn terminal_name(status: &Status) -> Option<&'static str> {
+pub fn terminal_name(status: &crate::machine::Status) -> Option<&'static str> {
     status.is_terminal().then(|| status.name())
 }
 

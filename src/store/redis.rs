@@ -11,8 +11,8 @@ use super::codec::{
 use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReplicaBeat, RunId, RunPage, RunState,
-    RunSummary, SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    Dispatch, EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReplicaBeat, RunId, RunPage,
+    RunState, RunSummary, SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded};
@@ -30,11 +30,12 @@ const LIBRARY: &str = include_str!("../../migrations/002_wfo_v2.lua");
 const SCHEMA_VERSION: u64 = 2;
 /// The library of schema 1, removed by the upgrade.
 const V1_LIBRARY_NAME: &str = "wfo_v1";
-/// The group commit and the sweeper's re-queue (named apart from the first layout of their
-/// arguments, `wfo_v2_commit` and `wfo_v2_requeue`, so that a replica of an older build never
-/// sends that layout to these).
-const COMMIT: &str = "wfo_v2_commit_group";
-const REQUEUE: &str = "wfo_v2_requeue_group";
+/// The group commit and the sweeper's re-queue (named apart from the earlier layouts of their
+/// arguments, `wfo_v2_commit`/`wfo_v2_requeue` and `wfo_v2_commit_group`/`wfo_v2_requeue_group`
+/// (one ready entry per commit), so that a replica of an older build never sends its layout to
+/// these).
+const COMMIT: &str = "wfo_v2_commit_steps";
+const REQUEUE: &str = "wfo_v2_requeue_steps";
 /// Connections for non-blocking commands.
 const POOL_SIZE: usize = 4;
 /// The router's first and longest pause between empty reads of the bus (see `read_events`).
@@ -519,7 +520,7 @@ impl RedisStore {
         let terminal = state.status.is_terminal();
         let status = state.status.name();
         // What a transition may change (`seq` is set by the function from the records).
-        let (step, attempt) = RunSummary::position(state).unzip();
+        let (step, attempt) = state.position().unzip();
         let fields = vec![
             ("status", status.to_owned()),
             ("step", step.map_or_else(String::new, |s| s.to_string())),
@@ -547,13 +548,16 @@ impl RedisStore {
             expected_seq: commit.expected_seq,
             lease: commit.lease.as_ref(),
             reopen,
+            ends: terminal && !commit.records.is_empty(),
             records: &commit.records,
             fields,
-            dispatch: commit.dispatch.as_ref(),
+            state: &commit.state,
+            dispatch: &commit.dispatch,
             timer: commit.timer,
-            // A leased step was running, and a running run has no timer: only a run that ends
-            // from elsewhere (a cancel, a time-out) may have one to remove.
-            clear_timer: commit.clear_timer || (terminal && commit.lease.is_none()),
+            // A run that ends may have a timer to remove: one ended from elsewhere (a cancel, a
+            // time-out), or by a step while a sibling of it was parked or retrying.
+            clear_timer: commit.clear_timer
+                || (terminal && (commit.lease.is_none() || commit.state.steps.values().any(|s| s.timer().is_some()))),
             idempotency: None,
             indexes,
         }
@@ -673,10 +677,14 @@ struct CommitPart<'a> {
     expected_seq: u64,
     lease: Option<&'a Lease>,
     reopen: bool,
+    /// The commit ends the run: its other queued entries are withdrawn.
+    ends: bool,
     records: &'a [Recorded],
     /// Summary fields to set (`seq` is set by the function).
     fields: Vec<(&'static str, String)>,
-    dispatch: Option<&'a RunState>,
+    /// The run's state after the commit, which every ready entry carries.
+    state: &'a RunState,
+    dispatch: &'a [Dispatch],
     timer: Option<Millis>,
     clear_timer: bool,
     idempotency: Option<&'a (String, Duration)>,
@@ -733,6 +741,9 @@ impl CommitCall {
         if part.clear_timer {
             options.push('t');
         }
+        if part.ends {
+            options.push('e');
+        }
         if idempotency.is_some() {
             options.push('i');
         }
@@ -749,10 +760,10 @@ impl CommitCall {
             args.push((*name).into());
             args.push(value.as_str().into());
         }
-        args.push(match part.dispatch {
-            Some(state) => Value::Bytes(encode_task(&run_text, state).into()),
-            None => "".into(),
-        });
+        args.push(number(part.dispatch.len()));
+        args.extend(
+            part.dispatch.iter().map(|dispatch| Value::Bytes(encode_task(&run_text, *dispatch, part.state).into())),
+        );
         args.push(part.timer.map_or_else(|| "".into(), |t| Value::from(t as i64)));
         args.push(number(indexes.len()));
         for (index, score) in indexes {
@@ -842,9 +853,11 @@ impl Store for RedisStore {
             expected_seq: 0,
             lease: None,
             reopen: false,
+            ends: false,
             records: &new.records,
             fields: summary_fields(&RunSummary { search: new.search.clone(), ..RunSummary::of(&new.state) }),
-            dispatch: new.dispatch.as_ref(),
+            state: &new.state,
+            dispatch: &new.dispatch,
             timer: None,
             clear_timer: false,
             idempotency: new.idempotency.as_ref(),
@@ -892,11 +905,6 @@ impl Store for RedisStore {
 
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
         one(self.apply_commits(std::slice::from_ref(&commit), false, REQUEUE).await?)
-    }
-
-    async fn retract(&self, run: &RunId, entry: &str) -> StoreResult<()> {
-        self.cmd("XDEL", vec![self.keys.ready(run.shard).into(), entry.into()]).await?;
-        Ok(())
     }
 
     async fn ack(&self, lease: &Lease) -> StoreResult<()> {

@@ -439,9 +439,12 @@ async function workflowPage(id) {
     },
   }, h("label", {}, "Input (a JSON object)", input), h("div", { class: "actions" }, h("button", { class: "primary", type: "submit", id: "trigger-submit" }, "Trigger a run")), problem);
   const graph = h("div", { class: "steps-graph", id: "steps-graph" });
+  // Drawn in file order: an arrow where a step follows the one before it, else what it needs.
   workflow.steps.forEach((s, i) => {
-    if (i > 0) graph.append(h("span", { class: "arrow" }, "→"));
-    graph.append(h("div", { class: "node" }, s.id, h("small", {}, s.action)));
+    const follows = i > 0 && s.needs.length === 1 && s.needs[0] === workflow.steps[i - 1].id;
+    if (i > 0) graph.append(h("span", { class: "arrow" }, follows ? "→" : "·"));
+    const after = follows || s.needs.length === 0 ? null : h("small", { class: "needs" }, "after " + s.needs.join(", "));
+    graph.append(h("div", { class: "node", "data-needs": s.needs.join(",") }, s.id, h("small", {}, s.action), after));
   });
   main.replaceChildren(
     h("h1", {}, workflow.id),
@@ -607,9 +610,11 @@ function timeline(run, transitions) {
     if (live) segs.push({ kind: o.kind === "attempt" ? "running" : o.kind, from: o.from, to: end, title: o.title || "running" });
   }
   if (live) {
-    const current = run.steps.find((s) => LIVE.includes(s.status));
-    if (current && !open.has(current.id) && current.status !== "pending") {
-      rows.get(current.id).push({ kind: "running", from: last, to: end, title: current.status });
+    // Every live step (steps of a graph run at once) not drawn from an open attempt above.
+    for (const current of run.steps.filter((s) => LIVE.includes(s.status))) {
+      if (!open.has(current.id) && current.status !== "pending") {
+        rows.get(current.id).push({ kind: "running", from: last, to: end, title: current.status });
+      }
     }
   }
   const span = end - start;
@@ -713,6 +718,8 @@ async function runPage(id) {
       h("dt", {}, "created"), h("dd", {}, when(run.createdAt)),
       h("dt", {}, "updated"), h("dd", {}, when(run.updatedAt)),
       h("dt", {}, "trigger"), h("dd", {}, JSON.stringify(run.trigger)),
+      run.parentRunId ? [h("dt", {}, "parent"), h("dd", { id: "run-parent" }, runLink(run.parentRunId), " step ", run.parentStep)] : null,
+      run.children.length ? [h("dt", {}, "children"), h("dd", { id: "run-children" }, run.children.map((c) => h("div", {}, c.step, ` attempt ${c.attempt}: `, runLink(c.runId))))] : null,
       run.error ? [h("dt", {}, "error"), h("dd", { class: "error", id: "run-error" }, run.error)] : null,
       h("dt", {}, "input"), h("dd", {}, h("details", {}, h("summary", {}, "show"), pretty(run.input))))));
     const from = h("select", { id: "rerun-from" }, run.steps.map((s) => h("option", { value: s.id }, s.id)));
@@ -721,7 +728,7 @@ async function runPage(id) {
       live ? h("button", { class: "danger", id: "cancel-run", type: "button", onclick: () => act(`Cancel run ${id}?`, `/api/runs/${encodeURIComponent(id)}/cancel`, {}) }, "Cancel") : null,
       run.status === "failed" ? h("button", { class: "primary", id: "retry-run", type: "button", onclick: () => act(`Retry run ${id} from its failed step?`, `/api/runs/${encodeURIComponent(id)}/retry`, {}) }, "Retry") : null,
       h("label", {}, "Rerun from step", from),
-      h("button", { id: "rerun-run", type: "button", onclick: () => act(`Start a new run from step ${from.value}, reusing the outputs of the steps before it?`,
+      h("button", { id: "rerun-run", type: "button", onclick: () => act(`Start a new run from step ${from.value}? It reuses the recorded outputs of the steps that do not come after it.`,
         `/api/runs/${encodeURIComponent(id)}/rerun`, { fromStep: from.value }, (answer) => navigate("/ui/runs/" + encodeURIComponent(answer.runId))) }, "Rerun")];
     actions.replaceChildren(...buttons.filter(Boolean));
     gantt.replaceChildren(timeline(run, transitions));
