@@ -121,44 +121,95 @@ pub(crate) fn trigger_runs(ports: &Mutex<Vec<u16>>, count: usize) -> Triggered {
     out
 }
 
+/// Every run's log replays, to `completed`, and to the state its summary (the run hash) holds:
+/// read through the library, straight from Redis.
+fn assert_every_log_replays_to_a_completed_run(redis: &RedisServer, runs: &[String]) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = RedisStore::connect(&redis.url(), "wfo", 16).await.expect("the test connects to Redis");
+        for run in runs {
+            let id: RunId = run.parse().expect("a run id");
+            let log = store.history(&id).await.expect("history").unwrap_or_else(|| panic!("no log for {run}"));
+            let hash = machine::definition_of(log.iter().map(|l| &l.recorded)).expect("a log from run_created");
+            let workflow = store.load_definition(id.shard, hash).await.expect("definition").expect("its snapshot");
+            let state = machine::replay(log.iter().map(|l| &l.recorded), &workflow.def)
+                .unwrap_or_else(|(index, err)| panic!("run {run}: log entry {} does not replay: {err}", index + 1))
+                .unwrap_or_else(|| panic!("run {run}: empty log"));
+            assert_eq!(state.status, machine::Status::Completed, "run {run}");
+            let summary = store.summary(&id).await.expect("summary").unwrap_or_else(|| panic!("no summary for {run}"));
+            assert!(summary.matches(&state), "run {run}: summary {summary:?} is not the replayed state {state:?}");
+        }
+    });
+}
+
+/// [`REPLICAS`] replicas serving a workflows file, and the ports the triggers go to.
+struct Chaos {
+    config: ReplicaConfig,
+    names: Vec<String>,
+    replicas: Vec<Replica>,
+    ports: Arc<Mutex<Vec<u16>>>,
+}
+
+impl Chaos {
+    fn start(redis: &RedisServer, dir: &Path, workflows: &str) -> Chaos {
+        let file = workflows_file(dir, workflows);
+        // A short lease so that a killed replica's steps are taken over quickly; enough
+        // deliveries that a step caught by several kills in a row still finishes rather than
+        // failing its run.
+        let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir)
+            .env("LEASE_TTL", "2s")
+            .env("MAX_DELIVERIES", "10")
+            .env("SHUTDOWN_GRACE", "1s");
+        let names: Vec<String> = (0..REPLICAS).map(|i| format!("r{i}")).collect();
+        let replicas: Vec<Replica> = names.iter().map(|name| config.start(name)).collect();
+        let ports = Arc::new(Mutex::new(replicas.iter().map(|r| r.port).collect::<Vec<u16>>()));
+        Chaos { config, names, replicas, ports }
+    }
+}
+
+/// Kills one of `replicas` every [`KILL_EVERY`], [`KILLS`] times, round robin, and restarts it at
+/// once (same name, new process: a new consumer in the group; its predecessor's leases expire and
+/// are taken over), keeping `ports` (where the triggers go) current. `before_kill` sees each
+/// victim just before it is killed.
+fn kill_round_robin(
+    config: &ReplicaConfig,
+    names: &[String],
+    replicas: &mut [Replica],
+    ports: &Mutex<Vec<u16>>,
+    mut before_kill: impl FnMut(&Replica),
+) {
+    let chaos_start = Instant::now();
+    for kill in 0..KILLS {
+        let at = chaos_start + KILL_EVERY * (kill as u32 + 1);
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        let victim = kill % replicas.len();
+        before_kill(&replicas[victim]);
+        replicas[victim].kill9();
+        replicas[victim] = config.start(&names[victim]);
+        ports.lock().unwrap()[victim] = replicas[victim].port;
+    }
+}
+
 #[test]
 fn three_replicas_survive_kill_9_every_two_seconds() {
     let began = Instant::now();
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let effects = dir.path().join("effects.log");
-    let file = workflows_file(dir.path(), &five_random_steps(&effects));
-    // A short lease so that a killed replica's steps are taken over quickly; enough deliveries
-    // that a step caught by several kills in a row still finishes rather than failing its run.
-    let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path())
-        .env("LEASE_TTL", "2s")
-        .env("MAX_DELIVERIES", "10")
-        .env("SHUTDOWN_GRACE", "1s");
-    let names: Vec<String> = (0..REPLICAS).map(|i| format!("r{i}")).collect();
-    let mut replicas: Vec<Replica> = names.iter().map(|name| config.start(name)).collect();
-    let ports = Arc::new(Mutex::new(replicas.iter().map(|r| r.port).collect::<Vec<u16>>()));
+    let Chaos { config, names, mut replicas, ports } = Chaos::start(&redis, dir.path(), &five_random_steps(&effects));
     let agent = agent();
 
     // Trigger while the kills go on, so that triggers too meet dead replicas.
     let trigger_ports = Arc::clone(&ports);
     let triggering = std::thread::spawn(move || trigger_runs(&trigger_ports, RUNS));
 
-    // Kill one replica every two seconds, round robin, and restart it at once (same name, new
-    // process: a new consumer in the group; its predecessor's leases expire and are taken over).
     // Counters live in the process, so each one's counters are read just before it is killed.
     let mut counted: BTreeMap<String, u64> = BTreeMap::new();
-    let chaos_start = Instant::now();
-    for kill in 0..KILLS {
-        let at = chaos_start + KILL_EVERY * (kill as u32 + 1);
-        std::thread::sleep(at.saturating_duration_since(Instant::now()));
-        let victim = kill % REPLICAS;
-        for (name, value) in counters(&agent, replicas[victim].port) {
+    kill_round_robin(&config, &names, &mut replicas, &ports, |victim| {
+        for (name, value) in counters(&agent, victim.port) {
             *counted.entry(name).or_default() += value;
         }
-        replicas[victim].kill9();
-        replicas[victim] = config.start(&names[victim]);
-        ports.lock().unwrap()[victim] = replicas[victim].port;
-    }
+    });
     let triggered = triggering.join().expect("the trigger thread");
     assert!(triggered.refused.is_empty(), "live replicas refused triggers: {:?}", triggered.refused);
     assert!(!triggered.accepted.is_empty(), "no trigger was accepted");
@@ -238,24 +289,7 @@ fn three_replicas_survive_kill_9_every_two_seconds() {
         assert_eq!(transitions.last().map(|t| t["type"].clone()), Some(json!("run_completed")), "run {run}");
     }
 
-    // Every run's log replays to the state its summary (the run hash) holds: read through the
-    // library, straight from Redis.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let store = RedisStore::connect(&redis.url(), "wfo", 16).await.expect("the test connects to Redis");
-        for run in &triggered.accepted {
-            let id: RunId = run.parse().expect("a run id");
-            let log = store.history(&id).await.expect("history").unwrap_or_else(|| panic!("no log for {run}"));
-            let hash = machine::definition_of(log.iter().map(|l| &l.recorded)).expect("a log from run_created");
-            let workflow = store.load_definition(id.shard, hash).await.expect("definition").expect("its snapshot");
-            let state = machine::replay(log.iter().map(|l| &l.recorded), &workflow.def)
-                .unwrap_or_else(|(index, err)| panic!("run {run}: log entry {} does not replay: {err}", index + 1))
-                .unwrap_or_else(|| panic!("run {run}: empty log"));
-            assert_eq!(state.status, machine::Status::Completed, "run {run}");
-            let summary = store.summary(&id).await.expect("summary").unwrap_or_else(|| panic!("no summary for {run}"));
-            assert!(summary.matches(&state), "run {run}: summary {summary:?} is not the replayed state {state:?}");
-        }
-    });
+    assert_every_log_replays_to_a_completed_run(&redis, &triggered.accepted);
 
     // The kills must have interrupted work, or this test showed nothing about recovery.
     for replica in &replicas {
@@ -339,27 +373,12 @@ fn a_diamond_runs_its_middle_steps_at_once_through_kill_9_every_two_seconds() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let effects = dir.path().join("effects.log");
-    let file = workflows_file(dir.path(), &diamond_steps(&effects));
-    let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path())
-        .env("LEASE_TTL", "2s")
-        .env("MAX_DELIVERIES", "10")
-        .env("SHUTDOWN_GRACE", "1s");
-    let names: Vec<String> = (0..REPLICAS).map(|i| format!("r{i}")).collect();
-    let mut replicas: Vec<Replica> = names.iter().map(|name| config.start(name)).collect();
-    let ports = Arc::new(Mutex::new(replicas.iter().map(|r| r.port).collect::<Vec<u16>>()));
+    let Chaos { config, names, mut replicas, ports } = Chaos::start(&redis, dir.path(), &diamond_steps(&effects));
     let agent = agent();
 
     let trigger_ports = Arc::clone(&ports);
     let triggering = std::thread::spawn(move || trigger_runs(&trigger_ports, DIAMOND_RUNS));
-    let chaos_start = Instant::now();
-    for kill in 0..KILLS {
-        let at = chaos_start + KILL_EVERY * (kill as u32 + 1);
-        std::thread::sleep(at.saturating_duration_since(Instant::now()));
-        let victim = kill % REPLICAS;
-        replicas[victim].kill9();
-        replicas[victim] = config.start(&names[victim]);
-        ports.lock().unwrap()[victim] = replicas[victim].port;
-    }
+    kill_round_robin(&config, &names, &mut replicas, &ports, |_| {});
     let triggered = triggering.join().expect("the trigger thread");
     assert!(triggered.refused.is_empty(), "live replicas refused triggers: {:?}", triggered.refused);
     assert!(triggered.accepted.len() > DIAMOND_RUNS / 2, "too few triggers accepted: {triggered:?}");
@@ -426,22 +445,7 @@ fn a_diamond_runs_its_middle_steps_at_once_through_kill_9_every_two_seconds() {
             assert!(done.contains(&(run.clone(), step.to_owned())), "{run}:{step} completed without its effect");
         }
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let store = RedisStore::connect(&redis.url(), "wfo", 16).await.expect("the test connects to Redis");
-        for run in &triggered.accepted {
-            let id: RunId = run.parse().expect("a run id");
-            let log = store.history(&id).await.expect("history").unwrap_or_else(|| panic!("no log for {run}"));
-            let hash = machine::definition_of(log.iter().map(|l| &l.recorded)).expect("a log from run_created");
-            let workflow = store.load_definition(id.shard, hash).await.expect("definition").expect("its snapshot");
-            let state = machine::replay(log.iter().map(|l| &l.recorded), &workflow.def)
-                .unwrap_or_else(|(index, err)| panic!("run {run}: log entry {} does not replay: {err}", index + 1))
-                .unwrap_or_else(|| panic!("run {run}: empty log"));
-            assert_eq!(state.status, machine::Status::Completed, "run {run}");
-            let summary = store.summary(&id).await.expect("summary").unwrap_or_else(|| panic!("no summary for {run}"));
-            assert!(summary.matches(&state), "run {run}: summary {summary:?} is not the replayed state {state:?}");
-        }
-    });
+    assert_every_log_replays_to_a_completed_run(&redis, &triggered.accepted);
     let takeovers: usize =
         replicas.iter().map(|r| r.log_text().matches("took over a step whose lease expired").count()).sum();
     eprintln!(

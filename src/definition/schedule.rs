@@ -99,11 +99,148 @@ impl Schedule {
     }
 }
 
+/// What the catch-up policy makes of the fires missed since `last` (the newest fire any replica
+/// handled), found at `now`: see [`Schedule::plan_catch_up`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatchUpPlan {
+    /// The missed fires to start, oldest first.
+    pub run: Vec<Millis>,
+    /// The newest fire skipped: every missed fire up to it is skipped (all older than `run`).
+    pub skipped_until: Option<Millis>,
+    /// Under `skip`: fires too recent (within `grace` of `now`) to call missed yet, which
+    /// running replicas may be about to handle; decided once their grace has passed.
+    pub deferred: Vec<Millis>,
+}
+
+/// What to do with a fire while the schedule's previous run may be active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FireDecision {
+    Start,
+    /// Keep it, to start when the previous run ends.
+    Buffer,
+    Skip,
+}
+
+/// The overlap policy for one fire: `previous_active` says whether the schedule's previous run
+/// is still live, `buffered` whether a fire already waits.
+pub fn decide_fire(overlap: Overlap, previous_active: bool, buffered: bool) -> FireDecision {
+    match (overlap, previous_active) {
+        (Overlap::Allow, _) | (_, false) => FireDecision::Start,
+        (Overlap::Buffer, true) if !buffered => FireDecision::Buffer,
+        (Overlap::Skip | Overlap::Buffer, true) => FireDecision::Skip,
+    }
+}
+
+impl Schedule {
+    /// Applies the catch-up policy to the fires missed since `last`, at `now`. Missed fires are
+    /// found from the newest back rather than listed from `last`: after a long outage there are
+    /// more of them than any bound, and listing only the oldest made `latest` run a stale fire,
+    /// `all` look outside its window, and `skip` hand every fire past the bound to the normal
+    /// path, which started them all.
+    pub fn plan_catch_up(
+        &self,
+        catchup: Catchup,
+        window: std::time::Duration,
+        last: Millis,
+        now: Millis,
+        grace: std::time::Duration,
+    ) -> CatchUpPlan {
+        let newest_until = |until: Millis| self.latest_until(until).filter(|fire| *fire > last);
+        match catchup {
+            Catchup::Skip => {
+                // A fire this recent may simply not be handled yet by replicas that are running:
+                // it is neither started nor skipped until its grace has passed.
+                let recent = now.saturating_sub(grace.as_millis() as u64);
+                let skipped_until = newest_until(recent.saturating_sub(1));
+                let deferred = self.fires_between(skipped_until.unwrap_or(last).max(last), now, 16);
+                CatchUpPlan { run: Vec::new(), skipped_until, deferred }
+            }
+            Catchup::Latest => match newest_until(now) {
+                Some(latest) => CatchUpPlan {
+                    run: vec![latest],
+                    skipped_until: newest_until(latest.saturating_sub(1)),
+                    deferred: Vec::new(),
+                },
+                None => CatchUpPlan { run: Vec::new(), skipped_until: None, deferred: Vec::new() },
+            },
+            Catchup::All => {
+                let window_start = now.saturating_sub(window.as_millis() as u64);
+                let mut run = Vec::new();
+                let mut cursor = now;
+                while run.len() < MAX_CATCHUP {
+                    match newest_until(cursor) {
+                        Some(fire) if fire >= window_start => {
+                            run.push(fire);
+                            cursor = fire.saturating_sub(1);
+                        }
+                        _ => break,
+                    }
+                }
+                run.reverse();
+                let skipped_until = newest_until(run.first().map_or(now, |first| first.saturating_sub(1)));
+                CatchUpPlan { run, skipped_until, deferred: Vec::new() }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const MINUTE: Millis = 60_000;
+
+    /// A fake clock's readings: the plans are pure functions of the times they are given.
+    #[test]
+    fn catch_up_after_an_outage_follows_the_policy() {
+        let every_minute = Schedule::parse("* * * * *", None).unwrap();
+        let (last, grace, day) = (100 * MINUTE, Duration::from_secs(2), Duration::from_secs(86_400));
+        // Down from just after 100 min to 110 min + 30 s: fires 101..=110 were missed.
+        let now = 110 * MINUTE + 30_000;
+        let plan = every_minute.plan_catch_up(Catchup::Latest, day, last, now, grace);
+        assert_eq!(plan, CatchUpPlan { run: vec![110 * MINUTE], skipped_until: Some(109 * MINUTE), deferred: vec![] });
+        let plan = every_minute.plan_catch_up(Catchup::Skip, day, last, now, grace);
+        assert_eq!(plan, CatchUpPlan { run: vec![], skipped_until: Some(110 * MINUTE), deferred: vec![] });
+        let all = every_minute.plan_catch_up(Catchup::All, Duration::from_secs(5 * 60), last, now, grace);
+        // Within a window of 5 minutes: 106..=110 run, 101..=105 skipped.
+        assert_eq!(all.run, (106..=110).map(|m| m * MINUTE).collect::<Vec<_>>());
+        assert_eq!(all.skipped_until, Some(105 * MINUTE));
+        // A fire within the grace under `skip` is deferred, not skipped: a running replica may
+        // be about to handle it.
+        let just_after = 110 * MINUTE + 1_000;
+        let plan = every_minute.plan_catch_up(Catchup::Skip, day, last, just_after, grace);
+        assert_eq!((plan.skipped_until, plan.deferred), (Some(109 * MINUTE), vec![110 * MINUTE]));
+        // Nothing missed: nothing to do.
+        let plan = every_minute.plan_catch_up(Catchup::Latest, day, 110 * MINUTE, now, grace);
+        assert_eq!(plan, CatchUpPlan { run: vec![], skipped_until: None, deferred: vec![] });
+        // A year down under `all`: at most MAX_CATCHUP runs, the newest, the rest skipped.
+        let year = 365 * 24 * 60 * MINUTE;
+        let plan =
+            every_minute.plan_catch_up(Catchup::All, Duration::from_secs(400 * 86_400), last, last + year, grace);
+        assert_eq!(plan.run.len(), MAX_CATCHUP);
+        assert_eq!(plan.run.last(), Some(&(last + year)));
+        assert_eq!(plan.skipped_until, Some(plan.run[0] - MINUTE));
+    }
+
+    #[test]
+    fn the_overlap_policy_decides_each_fire() {
+        use FireDecision::*;
+        for (overlap, active, buffered, decision) in [
+            (Overlap::Skip, false, false, Start),
+            (Overlap::Skip, true, false, Skip),
+            (Overlap::Allow, true, true, Start),
+            (Overlap::Buffer, true, false, Buffer),
+            (Overlap::Buffer, true, true, Skip),
+            (Overlap::Buffer, false, true, Start),
+        ] {
+            assert_eq!(
+                decide_fire(overlap, active, buffered),
+                decision,
+                "{overlap:?} active {active} buffered {buffered}"
+            );
+        }
+    }
 
     #[test]
     fn five_and_six_field_expressions() {

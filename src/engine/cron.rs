@@ -5,7 +5,8 @@
 //! policy the same on every replica. Skipped and missed fires are logged and counted.
 
 use super::{Counters, Engine, sleep_or_cancelled};
-use crate::definition::{Catchup, Overlap, Workflow, schedule::MAX_CATCHUP};
+use crate::definition::schedule::{CatchUpPlan, FireDecision, decide_fire};
+use crate::definition::{Overlap, Workflow};
 use crate::machine::{Millis, Trigger};
 use crate::store::{StoreError, is_terminal_name};
 use std::sync::Arc;
@@ -116,46 +117,8 @@ impl Engine {
             // Never fired anywhere: nothing was missed.
             return Ok((now, Vec::new()));
         };
-        // Missed fires are found from the newest back rather than listed from `last`: after a
-        // long outage there are more of them than any bound, and listing only the oldest ones
-        // made `latest` run a stale fire, `all` look outside its window, and `skip` hand every
-        // fire past the bound to the normal path, which started them all.
-        let newest_until = |until: Millis| schedule.latest_until(until).filter(|fire| *fire > last);
-        let recent = now.saturating_sub(CATCHUP_GRACE.as_millis() as u64);
-        // The fires to run (oldest first), the newest fire skipped (every missed fire up to it is
-        // skipped, and all of them are older than those run), and where the normal path resumes.
-        let mut deferred = Vec::new();
-        let (run, skipped_until, resume): (Vec<Millis>, Option<Millis>, Millis) = match workflow.def.catchup {
-            Catchup::Skip => {
-                // Under `skip`, a fire this recent may simply not be handled yet by replicas that
-                // are running: it is neither started nor skipped until its grace has passed
-                // (`settle_deferred`); then, if no replica handled it, it was missed.
-                let skipped_until = newest_until(recent.saturating_sub(1));
-                deferred = schedule.fires_between(skipped_until.unwrap_or(last).max(last), now, 16);
-                (Vec::new(), skipped_until, now)
-            }
-            Catchup::Latest => match newest_until(now) {
-                Some(latest) => (vec![latest], newest_until(latest.saturating_sub(1)), now),
-                None => (Vec::new(), None, now),
-            },
-            Catchup::All => {
-                let window_start = now.saturating_sub(workflow.def.catchup_window.as_millis() as u64);
-                let mut run = Vec::new();
-                let mut cursor = now;
-                while run.len() < MAX_CATCHUP {
-                    match newest_until(cursor) {
-                        Some(fire) if fire >= window_start => {
-                            run.push(fire);
-                            cursor = fire.saturating_sub(1);
-                        }
-                        _ => break,
-                    }
-                }
-                run.reverse();
-                let skipped_until = newest_until(run.first().map_or(now, |first| first.saturating_sub(1)));
-                (run, skipped_until, now)
-            }
-        };
+        let CatchUpPlan { run, skipped_until, deferred } =
+            schedule.plan_catch_up(workflow.def.catchup, workflow.def.catchup_window, last, now, CATCHUP_GRACE);
         if let Some(skipped_until) = skipped_until {
             let skipped = schedule.fires_between(last, skipped_until, MAX_COUNTED).len();
             tracing::warn!(
@@ -173,7 +136,7 @@ impl Engine {
             tracing::info!(workflow = %id, fire = %crate::machine::timestamp(*fire), "catching up a missed fire");
             self.fire(workflow, *fire).await?;
         }
-        Ok((resume, deferred))
+        Ok((now, deferred))
     }
 
     /// Handles one fire: skips it if another replica already did, applies the overlap policy,
@@ -184,11 +147,14 @@ impl Engine {
         if state.last_fire.is_some_and(|last| last >= fire) {
             return Ok(()); // handled by another replica
         }
-        if workflow.def.overlap != Overlap::Allow && self.previous_run_active(state.last_run.as_deref()).await? {
+        let previous_active =
+            workflow.def.overlap != Overlap::Allow && self.previous_run_active(state.last_run.as_deref()).await?;
+        let decision = decide_fire(workflow.def.overlap, previous_active, state.buffered.is_some());
+        if decision != FireDecision::Start {
             // Only the replica whose record moves the last fire forward logs and counts the
             // decision: replicas deciding at the same moment decide alike, once. (A buffered fire
             // is kept before the record, so that a crash in between cannot lose it.)
-            let buffered = workflow.def.overlap == Overlap::Buffer && state.buffered.is_none();
+            let buffered = decision == FireDecision::Buffer;
             if buffered {
                 self.store.cron_buffer(id, Some(fire)).await?;
             }

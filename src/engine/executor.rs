@@ -428,7 +428,7 @@ impl Engine {
         clear_timer: bool,
         path: CommitPath,
     ) -> Result<CommitOutcome, StoreError> {
-        let dispatch = super::dispatches(&advanced.effects);
+        let dispatch = crate::store::Dispatch::of_effects(&advanced.effects);
         let timer = advanced.effects.iter().find_map(|effect| match effect {
             Effect::SetTimer { due } => Some(*due),
             _ => None,

@@ -435,7 +435,7 @@ impl Engine {
             .collect();
         let advanced = machine::advance(None, &workflow.def, happened, now)
             .map_err(|err| EngineError::Invalid(format!("the run cannot start: {err}")))?;
-        let dispatch = dispatches(&advanced.effects);
+        let dispatch = crate::store::Dispatch::of_effects(&advanced.effects);
         let search = workflow.def.search_values(input);
         let new = NewRun {
             run: run.clone(),
@@ -523,19 +523,6 @@ impl Engine {
         self.definitions.write().insert(hash.to_owned(), Arc::clone(&loaded));
         Ok(loaded)
     }
-}
-
-/// The step attempts `effects` queue.
-fn dispatches(effects: &[machine::Effect]) -> Vec<crate::store::Dispatch> {
-    effects
-        .iter()
-        .filter_map(|effect| match effect {
-            machine::Effect::Dispatch { step, attempt } => {
-                Some(crate::store::Dispatch { step: *step, attempt: *attempt })
-            }
-            _ => None,
-        })
-        .collect()
 }
 
 /// Sleeps `duration` unless `token` fires first; returns whether it fired.

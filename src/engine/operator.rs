@@ -118,7 +118,7 @@ impl Engine {
             let resumed = self.recorded(now, Transition::RunResumed { step, attempt });
             let advanced = machine::advance(Some(&loaded.state), &loaded.workflow.def, vec![resumed], now)
                 .map_err(|err| EngineError::Conflict(err.to_string()))?;
-            let dispatch = super::dispatches(&advanced.effects);
+            let dispatch = crate::store::Dispatch::of_effects(&advanced.effects);
             // Steps of the run still parked or retrying keep their timer.
             let timer = advanced.state.next_timer();
             let state = advanced.state.clone();

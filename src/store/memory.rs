@@ -1241,16 +1241,6 @@ mod tests {
         Recorded { at, replica: Some("r1".to_owned()), transition }
     }
 
-    fn dispatches(effects: &[Effect]) -> Vec<Dispatch> {
-        effects
-            .iter()
-            .filter_map(|effect| match effect {
-                Effect::Dispatch { step, attempt } => Some(Dispatch { step: *step, attempt: *attempt }),
-                _ => None,
-            })
-            .collect()
-    }
-
     /// A new run of `def` on `shard`, created at `now` and queued for its first step.
     fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str, Duration)>) -> NewRun {
         let created = record(
@@ -1266,7 +1256,7 @@ mod tests {
         let Advanced { state, appended, effects } = advance(None, def, vec![created], now).unwrap();
         NewRun {
             run: RunId::new(shard, now),
-            dispatch: dispatches(&effects),
+            dispatch: Dispatch::of_effects(&effects),
             state,
             records: appended,
             idempotency: idempotency.map(|(key, retention)| (key.to_owned(), retention)),
@@ -1294,7 +1284,7 @@ mod tests {
             expected_seq: from.seq,
             lease,
             records: appended,
-            dispatch: dispatches(&effects),
+            dispatch: Dispatch::of_effects(&effects),
             state,
             timer,
             clear_timer: timer.is_none(),

@@ -148,6 +148,19 @@ pub struct Dispatch {
     pub attempt: u32,
 }
 
+impl Dispatch {
+    /// The step attempts `effects` queue.
+    pub fn of_effects(effects: &[crate::machine::Effect]) -> Vec<Dispatch> {
+        effects
+            .iter()
+            .filter_map(|effect| match effect {
+                crate::machine::Effect::Dispatch { step, attempt } => Some(Dispatch { step: *step, attempt: *attempt }),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// A ready entry claimed by this replica.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claimed {
