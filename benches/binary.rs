@@ -49,7 +49,7 @@
 //! start to the poll that saw the last run finished), `engine_cpu_us_per_step` (the binary's
 //! utime+stime from /proc/<pid>/stat over the same window), `mem.bytes_per_run` (INFO
 //! `used_memory` without client buffers, after the ready streams are trimmed
-//! (`Store::housekeeping`) and the replica stopped, minus the same before the N runs, over the
+//! (`Runs::housekeeping`) and the replica stopped, minus the same before the N runs, over the
 //! runs; every run's history is kept, and for `events` the bus entries and the record of the
 //! runs each started too: `mem.events_stream_bytes` says how much of it is the bus stream).
 
@@ -73,8 +73,9 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 use workflow_orchestrator::store::keys::Keys;
+use workflow_orchestrator::store::prelude::*;
 use workflow_orchestrator::store::redis::RedisStore;
-use workflow_orchestrator::store::{EntryCap, RunId, Store};
+use workflow_orchestrator::store::{EntryCap, RunId};
 
 const BENCH: &str = "binary";
 const PREFIX: &str = "wfo";

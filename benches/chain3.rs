@@ -22,7 +22,7 @@
 //!   commandstats time by command (a function's time includes the commands it runs);
 //! - `redis_cpu_us_per_step`: redis-server user+sys CPU (INFO cpu) per step;
 //! - `mem.bytes_per_run`: INFO `used_memory` once the runs finished and housekeeping trimmed
-//!   the ready streams (called directly: `Store::housekeeping`), minus `used_memory` right after
+//!   the ready streams (called directly: `Runs::housekeeping`), minus `used_memory` right after
 //!   FLUSHALL and the engine's start, over N; every run's history is kept (compacted log, summary,
 //!   indexes). Client buffers (`mem_clients_normal`) are left out on both sides, because the
 //!   peer closes its connections before it measures; `bytes_per_run_incl_clients` keeps them.

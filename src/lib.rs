@@ -30,7 +30,7 @@
 //! outcome, a timer, an event, a child's end, an operator's action) and `machine::advance`
 //! returns the transitions to record and the effects they imply (steps to queue, a timer, the
 //! run's end). It is **persisted** by one atomic, fenced commit of [`store::Store`]
-//! (`Store::commit` / `commit_group`: the Lua function `wfo_v2_commit_steps` in
+//! (`Runs::commit` / `commit_group`: the Lua function `wfo_v2_commit_steps` in
 //! `migrations/002_wfo_v2.lua` for Redis, `store::memory` in memory), which appends the records,
 //! queues the steps and sets the timer together, or refuses as stale. It is **executed** by
 //! [`engine`]: `engine::executor` claims a queued step, runs its action ([`actions`]) and

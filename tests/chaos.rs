@@ -13,8 +13,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use workflow_orchestrator::machine;
+use workflow_orchestrator::store::RunId;
+use workflow_orchestrator::store::prelude::*;
 use workflow_orchestrator::store::redis::RedisStore;
-use workflow_orchestrator::store::{RunId, Store};
 
 /// An HTTP agent whose every call is bounded: a killed or frozen replica must never hang a test.
 pub(crate) fn agent() -> ureq::Agent {

@@ -344,8 +344,9 @@ action = "noop"
 fn an_undecodable_ready_entry_is_dead_lettered_and_its_run_queued_again_from_its_log() {
     use workflow_orchestrator::definition::Registry;
     use workflow_orchestrator::machine::{self, Recorded, Transition, Trigger};
+    use workflow_orchestrator::store::prelude::*;
     use workflow_orchestrator::store::redis::RedisStore;
-    use workflow_orchestrator::store::{Created, NewRun, RunId, Store};
+    use workflow_orchestrator::store::{Created, NewRun, RunId};
 
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();

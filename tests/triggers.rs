@@ -1182,14 +1182,14 @@ fn twenty_thousand_piped_events_start_their_runs_exactly_once_while_a_router_is_
         let mut not_completed = Vec::new();
         for run in &runs {
             let id: workflow_orchestrator::store::RunId = run.parse().expect("a run id");
-            let summary = workflow_orchestrator::store::Store::summary(&store, &id).await.expect("summary");
+            let summary = workflow_orchestrator::store::Runs::summary(&store, &id).await.expect("summary");
             let summary = summary.unwrap_or_else(|| panic!("no summary for {run}"));
             if summary.status != "completed" {
                 // Ended already or about to: the backlog is empty, so each was started; wait for
                 // it below.
                 not_completed.push(id.clone());
             }
-            let log = workflow_orchestrator::store::Store::history(&store, &id).await.expect("history");
+            let log = workflow_orchestrator::store::Runs::history(&store, &id).await.expect("history");
             let first = log.and_then(|log| log.into_iter().next()).unwrap_or_else(|| panic!("no log for {run}"));
             match first.recorded.transition {
                 workflow_orchestrator::machine::Transition::RunCreated {
@@ -1204,7 +1204,7 @@ fn twenty_thousand_piped_events_start_their_runs_exactly_once_while_a_router_is_
         for _ in 0..600 {
             let mut next = Vec::new();
             for id in still {
-                let summary = workflow_orchestrator::store::Store::summary(&store, &id).await.expect("summary");
+                let summary = workflow_orchestrator::store::Runs::summary(&store, &id).await.expect("summary");
                 if summary.as_ref().map(|s| s.status.as_str()) != Some("completed") {
                     next.push(id);
                 }

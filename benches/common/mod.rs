@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value, json};
-use workflow_orchestrator::store::Store;
+use workflow_orchestrator::store::prelude::*;
 use workflow_orchestrator::store::redis::RedisStore;
 
 /// Loopback only, deliberately not configurable: the benchmarks FLUSHALL their Redis.

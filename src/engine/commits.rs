@@ -1,5 +1,5 @@
 //! Group commit: this replica's executors hand their step outcomes to a few committers, which
-//! send whatever has gathered as one [`Store::commit_group`] call.
+//! send whatever has gathered as one [`crate::store::Runs::commit_group`] call.
 //!
 //! A group goes out as soon as a committer is free (the previous call's reply is back), so a
 //! lone commit waits for nobody, and under load each call carries many: the store's cost is per
@@ -35,7 +35,7 @@ impl CommitQueue {
         CommitQueue { sender }
     }
 
-    /// Commits `commit` in the next group; its own outcome, as [`Store::commit`] gives it.
+    /// Commits `commit` in the next group; its own outcome, as [`crate::store::Runs::commit`] gives it.
     pub(super) async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
         let (reply, outcome) = oneshot::channel();
         let gone = || StoreError::Unavailable("the replica is stopping: the commit was not sent".to_owned());
@@ -69,7 +69,7 @@ async fn committer(store: Arc<dyn Store>, receiver: Arc<Mutex<mpsc::UnboundedRec
                 }
             }
             Err(err) => {
-                // Unknown for every commit of the group (see `Store::commit_group`).
+                // Unknown for every commit of the group (see `Runs::commit_group`).
                 for reply in replies {
                     let _ = reply.send(Err(err.clone()));
                 }

@@ -14,11 +14,11 @@ use tracing::Instrument;
 /// Which of the store's commit calls a commit goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum CommitPath {
-    /// [`crate::store::Store::commit`].
+    /// [`crate::store::Runs::commit`].
     Plain,
     /// The replica's group commit (see `commits`): a step's outcome, with its lease.
     Grouped,
-    /// [`crate::store::Store::requeue`]: the sweeper's, refused when the run's entry is live.
+    /// [`crate::store::Runs::requeue`]: the sweeper's, refused when the run's entry is live.
     Requeue,
 }
 
@@ -101,7 +101,7 @@ impl Engine {
             let permit = permits.pop();
             let engine = Arc::clone(self);
             self.tasks.spawn(async move {
-                // A read may bring a few more entries than free executors (see `Store::claim`):
+                // A read may bring a few more entries than free executors (see `ReadySteps::claim`):
                 // those wait here for the next free one, their leases renewed meanwhile.
                 let permit = match permit {
                     Some(permit) => permit,

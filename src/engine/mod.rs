@@ -350,7 +350,7 @@ impl Engine {
     }
 
     /// Why the store is known to be unreachable right now, if it is (see
-    /// [`Store::connection_problem`]).
+    /// [`crate::store::Backend::connection_problem`]).
     pub fn store_problem(&self) -> Option<String> {
         self.store.connection_problem()
     }
@@ -474,7 +474,7 @@ impl Engine {
         Ok(self.store.list_runs(workflow, status, before, limit).await?.runs)
     }
 
-    /// Runs of `workflow` by a search field's value (see [`Store::search_runs`]).
+    /// Runs of `workflow` by a search field's value (see [`crate::store::Listing::search_runs`]).
     pub async fn search_runs(
         &self,
         workflow: &str,
@@ -490,7 +490,7 @@ impl Engine {
         self.store.count_runs(workflow).await
     }
 
-    /// Recent events, newest first (see [`Store::recent_events`]).
+    /// Recent events, newest first (see [`crate::store::EventBus::recent_events`]).
     pub async fn recent_events(
         &self,
         before: Option<&str>,
@@ -501,7 +501,7 @@ impl Engine {
         self.store.recent_events(before, event_type, limit, scan, router::LISTED_ENTRY_CAP).await
     }
 
-    /// Dead letters of the bus, newest first (see [`Store::dead_events`]).
+    /// Dead letters of the bus, newest first (see [`crate::store::EventBus::dead_events`]).
     pub async fn dead_events(
         &self,
         before: Option<&str>,

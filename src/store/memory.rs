@@ -16,11 +16,11 @@
 //! Every operation is a synchronous method of the private `State`, run under one lock: that makes each as
 //! atomic as one Redis function call and keeps the async trait methods thin.
 
+use super::prelude::*;
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
     EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat, RunId, RunPage, RunSummary,
-    SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields,
-    terminal_name,
+    SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState};
@@ -725,7 +725,7 @@ impl State {
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl Backend for MemoryStore {
     fn kind(&self) -> StoreKind {
         StoreKind::Memory
     }
@@ -749,6 +749,25 @@ impl Store for MemoryStore {
         Ok(StoreHealth { kind: StoreKind::Memory, version: None, warnings, bus })
     }
 
+    async fn memory_used(&self) -> StoreResult<Option<u64>> {
+        Ok(None)
+    }
+
+    async fn stream_stats(&self) -> StoreResult<StreamStats> {
+        let state = self.shared.state.lock();
+        Ok(StreamStats {
+            ready_length: state.ready.values().map(|q| q.entries.len() as u64).sum(),
+            ready_pending: state.ready.values().map(|q| q.pending.len() as u64).sum(),
+            events_length: state.bus.stream.entries.len() as u64,
+            events_pending: state.bus.stream.pending.len() as u64,
+            events_dead: state.bus.dead.entries.len() as u64,
+            events_hostile_removed: state.bus.hostile.hostile_removed,
+        })
+    }
+}
+
+#[async_trait]
+impl Definitions for MemoryStore {
     async fn save_definitions(&self, workflows: &[Arc<Workflow>]) -> StoreResult<()> {
         let mut state = self.shared.state.lock();
         for workflow in workflows {
@@ -767,7 +786,10 @@ impl Store for MemoryStore {
             .map(Some)
             .map_err(|err| StoreError::Corrupt { key: format!("def:{hash}"), problem: err.to_string() })
     }
+}
 
+#[async_trait]
+impl Runs for MemoryStore {
     async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
         let now = wall_clock()?;
         let dispatches = !new.dispatch.is_empty();
@@ -788,6 +810,82 @@ impl Store for MemoryStore {
         Ok(outcome)
     }
 
+    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
+        let now = wall_clock()?;
+        let mut dispatched = false;
+        let outcomes: Vec<CommitOutcome> = {
+            // One lock for the whole group: atomic, as one call is in Redis.
+            let mut state = self.shared.state.lock();
+            commits
+                .into_iter()
+                .map(|commit| {
+                    let dispatches = !commit.dispatch.is_empty();
+                    let outcome = state.commit(commit, now);
+                    dispatched |= dispatches && matches!(outcome, CommitOutcome::Applied { .. });
+                    outcome
+                })
+                .collect()
+        };
+        if dispatched {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(outcomes)
+    }
+
+    async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        let now = wall_clock()?;
+        let dispatches = !commit.dispatch.is_empty();
+        let outcome = self.shared.state.lock().reopen(commit, now);
+        if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(outcome)
+    }
+
+    async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        let now = wall_clock()?;
+        let dispatches = !commit.dispatch.is_empty();
+        let outcome = {
+            // One section: the liveness judgement and the write see the same state.
+            let mut state = self.shared.state.lock();
+            let live = state.runs.get(&commit.run).is_some_and(|run| {
+                run.summary.ready_entries.iter().any(|entry| state.dispatch_exists(&commit.run, entry))
+            });
+            if live { CommitOutcome::Stale } else { state.commit(commit, now) }
+        };
+        if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(outcome)
+    }
+
+    async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
+        Ok(self.shared.state.lock().runs.get(run).map(|run| run.summary.clone()))
+    }
+
+    async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>> {
+        Ok(self.shared.state.lock().history(run))
+    }
+
+    async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>> {
+        Ok(self.shared.state.lock().quiet_runs(before, max))
+    }
+
+    async fn has_timer(&self, run: &RunId) -> StoreResult<bool> {
+        Ok(self.shared.state.lock().runs.get(run).is_some_and(|run| run.timer.is_some()))
+    }
+
+    async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>> {
+        Ok(self.shared.state.lock().due_timers(now, max))
+    }
+
+    async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
+        Ok(self.shared.state.lock().housekeeping(retain_until, Instant::now()))
+    }
+}
+
+#[async_trait]
+impl ReadySteps for MemoryStore {
     async fn ack(&self, lease: &Lease) -> StoreResult<()> {
         if let Some(queue) = self.shared.state.lock().ready.get_mut(&lease.shard) {
             queue.ack(&lease.consumer, &lease.entry);
@@ -826,47 +924,13 @@ impl Store for MemoryStore {
         Ok(self.shared.state.lock().reclaim(consumer, min_idle, max, self.shared.shards, Instant::now()))
     }
 
-    async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>> {
-        Ok(self.shared.state.lock().due_timers(now, max))
-    }
-
-    async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
-        Ok(self.shared.state.lock().runs.get(run).map(|run| run.summary.clone()))
-    }
-
-    async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>> {
-        Ok(self.shared.state.lock().history(run))
-    }
-
-    async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>> {
-        Ok(self.shared.state.lock().quiet_runs(before, max))
-    }
-
-    async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        let now = wall_clock()?;
-        let dispatches = !commit.dispatch.is_empty();
-        let outcome = {
-            // One section: the liveness judgement and the write see the same state.
-            let mut state = self.shared.state.lock();
-            let live = state.runs.get(&commit.run).is_some_and(|run| {
-                run.summary.ready_entries.iter().any(|entry| state.dispatch_exists(&commit.run, entry))
-            });
-            if live { CommitOutcome::Stale } else { state.commit(commit, now) }
-        };
-        if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
-            self.shared.dispatched.notify_waiters();
-        }
-        Ok(outcome)
-    }
-
     async fn dispatch_exists(&self, run: &RunId, entry: &str) -> StoreResult<bool> {
         Ok(self.shared.state.lock().dispatch_exists(run, entry))
     }
+}
 
-    async fn has_timer(&self, run: &RunId) -> StoreResult<bool> {
-        Ok(self.shared.state.lock().runs.get(run).is_some_and(|run| run.timer.is_some()))
-    }
-
+#[async_trait]
+impl Listing for MemoryStore {
     async fn list_runs(
         &self,
         workflow: Option<&str>,
@@ -889,10 +953,19 @@ impl Store for MemoryStore {
         Ok(self.shared.state.lock().search_runs(slot, before, limit))
     }
 
-    async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
-        Ok(self.shared.state.lock().housekeeping(retain_until, Instant::now()))
+    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>> {
+        let state = self.shared.state.lock();
+        let mut counts: BTreeMap<String, u64> =
+            crate::machine::STATUS_NAMES.iter().map(|status| ((*status).to_owned(), 0)).collect();
+        for run in state.runs.values().filter(|run| run.summary.workflow == workflow) {
+            *counts.entry(run.summary.status.clone()).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
     }
+}
 
+#[async_trait]
+impl Schedules for MemoryStore {
     async fn cron_state(&self, workflow: &str) -> StoreResult<CronState> {
         Ok(self.shared.state.lock().crons.get(workflow).cloned().unwrap_or_default())
     }
@@ -914,7 +987,10 @@ impl Store for MemoryStore {
         self.shared.state.lock().crons.entry(workflow.to_owned()).or_default().buffered = fire;
         Ok(())
     }
+}
 
+#[async_trait]
+impl EventBus for MemoryStore {
     async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String> {
         let now = wall_clock()?;
         let fields = fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())).collect();
@@ -1080,61 +1156,10 @@ impl Store for MemoryStore {
         let state = self.shared.state.lock();
         Ok((state.bus.stream.entries.len() as u64, state.bus.dead.entries.len() as u64))
     }
+}
 
-    async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        let now = wall_clock()?;
-        let dispatches = !commit.dispatch.is_empty();
-        let outcome = self.shared.state.lock().reopen(commit, now);
-        if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
-            self.shared.dispatched.notify_waiters();
-        }
-        Ok(outcome)
-    }
-
-    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
-        let now = wall_clock()?;
-        let mut dispatched = false;
-        let outcomes: Vec<CommitOutcome> = {
-            // One lock for the whole group: atomic, as one call is in Redis.
-            let mut state = self.shared.state.lock();
-            commits
-                .into_iter()
-                .map(|commit| {
-                    let dispatches = !commit.dispatch.is_empty();
-                    let outcome = state.commit(commit, now);
-                    dispatched |= dispatches && matches!(outcome, CommitOutcome::Applied { .. });
-                    outcome
-                })
-                .collect()
-        };
-        if dispatched {
-            self.shared.dispatched.notify_waiters();
-        }
-        Ok(outcomes)
-    }
-
-    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>> {
-        let state = self.shared.state.lock();
-        let mut counts: BTreeMap<String, u64> =
-            crate::machine::STATUS_NAMES.iter().map(|status| ((*status).to_owned(), 0)).collect();
-        for run in state.runs.values().filter(|run| run.summary.workflow == workflow) {
-            *counts.entry(run.summary.status.clone()).or_default() += 1;
-        }
-        Ok(counts.into_iter().collect())
-    }
-
-    async fn stream_stats(&self) -> StoreResult<StreamStats> {
-        let state = self.shared.state.lock();
-        Ok(StreamStats {
-            ready_length: state.ready.values().map(|q| q.entries.len() as u64).sum(),
-            ready_pending: state.ready.values().map(|q| q.pending.len() as u64).sum(),
-            events_length: state.bus.stream.entries.len() as u64,
-            events_pending: state.bus.stream.pending.len() as u64,
-            events_dead: state.bus.dead.entries.len() as u64,
-            events_hostile_removed: state.bus.hostile.hostile_removed,
-        })
-    }
-
+#[async_trait]
+impl Waits for MemoryStore {
     async fn add_wait(&self, event: &str, run: &RunId, until: Millis) -> StoreResult<()> {
         self.shared.state.lock().waits.entry(event.to_owned()).or_default().insert(run.clone(), until);
         Ok(())
@@ -1157,18 +1182,16 @@ impl Store for MemoryStore {
             .map(|w| w.keys().take(1000).cloned().collect())
             .unwrap_or_default())
     }
+}
 
+#[async_trait]
+impl Values for MemoryStore {
     async fn get_value(&self, key: &str) -> StoreResult<Option<String>> {
         Ok(self.shared.state.lock().values.get(key).cloned())
     }
 
     async fn set_value(&self, key: &str, value: &str) -> StoreResult<()> {
         self.shared.state.lock().values.insert(key.to_owned(), value.to_owned());
-        Ok(())
-    }
-
-    async fn forget_seen(&self, key: &str) -> StoreResult<()> {
-        self.shared.state.lock().seen.remove(key);
         Ok(())
     }
 
@@ -1179,10 +1202,14 @@ impl Store for MemoryStore {
         Ok(state.seen.insert(key.to_owned(), now + ttl).is_none())
     }
 
-    async fn memory_used(&self) -> StoreResult<Option<u64>> {
-        Ok(None)
+    async fn forget_seen(&self, key: &str) -> StoreResult<()> {
+        self.shared.state.lock().seen.remove(key);
+        Ok(())
     }
+}
 
+#[async_trait]
+impl Replicas for MemoryStore {
     async fn heartbeat(&self, beat: &ReplicaBeat, ttl: Duration) -> StoreResult<()> {
         let until = Instant::now() + ttl;
         self.shared.state.lock().replicas.insert(beat.id.clone(), (beat.clone(), until));

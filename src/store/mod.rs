@@ -1,10 +1,13 @@
 //! The store: the only code that knows Redis. The engine talks to a [`Store`]; there are two,
 //! [`redis::RedisStore`] (durable, shared by replicas) and [`memory::MemoryStore`] (the embedded
-//! default and fast tests), with the same behaviour, checked by one conformance suite.
+//! default and fast tests), with the same behaviour, checked by one conformance suite. A
+//! [`Store`] is its concerns, each a trait: [`Backend`] (kind, clock, health), [`Definitions`],
+//! [`Runs`] (creation and commits), [`ReadySteps`] (the ready queue and its leases), [`Listing`],
+//! [`Schedules`], [`EventBus`], [`Waits`], [`Values`], [`Replicas`].
 //!
-//! Every transition is one atomic compare-and-append ([`Store::commit`]): if the run's sequence
+//! Every transition is one atomic compare-and-append ([`Runs::commit`]): if the run's sequence
 //! number and the executor's lease are as expected, append the transitions, update the run's
-//! summary, queue the next step or timer and acknowledge the worked entry; otherwise report the
+//! summary, queue the next steps and the timer and acknowledge the worked entry; otherwise report the
 //! conflict and change nothing.
 
 pub mod codec;
@@ -112,7 +115,7 @@ pub struct StoreHealth {
 }
 
 /// Entries removed from the bus because their ids were too far ahead of the store's clock (see
-/// [`Store::repair_bus`]), over the store's lifetime.
+/// [`EventBus::repair_bus`]), over the store's lifetime.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BusCondition {
     pub hostile_removed: u64,
@@ -185,7 +188,7 @@ pub struct NewRun {
     pub search: Vec<(String, String)>,
 }
 
-/// The outcome of [`Store::create_run`].
+/// The outcome of [`Runs::create_run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Created {
     New(RunId),
@@ -212,7 +215,7 @@ pub struct Commit {
     pub clear_timer: bool,
 }
 
-/// The outcome of [`Store::commit`].
+/// The outcome of [`Runs::commit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
     Applied {
@@ -407,7 +410,7 @@ const MAX_CUT_FIELDS: usize = 64;
 /// How far ahead of the store's clock a bus entry's id may be. Redis gives each new entry an id
 /// above the stream's last one, so one entry written with an id far ahead (or at the very end of
 /// the id space) would push every later id there (or make appends fail for good); such entries
-/// are dead-lettered and removed, and the stream's last id set back (see [`Store::repair_bus`]).
+/// are dead-lettered and removed, and the stream's last id set back (see [`EventBus::repair_bus`]).
 /// Entries of the same millisecond as now, or slightly ahead (a writer's clock), are fine.
 pub const BUS_CLOCK_TOLERANCE: Duration = Duration::from_secs(60);
 
@@ -478,7 +481,7 @@ pub struct StreamStats {
     pub events_hostile_removed: u64,
 }
 
-/// A replica's heartbeat: who it is and how busy, as it last said (see [`Store::heartbeat`]).
+/// A replica's heartbeat: who it is and how busy, as it last said (see [`Replicas::heartbeat`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaBeat {
     /// The replica's consumer name (`REPLICA_ID` and an incarnation suffix): unique per process.
@@ -492,8 +495,9 @@ pub struct ReplicaBeat {
 }
 
 /// The store the engine runs on.
+/// What a store is: its kind, shards, clock, health and memory.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Backend: Send + Sync + 'static {
     fn kind(&self) -> StoreKind;
 
     /// How many shards runs are spread over.
@@ -512,11 +516,25 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Bytes of memory the store uses, where it can tell.
+    async fn memory_used(&self) -> StoreResult<Option<u64>>;
+
+    async fn stream_stats(&self) -> StoreResult<StreamStats>;
+}
+
+/// Definition snapshots, by hash, so that runs find theirs.
+#[async_trait]
+pub trait Definitions: Send + Sync + 'static {
     /// Stores the definition snapshots (by hash, on every shard) so runs can find theirs.
     async fn save_definitions(&self, workflows: &[Arc<Workflow>]) -> StoreResult<()>;
 
     async fn load_definition(&self, shard: u16, hash: &str) -> StoreResult<Option<Workflow>>;
+}
 
+/// Runs and their commits: creation, the fenced transition, reads of one run, the sweeper's and
+/// housekeeping's views.
+#[async_trait]
+pub trait Runs: Send + Sync + 'static {
     /// Creates a run: appends its first transitions, writes its summary and indexes, queues its
     /// first step; or, if its idempotency key is taken, reports the run that took it.
     async fn create_run(&self, new: NewRun) -> StoreResult<Created>;
@@ -533,16 +551,40 @@ pub trait Store: Send + Sync + 'static {
     /// redelivered after its lease expires and its commit, fenced by seq, found stale.
     async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>>;
 
-    /// Like [`Store::commit`] for a finished run being resumed: its log is live again and the
+    /// Like [`Runs::commit`] for a finished run being resumed: its log is live again and the
     /// run is back among the live ones, if it is still finished at `commit.expected_seq`.
     async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome>;
 
-    /// The sweeper's re-queue: a [`Store::commit`] of no records that queues the run's step (or
+    /// The sweeper's re-queue: a [`Runs::commit`] of no records that queues the run's step (or
     /// sets its timer) again, refused as [`CommitOutcome::Stale`] when the run's ready entry is
     /// live after all (queued, or leased). Judged in the same atomic step as the write, so that a
     /// re-queue never adds a second ready entry beside a live one, however many replicas sweep.
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome>;
 
+    async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>>;
+
+    /// The run's whole log, in order.
+    async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>>;
+
+    /// Non-terminal runs not updated since `before`, at most `max` per shard: the sweeper's
+    /// candidates.
+    async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>>;
+
+    /// Whether the run has a timer set.
+    async fn has_timer(&self, run: &RunId) -> StoreResult<bool>;
+
+    /// Runs whose timer is due at `now`: at most `max` per shard, the earliest of each (so up
+    /// to `max * shards` in all).
+    async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>>;
+
+    /// Trims ready streams behind their consumers and deletes finished runs older than
+    /// `retain_until`.
+    async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping>;
+}
+
+/// The ready queue and its leases: claims, renewal, take-over, acknowledgement.
+#[async_trait]
+pub trait ReadySteps: Send + Sync + 'static {
     /// Acknowledges an entry without a transition (it is obsolete), if it is still ours.
     async fn ack(&self, lease: &Lease) -> StoreResult<()>;
 
@@ -556,25 +598,13 @@ pub trait Store: Send + Sync + 'static {
     /// Takes over entries whose lease expired (idle longer than `min_idle`), at most `max`.
     async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> StoreResult<Vec<Claimed>>;
 
-    /// Runs whose timer is due at `now`: at most `max` per shard, the earliest of each (so up
-    /// to `max * shards` in all).
-    async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>>;
-
-    async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>>;
-
-    /// The run's whole log, in order.
-    async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>>;
-
-    /// Non-terminal runs not updated since `before`, at most `max` per shard: the sweeper's
-    /// candidates.
-    async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>>;
-
     /// Whether the run's current ready entry still exists (queued, or pending under a lease).
     async fn dispatch_exists(&self, run: &RunId, entry: &str) -> StoreResult<bool>;
+}
 
-    /// Whether the run has a timer set.
-    async fn has_timer(&self, run: &RunId) -> StoreResult<bool>;
-
+/// Runs listed newest first: all, by workflow and status, by indexed input values.
+#[async_trait]
+pub trait Listing: Send + Sync + 'static {
     /// Newest runs first (by creation), optionally of one workflow and/or status, created
     /// before `before` (the last run of the previous page). Finished statuses are indexed, so a
     /// page costs O(page); live statuses are filtered from the shard's live runs.
@@ -588,7 +618,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runs of `workflow` whose input held `value` in the search field `field` when they were
     /// created, newest first, created before `before` (the last run of the previous page):
-    /// O(page), like [`Store::list_runs`].
+    /// O(page), like [`Listing::list_runs`].
     async fn search_runs(
         &self,
         workflow: &str,
@@ -601,13 +631,11 @@ pub trait Store: Send + Sync + 'static {
     /// How many stored runs of `workflow` are in each status (live statuses counted over at
     /// most 1,000 live runs per shard).
     async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>>;
+}
 
-    /// Trims ready streams behind their consumers and deletes finished runs older than
-    /// `retain_until`.
-    async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping>;
-
-    // ---- schedules ----
-
+/// Each cron schedule's shared state.
+#[async_trait]
+pub trait Schedules: Send + Sync + 'static {
     async fn cron_state(&self, workflow: &str) -> StoreResult<CronState>;
 
     /// Records that `fire` was handled (the stored last fire only moves forward) and, when a run
@@ -617,12 +645,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets (or, with `None`, clears) the buffered fire.
     async fn cron_buffer(&self, workflow: &str, fire: Option<Millis>) -> StoreResult<()>;
+}
 
-    // ---- the event bus ----
-
+/// The event bus: publishing, the router's reads and settlement, dead letters, listings.
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
     /// Appends an event to the bus; returns its entry id. When Redis cannot give it an id by
     /// the clock (an entry with an id far ahead of it was written), repairs the bus once
-    /// ([`Store::repair_bus`]) and tries again; fails as unavailable (retryable) if it still
+    /// ([`EventBus::repair_bus`]) and tries again; fails as unavailable (retryable) if it still
     /// cannot.
     async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String>;
 
@@ -684,11 +714,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// The bus stream's length and the dead-letter stream's length.
     async fn event_counts(&self) -> StoreResult<(u64, u64)>;
+}
 
-    async fn stream_stats(&self) -> StoreResult<StreamStats>;
-
-    // ---- runs waiting for events ----
-
+/// Runs waiting for events, by event type.
+#[async_trait]
+pub trait Waits: Send + Sync + 'static {
     /// Registers a run waiting for events of type `event` until `until`.
     async fn add_wait(&self, event: &str, run: &RunId, until: Millis) -> StoreResult<()>;
 
@@ -696,9 +726,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runs registered as waiting for `event` (at most 1,000).
     async fn waiting(&self, event: &str) -> StoreResult<Vec<RunId>>;
+}
 
-    // ---- small shared values (a sync cursor, say) ----
-
+/// Small shared values and seen-markers.
+#[async_trait]
+pub trait Values: Send + Sync + 'static {
     async fn get_value(&self, key: &str) -> StoreResult<Option<String>>;
 
     async fn set_value(&self, key: &str, value: &str) -> StoreResult<()>;
@@ -707,14 +739,13 @@ pub trait Store: Send + Sync + 'static {
     /// it was not marked yet, `false` when it already was (a replay).
     async fn mark_seen(&self, key: &str, ttl: Duration) -> StoreResult<bool>;
 
-    /// Takes a [`Store::mark_seen`] mark back (what it guarded did not happen after all).
+    /// Takes a [`Values::mark_seen`] mark back (what it guarded did not happen after all).
     async fn forget_seen(&self, key: &str) -> StoreResult<()>;
+}
 
-    /// Bytes of memory the store uses, where it can tell.
-    async fn memory_used(&self) -> StoreResult<Option<u64>>;
-
-    // ---- replicas ----
-
+/// Replicas' heartbeats.
+#[async_trait]
+pub trait Replicas: Send + Sync + 'static {
     /// Records `beat` for `ttl`: the replica counts as live until then unless it beats again.
     async fn heartbeat(&self, beat: &ReplicaBeat, ttl: Duration) -> StoreResult<()>;
 
@@ -723,6 +754,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// The live replicas' last beats (whose time-to-live has not run out), by id.
     async fn replicas(&self) -> StoreResult<Vec<ReplicaBeat>>;
+}
+
+/// Everything a store does, by concern, each its own trait: the engine holds an `Arc<dyn Store>`.
+pub trait Store:
+    Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas
+{
+}
+
+impl<T: Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas> Store
+    for T
+{
+}
+
+/// The store's traits, for calling a concrete store's methods (`RedisStore`, `MemoryStore`): a
+/// trait's methods need the trait in scope (those of an `Arc<dyn Store>` do not).
+pub mod prelude {
+    pub use super::{Backend, Definitions, EventBus, Listing, ReadySteps, Replicas, Runs, Schedules, Values, Waits};
 }
 
 /// Orders stream entry ids (`<ms>-<seq>`) numerically.

@@ -9,10 +9,11 @@ use super::codec::{
     decode_compacted, decode_recorded, decode_task, encode_recorded, encode_task, summary_fields, summary_from_fields,
 };
 use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
+use super::prelude::*;
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
     Dispatch, EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReplicaBeat, RunId, RunPage,
-    RunState, RunSummary, SettledEvent, Store, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    RunState, RunSummary, SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded};
@@ -774,7 +775,7 @@ impl CommitCall {
 }
 
 #[async_trait]
-impl Store for RedisStore {
+impl Backend for RedisStore {
     fn kind(&self) -> StoreKind {
         StoreKind::Redis
     }
@@ -790,13 +791,6 @@ impl Store for RedisStore {
             (Some(secs), Some(micros)) => Ok(secs * 1000 + micros / 1000),
             _ => Err(corrupt("TIME", "unexpected reply")),
         }
-    }
-
-    fn connection_problem(&self) -> Option<String> {
-        if self.client.clients().iter().any(|c| c.is_connected()) {
-            return None;
-        }
-        Some(self.connection_error.lock().clone().unwrap_or_else(|| "not connected to Redis".to_owned()))
     }
 
     async fn health(&self) -> StoreResult<StoreHealth> {
@@ -824,6 +818,44 @@ impl Store for RedisStore {
         Ok(StoreHealth { kind: StoreKind::Redis, version: Some(version), warnings, bus })
     }
 
+    fn connection_problem(&self) -> Option<String> {
+        if self.client.clients().iter().any(|c| c.is_connected()) {
+            return None;
+        }
+        Some(self.connection_error.lock().clone().unwrap_or_else(|| "not connected to Redis".to_owned()))
+    }
+
+    async fn memory_used(&self) -> StoreResult<Option<u64>> {
+        let info = text(&self.cmd("INFO", vec!["memory".into()]).await?).unwrap_or_default();
+        Ok(info.lines().find_map(|line| line.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()))
+    }
+
+    async fn stream_stats(&self) -> StoreResult<StreamStats> {
+        let number = |reply: &Value| text(reply).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        let pending_count = |reply: Value| reply.into_array().first().map_or(0, number);
+        let mut stats = StreamStats::default();
+        let lengths = (0..self.keys.shards()).map(|shard| self.cmd("XLEN", vec![self.keys.ready(shard).into()]));
+        let pendings = (0..self.keys.shards())
+            .map(|shard| self.cmd("XPENDING", vec![self.keys.ready(shard).into(), WORKERS_GROUP.into()]));
+        let (lengths, pendings) = futures::join!(join_all(lengths), join_all(pendings));
+        for reply in lengths {
+            stats.ready_length += number(&reply?);
+        }
+        for reply in pendings {
+            stats.ready_pending += pending_count(reply?);
+        }
+        let (events, dead) = self.event_counts().await?;
+        stats.events_length = events;
+        stats.events_dead = dead;
+        stats.events_hostile_removed = self.bus_condition().await?.hostile_removed;
+        stats.events_pending =
+            pending_count(self.cmd("XPENDING", vec![self.keys.events().into(), ROUTER_GROUP.into()]).await?);
+        Ok(stats)
+    }
+}
+
+#[async_trait]
+impl Definitions for RedisStore {
     async fn save_definitions(&self, workflows: &[Arc<Workflow>]) -> StoreResult<()> {
         let writes = workflows.iter().flat_map(|w| {
             (0..self.keys.shards()).map(move |shard| {
@@ -844,7 +876,10 @@ impl Store for RedisStore {
             }
         }
     }
+}
 
+#[async_trait]
+impl Runs for RedisStore {
     async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
         let shard = new.run.shard;
         let created = new.state.created_at;
@@ -907,6 +942,189 @@ impl Store for RedisStore {
         one(self.apply_commits(std::slice::from_ref(&commit), false, REQUEUE).await?)
     }
 
+    async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
+        let key = self.keys.run(run);
+        let reply = self.cmd("HGETALL", vec![key.clone().into()]).await?;
+        let pairs: Vec<(String, String)> =
+            fields(reply).into_iter().map(|(k, v)| (k, text(&v).unwrap_or_default())).collect();
+        summary_from_fields(&key, pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
+    async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>> {
+        let log_key = self.keys.log(run);
+        let values = self.cmd("LRANGE", vec![log_key.clone().into(), 0.into(), (-1).into()]).await?.into_array();
+        if values.is_empty() {
+            return Ok(None);
+        }
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, value)| {
+                let seq = i as u64 + 1;
+                let bytes =
+                    value.as_bytes().ok_or_else(|| corrupt(&log_key, format!("record {seq} is not a string")))?;
+                let recorded = decode_recorded(bytes).map_err(|p| corrupt(&log_key, format!("record {seq}: {p}")))?;
+                Ok(Logged { seq, recorded })
+            })
+            .collect::<StoreResult<Vec<Logged>>>()
+            .map(Some)
+    }
+
+    async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        for shard in 0..self.keys.shards() {
+            // Oldest first, page by page, so that runs busy since `before` do not hide the quiet
+            // ones created after them. A run created at or after `before` cannot be quiet.
+            let (mut found, mut offset) = (0, 0);
+            while found < max {
+                let members = self
+                    .cmd(
+                        "ZRANGEBYSCORE",
+                        vec![
+                            self.keys.index_active(shard).into(),
+                            "-inf".into(),
+                            format!("({before}").into(),
+                            "LIMIT".into(),
+                            (offset as i64).into(),
+                            (max as i64).into(),
+                        ],
+                    )
+                    .await?
+                    .into_array();
+                offset += members.len();
+                let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
+                for (run, summary) in runs.iter().zip(self.summaries(&runs).await?) {
+                    let quiet = summary.filter(|s| s.updated_at < before && !super::is_terminal_name(&s.status));
+                    if let Some(summary) = quiet
+                        && found < max
+                    {
+                        out.push((run.clone(), summary));
+                        found += 1;
+                    }
+                }
+                if members.len() < max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn has_timer(&self, run: &RunId) -> StoreResult<bool> {
+        let reply = self.cmd("ZSCORE", vec![self.keys.timers(run.shard).into(), run.to_string().into()]).await?;
+        Ok(!reply.is_null())
+    }
+
+    async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>> {
+        let reads = (0..self.keys.shards()).map(|shard| {
+            self.cmd(
+                "ZRANGEBYSCORE",
+                vec![
+                    self.keys.timers(shard).into(),
+                    "-inf".into(),
+                    now.to_string().into(),
+                    "LIMIT".into(),
+                    "0".into(),
+                    (max as i64).into(),
+                ],
+            )
+        });
+        let mut due = Vec::new();
+        for reply in join_all(reads).await {
+            for member in reply?.into_array() {
+                if let Some(run) = text(&member).and_then(|t| t.parse::<RunId>().ok()) {
+                    due.push(run);
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
+        let mut report = Housekeeping::default();
+        for shard in 0..self.keys.shards() {
+            let ready = self.keys.ready(shard);
+            // Trim only behind every consumer: below the oldest pending entry and the group's
+            // last delivered one, so no queued or leased step is ever dropped.
+            let Some(min_id) = self.oldest_unhandled(&ready, WORKERS_GROUP).await? else { continue };
+            let trimmed = self
+                .cmd("XTRIM", vec![ready.into(), "MINID".into(), "~".into(), min_id.into(), "LIMIT".into(), "0".into()])
+                .await?;
+            report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+
+            for status in ["completed", "failed", "cancelled", "timed_out"] {
+                // Oldest created first; a run is kept until it has been finished for the
+                // whole retention (its last update is its end).
+                let index = self.keys.index_finished(shard, status);
+                let members = self
+                    .cmd(
+                        "ZRANGEBYSCORE",
+                        vec![
+                            index.clone().into(),
+                            "-inf".into(),
+                            format!("({retain_until}").into(),
+                            "LIMIT".into(),
+                            "0".into(),
+                            "500".into(),
+                        ],
+                    )
+                    .await?
+                    .into_array();
+                let candidates: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
+                let mut runs = Vec::new();
+                let mut summaries = Vec::new();
+                for (run, summary) in candidates.iter().zip(self.summaries(&candidates).await?) {
+                    if summary.as_ref().is_none_or(|s| s.updated_at < retain_until) {
+                        runs.push(run.clone());
+                        summaries.push(summary);
+                    }
+                }
+                if runs.is_empty() {
+                    continue;
+                }
+                let mut doomed: Vec<Value> = Vec::new();
+                for run in &runs {
+                    doomed.extend([self.keys.run(run), self.keys.log(run)].map(Value::from));
+                }
+                self.cmd("DEL", doomed).await?;
+                let mut by_index: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
+                for (run, summary) in runs.iter().zip(summaries) {
+                    by_index.entry(self.keys.index_all(shard)).or_default().push(run.to_string().into());
+                    by_index.entry(index.clone()).or_default().push(run.to_string().into());
+                    if let Some(summary) = summary {
+                        for (field, value) in &summary.search {
+                            by_index
+                                .entry(self.keys.index_search(shard, &summary.workflow, field, value))
+                                .or_default()
+                                .push(run.to_string().into());
+                        }
+                        by_index
+                            .entry(self.keys.index_workflow(shard, &summary.workflow))
+                            .or_default()
+                            .push(run.to_string().into());
+                        by_index
+                            .entry(self.keys.index_workflow_finished(shard, &summary.workflow, status))
+                            .or_default()
+                            .push(run.to_string().into());
+                    }
+                }
+                for (key, members) in by_index {
+                    let mut args = vec![Value::from(key)];
+                    args.extend(members);
+                    self.cmd("ZREM", args).await?;
+                }
+                report.expired_runs += runs.len() as u64;
+            }
+        }
+        Ok(report)
+    }
+}
+
+#[async_trait]
+impl ReadySteps for RedisStore {
     async fn ack(&self, lease: &Lease) -> StoreResult<()> {
         self.fcall(
             "wfo_v2_ack",
@@ -1060,102 +1278,6 @@ impl Store for RedisStore {
         Ok(claimed)
     }
 
-    async fn due_timers(&self, now: Millis, max: usize) -> StoreResult<Vec<RunId>> {
-        let reads = (0..self.keys.shards()).map(|shard| {
-            self.cmd(
-                "ZRANGEBYSCORE",
-                vec![
-                    self.keys.timers(shard).into(),
-                    "-inf".into(),
-                    now.to_string().into(),
-                    "LIMIT".into(),
-                    "0".into(),
-                    (max as i64).into(),
-                ],
-            )
-        });
-        let mut due = Vec::new();
-        for reply in join_all(reads).await {
-            for member in reply?.into_array() {
-                if let Some(run) = text(&member).and_then(|t| t.parse::<RunId>().ok()) {
-                    due.push(run);
-                }
-            }
-        }
-        Ok(due)
-    }
-
-    async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
-        let key = self.keys.run(run);
-        let reply = self.cmd("HGETALL", vec![key.clone().into()]).await?;
-        let pairs: Vec<(String, String)> =
-            fields(reply).into_iter().map(|(k, v)| (k, text(&v).unwrap_or_default())).collect();
-        summary_from_fields(&key, pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-    }
-
-    async fn history(&self, run: &RunId) -> StoreResult<Option<Vec<Logged>>> {
-        let log_key = self.keys.log(run);
-        let values = self.cmd("LRANGE", vec![log_key.clone().into(), 0.into(), (-1).into()]).await?.into_array();
-        if values.is_empty() {
-            return Ok(None);
-        }
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, value)| {
-                let seq = i as u64 + 1;
-                let bytes =
-                    value.as_bytes().ok_or_else(|| corrupt(&log_key, format!("record {seq} is not a string")))?;
-                let recorded = decode_recorded(bytes).map_err(|p| corrupt(&log_key, format!("record {seq}: {p}")))?;
-                Ok(Logged { seq, recorded })
-            })
-            .collect::<StoreResult<Vec<Logged>>>()
-            .map(Some)
-    }
-
-    async fn quiet_runs(&self, before: Millis, max: usize) -> StoreResult<Vec<(RunId, RunSummary)>> {
-        let mut out = Vec::new();
-        if max == 0 {
-            return Ok(out);
-        }
-        for shard in 0..self.keys.shards() {
-            // Oldest first, page by page, so that runs busy since `before` do not hide the quiet
-            // ones created after them. A run created at or after `before` cannot be quiet.
-            let (mut found, mut offset) = (0, 0);
-            while found < max {
-                let members = self
-                    .cmd(
-                        "ZRANGEBYSCORE",
-                        vec![
-                            self.keys.index_active(shard).into(),
-                            "-inf".into(),
-                            format!("({before}").into(),
-                            "LIMIT".into(),
-                            (offset as i64).into(),
-                            (max as i64).into(),
-                        ],
-                    )
-                    .await?
-                    .into_array();
-                offset += members.len();
-                let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
-                for (run, summary) in runs.iter().zip(self.summaries(&runs).await?) {
-                    let quiet = summary.filter(|s| s.updated_at < before && !super::is_terminal_name(&s.status));
-                    if let Some(summary) = quiet
-                        && found < max
-                    {
-                        out.push((run.clone(), summary));
-                        found += 1;
-                    }
-                }
-                if members.len() < max {
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
     async fn dispatch_exists(&self, run: &RunId, entry: &str) -> StoreResult<bool> {
         // An acknowledged entry stays in the stream until it is trimmed: being in it is not
         // enough. Queued is checked before pending, so an entry delivered between the two reads
@@ -1177,26 +1299,10 @@ impl Store for RedisStore {
             .await?;
         Ok(!pending.into_array().is_empty())
     }
+}
 
-    async fn has_timer(&self, run: &RunId) -> StoreResult<bool> {
-        let reply = self.cmd("ZSCORE", vec![self.keys.timers(run.shard).into(), run.to_string().into()]).await?;
-        Ok(!reply.is_null())
-    }
-
-    async fn search_runs(
-        &self,
-        workflow: &str,
-        field: &str,
-        value: &str,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> StoreResult<RunPage> {
-        let key_of = |shard| self.keys.index_search(shard, workflow, field, value);
-        let mut runs = self.index_page(key_of, before, limit + 16).await?;
-        runs.truncate(limit);
-        Ok(RunPage { runs })
-    }
-
+#[async_trait]
+impl Listing for RedisStore {
     async fn list_runs(
         &self,
         workflow: Option<&str>,
@@ -1237,6 +1343,20 @@ impl Store for RedisStore {
         Ok(RunPage { runs })
     }
 
+    async fn search_runs(
+        &self,
+        workflow: &str,
+        field: &str,
+        value: &str,
+        before: Option<&RunId>,
+        limit: usize,
+    ) -> StoreResult<RunPage> {
+        let key_of = |shard| self.keys.index_search(shard, workflow, field, value);
+        let mut runs = self.index_page(key_of, before, limit + 16).await?;
+        runs.truncate(limit);
+        Ok(RunPage { runs })
+    }
+
     async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>> {
         let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
         for status in ["completed", "failed", "cancelled", "timed_out"] {
@@ -1262,86 +1382,10 @@ impl Store for RedisStore {
         }
         Ok(counts.into_iter().collect())
     }
+}
 
-    async fn housekeeping(&self, retain_until: Millis) -> StoreResult<Housekeeping> {
-        let mut report = Housekeeping::default();
-        for shard in 0..self.keys.shards() {
-            let ready = self.keys.ready(shard);
-            // Trim only behind every consumer: below the oldest pending entry and the group's
-            // last delivered one, so no queued or leased step is ever dropped.
-            let Some(min_id) = self.oldest_unhandled(&ready, WORKERS_GROUP).await? else { continue };
-            let trimmed = self
-                .cmd("XTRIM", vec![ready.into(), "MINID".into(), "~".into(), min_id.into(), "LIMIT".into(), "0".into()])
-                .await?;
-            report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
-
-            for status in ["completed", "failed", "cancelled", "timed_out"] {
-                // Oldest created first; a run is kept until it has been finished for the
-                // whole retention (its last update is its end).
-                let index = self.keys.index_finished(shard, status);
-                let members = self
-                    .cmd(
-                        "ZRANGEBYSCORE",
-                        vec![
-                            index.clone().into(),
-                            "-inf".into(),
-                            format!("({retain_until}").into(),
-                            "LIMIT".into(),
-                            "0".into(),
-                            "500".into(),
-                        ],
-                    )
-                    .await?
-                    .into_array();
-                let candidates: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
-                let mut runs = Vec::new();
-                let mut summaries = Vec::new();
-                for (run, summary) in candidates.iter().zip(self.summaries(&candidates).await?) {
-                    if summary.as_ref().is_none_or(|s| s.updated_at < retain_until) {
-                        runs.push(run.clone());
-                        summaries.push(summary);
-                    }
-                }
-                if runs.is_empty() {
-                    continue;
-                }
-                let mut doomed: Vec<Value> = Vec::new();
-                for run in &runs {
-                    doomed.extend([self.keys.run(run), self.keys.log(run)].map(Value::from));
-                }
-                self.cmd("DEL", doomed).await?;
-                let mut by_index: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
-                for (run, summary) in runs.iter().zip(summaries) {
-                    by_index.entry(self.keys.index_all(shard)).or_default().push(run.to_string().into());
-                    by_index.entry(index.clone()).or_default().push(run.to_string().into());
-                    if let Some(summary) = summary {
-                        for (field, value) in &summary.search {
-                            by_index
-                                .entry(self.keys.index_search(shard, &summary.workflow, field, value))
-                                .or_default()
-                                .push(run.to_string().into());
-                        }
-                        by_index
-                            .entry(self.keys.index_workflow(shard, &summary.workflow))
-                            .or_default()
-                            .push(run.to_string().into());
-                        by_index
-                            .entry(self.keys.index_workflow_finished(shard, &summary.workflow, status))
-                            .or_default()
-                            .push(run.to_string().into());
-                    }
-                }
-                for (key, members) in by_index {
-                    let mut args = vec![Value::from(key)];
-                    args.extend(members);
-                    self.cmd("ZREM", args).await?;
-                }
-                report.expired_runs += runs.len() as u64;
-            }
-        }
-        Ok(report)
-    }
-
+#[async_trait]
+impl Schedules for RedisStore {
     async fn cron_state(&self, workflow: &str) -> StoreResult<CronState> {
         let reply = self.cmd("HGETALL", vec![self.keys.cron(workflow).into()]).await?;
         let mut state = CronState::default();
@@ -1376,7 +1420,10 @@ impl Store for RedisStore {
         };
         Ok(())
     }
+}
 
+#[async_trait]
+impl EventBus for RedisStore {
     async fn publish_event(&self, fields: &[(&str, &[u8])]) -> StoreResult<String> {
         let mut args: Vec<Value> = vec![(BUS_CLOCK_TOLERANCE.as_millis() as i64).into()];
         for (name, value) in fields {
@@ -1663,30 +1710,10 @@ impl Store for RedisStore {
         let dead = length(self.cmd("XLEN", vec![self.keys.events_dead().into()]).await?);
         Ok((bus, dead))
     }
+}
 
-    async fn stream_stats(&self) -> StoreResult<StreamStats> {
-        let number = |reply: &Value| text(reply).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
-        let pending_count = |reply: Value| reply.into_array().first().map_or(0, number);
-        let mut stats = StreamStats::default();
-        let lengths = (0..self.keys.shards()).map(|shard| self.cmd("XLEN", vec![self.keys.ready(shard).into()]));
-        let pendings = (0..self.keys.shards())
-            .map(|shard| self.cmd("XPENDING", vec![self.keys.ready(shard).into(), WORKERS_GROUP.into()]));
-        let (lengths, pendings) = futures::join!(join_all(lengths), join_all(pendings));
-        for reply in lengths {
-            stats.ready_length += number(&reply?);
-        }
-        for reply in pendings {
-            stats.ready_pending += pending_count(reply?);
-        }
-        let (events, dead) = self.event_counts().await?;
-        stats.events_length = events;
-        stats.events_dead = dead;
-        stats.events_hostile_removed = self.bus_condition().await?.hostile_removed;
-        stats.events_pending =
-            pending_count(self.cmd("XPENDING", vec![self.keys.events().into(), ROUTER_GROUP.into()]).await?);
-        Ok(stats)
-    }
-
+#[async_trait]
+impl Waits for RedisStore {
     async fn add_wait(&self, event: &str, run: &RunId, until: Millis) -> StoreResult<()> {
         self.cmd("ZADD", vec![self.keys.waits(event).into(), until.to_string().into(), run.to_string().into()]).await?;
         Ok(())
@@ -1701,18 +1728,16 @@ impl Store for RedisStore {
         let reply = self.cmd("ZRANGE", vec![self.keys.waits(event).into(), "0".into(), "999".into()]).await?;
         Ok(reply.into_array().iter().filter_map(|m| text(m)?.parse().ok()).collect())
     }
+}
 
+#[async_trait]
+impl Values for RedisStore {
     async fn get_value(&self, key: &str) -> StoreResult<Option<String>> {
         Ok(text(&self.cmd("GET", vec![self.keys.value(key).into()]).await?))
     }
 
     async fn set_value(&self, key: &str, value: &str) -> StoreResult<()> {
         self.cmd("SET", vec![self.keys.value(key).into(), value.into()]).await?;
-        Ok(())
-    }
-
-    async fn forget_seen(&self, key: &str) -> StoreResult<()> {
-        self.cmd("DEL", vec![self.keys.value(&format!("seen:{key}")).into()]).await?;
         Ok(())
     }
 
@@ -1723,11 +1748,14 @@ impl Store for RedisStore {
         Ok(!matches!(reply, Value::Null))
     }
 
-    async fn memory_used(&self) -> StoreResult<Option<u64>> {
-        let info = text(&self.cmd("INFO", vec!["memory".into()]).await?).unwrap_or_default();
-        Ok(info.lines().find_map(|line| line.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()))
+    async fn forget_seen(&self, key: &str) -> StoreResult<()> {
+        self.cmd("DEL", vec![self.keys.value(&format!("seen:{key}")).into()]).await?;
+        Ok(())
     }
+}
 
+#[async_trait]
+impl Replicas for RedisStore {
     async fn heartbeat(&self, beat: &ReplicaBeat, ttl: Duration) -> StoreResult<()> {
         let json = serde_json::to_string(beat).map_err(|err| StoreError::Fatal(format!("a heartbeat: {err}")))?;
         let ttl = (ttl.as_millis().max(1)).min(i64::MAX as u128) as i64;
