@@ -22,7 +22,8 @@ use workflow_orchestrator::store::keys::shard_of;
 use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
-    Claimed, Commit, CommitOutcome, Created, Dispatch, Lease, Logged, NewRun, ReplicaBeat, RunId, RunSummary, Store,
+    BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, Dispatch, EntryCap, Lease, Logged, NewRun,
+    ReplicaBeat, RunId, RunSummary, SettledEvent, Store, StoreKind, StreamStats, compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -91,6 +92,13 @@ conformance! {
     a_group_commit_gives_each_run_its_own_outcome = group_commit_gives_each_run_its_own_outcome(4);
     a_commit_queues_each_ready_step_as_its_own_entry = a_commit_queues_each_ready_step_as_its_own_entry(4);
     a_run_that_ends_withdraws_its_queued_steps = a_run_that_ends_withdraws_its_queued_steps(4);
+    schedules_keep_the_last_fire_the_last_run_and_the_buffered_fire = schedules_keep_the_last_fire_the_last_run_and_the_buffered_fire(4);
+    waits_are_registered_by_event_type = waits_are_registered_by_event_type(4);
+    values_are_shared_and_marks_expire = values_are_shared_and_marks_expire(4);
+    a_failed_run_is_reopened_only_while_still_failed_at_its_seq = a_failed_run_is_reopened_only_while_still_failed_at_its_seq(4);
+    runs_are_counted_by_status = runs_are_counted_by_status(4);
+    the_bus_publishes_reads_settles_dead_letters_and_lists = the_bus_publishes_reads_settles_dead_letters_and_lists(4);
+    the_backend_says_what_it_is_and_keeps_time = the_backend_says_what_it_is_and_keeps_time(4);
     renewal_keeps_held_leases_and_reports_lost_ones = renew_keeps_held_leases_and_reports_lost_ones(4);
     a_reclaim_counts_deliveries = reclaim_counts_deliveries(4);
     a_terminal_commit_keeps_a_replayable_history = terminal_commit_keeps_replayable_history(4);
@@ -1394,4 +1402,195 @@ async fn replicas_are_listed_while_their_heartbeat_lives(store: Arc<dyn Store>) 
     // And comes back with its next beat.
     store.heartbeat(&beat("replica-b:0002", 2), Duration::from_secs(300)).await.unwrap();
     assert_eq!(store.replicas().await.unwrap(), vec![beat("replica-a:0001", 5), beat("replica-b:0002", 2)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store's other concerns: schedules, waits, values, the bus, reopening, counts, the backend.
+
+async fn schedules_keep_the_last_fire_the_last_run_and_the_buffered_fire(store: Arc<dyn Store>) {
+    assert_eq!(store.cron_state("nightly").await.unwrap(), CronState::default(), "never fired");
+    assert!(store.cron_advance("nightly", 60_000, None).await.unwrap(), "the first record moves it");
+    assert!(!store.cron_advance("nightly", 30_000, None).await.unwrap(), "the last fire only moves forward");
+    assert!(!store.cron_advance("nightly", 60_000, None).await.unwrap(), "a fire recorded once is not moved again");
+    let state = store.cron_state("nightly").await.unwrap();
+    assert_eq!((state.last_fire, state.last_run.as_deref(), state.buffered), (Some(60_000), None, None));
+    assert!(store.cron_advance("nightly", 120_000, Some("run-2")).await.unwrap());
+    store.cron_buffer("nightly", Some(180_000)).await.unwrap();
+    let state = store.cron_state("nightly").await.unwrap();
+    assert_eq!(
+        (state.last_fire, state.last_run.as_deref(), state.buffered),
+        (Some(120_000), Some("run-2"), Some(180_000))
+    );
+    store.cron_buffer("nightly", None).await.unwrap();
+    assert_eq!(store.cron_state("nightly").await.unwrap().buffered, None);
+    assert_eq!(store.cron_state("hourly").await.unwrap(), CronState::default(), "schedules are apart");
+}
+
+async fn waits_are_registered_by_event_type(store: Arc<dyn Store>) {
+    let (a, b, c) = (RunId::new(0, 1_000), RunId::new(1, 1_001), RunId::new(2, 1_002));
+    store.add_wait("user.verified", &a, 5_000).await.unwrap();
+    store.add_wait("user.verified", &b, 6_000).await.unwrap();
+    store.add_wait("order.paid", &c, 7_000).await.unwrap();
+    store.add_wait("user.verified", &a, 5_000).await.unwrap(); // again: idempotent
+    let waiting = |event: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            let mut runs = store.waiting(event).await.unwrap();
+            runs.sort();
+            runs
+        }
+    };
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(waiting("user.verified").await, both);
+    assert_eq!(waiting("order.paid").await, std::slice::from_ref(&c));
+    store.remove_wait("user.verified", &a).await.unwrap();
+    assert_eq!(waiting("user.verified").await, std::slice::from_ref(&b));
+    store.remove_wait("user.verified", &a).await.unwrap(); // again: nothing to remove
+    assert!(waiting("nothing.waits").await.is_empty());
+}
+
+async fn values_are_shared_and_marks_expire(store: Arc<dyn Store>) {
+    assert_eq!(store.get_value("cms:cursor").await.unwrap(), None);
+    store.set_value("cms:cursor", "2026-12-07T10:00:00Z").await.unwrap();
+    assert_eq!(store.get_value("cms:cursor").await.unwrap().as_deref(), Some("2026-12-07T10:00:00Z"));
+    store.set_value("cms:cursor", "later").await.unwrap();
+    assert_eq!(store.get_value("cms:cursor").await.unwrap().as_deref(), Some("later"));
+
+    assert!(store.mark_seen("webhook:1", Duration::from_secs(60)).await.unwrap(), "first time");
+    assert!(!store.mark_seen("webhook:1", Duration::from_secs(60)).await.unwrap(), "a replay");
+    store.forget_seen("webhook:1").await.unwrap();
+    assert!(store.mark_seen("webhook:1", Duration::from_secs(60)).await.unwrap(), "forgotten, so new again");
+    assert!(store.mark_seen("webhook:2", Duration::from_secs(1)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert!(store.mark_seen("webhook:2", Duration::from_secs(1)).await.unwrap(), "a mark lasts its ttl only");
+}
+
+async fn a_failed_run_is_reopened_only_while_still_failed_at_its_seq(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let id = create(&store, new_run(&def, 1, 1_000, None)).await;
+    let claimed = claim_one(&store, "a").await;
+    let failed = work(&def, &claimed, false, 1_010);
+    let failed_state = failed.state.clone();
+    assert_eq!(failed_state.status, Status::Failed);
+    assert_eq!(store.commit(failed).await.unwrap(), CommitOutcome::Applied { seq: 4 });
+    assert_eq!(store.list_runs(Some("wf"), Some("failed"), None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+
+    let resumed = vec![Transition::RunResumed { step: 0, attempt: 2 }];
+    let reopen = commit_of(&def, &id, &failed_state, None, resumed, 1_020);
+    assert_eq!(reopen.dispatch, [Dispatch { step: 0, attempt: 2 }]);
+    let behind = Commit { expected_seq: 3, ..reopen.clone() };
+    assert_eq!(store.reopen(behind).await.unwrap(), CommitOutcome::Stale, "decided on an older seq");
+    assert_eq!(store.reopen(reopen.clone()).await.unwrap(), CommitOutcome::Applied { seq: 5 });
+    assert_eq!(store.summary(&id).await.unwrap().unwrap().status, "running");
+    assert!(store.list_runs(Some("wf"), Some("failed"), None, 10).await.unwrap().runs.is_empty());
+    assert_eq!(store.list_runs(Some("wf"), Some("running"), None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+    assert_eq!(store.reopen(reopen).await.unwrap(), CommitOutcome::Stale, "live again: nothing to reopen");
+    let retried = claim_one(&store, "b").await;
+    assert_eq!(retried.task.as_ref().map(|t| (t.step, t.attempt)).unwrap(), (0, 2));
+    assert_eq!(
+        store
+            .reopen(Commit { run: RunId::new(1, 9), ..commit_of(&def, &id, &failed_state, None, vec![], 1) })
+            .await
+            .unwrap(),
+        CommitOutcome::Gone
+    );
+}
+
+async fn runs_are_counted_by_status(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    for (i, succeed) in [true, true, false].into_iter().enumerate() {
+        create(&store, new_run(&def, i as u16, 1_000 + i as u64, None)).await;
+        let claimed = claim_one(&store, "a").await;
+        assert!(matches!(
+            store.commit(work(&def, &claimed, succeed, 1_100)).await.unwrap(),
+            CommitOutcome::Applied { .. }
+        ));
+    }
+    create(&store, new_run(&def, 3, 2_000, None)).await;
+    create(&store, new_run(&definition("other", 1, 1), 0, 2_001, None)).await;
+    let mut counts = store.count_runs("wf").await.unwrap();
+    counts.retain(|(_, n)| *n > 0);
+    counts.sort();
+    let expected = [("completed", 2), ("failed", 1), ("pending", 1)].map(|(s, n)| (s.to_owned(), n));
+    assert_eq!(counts, expected);
+}
+
+async fn the_bus_publishes_reads_settles_dead_letters_and_lists(store: Arc<dyn Store>) {
+    let cap = EntryCap { max_bytes: 1 << 20, keep_bytes: 64 };
+    let first = store.publish_event(&[("type", b"user.registered"), ("payload", b"{\"userId\":1}")]).await.unwrap();
+    let second = store.publish_event(&[("type", b"order.paid"), ("payload", b"{}")]).await.unwrap();
+    let third = store.publish_event(&[("type", b"user.registered"), ("payload", b"not json")]).await.unwrap();
+    assert!(compare_entry_ids(&first, &second).is_lt() && compare_entry_ids(&second, &third).is_lt(), "ids grow");
+    assert_eq!(store.event_counts().await.unwrap(), (3, 0));
+
+    let read = store.read_events("router-a", 10, BLOCK, cap).await.unwrap();
+    assert_eq!(read.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), [&first, &second, &third]);
+    assert_eq!(read[0].field("payload"), Some(&b"{\"userId\":1}"[..]));
+    assert_eq!(read[0].deliveries, 1);
+    assert!(
+        store.read_events("router-b", 10, Duration::from_millis(50), cap).await.unwrap().is_empty(),
+        "delivered once"
+    );
+    let stats = store.stream_stats().await.unwrap();
+    assert_eq!((stats.events_length, stats.events_pending), (3, 3));
+
+    // A router that died: its unsettled entries are taken over, counted.
+    age().await;
+    let taken = store.reclaim_events("router-b", Duration::ZERO, 10, cap).await.unwrap();
+    assert_eq!(taken.len(), 3);
+    assert!(taken.iter().all(|e| e.deliveries == 2), "{taken:?}");
+
+    // Settled with the runs they started; one dead-lettered.
+    let settled = vec![
+        SettledEvent { id: first.clone(), started: vec![("onboarding".to_owned(), "run-1".to_owned())] },
+        SettledEvent { id: second.clone(), started: vec![] },
+    ];
+    store.settle_events(&settled, Duration::from_secs(3600)).await.unwrap();
+    store.dead_letter_event(&taken[2], "`payload` is not JSON").await.unwrap();
+    assert_eq!(store.stream_stats().await.unwrap().events_pending, 0);
+    assert_eq!(store.event_counts().await.unwrap().1, 1);
+    let dead = store.dead_events(None, 10, cap).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].field("entry"), Some(third.as_bytes()));
+    assert_eq!(dead[0].field("reason"), Some(&b"`payload` is not JSON"[..]));
+
+    // Listed newest first, by type, with the runs each started (`None`: not handled).
+    let recent = store.recent_events(None, None, 10, 100, cap).await.unwrap();
+    let ids: Vec<&str> = recent.iter().map(|l| l.entry.id.as_str()).collect();
+    assert_eq!(ids, [&third, &second, &first]);
+    assert_eq!(recent[2].started, Some(vec![("onboarding".to_owned(), "run-1".to_owned())]));
+    assert_eq!(recent[1].started, Some(vec![]));
+    let of_type = store.recent_events(None, Some("user.registered"), 10, 100, cap).await.unwrap();
+    assert_eq!(of_type.iter().map(|l| l.entry.id.as_str()).collect::<Vec<_>>(), [&third, &first]);
+    let older = store.recent_events(Some(&second), None, 10, 100, cap).await.unwrap();
+    assert_eq!(older.iter().map(|l| l.entry.id.as_str()).collect::<Vec<_>>(), [&first]);
+
+    // Trimming (about: Redis trims whole nodes of its stream) never drops an entry the router
+    // has not handled.
+    let unhandled = store.publish_event(&[("type", b"late.event")]).await.unwrap();
+    let trimmed = store.trim_events(0, Millis::MAX).await.unwrap();
+    assert!(trimmed <= 3, "only handled entries are trimmed: {trimmed}");
+    let left = store.recent_events(None, None, 10, 100, cap).await.unwrap();
+    assert!(left.iter().any(|l| l.entry.id == unhandled), "the unhandled entry stays: {left:?}");
+    assert_eq!(store.read_events("router-a", 10, BLOCK, cap).await.unwrap().len(), 1);
+    assert_eq!(store.repair_bus().await.unwrap(), 0, "no entry ahead of the clock");
+}
+
+async fn the_backend_says_what_it_is_and_keeps_time(store: Arc<dyn Store>) {
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now = store.now().await.unwrap();
+    assert!(now.abs_diff(wall) < 5_000, "the store's clock ({now}) is this machine's ({wall}), near enough");
+    let health = store.health().await.unwrap();
+    assert_eq!(health.kind, store.kind());
+    assert_eq!(health.bus, BusCondition::default());
+    assert_eq!(store.connection_problem(), None);
+    assert_eq!(store.shards(), 4);
+    assert_eq!(store.stream_stats().await.unwrap(), StreamStats::default(), "nothing queued yet");
+    match store.kind() {
+        StoreKind::Redis => assert!(store.memory_used().await.unwrap().is_some_and(|bytes| bytes > 0)),
+        StoreKind::Memory => {
+            assert_eq!(store.memory_used().await.unwrap(), None, "the memory store does not measure itself")
+        }
+    }
 }
