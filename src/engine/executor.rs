@@ -235,11 +235,10 @@ impl Engine {
         };
         tracing::debug!(deliveries, "step started");
         let started_at = self.clock.now();
-        let outcome = if deliveries > self.config.max_deliveries {
-            Err(actions::ActionError::fatal(format!(
-                "step `{}` was delivered {deliveries} times without completing (limit {}): it crashes or stalls its replica",
-                step_def.id, self.config.max_deliveries
-            )))
+        let outcome = if let Some(failure) =
+            machine::delivery_limit(&workflow.def, step, deliveries, self.config.max_deliveries)
+        {
+            Err(actions::ActionError { message: failure.error, retryable: failure.retryable })
         } else {
             // Earlier outputs only when the step's templates name them: a read of the log.
             let steps = if actions::Actions::needs_outputs(step_def) {

@@ -922,6 +922,21 @@ pub struct Failure {
     pub retryable: bool,
 }
 
+/// Whether a step delivered `deliveries` times (this delivery included) is past the bound of
+/// `limit` deliveries: then it fails for good without running, as a step that keeps crashing or
+/// stalling its replica would never complete.
+pub fn delivery_limit(definition: &WorkflowDef, step: u32, deliveries: u64, limit: u64) -> Option<Failure> {
+    (deliveries > limit).then(|| {
+        let id = definition.steps.get(step as usize).map_or("?", |s| s.id.as_str());
+        Failure {
+            error: format!(
+                "step `{id}` was delivered {deliveries} times without completing (limit {limit}): it crashes or stalls its replica"
+            ),
+            retryable: false,
+        }
+    })
+}
+
 /// The transition for a failed attempt: final when another attempt cannot help, else as
 /// [`step_failure`] (retried while the step's policy allows).
 pub fn attempt_failed(

@@ -582,3 +582,12 @@ fn an_attempt_that_cannot_succeed_again_fails_for_good_whatever_its_budget() {
     let final_one = attempt_failed(&def, &state, 0, 1, failure(false), 10, 0.0);
     assert_eq!(final_one, Transition::StepFailed { step: 0, attempt: 1, error: "e".to_owned(), retry_at: None });
 }
+
+#[test]
+fn a_step_delivered_past_the_limit_fails_for_good() {
+    let def = definition(1, 5);
+    assert_eq!(delivery_limit(&def, 0, 3, 3), None);
+    let failure = delivery_limit(&def, 0, 4, 3).unwrap();
+    assert!(!failure.retryable);
+    assert!(failure.error.contains("`s0` was delivered 4 times") && failure.error.contains("limit 3"), "{failure:?}");
+}
