@@ -822,7 +822,7 @@ async fn completions(
         Completions { latencies: Vec::new(), last_completed_ms: 0.0, completed_in_time: 0, failed: 0, unknown: 0 };
     for (summary, at_ms) in summaries {
         match summary.map_err(|e| format!("reading a summary: {e}"))? {
-            Some(summary) if summary.status == "completed" => {
+            Some(summary) if summary.status == workflow_orchestrator::machine::Status::Completed => {
                 // `updated_at` is truncated to the ms: the middle of that ms.
                 let done_ms = summary.updated_at as f64 + 0.5;
                 if done_ms <= until_ms + 1.0 {
@@ -831,7 +831,7 @@ async fn completions(
                     out.last_completed_ms = out.last_completed_ms.max(done_ms);
                 }
             }
-            Some(summary) if workflow_orchestrator::store::is_terminal_name(&summary.status) => out.failed += 1,
+            Some(summary) if summary.status.is_terminal() => out.failed += 1,
             _ => out.unknown += 1,
         }
     }

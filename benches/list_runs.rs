@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 use workflow_orchestrator::config::Settings;
 use workflow_orchestrator::definition::Registry;
 use workflow_orchestrator::engine::{Engine, EngineConfig};
+use workflow_orchestrator::machine::Status;
 use workflow_orchestrator::machine::Trigger;
 use workflow_orchestrator::store::redis::RedisStore;
-use workflow_orchestrator::store::{RunId, Store};
+use workflow_orchestrator::store::{RunId, RunQuery, Store};
 
 const DEFINITIONS: &str = r#"
 [[workflow]]
@@ -80,7 +81,9 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 
 /// A page as the API serves it: the ids, then each run's summary.
 async fn page(engine: &Engine, workflow: Option<&str>, status: Option<&str>, cursor: Option<&RunId>) -> Vec<RunId> {
-    with_summaries(engine, engine.list_runs(workflow, status, cursor, PAGE).await.expect("a page")).await
+    let status = status.map(|name| Status::from_name(name).expect("a status name"));
+    let query = RunQuery { workflow, status, before: cursor, limit: PAGE };
+    with_summaries(engine, engine.list_runs(query).await.expect("a page")).await
 }
 
 /// Reads each listed run's summary, as the API does for a page.
@@ -161,7 +164,12 @@ async fn run(port: u16, total: usize, repeat: usize, browser_repeat: Option<usiz
     let mut cursors: Vec<Option<RunId>> = vec![None];
     for _ in 0..40 {
         let page = engine
-            .list_runs(None, None, cursors.last().cloned().flatten().as_ref(), PAGE)
+            .list_runs(RunQuery {
+                workflow: None,
+                status: None,
+                before: cursors.last().cloned().flatten().as_ref(),
+                limit: PAGE,
+            })
             .await
             .map_err(|e| e.to_string())?;
         match page.last() {

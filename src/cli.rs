@@ -7,7 +7,7 @@ use workflow_orchestrator::api::views;
 use workflow_orchestrator::definition::Registry;
 use workflow_orchestrator::engine::{Engine, EngineError};
 use workflow_orchestrator::machine::{self, Transition, Trigger};
-use workflow_orchestrator::store::{RunId, RunSummary};
+use workflow_orchestrator::store::{RunId, RunQuery, RunSummary};
 
 pub fn workflows(registry: &Registry) {
     for workflow in registry.iter() {
@@ -163,6 +163,12 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) 
     }
 }
 
+/// The run status `--status` names.
+fn status_arg(name: &str) -> anyhow::Result<machine::Status> {
+    machine::Status::from_name(name)
+        .with_context(|| format!("--status must be one of {}", machine::STATUS_NAMES.join(", ")))
+}
+
 /// `bulk <cancel|retry>`: see [`Engine::bulk`]. Exits 1 when a matched run was left as it was.
 pub async fn bulk(
     engine: &Engine,
@@ -191,7 +197,7 @@ pub async fn bulk(
     };
     let filter = BulkFilter {
         workflow,
-        status,
+        status: status.as_deref().map(status_arg).transpose()?,
         created_after: time("created-after", created_after)?,
         created_before: time("created-before", created_before)?,
     };
@@ -210,12 +216,9 @@ pub async fn runs(
     limit: usize,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    if let Some(status) = status
-        && !machine::STATUS_NAMES.contains(&status)
-    {
-        bail!("--status must be one of {}", machine::STATUS_NAMES.join(", "));
-    }
-    let runs = engine.list_runs(workflow, status, None, limit.clamp(1, 1000)).await?;
+    let status = status.map(status_arg).transpose()?;
+    let query = RunQuery { workflow, status, before: None, limit: limit.clamp(1, 1000) };
+    let runs = engine.list_runs(query).await?;
     let mut rows = Vec::new();
     for run in &runs {
         if let Some(summary) = engine.summary(run).await? {

@@ -23,7 +23,7 @@ use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
     BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, Dispatch, EntryCap, Lease, Logged, NewRun,
-    ReplicaBeat, RunId, RunSummary, SettledEvent, Store, StoreKind, StreamStats, compare_entry_ids,
+    ReplicaBeat, RunId, RunQuery, RunSummary, SettledEvent, Store, StoreKind, StreamStats, compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -235,6 +235,12 @@ async fn snapshot(store: &Arc<dyn Store>, run: &RunId) -> (Option<RunSummary>, O
     (store.summary(run).await.unwrap(), store.history(run).await.unwrap())
 }
 
+/// A listing's query, its status by name.
+fn query<'a>(workflow: Option<&'a str>, status: Option<&str>, before: Option<&'a RunId>, limit: usize) -> RunQuery<'a> {
+    let status = status.map(|name| Status::from_name(name).expect("a status name"));
+    RunQuery { workflow, status, before, limit }
+}
+
 /// Replays a stored history of a run of `def`.
 fn replayed(history: &[Logged], def: &WorkflowDef) -> RunState {
     replay(history.iter().map(|l| &l.recorded), def).expect("the history replays").expect("a non-empty history")
@@ -262,7 +268,7 @@ async fn created_run_agrees_with_its_state(store: Arc<dyn Store>) {
 
     let summary = store.summary(&id).await.unwrap().expect("a summary");
     assert!(summary.matches(&state), "{summary:?} vs {state:?}");
-    assert_eq!((summary.status.as_str(), summary.seq, summary.created_at), ("pending", 1, 1_000));
+    assert_eq!((summary.status.name(), summary.seq, summary.created_at), ("pending", 1, 1_000));
     let [entry] = summary.ready_entries.as_slice() else { panic!("the first step's ready entry: {summary:?}") };
     assert!(store.dispatch_exists(&id, entry).await.unwrap());
 
@@ -272,7 +278,7 @@ async fn created_run_agrees_with_its_state(store: Arc<dyn Store>) {
     assert_eq!(replayed(&history, &def), state);
     assert!(summary.matches(&replayed(&history, &def)));
 
-    assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+    assert_eq!(store.list_runs(query(None, None, None, 10)).await.unwrap().runs, std::slice::from_ref(&id));
     assert!(!store.has_timer(&id).await.unwrap());
     let claimed = claim_one(&store, "a").await;
     assert_eq!(&claimed.lease.entry, entry);
@@ -307,7 +313,7 @@ async fn idempotency_key_creates_one_run(store: Arc<dyn Store>) {
     assert_eq!(store.create_run(second).await.unwrap(), Created::Duplicate(id.to_string()));
     assert_eq!(snapshot(&store, &second_id).await, (None, None), "the duplicate created nothing");
     assert_eq!(snapshot(&store, &id).await, before, "the first run is untouched");
-    assert_eq!(store.list_runs(None, None, None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+    assert_eq!(store.list_runs(query(None, None, None, 10)).await.unwrap().runs, std::slice::from_ref(&id));
     let claimed = store.claim("a", 10, BLOCK).await.unwrap();
     assert_eq!(claimed.len(), 1, "only the first run's step was queued: {claimed:?}");
     assert_eq!(claimed[0].task.as_ref().unwrap().run, id.to_string());
@@ -447,7 +453,7 @@ async fn commit_under_lease_applies_acks_and_dispatches(store: Arc<dyn Store>) {
 
     let summary = store.summary(&id).await.unwrap().unwrap();
     assert!(summary.matches(&state), "{summary:?}");
-    assert_eq!((summary.status.as_str(), summary.step, summary.attempt, summary.seq), ("running", Some(1), Some(1), 3));
+    assert_eq!((summary.status.name(), summary.step, summary.attempt, summary.seq), ("running", Some(1), Some(1), 3));
     let history = store.history(&id).await.unwrap().unwrap();
     assert_eq!(history.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(replayed(&history, &def), state);
@@ -566,7 +572,7 @@ async fn a_commit_queues_each_ready_step_as_its_own_entry(store: Arc<dyn Store>)
     assert_eq!(store.commit(again).await.unwrap(), CommitOutcome::Applied { seq: 8 });
     let (summary, history) = snapshot(&store, &id).await;
     let summary = summary.unwrap();
-    assert_eq!((summary.status.as_str(), summary.ready_entries.len()), ("completed", 0));
+    assert_eq!((summary.status.name(), summary.ready_entries.len()), ("completed", 0));
     assert_eq!(replayed(&history.unwrap(), &def).status, Status::Completed);
     assert!(nothing_claimable(&store, "z").await);
 }
@@ -583,7 +589,7 @@ async fn a_run_that_ends_withdraws_its_queued_steps(store: Arc<dyn Store>) {
     assert_eq!(failed.state.status, Status::Failed);
     assert_eq!(store.commit(failed).await.unwrap(), CommitOutcome::Applied { seq: 6 });
     let summary = store.summary(&id).await.unwrap().unwrap();
-    assert_eq!((summary.status.as_str(), summary.ready_entries.len()), ("failed", 0));
+    assert_eq!((summary.status.name(), summary.ready_entries.len()), ("failed", 0));
     assert!(nothing_claimable(&store, "y").await, "the sibling's entry was withdrawn");
 }
 
@@ -792,11 +798,14 @@ async fn terminal_commit_keeps_replayable_history(store: Arc<dyn Store>) {
     assert_eq!(replayed(&history, &def), state);
     let summary = store.summary(&id).await.unwrap().unwrap();
     assert!(summary.matches(&state), "{summary:?}");
-    assert_eq!((summary.status.as_str(), summary.step, summary.seq), ("completed", None, 8));
+    assert_eq!((summary.status.name(), summary.step, summary.seq), ("completed", None, 8));
     assert!(!store.has_timer(&id).await.unwrap());
     assert!(store.quiet_runs(Millis::MAX, 10).await.unwrap().is_empty(), "a finished run is never quiet");
-    assert_eq!(store.list_runs(None, Some("completed"), None, 10).await.unwrap().runs, std::slice::from_ref(&id));
-    assert!(store.list_runs(None, Some("running"), None, 10).await.unwrap().runs.is_empty());
+    assert_eq!(
+        store.list_runs(query(None, Some("completed"), None, 10)).await.unwrap().runs,
+        std::slice::from_ref(&id)
+    );
+    assert!(store.list_runs(query(None, Some("running"), None, 10)).await.unwrap().runs.is_empty());
 
     // A run that fails ends the same way.
     let failing = definition("wf", 1, 1);
@@ -810,7 +819,7 @@ async fn terminal_commit_keeps_replayable_history(store: Arc<dyn Store>) {
     assert_eq!(kinds, ["run_created", "step_started", "step_failed", "run_failed"]);
     assert_eq!(replayed(&history, &def), failed);
     assert!(store.summary(&failed_id).await.unwrap().unwrap().matches(&failed));
-    assert_eq!(store.list_runs(None, Some("failed"), None, 10).await.unwrap().runs, [failed_id]);
+    assert_eq!(store.list_runs(query(None, Some("failed"), None, 10)).await.unwrap().runs, [failed_id]);
 }
 
 async fn late_commit_to_an_ended_run_is_gone(store: Arc<dyn Store>) {
@@ -836,7 +845,7 @@ async fn late_commit_to_an_ended_run_is_gone(store: Arc<dyn Store>) {
     assert_eq!(store.renew(std::slice::from_ref(&worked.lease)).await.unwrap(), std::slice::from_ref(&worked.lease));
     let history = store.history(&other_id).await.unwrap().unwrap();
     assert_eq!(replayed(&history, &def), cancelled);
-    assert_eq!(store.list_runs(None, Some("cancelled"), None, 10).await.unwrap().runs, [other_id]);
+    assert_eq!(store.list_runs(query(None, Some("cancelled"), None, 10)).await.unwrap().runs, [other_id]);
 
     // A run that does not exist is gone too.
     let nobody = RunId::new(0, 3_000);
@@ -1055,11 +1064,11 @@ async fn runs_are_listed_newest_first_in_pages(store: Arc<dyn Store>) {
 
     for workflow in [None, Some("alpha"), Some("beta")] {
         let expected = newest_first(workflow);
-        assert_eq!(store.list_runs(workflow, None, None, 100).await.unwrap().runs, expected, "{workflow:?}");
+        assert_eq!(store.list_runs(query(workflow, None, None, 100)).await.unwrap().runs, expected, "{workflow:?}");
         let mut paged = Vec::new();
         let mut cursor: Option<RunId> = None;
         for _ in 0..30 {
-            let page = store.list_runs(workflow, None, cursor.as_ref(), 5).await.unwrap().runs;
+            let page = store.list_runs(query(workflow, None, cursor.as_ref(), 5)).await.unwrap().runs;
             assert!(page.len() <= 5);
             if page.is_empty() {
                 break;
@@ -1069,8 +1078,8 @@ async fn runs_are_listed_newest_first_in_pages(store: Arc<dyn Store>) {
         }
         assert_eq!(paged, expected, "pages of 5 of {workflow:?}");
     }
-    assert!(store.list_runs(Some("gamma"), None, None, 10).await.unwrap().runs.is_empty());
-    assert!(store.list_runs(None, None, None, 0).await.unwrap().runs.is_empty());
+    assert!(store.list_runs(query(Some("gamma"), None, None, 10)).await.unwrap().runs.is_empty());
+    assert!(store.list_runs(query(None, None, None, 0)).await.unwrap().runs.is_empty());
 
     // Status filter: finish the newest alpha run.
     let newest_alpha = newest_first(Some("alpha"))[0].clone();
@@ -1079,13 +1088,13 @@ async fn runs_are_listed_newest_first_in_pages(store: Arc<dyn Store>) {
     let mine = claimed.iter().find(|c| c.task.as_ref().unwrap().run == newest_alpha.to_string()).unwrap();
     assert!(matches!(store.commit(work(&a, mine, true, 50_000)).await.unwrap(), CommitOutcome::Applied { .. }));
     assert_eq!(
-        store.list_runs(Some("alpha"), Some("completed"), None, 10).await.unwrap().runs,
+        store.list_runs(query(Some("alpha"), Some("completed"), None, 10)).await.unwrap().runs,
         std::slice::from_ref(&newest_alpha)
     );
-    assert!(store.list_runs(Some("beta"), Some("completed"), None, 10).await.unwrap().runs.is_empty());
+    assert!(store.list_runs(query(Some("beta"), Some("completed"), None, 10)).await.unwrap().runs.is_empty());
     let pending: Vec<RunId> = newest_first(Some("alpha")).into_iter().skip(1).take(3).collect();
-    assert_eq!(store.list_runs(Some("alpha"), Some("pending"), None, 3).await.unwrap().runs, pending);
-    let rest = store.list_runs(Some("alpha"), Some("pending"), pending.last(), 100).await.unwrap().runs;
+    assert_eq!(store.list_runs(query(Some("alpha"), Some("pending"), None, 3)).await.unwrap().runs, pending);
+    let rest = store.list_runs(query(Some("alpha"), Some("pending"), pending.last(), 100)).await.unwrap().runs;
     assert_eq!(rest, newest_first(Some("alpha")).into_iter().skip(4).collect::<Vec<_>>());
 }
 
@@ -1109,8 +1118,11 @@ async fn housekeeping_expires_old_finished_runs(store: Arc<dyn Store>) {
     assert_eq!(snapshot(&store, &old).await, (None, None), "history and summary are gone");
     assert!(store.summary(&recent).await.unwrap().is_some());
     assert_eq!(store.history(&recent).await.unwrap().unwrap().len(), 4);
-    assert_eq!(store.list_runs(None, Some("completed"), None, 10).await.unwrap().runs, std::slice::from_ref(&recent));
-    let listed = store.list_runs(Some("wf"), None, None, 10).await.unwrap().runs;
+    assert_eq!(
+        store.list_runs(query(None, Some("completed"), None, 10)).await.unwrap().runs,
+        std::slice::from_ref(&recent)
+    );
+    let listed = store.list_runs(query(Some("wf"), None, None, 10)).await.unwrap().runs;
     assert!(!listed.contains(&old) && listed.contains(&recent) && listed.contains(&leased_id), "{listed:?}");
 
     // Live runs are never expired, and their queued and leased entries stay.
@@ -1182,7 +1194,7 @@ async fn runs_are_found_by_their_input_values(store: Arc<dyn Store>) {
     let commit = work(&def, mine, true, 30_000);
     assert!(matches!(store.commit(commit).await.unwrap(), CommitOutcome::Applied { .. }));
     let summary = store.summary(&newest).await.unwrap().unwrap();
-    assert_eq!((summary.status.as_str(), summary.search.len()), ("completed", 2), "{summary:?}");
+    assert_eq!((summary.status.name(), summary.search.len()), ("completed", 2), "{summary:?}");
     assert_eq!(store.housekeeping(Millis::MAX).await.unwrap().expired_runs, 1);
     let user = runs[0].0;
     assert_eq!(store.search_runs("wf", "user", &user.to_string(), None, 100).await.unwrap().runs, of_user(user)[1..]);
@@ -1474,7 +1486,10 @@ async fn a_failed_run_is_reopened_only_while_still_failed_at_its_seq(store: Arc<
     let failed_state = failed.state.clone();
     assert_eq!(failed_state.status, Status::Failed);
     assert_eq!(store.commit(failed).await.unwrap(), CommitOutcome::Applied { seq: 4 });
-    assert_eq!(store.list_runs(Some("wf"), Some("failed"), None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+    assert_eq!(
+        store.list_runs(query(Some("wf"), Some("failed"), None, 10)).await.unwrap().runs,
+        std::slice::from_ref(&id)
+    );
 
     let resumed = vec![Transition::RunResumed { step: 0, attempt: 2 }];
     let reopen = commit_of(&def, &id, &failed_state, None, resumed, 1_020);
@@ -1482,9 +1497,12 @@ async fn a_failed_run_is_reopened_only_while_still_failed_at_its_seq(store: Arc<
     let behind = Commit { expected_seq: 3, ..reopen.clone() };
     assert_eq!(store.reopen(behind).await.unwrap(), CommitOutcome::Stale, "decided on an older seq");
     assert_eq!(store.reopen(reopen.clone()).await.unwrap(), CommitOutcome::Applied { seq: 5 });
-    assert_eq!(store.summary(&id).await.unwrap().unwrap().status, "running");
-    assert!(store.list_runs(Some("wf"), Some("failed"), None, 10).await.unwrap().runs.is_empty());
-    assert_eq!(store.list_runs(Some("wf"), Some("running"), None, 10).await.unwrap().runs, std::slice::from_ref(&id));
+    assert_eq!(store.summary(&id).await.unwrap().unwrap().status, Status::Running);
+    assert!(store.list_runs(query(Some("wf"), Some("failed"), None, 10)).await.unwrap().runs.is_empty());
+    assert_eq!(
+        store.list_runs(query(Some("wf"), Some("running"), None, 10)).await.unwrap().runs,
+        std::slice::from_ref(&id)
+    );
     assert_eq!(store.reopen(reopen).await.unwrap(), CommitOutcome::Stale, "live again: nothing to reopen");
     let retried = claim_one(&store, "b").await;
     assert_eq!(retried.task.as_ref().map(|t| (t.step, t.attempt)).unwrap(), (0, 2));
@@ -1512,7 +1530,7 @@ async fn runs_are_counted_by_status(store: Arc<dyn Store>) {
     let mut counts = store.count_runs("wf").await.unwrap();
     counts.retain(|(_, n)| *n > 0);
     counts.sort();
-    let expected = [("completed", 2), ("failed", 1), ("pending", 1)].map(|(s, n)| (s.to_owned(), n));
+    let expected = [(Status::Pending, 1), (Status::Completed, 2), (Status::Failed, 1)];
     assert_eq!(counts, expected);
 }
 

@@ -1184,7 +1184,7 @@ fn twenty_thousand_piped_events_start_their_runs_exactly_once_while_a_router_is_
             let id: workflow_orchestrator::store::RunId = run.parse().expect("a run id");
             let summary = workflow_orchestrator::store::Runs::summary(&store, &id).await.expect("summary");
             let summary = summary.unwrap_or_else(|| panic!("no summary for {run}"));
-            if summary.status != "completed" {
+            if summary.status != workflow_orchestrator::machine::Status::Completed {
                 // Ended already or about to: the backlog is empty, so each was started; wait for
                 // it below.
                 not_completed.push(id.clone());
@@ -1205,7 +1205,7 @@ fn twenty_thousand_piped_events_start_their_runs_exactly_once_while_a_router_is_
             let mut next = Vec::new();
             for id in still {
                 let summary = workflow_orchestrator::store::Runs::summary(&store, &id).await.expect("summary");
-                if summary.as_ref().map(|s| s.status.as_str()) != Some("completed") {
+                if summary.as_ref().map(|s| s.status) != Some(workflow_orchestrator::machine::Status::Completed) {
                     next.push(id);
                 }
             }

@@ -9,8 +9,8 @@ pub mod views;
 pub use error::ApiError;
 
 use crate::engine::Engine;
-use crate::machine::{self, Trigger};
-use crate::store::RunId;
+use crate::machine::{self, Status, Trigger};
+use crate::store::{RunId, RunQuery};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -918,7 +918,7 @@ async fn bulk(engine: &Engine, request: Request<Incoming>) -> Answer {
                 }
             };
             filter.workflow = text("workflowId")?;
-            filter.status = text("status")?;
+            filter.status = text("status")?.map(|status| status_param(&status)).transpose()?;
             filter.created_after = text("createdAfter")?.map(|t| time_param("createdAfter", &t)).transpose()?;
             filter.created_before = text("createdBefore")?.map(|t| time_param("createdBefore", &t)).transpose()?;
         }
@@ -926,11 +926,6 @@ async fn bulk(engine: &Engine, request: Request<Incoming>) -> Answer {
     }
     if let Some(workflow) = &filter.workflow {
         check_workflow_id(workflow)?;
-    }
-    if let Some(status) = &filter.status
-        && !machine::STATUS_NAMES.contains(&status.as_str())
-    {
-        return Err(ApiError::bad_request(format!("`status` must be one of {}", machine::STATUS_NAMES.join(", "))));
     }
     let outcome = engine.bulk(action, &filter, limit).await?;
     ok_json(
@@ -975,12 +970,7 @@ async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
     if let Some(workflow) = workflow {
         check_workflow_id(workflow)?;
     }
-    let status = params.get("status").map(String::as_str);
-    if let Some(status) = status
-        && !machine::STATUS_NAMES.contains(&status)
-    {
-        return Err(ApiError::bad_request(format!("`status` must be one of {}", machine::STATUS_NAMES.join(", "))));
-    }
+    let status = params.get("status").map(|status| status_param(status)).transpose()?;
     let cursor = match params.get("cursor") {
         None => None,
         Some(text) => Some(
@@ -997,7 +987,7 @@ async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
         (cursor, bound) => cursor.or(bound),
     };
     let mut runs = match inputs.as_slice() {
-        [] => engine.list_runs(workflow, status, start.as_ref(), limit).await?,
+        [] => engine.list_runs(RunQuery { workflow, status, before: start.as_ref(), limit }).await?,
         [(field, value)] => {
             let workflow = searchable(engine, workflow, field)?;
             if status.is_some() {
@@ -1050,6 +1040,12 @@ fn searchable<'a>(engine: &Engine, workflow: Option<&'a str>, field: &str) -> Re
     Ok(workflow)
 }
 
+/// A run status named by a parameter, or a 400 listing the names.
+fn status_param(name: &str) -> Result<Status, ApiError> {
+    Status::from_name(name)
+        .ok_or_else(|| ApiError::bad_request(format!("`status` must be one of {}", machine::STATUS_NAMES.join(", "))))
+}
+
 /// A time parameter: RFC 3339 (`2026-12-07T10:00:00Z`, fractions and offsets allowed).
 fn time_param(name: &str, text: &str) -> Result<machine::Millis, ApiError> {
     machine::parse_timestamp(text)
@@ -1080,16 +1076,17 @@ async fn workflow_status(engine: &Engine, id: &str) -> Answer {
     check_workflow_id(id)?;
     let workflow = engine.registry().get(id).ok_or_else(|| ApiError::not_found(format!("no workflow `{id}`")))?;
     let mut active = Vec::new();
-    for status in machine::STATUS_NAMES.into_iter().filter(|s| !crate::store::is_terminal_name(s)) {
-        active.extend(engine.list_runs(Some(id), Some(status), None, 20).await?);
+    let of_workflow = |status| RunQuery { workflow: Some(id), status, before: None, limit: 20 };
+    for status in Status::ALL.into_iter().filter(|s| !s.is_terminal()) {
+        active.extend(engine.list_runs(of_workflow(Some(status))).await?);
     }
     active.sort_by_key(|r| std::cmp::Reverse(r.uuid));
-    let recent = engine.list_runs(Some(id), None, None, 20).await?;
+    let recent = engine.list_runs(of_workflow(None)).await?;
     // Every status, counted or not: the stores only report the ones they saw.
     let mut counts: serde_json::Map<String, Value> =
         machine::STATUS_NAMES.iter().map(|status| ((*status).to_owned(), json!(0))).collect();
     for (status, count) in engine.count_runs(id).await? {
-        counts.insert(status, json!(count));
+        counts.insert(status.name().to_owned(), json!(count));
     }
     ok_json(
         StatusCode::OK,

@@ -184,11 +184,11 @@ pub fn dead_letter(letter: &BusEntry) -> Value {
 
 /// A run in a list: its summary (`GET /api/runs`, workflow status).
 pub fn summary(run_id: &str, summary: &RunSummary, step: Option<String>) -> Value {
-    let finished = crate::store::is_terminal_name(&summary.status);
+    let finished = summary.status.is_terminal();
     json!({
         "runId": run_id,
         "workflowId": summary.workflow,
-        "status": summary.status,
+        "status": summary.status.name(),
         "trigger": summary.trigger,
         "step": step,
         "attempt": summary.attempt,

@@ -3,8 +3,8 @@
 //! retried no longer matches, and a run that changed meanwhile is reported, not forced.
 
 use super::{Engine, EngineError};
-use crate::machine::{Millis, STATUS_NAMES};
-use crate::store::{RunId, is_terminal_name};
+use crate::machine::{Millis, Status};
+use crate::store::{RunId, RunQuery};
 use futures::StreamExt;
 
 /// The most runs one bulk action may act on.
@@ -25,10 +25,10 @@ pub enum BulkAction {
 
 impl BulkAction {
     /// The statuses a run must be in for the action to apply to it.
-    fn statuses(self) -> Vec<&'static str> {
+    fn statuses(self) -> Vec<Status> {
         match self {
-            BulkAction::Cancel => STATUS_NAMES.into_iter().filter(|s| !is_terminal_name(s)).collect(),
-            BulkAction::Retry => vec!["failed"],
+            BulkAction::Cancel => Status::ALL.into_iter().filter(|s| !s.is_terminal()).collect(),
+            BulkAction::Retry => vec![Status::Failed],
         }
     }
 }
@@ -38,7 +38,7 @@ impl BulkAction {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BulkFilter {
     pub workflow: Option<String>,
-    pub status: Option<String>,
+    pub status: Option<Status>,
     pub created_after: Option<Millis>,
     pub created_before: Option<Millis>,
 }
@@ -62,17 +62,19 @@ impl Engine {
         filter: &BulkFilter,
         limit: usize,
     ) -> Result<BulkOutcome, EngineError> {
-        let statuses: Vec<&str> = match filter.status.as_deref() {
+        let statuses: Vec<Status> = match filter.status {
             None => action.statuses(),
             Some(status) if action.statuses().contains(&status) => vec![status],
             Some(status) => {
+                let names: Vec<&str> = action.statuses().iter().map(Status::name).collect();
                 return Err(EngineError::Invalid(format!(
-                    "a bulk {} applies to runs that are {}, not `{status}`",
+                    "a bulk {} applies to runs that are {}, not `{}`",
                     match action {
                         BulkAction::Cancel => "cancel",
                         BulkAction::Retry => "retry",
                     },
-                    action.statuses().join(", ")
+                    names.join(", "),
+                    status.name()
                 )));
             }
         };
@@ -111,14 +113,20 @@ impl Engine {
     async fn matching(
         &self,
         filter: &BulkFilter,
-        status: &str,
+        status: Status,
         want: usize,
         into: &mut Vec<RunId>,
     ) -> Result<(), EngineError> {
         let mut cursor = filter.created_before.map(RunId::first_at);
         let mut added = 0;
         while added < want {
-            let page = self.list_runs(filter.workflow.as_deref(), Some(status), cursor.as_ref(), PAGE).await?;
+            let query = RunQuery {
+                workflow: filter.workflow.as_deref(),
+                status: Some(status),
+                before: cursor.as_ref(),
+                limit: PAGE,
+            };
+            let page = self.list_runs(query).await?;
             for run in &page {
                 if filter.created_after.is_some_and(|after| run.created_at() < after) {
                     return Ok(());
@@ -144,7 +152,8 @@ mod tests {
 
     #[test]
     fn a_cancel_applies_to_live_runs_and_a_retry_to_failed_ones() {
-        assert_eq!(BulkAction::Cancel.statuses(), ["pending", "running", "retrying", "sleeping", "waiting"]);
-        assert_eq!(BulkAction::Retry.statuses(), ["failed"]);
+        let names = |action: BulkAction| action.statuses().iter().map(Status::name).collect::<Vec<_>>();
+        assert_eq!(names(BulkAction::Cancel), ["pending", "running", "retrying", "sleeping", "waiting"]);
+        assert_eq!(names(BulkAction::Retry), ["failed"]);
     }
 }

@@ -70,7 +70,7 @@ impl Engine {
             let StepStatus::AwaitingChild { attempt, child } = status else { continue };
             let Ok(child) = child.parse::<RunId>() else { continue };
             let Some(summary) = self.store.summary(&child).await? else { continue };
-            if !crate::store::is_terminal_name(&summary.status) {
+            if !summary.status.is_terminal() {
                 continue;
             }
             if let Some(loaded) = self.load_for_loop(&child).await? {

@@ -8,7 +8,7 @@ use super::{Counters, Engine, sleep_or_cancelled};
 use crate::definition::schedule::{CatchUpPlan, FireDecision, decide_fire};
 use crate::definition::{Overlap, Workflow};
 use crate::machine::{Millis, Trigger};
-use crate::store::{StoreError, is_terminal_name};
+use crate::store::StoreError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,7 +204,7 @@ impl Engine {
 
     async fn previous_run_active(&self, run: Option<&str>) -> Result<bool, StoreError> {
         let Some(run) = run.and_then(|r| r.parse().ok()) else { return Ok(false) };
-        Ok(self.store.summary(&run).await?.is_some_and(|s| !is_terminal_name(&s.status)))
+        Ok(self.store.summary(&run).await?.is_some_and(|s| !s.status.is_terminal()))
     }
 
     /// The next fire of a workflow's schedule after now.

@@ -464,14 +464,8 @@ impl Engine {
         self.store.summary(run).await
     }
 
-    pub async fn list_runs(
-        &self,
-        workflow: Option<&str>,
-        status: Option<&str>,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> Result<Vec<RunId>, StoreError> {
-        Ok(self.store.list_runs(workflow, status, before, limit).await?.runs)
+    pub async fn list_runs(&self, query: crate::store::RunQuery<'_>) -> Result<Vec<RunId>, StoreError> {
+        Ok(self.store.list_runs(query).await?.runs)
     }
 
     /// Runs of `workflow` by a search field's value (see [`crate::store::Listing::search_runs`]).
@@ -486,7 +480,7 @@ impl Engine {
         Ok(self.store.search_runs(workflow, field, value, before, limit).await?.runs)
     }
 
-    pub async fn count_runs(&self, workflow: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    pub async fn count_runs(&self, workflow: &str) -> Result<Vec<(machine::Status, u64)>, StoreError> {
         self.store.count_runs(workflow).await
     }
 

@@ -3,7 +3,8 @@
 
 use super::Engine;
 use crate::actions::{ActionError, Services, StepContext};
-use crate::machine::Millis;
+use crate::machine::{Millis, Status};
+use crate::store::RunQuery;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -48,7 +49,8 @@ impl Services for Engine {
         let mut cursor = None;
         let mut seen = 0;
         'pages: while seen < ACTIVITY_RUNS {
-            let page = self.store.list_runs(None, None, cursor.as_ref(), 500).await.map_err(unavailable)?.runs;
+            let query = RunQuery { workflow: None, status: None, before: cursor.as_ref(), limit: 500 };
+            let page = self.store.list_runs(query).await.map_err(unavailable)?.runs;
             let Some(last) = page.last().cloned() else { break };
             for run in &page {
                 let Some(summary) = self.store.summary(run).await.map_err(unavailable)? else { continue };
@@ -56,12 +58,12 @@ impl Services for Engine {
                     break 'pages;
                 }
                 seen += 1;
-                *by_workflow.entry(summary.workflow.clone()).or_default().entry(summary.status.clone()).or_default() +=
-                    1;
-                if summary.status == "failed" {
+                let status = summary.status.name().to_owned();
+                *by_workflow.entry(summary.workflow.clone()).or_default().entry(status).or_default() += 1;
+                if summary.status == Status::Failed {
                     failures.push(json!({ "runId": run.to_string(), "workflowId": summary.workflow }));
                 }
-                if crate::store::is_terminal_name(&summary.status) {
+                if summary.status.is_terminal() {
                     slowest.push((
                         summary.updated_at.saturating_sub(summary.created_at),
                         run.to_string(),

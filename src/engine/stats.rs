@@ -3,8 +3,8 @@
 //! run indexes by id only (a run id carries its creation time), never by loading runs.
 
 use super::Engine;
-use crate::machine::Millis;
-use crate::store::{RunId, StoreError};
+use crate::machine::{Millis, Status};
+use crate::store::{RunId, RunQuery, StoreError};
 
 /// Ids read per index page.
 const PAGE: usize = 500;
@@ -33,12 +33,13 @@ impl Engine {
         let hours: Vec<Millis> = (0..24).map(|h| first_hour + h * HOUR).collect();
         let mut capped = false;
         let mut series = Vec::with_capacity(3);
-        for status in [None, Some("completed"), Some("failed")] {
+        for status in [None, Some(Status::Completed), Some(Status::Failed)] {
             let mut counts = vec![0u64; 24];
             let mut cursor: Option<RunId> = None;
             let mut counted = 0;
             'pages: loop {
-                let page = self.store.list_runs(None, status, cursor.as_ref(), PAGE).await?.runs;
+                let query = RunQuery { workflow: None, status, before: cursor.as_ref(), limit: PAGE };
+                let page = self.store.list_runs(query).await?.runs;
                 for run in &page {
                     let at = run.created_at();
                     if at < first_hour {

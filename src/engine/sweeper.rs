@@ -4,7 +4,7 @@
 
 use super::executor::CommitPath;
 use super::{Counters, Engine, sleep_or_cancelled};
-use crate::machine;
+use crate::machine::{self, Status};
 use crate::store::{CommitOutcome, RunId, RunSummary, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +50,7 @@ impl Engine {
         for (run, summary) in self.store.quiet_runs(before, SWEEP_BATCH).await? {
             // A run shows `waiting` when nothing else of it is busy; a step of a `running` one
             // may wait too.
-            if summary.status == "waiting" || summary.status == "running" {
+            if matches!(summary.status, Status::Waiting | Status::Running) {
                 self.register_wait(&run).await?;
             }
             // A cheap first look from reads that are not one snapshot; the re-queue itself is
@@ -65,7 +65,7 @@ impl Engine {
                         .and_then(|workflow| workflow.def.steps.get(index as usize).map(|s| s.id.clone())),
                     None => None,
                 };
-                tracing::warn!(run_id = %run, workflow = %summary.workflow, step = step.as_deref(), attempt = summary.attempt, status = %summary.status, "run had no queued step, no lease and no timer: re-queued it");
+                tracing::warn!(run_id = %run, workflow = %summary.workflow, step = step.as_deref(), attempt = summary.attempt, status = summary.status.name(), "run had no queued step, no lease and no timer: re-queued it");
                 Counters::add(&self.counters.runs_swept);
                 requeued += 1;
             }
@@ -74,8 +74,8 @@ impl Engine {
     }
 
     async fn is_orphan(&self, run: &RunId, summary: &RunSummary) -> Result<bool, StoreError> {
-        match summary.status.as_str() {
-            "pending" | "running" => {
+        match summary.status {
+            Status::Pending | Status::Running => {
                 for entry in &summary.ready_entries {
                     if self.store.dispatch_exists(run, entry).await? {
                         return Ok(false);
@@ -83,8 +83,8 @@ impl Engine {
                 }
                 Ok(true)
             }
-            "retrying" | "sleeping" | "waiting" => Ok(!self.store.has_timer(run).await?),
-            _ => Ok(false),
+            Status::Retrying | Status::Sleeping | Status::Waiting => Ok(!self.store.has_timer(run).await?),
+            Status::Completed | Status::Failed | Status::Cancelled | Status::TimedOut => Ok(false),
         }
     }
 

@@ -248,8 +248,8 @@ pub struct Recorded {
     pub transition: Transition,
 }
 
-/// Where a run is, as a whole: what its steps add up to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where a run is, as a whole: what its steps add up to. Ordered as [`Status::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Created; no step has started yet.
@@ -276,6 +276,24 @@ impl Status {
         }
     }
 
+    /// Every status, in the order the API documents them.
+    pub const ALL: [Status; 9] = [
+        Status::Pending,
+        Status::Running,
+        Status::Retrying,
+        Status::Sleeping,
+        Status::Waiting,
+        Status::Completed,
+        Status::Failed,
+        Status::Cancelled,
+        Status::TimedOut,
+    ];
+
+    /// The status a public name names.
+    pub fn from_name(name: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|status| status.name() == name)
+    }
+
     /// The public name (API, run hash, indexes).
     pub fn name(&self) -> &'static str {
         match self {
@@ -289,6 +307,12 @@ impl Status {
             Status::Cancelled => "cancelled",
             Status::TimedOut => "timed_out",
         }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -591,3 +591,13 @@ fn a_step_delivered_past_the_limit_fails_for_good() {
     assert!(!failure.retryable);
     assert!(failure.error.contains("`s0` was delivered 4 times") && failure.error.contains("limit 3"), "{failure:?}");
 }
+
+#[test]
+fn status_names_round_trip_in_the_documented_order() {
+    let names: Vec<&str> = Status::ALL.iter().map(Status::name).collect();
+    assert_eq!(names, STATUS_NAMES);
+    for status in Status::ALL {
+        assert_eq!(Status::from_name(status.name()), Some(status));
+    }
+    assert_eq!(Status::from_name("done"), None);
+}

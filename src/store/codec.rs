@@ -2,7 +2,7 @@
 //! the run summary as hash fields.
 
 use super::{Dispatch, ReadyTask, RunSummary};
-use crate::machine::{Millis, Recorded, RunState};
+use crate::machine::{Millis, Recorded, RunState, Status};
 
 pub fn encode_recorded(recorded: &Recorded) -> Vec<u8> {
     rmp_serde::to_vec(recorded).expect("transitions always encode")
@@ -48,7 +48,7 @@ pub fn summary_fields(summary: &RunSummary) -> Vec<(&'static str, String)> {
     let mut fields = vec![
         ("workflow", summary.workflow.clone()),
         ("definition", summary.definition.clone()),
-        ("status", summary.status.clone()),
+        ("status", summary.status.name().to_owned()),
         ("seq", summary.seq.to_string()),
         ("created_at", summary.created_at.to_string()),
         ("updated_at", summary.updated_at.to_string()),
@@ -72,7 +72,7 @@ pub fn summary_from_fields<'a>(
     let mut summary = RunSummary {
         workflow: String::new(),
         definition: String::new(),
-        status: String::new(),
+        status: Status::Pending,
         step: None,
         attempt: None,
         seq: 0,
@@ -82,7 +82,7 @@ pub fn summary_from_fields<'a>(
         trigger: None,
         search: Vec::new(),
     };
-    let mut seen = false;
+    let (mut seen, mut has_status) = (false, false);
     let corrupt = |field: &str, value: &str| super::StoreError::Corrupt {
         key: key.to_owned(),
         problem: format!("field `{field}` holds `{value}`"),
@@ -96,7 +96,10 @@ pub fn summary_from_fields<'a>(
         match field {
             "workflow" => summary.workflow = value.to_owned(),
             "definition" => summary.definition = value.to_owned(),
-            "status" => summary.status = value.to_owned(),
+            "status" => {
+                summary.status = Status::from_name(value).ok_or_else(|| corrupt(field, value))?;
+                has_status = true;
+            }
             "seq" => summary.seq = number(field, value)?,
             "created_at" => summary.created_at = number(field, value)? as Millis,
             "updated_at" => summary.updated_at = number(field, value)? as Millis,
@@ -111,8 +114,11 @@ pub fn summary_from_fields<'a>(
     if !seen {
         return Ok(None);
     }
-    if summary.status.is_empty() || summary.seq == 0 {
-        return Err(corrupt("status", &summary.status));
+    if !has_status {
+        return Err(corrupt("status", ""));
+    }
+    if summary.seq == 0 {
+        return Err(corrupt("seq", "0"));
     }
     Ok(Some(summary))
 }

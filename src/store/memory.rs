@@ -19,11 +19,12 @@
 use super::prelude::*;
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat, RunId, RunPage, RunSummary,
-    SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields, terminal_name,
+    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery,
+    RunSummary, SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields,
+    terminal_name,
 };
 use crate::definition::Workflow;
-use crate::machine::{Millis, Recorded, RunState};
+use crate::machine::{Millis, Recorded, RunState, Status};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -626,7 +627,8 @@ impl State {
         queued || queue.pending.contains_key(&entry)
     }
 
-    fn list_runs(&self, workflow: Option<&str>, status: Option<&str>, before: Option<&RunId>, limit: usize) -> RunPage {
+    fn list_runs(&self, query: RunQuery<'_>) -> RunPage {
+        let RunQuery { workflow, status, before, limit } = query;
         let index = match workflow {
             Some(workflow) => match self.by_workflow.get(workflow) {
                 Some(index) => index,
@@ -645,7 +647,7 @@ impl State {
     }
 
     /// A page of `index`, newest first, below the cursor `before`, of runs in `status` if given.
-    fn page(&self, index: &Index, status: Option<&str>, before: Option<&RunId>, limit: usize) -> RunPage {
+    fn page(&self, index: &Index, status: Option<Status>, before: Option<&RunId>, limit: usize) -> RunPage {
         let upper = match before {
             Some(cursor) => Bound::Excluded(index_key(self.created_at_of(cursor), cursor)),
             None => Bound::Unbounded,
@@ -931,14 +933,8 @@ impl ReadySteps for MemoryStore {
 
 #[async_trait]
 impl Listing for MemoryStore {
-    async fn list_runs(
-        &self,
-        workflow: Option<&str>,
-        status: Option<&str>,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> StoreResult<RunPage> {
-        Ok(self.shared.state.lock().list_runs(workflow, status, before, limit))
+    async fn list_runs(&self, query: RunQuery<'_>) -> StoreResult<RunPage> {
+        Ok(self.shared.state.lock().list_runs(query))
     }
 
     async fn search_runs(
@@ -953,12 +949,11 @@ impl Listing for MemoryStore {
         Ok(self.shared.state.lock().search_runs(slot, before, limit))
     }
 
-    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>> {
+    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(Status, u64)>> {
         let state = self.shared.state.lock();
-        let mut counts: BTreeMap<String, u64> =
-            crate::machine::STATUS_NAMES.iter().map(|status| ((*status).to_owned(), 0)).collect();
+        let mut counts: BTreeMap<Status, u64> = Status::ALL.into_iter().map(|status| (status, 0)).collect();
         for run in state.runs.values().filter(|run| run.summary.workflow == workflow) {
-            *counts.entry(run.summary.status.clone()).or_default() += 1;
+            *counts.entry(run.summary.status).or_default() += 1;
         }
         Ok(counts.into_iter().collect())
     }

@@ -16,7 +16,7 @@ pub mod memory;
 pub mod redis;
 
 use crate::definition::Workflow;
-use crate::machine::{Millis, Recorded, RunState};
+use crate::machine::{Millis, Recorded, RunState, Status};
 use async_trait::async_trait;
 use std::fmt;
 use std::str::FromStr;
@@ -235,7 +235,7 @@ pub enum CommitOutcome {
 pub struct RunSummary {
     pub workflow: String,
     pub definition: String,
-    pub status: String,
+    pub status: Status,
     pub step: Option<u32>,
     pub attempt: Option<u32>,
     pub seq: u64,
@@ -260,7 +260,7 @@ impl RunSummary {
         RunSummary {
             workflow: state.workflow.clone(),
             definition: state.definition.clone(),
-            status: state.status.name().to_owned(),
+            status: state.status,
             step: step_attempt.map(|(s, _)| s),
             attempt: step_attempt.map(|(_, a)| a),
             seq: state.seq,
@@ -293,6 +293,16 @@ impl RunSummary {
 pub struct Logged {
     pub seq: u64,
     pub recorded: Recorded,
+}
+
+/// Which runs a listing wants: of `workflow` (or any), in `status` (or any), created before
+/// `before` (the last run of the previous page), at most `limit`, newest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunQuery<'a> {
+    pub workflow: Option<&'a str>,
+    pub status: Option<Status>,
+    pub before: Option<&'a RunId>,
+    pub limit: usize,
 }
 
 /// A page of runs, newest first.
@@ -608,13 +618,7 @@ pub trait Listing: Send + Sync + 'static {
     /// Newest runs first (by creation), optionally of one workflow and/or status, created
     /// before `before` (the last run of the previous page). Finished statuses are indexed, so a
     /// page costs O(page); live statuses are filtered from the shard's live runs.
-    async fn list_runs(
-        &self,
-        workflow: Option<&str>,
-        status: Option<&str>,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> StoreResult<RunPage>;
+    async fn list_runs(&self, query: RunQuery<'_>) -> StoreResult<RunPage>;
 
     /// Runs of `workflow` whose input held `value` in the search field `field` when they were
     /// created, newest first, created before `before` (the last run of the previous page):
@@ -630,7 +634,7 @@ pub trait Listing: Send + Sync + 'static {
 
     /// How many stored runs of `workflow` are in each status (live statuses counted over at
     /// most 1,000 live runs per shard).
-    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>>;
+    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(Status, u64)>>;
 }
 
 /// Each cron schedule's shared state.
@@ -782,13 +786,8 @@ pub fn compare_entry_ids(a: &str, b: &str) -> std::cmp::Ordering {
     parse(a).cmp(&parse(b))
 }
 
-/// The summary fields of a status.
-pub fn is_terminal_name(status: &str) -> bool {
-    matches!(status, "completed" | "failed" | "cancelled" | "timed_out")
-}
-
 /// A status's projection for the terminal indexes.
-pub fn terminal_name(status: &crate::machine::Status) -> Option<&'static str> {
+pub fn terminal_name(status: &Status) -> Option<&'static str> {
     status.is_terminal().then(|| status.name())
 }
 

@@ -13,10 +13,10 @@ use super::prelude::*;
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
     Dispatch, EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReplicaBeat, RunId, RunPage,
-    RunState, RunSummary, SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    RunQuery, RunState, RunSummary, SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
-use crate::machine::{Millis, Recorded};
+use crate::machine::{Millis, Recorded, Status};
 use async_trait::async_trait;
 use fred::interfaces::EventInterface;
 use fred::prelude::{ClientLike, Config, ReconnectPolicy};
@@ -997,7 +997,7 @@ impl Runs for RedisStore {
                 offset += members.len();
                 let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
                 for (run, summary) in runs.iter().zip(self.summaries(&runs).await?) {
-                    let quiet = summary.filter(|s| s.updated_at < before && !super::is_terminal_name(&s.status));
+                    let quiet = summary.filter(|s| s.updated_at < before && !s.status.is_terminal());
                     if let Some(summary) = quiet
                         && found < max
                     {
@@ -1303,22 +1303,17 @@ impl ReadySteps for RedisStore {
 
 #[async_trait]
 impl Listing for RedisStore {
-    async fn list_runs(
-        &self,
-        workflow: Option<&str>,
-        status: Option<&str>,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> StoreResult<RunPage> {
-        let live_status = status.filter(|s| !super::is_terminal_name(s));
+    async fn list_runs(&self, query: RunQuery<'_>) -> StoreResult<RunPage> {
+        let RunQuery { workflow, status, before, limit } = query;
+        let live_status = status.filter(|s| !s.is_terminal());
         // Finished statuses and "any status" have an index of their own: read the page from
         // each shard (over-fetching for runs created in the cursor's millisecond) and merge.
         // Live statuses come from the shard's live runs, filtered.
         let fetch = if live_status.is_some() { 1000 } else { limit + 16 };
         let key_of = |shard| match (workflow, status) {
             (_, Some(_)) if live_status.is_some() => self.keys.index_active(shard),
-            (Some(w), Some(s)) => self.keys.index_workflow_finished(shard, w, s),
-            (None, Some(s)) => self.keys.index_finished(shard, s),
+            (Some(w), Some(s)) => self.keys.index_workflow_finished(shard, w, s.name()),
+            (None, Some(s)) => self.keys.index_finished(shard, s.name()),
             (Some(w), None) => self.keys.index_workflow(shard, w),
             (None, None) => self.keys.index_all(shard),
         };
@@ -1357,20 +1352,17 @@ impl Listing for RedisStore {
         Ok(RunPage { runs })
     }
 
-    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(String, u64)>> {
-        let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-        for status in ["completed", "failed", "cancelled", "timed_out"] {
+    async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(Status, u64)>> {
+        let mut counts: std::collections::BTreeMap<Status, u64> = Status::ALL.into_iter().map(|s| (s, 0)).collect();
+        for status in Status::ALL.into_iter().filter(Status::is_terminal) {
             let reads = (0..self.keys.shards()).map(|shard| {
-                self.cmd("ZCARD", vec![self.keys.index_workflow_finished(shard, workflow, status).into()])
+                self.cmd("ZCARD", vec![self.keys.index_workflow_finished(shard, workflow, status.name()).into()])
             });
             let mut total = 0;
             for reply in join_all(reads).await {
                 total += text(&reply?).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
             }
-            counts.insert(status.to_owned(), total);
-        }
-        for status in ["pending", "running", "retrying"] {
-            counts.insert(status.to_owned(), 0);
+            counts.insert(status, total);
         }
         for shard in 0..self.keys.shards() {
             let members =
