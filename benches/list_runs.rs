@@ -300,7 +300,9 @@ mod browser {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let base = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, Arc::new(ApiState::new(engine, None, Vec::new())), stop.clone()));
+        // No token, no allowed hosts: the settings of an empty environment.
+        let settings = workflow_orchestrator::config::Settings::from_lookup(|_| None).map_err(|e| e.to_string())?;
+        let server = tokio::spawn(serve(listener, Arc::new(ApiState::new(engine, &settings)), stop.clone()));
         let port = free_port()?;
         let profile = tempfile::tempdir().map_err(|e| e.to_string())?;
         let _driver = Driver(

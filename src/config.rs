@@ -58,6 +58,13 @@ pub struct Settings {
     /// `OTEL_*`: where traces are exported, and how they are sampled. `None`: tracing is off
     /// (no endpoint is set, `OTEL_TRACES_EXPORTER=none` or `OTEL_SDK_DISABLED=true`).
     pub traces: Option<TraceSettings>,
+    /// Where actions send things: `NOTIFY_WEBHOOK_URL` (the Communications Hub webhook),
+    /// `WEBHOOK_SECRET` (signs notifications), `INNGEST_EVENT_KEY`, `INNGEST_BASE_URL` (default
+    /// `https://inn.gs`).
+    pub integrations: Integrations,
+    /// `INNGEST_SIGNING_KEY`: when set, `POST /api/webhooks/inngest` accepts callbacks signed
+    /// with it; unset, the route answers 404 `not_configured`.
+    pub inngest_signing_key: Option<String>,
     /// Things worth a warning at start-up, found while reading the settings (logged by `main`
     /// once logging is set up).
     pub warnings: Vec<String>,
@@ -106,6 +113,8 @@ impl Settings {
                 },
             }
         }
+        // A variable set to blanks counts as unset.
+        let set = |variable: &str| lookup(variable).filter(|value| !value.trim().is_empty());
         let key_prefix = lookup("KEY_PREFIX").unwrap_or_else(|| "wfo".to_owned());
         if key_prefix.contains(['{', '}', ' ']) {
             return Err(SettingsError {
@@ -184,9 +193,25 @@ impl Settings {
             bind_addr,
             allowed_hosts,
             traces: trace_settings(&lookup)?,
+            integrations: Integrations {
+                notify_url: set("NOTIFY_WEBHOOK_URL"),
+                webhook_secret: set("WEBHOOK_SECRET"),
+                inngest_event_key: set("INNGEST_EVENT_KEY"),
+                inngest_base_url: set("INNGEST_BASE_URL").unwrap_or_else(|| "https://inn.gs".to_owned()),
+            },
+            inngest_signing_key: lookup("INNGEST_SIGNING_KEY").filter(|key| !key.is_empty()),
             warnings,
         })
     }
+}
+
+/// Where actions send things (see [`Settings::integrations`]); an empty value is unset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Integrations {
+    pub notify_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub inngest_event_key: Option<String>,
+    pub inngest_base_url: String,
 }
 
 /// Where traces go: OTLP over HTTP, protobuf-encoded.
@@ -409,6 +434,24 @@ mod tests {
     fn allowed_hosts_are_a_comma_separated_lowercased_list() {
         let s = settings(&[("ALLOWED_HOSTS", "Orchestrator-1, api.example.com,,")]).unwrap();
         assert_eq!(s.allowed_hosts, vec!["orchestrator-1".to_owned(), "api.example.com".to_owned()]);
+    }
+
+    #[test]
+    fn integrations_are_read_here_blank_values_unset() {
+        let none = settings(&[]).unwrap();
+        assert_eq!(none.integrations.inngest_base_url, "https://inn.gs");
+        assert_eq!((none.integrations.notify_url, none.inngest_signing_key), (None, None));
+        let set = settings(&[
+            ("NOTIFY_WEBHOOK_URL", "http://hub/hook"),
+            ("WEBHOOK_SECRET", "  "),
+            ("INNGEST_BASE_URL", "http://inngest:8288"),
+            ("INNGEST_SIGNING_KEY", "signkey-test-abc"),
+        ])
+        .unwrap();
+        assert_eq!(set.integrations.notify_url.as_deref(), Some("http://hub/hook"));
+        assert_eq!(set.integrations.webhook_secret, None, "blanks are unset");
+        assert_eq!(set.integrations.inngest_base_url, "http://inngest:8288");
+        assert_eq!(set.inngest_signing_key.as_deref(), Some("signkey-test-abc"));
     }
 
     #[test]

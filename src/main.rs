@@ -269,8 +269,7 @@ async fn serve(settings: Settings, registry: Arc<Registry>, format: LogFormat) -
     telemetry::announce_listening(format, address);
 
     let stop = CancellationToken::new();
-    let state =
-        Arc::new(ApiState::new(Arc::clone(&engine), settings.api_token.clone(), settings.allowed_hosts.clone()));
+    let state = Arc::new(ApiState::new(Arc::clone(&engine), &settings));
     let server = tokio::spawn(workflow_orchestrator::api::serve(listener, state, stop.clone()));
     shutdown_signal().await;
     tracing::info!(grace = ?settings.shutdown_grace, "stopping: no new work is claimed; in-flight steps may finish");

@@ -201,7 +201,7 @@ impl BuiltinCall<'_> {
     }
 }
 
-/// Where actions send things, from the environment.
+/// Where actions send things, from the settings.
 #[derive(Debug, Clone, Default)]
 pub struct ActionConfig {
     /// `NOTIFY_WEBHOOK_URL`: the Communications Hub webhook.
@@ -215,13 +215,13 @@ pub struct ActionConfig {
 }
 
 impl ActionConfig {
-    pub fn from_env() -> ActionConfig {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    /// As the settings say (see [`crate::config::Settings::integrations`]).
+    pub fn from_settings(integrations: &crate::config::Integrations) -> ActionConfig {
         ActionConfig {
-            notify_url: var("NOTIFY_WEBHOOK_URL"),
-            webhook_secret: var("WEBHOOK_SECRET"),
-            inngest_event_key: var("INNGEST_EVENT_KEY"),
-            inngest_base_url: var("INNGEST_BASE_URL").unwrap_or_else(|| "https://inn.gs".to_owned()),
+            notify_url: integrations.notify_url.clone(),
+            webhook_secret: integrations.webhook_secret.clone(),
+            inngest_event_key: integrations.inngest_event_key.clone(),
+            inngest_base_url: integrations.inngest_base_url.clone(),
         }
     }
 }

@@ -56,13 +56,22 @@ pub struct ApiState {
     /// `ALLOWED_HOSTS`: with no token, the host names a `Host` header may carry beside
     /// loopback names and IP addresses (lowercase, without port).
     pub allowed_hosts: Vec<String>,
+    /// `INNGEST_SIGNING_KEY`: the Inngest webhook's key; `None`: the webhook is off.
+    pub inngest_signing_key: Option<String>,
     /// Permits for reading unauthenticated bodies (see [`MAX_UNAUTHENTICATED_BODIES`]).
     unauthenticated_bodies: Semaphore,
 }
 
 impl ApiState {
-    pub fn new(engine: Arc<Engine>, token: Option<String>, allowed_hosts: Vec<String>) -> ApiState {
-        ApiState { engine, token, allowed_hosts, unauthenticated_bodies: Semaphore::new(MAX_UNAUTHENTICATED_BODIES) }
+    /// The API of `engine`, as the settings say.
+    pub fn new(engine: Arc<Engine>, settings: &crate::config::Settings) -> ApiState {
+        ApiState {
+            engine,
+            token: settings.api_token.clone(),
+            allowed_hosts: settings.allowed_hosts.clone(),
+            inngest_signing_key: settings.inngest_signing_key.clone(),
+            unauthenticated_bodies: Semaphore::new(MAX_UNAUTHENTICATED_BODIES),
+        }
     }
 }
 
@@ -1297,7 +1306,7 @@ const INNGEST_SIGNATURE_MEMORY: Duration = Duration::from_secs(2 * INNGEST_SIGNA
 async fn inngest_webhook(state: &ApiState, request: Request<Incoming>) -> Answer {
     let engine = &state.engine;
     use subtle::ConstantTimeEq;
-    let Some(key) = std::env::var("INNGEST_SIGNING_KEY").ok().filter(|k| !k.is_empty()) else {
+    let Some(key) = state.inngest_signing_key.clone() else {
         // Not enabled here: as if the route did not exist.
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

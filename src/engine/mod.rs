@@ -66,6 +66,8 @@ pub struct EngineConfig {
     /// How runs are sampled when traces are on; `None`: traces are off (no run, back-off or
     /// parked span is built, and a run keeps a trace context only if its caller sent one).
     pub traces: Option<crate::config::Sampler>,
+    /// Where actions send things.
+    pub actions: crate::actions::ActionConfig,
 }
 
 impl EngineConfig {
@@ -86,6 +88,7 @@ impl EngineConfig {
             events_retention: settings.events_retention,
             event_max_bytes: settings.event_max_bytes,
             traces: settings.traces.as_ref().map(|t| t.sampler),
+            actions: crate::actions::ActionConfig::from_settings(&settings.integrations),
         }
     }
 }
@@ -192,7 +195,7 @@ impl Engine {
         registry: Arc<Registry>,
         config: EngineConfig,
     ) -> Result<Arc<Engine>, EngineError> {
-        let actions = crate::actions::Actions::new(crate::actions::ActionConfig::from_env());
+        let actions = crate::actions::Actions::new(config.actions.clone());
         Engine::with_actions(store, registry, config, actions).await
     }
 
