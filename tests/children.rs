@@ -27,6 +27,7 @@ needs = ["left", "right"]
 
 [[workflow]]
 id = "double"
+result = "twice"
 [[workflow.step]]
 id = "wait"
 action = "sleep"
@@ -35,6 +36,9 @@ with = { duration = "300ms" }
 id = "twice"
 action = "exec"
 with = { command = ["sh", "-c", "n=$(printf '%s' \"$WFO_INPUT\" | tr -dc 0-9); printf '{\"doubled\":%d}' $((n * 2))"] }
+[[workflow.step]]
+id = "after"
+action = "noop"
 
 [[workflow]]
 id = "flaky-parent"
@@ -89,7 +93,8 @@ fn a_parent_runs_two_children_in_parallel_and_gets_their_outputs() {
     let parent = replica.trigger("parent", json!({ "n": 4 }));
     let run = replica.wait_terminal(&parent, Duration::from_secs(60));
     assert_eq!(run["status"], "completed", "{run}");
-    // Each child's output is its last step's, parsed.
+    // Each child's output is its result: the output of the step its workflow names (`twice`,
+    // not the last).
     let left = output_of(&run, "left");
     let right = output_of(&run, "right");
     assert_eq!(

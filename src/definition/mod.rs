@@ -65,6 +65,10 @@ pub struct WorkflowDef {
     /// snapshot when empty, so that workflows without it keep their definition hashes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub search: Vec<String>,
+    /// The step whose output is the run's result, which a parent of the run (a step with
+    /// `action = "workflow"`) gets; `None`: the last step's. Left out of the snapshot when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
 }
 
 /// The most input fields a workflow may index.
@@ -73,6 +77,12 @@ pub const MAX_SEARCH_FIELDS: usize = 8;
 pub const MAX_SEARCH_VALUE: usize = 256;
 
 impl WorkflowDef {
+    /// The step whose output is the run's result (see [`WorkflowDef::result`]).
+    pub fn result_step(&self) -> u32 {
+        let named = self.result.as_ref().and_then(|id| self.steps.iter().position(|s| &s.id == id));
+        named.unwrap_or(self.steps.len().saturating_sub(1)) as u32
+    }
+
     /// The steps `step` starts after (see [`StepDef::needs`]).
     pub fn needs(&self, step: u32) -> impl Iterator<Item = u32> + '_ {
         let explicit = self.steps.get(step as usize).and_then(|def| def.needs.as_deref());
@@ -395,6 +405,7 @@ struct RawWorkflow {
     events: Vec<String>,
     #[serde(default)]
     search: Vec<String>,
+    result: Option<String>,
     #[serde(default)]
     step: Vec<RawStep>,
 }
@@ -583,6 +594,11 @@ impl RawWorkflow {
             };
             steps.push(StepDef { id: raw.id, action, when: raw.when, timeout, retry, needs });
         }
+        if let Some(result) = &self.result
+            && !steps.iter().any(|s| &s.id == result)
+        {
+            return Err(fail("result", format!("`{result}` is not a step of this workflow")));
+        }
         if let Some(cycle) = find_cycle(&steps) {
             return Err(fail("needs", format!("the steps need each other in a cycle: {}", cycle.join(" -> "))));
         }
@@ -597,6 +613,7 @@ impl RawWorkflow {
             events: self.events,
             steps,
             search: self.search,
+            result: self.result,
         })
     }
 }
@@ -825,6 +842,25 @@ retry = { max_attempts = 5, initial_backoff = "1s", max_backoff = "1m", multipli
             assert_eq!((err.workflow.as_deref(), err.field.as_deref()), (Some("g"), Some(field)), "{err}");
             assert!(err.problem.contains(problem), "{err}");
         }
+    }
+
+    #[test]
+    fn a_result_names_a_step() {
+        let named = EXAMPLE.replace("[[workflow.step]]", "result = \"build\"\n[[workflow.step]]");
+        let registry = Registry::parse("example.toml", &named).unwrap();
+        assert_eq!(registry.get("nightly-report").unwrap().def.result_step(), 0);
+        let wrong = EXAMPLE.replace("[[workflow.step]]", "result = \"deploy\"\n[[workflow.step]]");
+        let err = Registry::parse("example.toml", &wrong).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("result"), "{err}");
+        assert!(err.problem.contains("`deploy` is not a step"), "{err}");
+        assert!(
+            !Registry::parse("example.toml", EXAMPLE)
+                .unwrap()
+                .get("nightly-report")
+                .unwrap()
+                .snapshot
+                .contains("result")
+        );
     }
 
     #[test]

@@ -127,14 +127,15 @@ impl Engine {
         Err(StoreError::Unavailable(format!("run {parent} kept changing while its child {child} ended")))
     }
 
-    /// How `child` ended, for its parent: its last step's output, or why it did not complete.
+    /// How `child` ended, for its parent: its result (the output of the step its workflow names
+    /// in `result`, else of its last step), or why it did not complete.
     async fn ending_of(&self, child: &RunId, ended: &RunState) -> Result<ChildEnding, StoreError> {
         let log = self.store.history(child).await?.unwrap_or_default();
         if ended.status == Status::Completed {
             let workflow = self.definition(child.shard, &ended.definition).await?;
-            let last = workflow.def.steps.len().saturating_sub(1) as u32;
+            let result = workflow.def.result_step();
             let output = log.iter().rev().find_map(|entry| match machine::output_of(&entry.recorded.transition) {
-                Some((step, output)) if step == last => Some(output.to_owned()),
+                Some((step, output)) if step == result => Some(output.to_owned()),
                 _ => None,
             });
             return Ok(ChildEnding::Completed { output: output.unwrap_or_else(|| "null".to_owned()) });

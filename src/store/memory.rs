@@ -1252,6 +1252,7 @@ mod tests {
                 })
                 .collect(),
             search: Vec::new(),
+            result: None,
         }
     }
 
