@@ -7,16 +7,15 @@
 //! the parent is woken anyway: right after it records the wait, and by the sweeper, which looks
 //! at the children of quiet waiting runs.
 
+use super::record::Recording;
 use super::{Engine, EngineError};
 use crate::actions::{ActionError, StepContext};
 use crate::machine::{self, ChildEnding, RunState, Status, StepStatus, Transition, Trigger};
-use crate::store::{CommitOutcome, RunId, StoreError};
+use crate::store::{RunId, StoreError};
 
 /// How deep child workflows may nest: a run started by a run started by ... a run with no
 /// parent, at most this many levels.
 pub const MAX_CHILD_DEPTH: u32 = 8;
-/// How often waking a parent is decided again after another step of it committed first.
-const WAKE_ATTEMPTS: usize = 5;
 
 impl Engine {
     /// Starts `workflow` with `input` as the child of the step `parent` runs, once per step
@@ -91,40 +90,38 @@ impl Engine {
         ended: &RunState,
     ) -> Result<(), StoreError> {
         let ending = self.ending_of(child, ended).await?;
-        for _ in 0..WAKE_ATTEMPTS {
-            let Some(loaded) = self.load_for_loop(parent).await? else { return Ok(()) };
-            let child_id = child.to_string();
+        let child_id = child.to_string();
+        let recording = self.record_on_run(parent, false, |loaded, now| {
             let waits = matches!(
                 loaded.state.steps.get(&step),
                 Some(StepStatus::AwaitingChild { attempt: a, child: c }) if *a == attempt && *c == child_id
             );
-            if !waits || loaded.state.status.is_terminal() {
-                return Ok(()); // woken already, or the parent moved on (cancelled, failed)
+            // Woken already, or the parent moved on (cancelled, failed): nothing to record.
+            (waits && !loaded.state.status.is_terminal()).then(|| {
+                let jitter = rand::random_range(-1.0..=1.0);
+                let happened = machine::child_ended(
+                    &loaded.workflow.def,
+                    &loaded.state,
+                    step,
+                    attempt,
+                    &child_id,
+                    ending.clone(),
+                    now,
+                    jitter,
+                );
+                (happened, ())
+            })
+        });
+        match recording.await? {
+            Recording::Applied { .. } => {
+                tracing::info!(run_id = %parent, child = %child, status = ended.status.name(), "a child run ended: its parent's step goes on");
+                Ok(())
             }
-            let now = self.clock.now();
-            let happened = machine::child_ended(
-                &loaded.workflow.def,
-                &loaded.state,
-                step,
-                attempt,
-                &child_id,
-                ending.clone(),
-                now,
-                rand::random_range(-1.0..=1.0),
-            );
-            let happened = happened.into_iter().map(|t| self.recorded(now, t)).collect();
-            let advanced = machine::advance(Some(&loaded.state), &loaded.workflow.def, happened, now)
-                .map_err(|err| StoreError::Corrupt { key: parent.to_string(), problem: err.to_string() })?;
-            match self.commit_advanced(parent, loaded.state.seq, None, advanced, false).await? {
-                CommitOutcome::Stale => continue,
-                CommitOutcome::Applied { .. } => {
-                    tracing::info!(run_id = %parent, child = %child, status = ended.status.name(), "a child run ended: its parent's step goes on");
-                    return Ok(());
-                }
-                CommitOutcome::Gone | CommitOutcome::LeaseLost => return Ok(()),
+            Recording::Nothing(_) => Ok(()),
+            Recording::KeptChanging => {
+                Err(StoreError::Unavailable(format!("run {parent} kept changing while its child {child} ended")))
             }
         }
-        Err(StoreError::Unavailable(format!("run {parent} kept changing while its child {child} ended")))
     }
 
     /// How `child` ended, for its parent: its result (the output of the step its workflow names

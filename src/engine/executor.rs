@@ -20,6 +20,9 @@ pub(super) enum CommitPath {
     Grouped,
     /// [`crate::store::Runs::requeue`]: the sweeper's, refused when the run's entry is live.
     Requeue,
+    /// [`crate::store::Runs::commit`] of a decision its caller makes again when it is stale
+    /// (`record::record_on_run`).
+    Decided,
 }
 
 /// How often a step's outcome is applied again on its run's new state after losing the
@@ -458,7 +461,7 @@ impl Engine {
             clear_timer,
         };
         let outcome = match path {
-            CommitPath::Plain => self.store.commit(commit).await?,
+            CommitPath::Plain | CommitPath::Decided => self.store.commit(commit).await?,
             CommitPath::Grouped => self.commits.commit(commit).await?,
             CommitPath::Requeue => self.store.requeue(commit).await?,
         };
@@ -492,8 +495,9 @@ impl Engine {
             CommitOutcome::Stale if path == CommitPath::Requeue => {
                 tracing::debug!(run_id = %run, workflow = %workflow, "re-queue refused: the run's step is queued or leased after all");
             }
-            // The executor applies the outcome again on the run's new state (`commit_outcome`).
-            CommitOutcome::Stale if path == CommitPath::Grouped => {}
+            // The executor applies the outcome again on the run's new state (`commit_outcome`);
+            // a decision is made again.
+            CommitOutcome::Stale if matches!(path, CommitPath::Grouped | CommitPath::Decided) => {}
             CommitOutcome::Stale => {
                 self.discard_moved_on(run, lease.as_ref(), &workflow).await?;
             }

@@ -21,6 +21,7 @@ mod cron;
 mod executor;
 mod metrics;
 mod operator;
+mod record;
 mod replicas;
 mod router;
 mod services;

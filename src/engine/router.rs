@@ -11,6 +11,7 @@
 //! id past it, or end the id space) is handed to the store's repair: dead-lettered, deleted, and
 //! the stream's last id set back.
 
+use super::record::Recording;
 use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
 use crate::definition::valid_event_type;
 use crate::machine::{TraceContext, Trigger};
@@ -126,10 +127,6 @@ fn crash_before_ack() -> bool {
 fn truncate(text: &str) -> String {
     text.chars().take(64).collect()
 }
-
-/// How often an event's wake-up of a run is decided again after another step of the run
-/// committed first.
-const WAKE_ATTEMPTS: usize = 5;
 
 impl Engine {
     /// Validates and appends an event to the bus (the REST way in); returns its entry id.
@@ -314,70 +311,47 @@ impl Engine {
         Ok(woken)
     }
 
-    /// Wakes `run` with the event `id` if it waits for it (type and correlation); returns its
-    /// workflow if it did.
+    /// Wakes `run` with the event `id` if it waits for it (type and correlation): the first
+    /// step (by index) waiting for its type whose correlation rule it satisfies. Returns the
+    /// run's workflow if it did.
     async fn wake_one(&self, run: &crate::store::RunId, id: &str, event: &Event) -> Result<Option<String>, StoreError> {
-        // Another step of the run may commit between the read and the wake: decide again on
-        // its new state.
-        for _ in 0..WAKE_ATTEMPTS {
-            if let Some(woken) = self.try_wake(run, id, event).await? {
-                return Ok(woken);
-            }
-        }
-        tracing::error!(run_id = %run, event = %id, "the run kept changing while an event was waking it: the event was not delivered to it");
-        Ok(None)
-    }
-
-    /// One attempt of [`Engine::wake_one`]: its answer, or `None` when the run moved on between
-    /// the read and the commit (to be decided again).
-    async fn try_wake(
-        &self,
-        run: &crate::store::RunId,
-        id: &str,
-        event: &Event,
-    ) -> Result<Option<Option<String>>, StoreError> {
-        let loaded = match self.load(run).await {
-            Ok(Some(loaded)) => loaded,
-            Ok(None) => {
-                self.store.remove_wait(&event.event_type, run).await?;
-                return Ok(Some(None));
-            }
-            Err(EngineError::Store(err)) => return Err(err),
-            Err(err) => {
-                tracing::error!(run_id = %run, %err, "a waiting run cannot be read; leaving it to its time-out");
-                return Ok(Some(None));
-            }
-        };
-        // The first step (by index) waiting for this type whose correlation rule the event
-        // satisfies.
         let run_id = run.to_string();
-        let mut waiting = loaded.state.waiting_for(&event.event_type).peekable();
-        if waiting.peek().is_none() {
-            // Woken or ended meanwhile: the registration is stale.
-            self.store.remove_wait(&event.event_type, run).await?;
-            return Ok(Some(None));
-        }
-        let Some((step, attempt, step_def)) = waiting.find_map(|(step, attempt, _)| {
-            let step_def = loaded.workflow.def.steps.get(step as usize)?;
-            crate::actions::Actions::correlates(step_def, &run_id, &loaded.state.input, &event.payload)
-                .then_some((step, attempt, step_def))
-        }) else {
-            return Ok(Some(None));
-        };
-        let happened = crate::machine::event_arrived(step, attempt, id, &event.event_type, &event.payload);
-        let now = self.clock.now();
-        match self.wake(run, &loaded.state, &loaded.workflow, happened, now).await? {
-            crate::store::CommitOutcome::Applied { .. } => {
-                tracing::info!(run_id = %run, workflow = %loaded.state.workflow, step = %step_def.id, attempt, event = %id, "event woke a waiting run");
-                self.wait_ended(run, &loaded.state, step, true, now);
+        let recording = self.record_on_run(run, true, |loaded, _| {
+            let (step, attempt, _) = loaded.state.waiting_for(&event.event_type).find(|(step, _, _)| {
+                loaded.workflow.def.steps.get(*step as usize).is_some_and(|step_def| {
+                    crate::actions::Actions::correlates(step_def, &run_id, &loaded.state.input, &event.payload)
+                })
+            })?;
+            let happened = crate::machine::event_arrived(step, attempt, id, &event.event_type, &event.payload);
+            Some((happened, (step, attempt)))
+        });
+        match recording.await {
+            Ok(Recording::Applied { before, note: (step, attempt) }) => {
+                let step_id = before.workflow.def.steps.get(step as usize).map_or("?", |s| s.id.as_str());
+                tracing::info!(run_id = %run, workflow = %before.state.workflow, step = %step_id, attempt, event = %id, "event woke a waiting run");
+                self.wait_ended(run, &before.state, step, true, self.clock.now());
                 // Kept while another step of the run waits for this type.
-                if loaded.state.waiting_for(&event.event_type).nth(1).is_none() {
+                if before.state.waiting_for(&event.event_type).nth(1).is_none() {
                     self.store.remove_wait(&event.event_type, run).await?;
                 }
-                Ok(Some(Some(loaded.state.workflow.clone())))
+                Ok(Some(before.state.workflow.clone()))
             }
-            crate::store::CommitOutcome::Stale => Ok(None),
-            crate::store::CommitOutcome::Gone | crate::store::CommitOutcome::LeaseLost => Ok(Some(None)),
+            Ok(Recording::Nothing(loaded)) => {
+                // Woken or ended meanwhile (or gone): the registration is stale.
+                if loaded.is_none_or(|loaded| loaded.state.waiting_for(&event.event_type).next().is_none()) {
+                    self.store.remove_wait(&event.event_type, run).await?;
+                }
+                Ok(None)
+            }
+            Ok(Recording::KeptChanging) => {
+                tracing::error!(run_id = %run, event = %id, "the run kept changing while an event was waking it: the event was not delivered to it");
+                Ok(None)
+            }
+            Err(StoreError::Corrupt { problem, .. }) => {
+                tracing::error!(run_id = %run, %problem, "a waiting run cannot be read; leaving it to its time-out");
+                Ok(None)
+            }
+            Err(err) => Err(err),
         }
     }
 

@@ -1,9 +1,10 @@
 //! Durable timers: wakes runs whose retry, sleep or wait time-out is due. Every replica polls;
 //! the fenced commit lets exactly one of them fire each timer.
 
+use super::record::Recording;
 use super::{Engine, sleep_or_cancelled};
-use crate::machine::{self, StepStatus, Transition};
-use crate::store::{Commit, RunId, StoreError};
+use crate::machine::{self, StepStatus};
+use crate::store::{RunId, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,59 +35,31 @@ impl Engine {
     }
 
     /// Fires every timer of `run` that is due (retries, sleeps, waits' time-outs), in one
-    /// commit that also queues what comes next and keeps the run's next timer.
+    /// commit that also queues what comes next and keeps the run's next timer; drops the timer
+    /// of a run that no longer has one due.
     async fn fire_timer(&self, run: &RunId, now: machine::Millis) -> Result<(), StoreError> {
-        let Some(super::LoadedRun { state, workflow, .. }) = self.load_for_loop(run).await? else { return Ok(()) };
-        if state.next_timer().is_none() {
-            // The run no longer waits on a timer: drop the stale one.
-            let commit = Commit {
-                run: run.clone(),
-                expected_seq: state.seq,
-                lease: None,
-                records: Vec::new(),
-                state,
-                dispatch: Vec::new(),
-                timer: None,
-                clear_timer: true,
-            };
-            self.store.commit(commit).await?;
-            return Ok(());
-        }
-        let fired = machine::timers_fired(&state, now);
-        if fired.is_empty() {
-            // Due by the set's score, not yet by the log: clocks; next poll.
-            return Ok(());
-        }
-        let happened =
-            fired.iter().flat_map(|(_, fired)| fired.iter().map(|t| self.recorded(now, t.clone()))).collect();
-        let advanced = machine::advance(Some(&state), &workflow.def, happened, now)
-            .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
-        if let crate::store::CommitOutcome::Applied { .. } =
-            self.commit_advanced(run, state.seq, None, advanced, true).await?
-        {
-            for (step, _) in &fired {
-                self.wait_ended(run, &state, *step, false, now);
-                if let Some(StepStatus::Waiting { event, .. }) = state.steps.get(step) {
+        let recording = self
+            .record_on_run(run, true, |loaded, _| {
+                if loaded.state.next_timer().is_none() {
+                    // No step waits on a timer any more: a commit of nothing drops the stale one.
+                    return Some((Vec::new(), Vec::new()));
+                }
+                let fired = machine::timers_fired(&loaded.state, now);
+                // None yet by the log (due by the set's score: clocks): the next poll.
+                (!fired.is_empty()).then(|| {
+                    let steps = fired.iter().map(|(step, _)| *step).collect::<Vec<_>>();
+                    (fired.into_iter().flat_map(|(_, fired)| fired).collect(), steps)
+                })
+            })
+            .await?;
+        if let Recording::Applied { before, note: steps } = recording {
+            for step in steps {
+                self.wait_ended(run, &before.state, step, false, now);
+                if let Some(StepStatus::Waiting { event, .. }) = before.state.steps.get(&step) {
                     self.store.remove_wait(event, run).await?;
                 }
             }
         }
         Ok(())
-    }
-
-    /// Records `happened` (a parked step's wake-up and completion) on `state` in one commit that
-    /// also queues what comes next.
-    pub(super) async fn wake(
-        &self,
-        run: &RunId,
-        state: &machine::RunState,
-        workflow: &crate::definition::Workflow,
-        happened: Vec<Transition>,
-        now: machine::Millis,
-    ) -> Result<crate::store::CommitOutcome, StoreError> {
-        let happened = happened.into_iter().map(|t| self.recorded(now, t)).collect();
-        let advanced = machine::advance(Some(state), &workflow.def, happened, now)
-            .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
-        self.commit_advanced(run, state.seq, None, advanced, true).await
     }
 }
