@@ -14,8 +14,6 @@ use tracing::Instrument;
 /// Which of the store's commit calls a commit goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum CommitPath {
-    /// [`crate::store::Runs::commit`].
-    Plain,
     /// The replica's group commit (see `commits`): a step's outcome, with its lease.
     Grouped,
     /// [`crate::store::Runs::requeue`]: the sweeper's, refused when the run's entry is live.
@@ -354,9 +352,8 @@ impl Engine {
                 }
                 Err(_) => return self.discard_moved_on(run, Some(lease), &state.workflow).await,
             };
-            let outcome = self
-                .commit_advanced_via(run, state.seq, Some(lease.clone()), advanced, false, CommitPath::Grouped)
-                .await?;
+            let outcome =
+                self.commit_advanced(run, state.seq, Some(lease.clone()), advanced, false, CommitPath::Grouped).await?;
             if outcome != CommitOutcome::Stale {
                 return Ok(outcome);
             }
@@ -408,20 +405,9 @@ impl Engine {
         Ok(outputs)
     }
 
-    /// Commits an advanced state: its transitions, and the effects they imply.
+    /// Commits an advanced state (its transitions, and the effects they imply) through one of
+    /// the store's commit calls (see [`CommitPath`]).
     pub(super) async fn commit_advanced(
-        &self,
-        run: &RunId,
-        expected_seq: u64,
-        lease: Option<Lease>,
-        advanced: machine::Advanced,
-        clear_timer: bool,
-    ) -> Result<CommitOutcome, StoreError> {
-        self.commit_advanced_via(run, expected_seq, lease, advanced, clear_timer, CommitPath::Plain).await
-    }
-
-    /// [`Engine::commit_advanced`] through one of the store's commit calls (see [`CommitPath`]).
-    pub(super) async fn commit_advanced_via(
         &self,
         run: &RunId,
         expected_seq: u64,
@@ -461,7 +447,7 @@ impl Engine {
             clear_timer,
         };
         let outcome = match path {
-            CommitPath::Plain | CommitPath::Decided => self.store.commit(commit).await?,
+            CommitPath::Decided => self.store.commit(commit).await?,
             CommitPath::Grouped => self.commits.commit(commit).await?,
             CommitPath::Requeue => self.store.requeue(commit).await?,
         };
@@ -496,11 +482,8 @@ impl Engine {
                 tracing::debug!(run_id = %run, workflow = %workflow, "re-queue refused: the run's step is queued or leased after all");
             }
             // The executor applies the outcome again on the run's new state (`commit_outcome`);
-            // a decision is made again.
-            CommitOutcome::Stale if matches!(path, CommitPath::Grouped | CommitPath::Decided) => {}
-            CommitOutcome::Stale => {
-                self.discard_moved_on(run, lease.as_ref(), &workflow).await?;
-            }
+            // a decision is made again (`record_on_run`).
+            CommitOutcome::Stale => {}
             CommitOutcome::Gone => {
                 tracing::info!(run_id = %run, workflow = %workflow, "run is finished or gone; discarding the outcome")
             }

@@ -2,6 +2,7 @@
 //! failed run at its failed step) and rerun (a new run of the same definition snapshot that
 //! reuses the recorded outputs of the steps before a chosen one).
 
+use super::record::Recording;
 use super::{Engine, EngineError, Triggered};
 use crate::definition::Workflow;
 use crate::machine::{self, RunState, Status, Transition, Trigger};
@@ -76,29 +77,22 @@ impl Engine {
     /// Cancels a live run. A step running now finishes, but its outcome is discarded by the
     /// fence; a step still queued is withdrawn.
     pub async fn cancel(&self, run: &RunId, reason: &str) -> Result<RunState, EngineError> {
-        for _ in 0..OPERATOR_ATTEMPTS {
-            let loaded = self.load_existing(run).await?;
-            if loaded.state.status.is_terminal() {
-                return Err(EngineError::Conflict(format!("run {run} is already {}", loaded.state.status.name())));
+        let recording = self.record_on_run(run, true, |loaded, _| {
+            let cancelled = Transition::RunCancelled { reason: reason.to_owned() };
+            (!loaded.state.status.is_terminal()).then(|| (vec![cancelled], ()))
+        });
+        match recording.await? {
+            // The commit withdrew the run's queued steps; its children are cancelled too.
+            Recording::Applied { before, after, .. } => {
+                self.cancel_children(run, &before.state).await;
+                Ok(*after)
             }
-            let now = self.clock.now();
-            let cancelled = self.recorded(now, Transition::RunCancelled { reason: reason.to_owned() });
-            let advanced = machine::advance(Some(&loaded.state), &loaded.workflow.def, vec![cancelled], now)
-                .map_err(|err| EngineError::Conflict(err.to_string()))?;
-            let state = advanced.state.clone();
-            match self.commit_advanced(run, loaded.state.seq, None, advanced, true).await? {
-                // The commit withdrew the run's queued steps; its children are cancelled too.
-                CommitOutcome::Applied { .. } => {
-                    self.cancel_children(run, &loaded.state).await;
-                    return Ok(state);
-                }
-                CommitOutcome::Stale => continue,
-                CommitOutcome::Gone | CommitOutcome::LeaseLost => {
-                    return Err(EngineError::Conflict(format!("run {run} finished meanwhile")));
-                }
+            Recording::Nothing(Some(loaded)) => {
+                Err(EngineError::Conflict(format!("run {run} is already {}", loaded.state.status.name())))
             }
+            Recording::Nothing(None) => Err(EngineError::UnknownRun(run.to_string())),
+            Recording::KeptChanging => Err(EngineError::Conflict(format!("run {run} kept changing; try again"))),
         }
-        Err(EngineError::Conflict(format!("run {run} kept changing; try again")))
     }
 
     /// Resumes a failed run at its failed step, with a fresh retry budget.

@@ -1,12 +1,12 @@
 //! The one path by which the engine records what happened to a run outside its executors (a
-//! timer, an event, a child's end): load the run, let the caller decide from its state what
+//! timer, an event, a child's end, an operator's cancel): load the run, let the caller decide from its state what
 //! happened, advance the machine, commit; when another transition of the run committed first,
 //! decide again on the new state. (An executor's outcome takes its own path, under its lease:
 //! `executor::commit_outcome`.)
 
 use super::executor::CommitPath;
 use super::{Engine, LoadedRun};
-use crate::machine::{self, Millis, Transition};
+use crate::machine::{self, Millis, RunState, Transition};
 use crate::store::{CommitOutcome, RunId, StoreError};
 
 /// How often a decision is made again after another transition of the run committed first.
@@ -14,10 +14,11 @@ const DECIDE_ATTEMPTS: usize = 5;
 
 /// What recording on a run came to.
 pub(super) enum Recording<T> {
-    /// Committed: the run as it was before, and what the decision noted beside its transitions.
-    Applied { before: LoadedRun, note: T },
+    /// Committed: the run as it was before and as it is after, and what the decision noted
+    /// beside its transitions.
+    Applied { before: Box<LoadedRun>, after: Box<RunState>, note: T },
     /// Nothing to record: the decision found nothing (the run as it was), or the run is gone.
-    Nothing(Option<LoadedRun>),
+    Nothing(Option<Box<LoadedRun>>),
     /// Another transition of the run committed first, every time.
     KeptChanging,
 }
@@ -35,13 +36,18 @@ impl Engine {
         for _ in 0..DECIDE_ATTEMPTS {
             let Some(loaded) = self.load_for_loop(run).await? else { return Ok(Recording::Nothing(None)) };
             let now = self.clock.now();
-            let Some((happened, note)) = decide(&loaded, now) else { return Ok(Recording::Nothing(Some(loaded))) };
+            let Some((happened, note)) = decide(&loaded, now) else {
+                return Ok(Recording::Nothing(Some(Box::new(loaded))));
+            };
             let happened = happened.into_iter().map(|t| self.recorded(now, t)).collect();
             let advanced = machine::advance(Some(&loaded.state), &loaded.workflow.def, happened, now)
                 .map_err(|err| StoreError::Corrupt { key: run.to_string(), problem: err.to_string() })?;
             let expected = loaded.state.seq;
-            match self.commit_advanced_via(run, expected, None, advanced, clear_timer, CommitPath::Decided).await? {
-                CommitOutcome::Applied { .. } => return Ok(Recording::Applied { before: loaded, note }),
+            let after = advanced.state.clone();
+            match self.commit_advanced(run, expected, None, advanced, clear_timer, CommitPath::Decided).await? {
+                CommitOutcome::Applied { .. } => {
+                    return Ok(Recording::Applied { before: Box::new(loaded), after: Box::new(after), note });
+                }
                 CommitOutcome::Stale => continue,
                 CommitOutcome::Gone | CommitOutcome::LeaseLost => return Ok(Recording::Nothing(None)),
             }

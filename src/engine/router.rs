@@ -326,7 +326,7 @@ impl Engine {
             Some((happened, (step, attempt)))
         });
         match recording.await {
-            Ok(Recording::Applied { before, note: (step, attempt) }) => {
+            Ok(Recording::Applied { before, note: (step, attempt), .. }) => {
                 let step_id = before.workflow.def.steps.get(step as usize).map_or("?", |s| s.id.as_str());
                 tracing::info!(run_id = %run, workflow = %before.state.workflow, step = %step_id, attempt, event = %id, "event woke a waiting run");
                 self.wait_ended(run, &before.state, step, true, self.clock.now());

@@ -123,7 +123,7 @@ impl Engine {
         if advanced.appended.is_empty() && !advanced.effects.iter().any(performs) {
             return Ok(false);
         }
-        let outcome = self.commit_advanced_via(run, state.seq, None, advanced, false, CommitPath::Requeue).await?;
+        let outcome = self.commit_advanced(run, state.seq, None, advanced, false, CommitPath::Requeue).await?;
         Ok(matches!(outcome, CommitOutcome::Applied { .. }))
     }
 }

@@ -52,7 +52,7 @@ impl Engine {
                 })
             })
             .await?;
-        if let Recording::Applied { before, note: steps } = recording {
+        if let Recording::Applied { before, note: steps, .. } = recording {
             for step in steps {
                 self.wait_ended(run, &before.state, step, false, now);
                 if let Some(StepStatus::Waiting { event, .. }) = before.state.steps.get(&step) {
