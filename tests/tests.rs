@@ -3,6 +3,7 @@ mod util;
 mod api;
 mod chaos;
 mod children;
+mod clock;
 mod conformance;
 mod failures;
 mod hardening;

@@ -31,7 +31,7 @@ mod timers;
 mod traces;
 
 pub use bulk::{BulkAction, BulkFilter, BulkOutcome, MAX_BULK};
-pub use clock::Clock;
+pub use clock::{Clock, ManualClock, StoreClock};
 pub use metrics::{Metrics, STEP_BUCKETS, WorkflowMetrics};
 pub use operator::LoadedRun;
 pub use replicas::{HEARTBEAT_EVERY, HEARTBEAT_TTL};
@@ -69,6 +69,9 @@ pub struct EngineConfig {
     pub traces: Option<crate::config::Sampler>,
     /// Where actions send things.
     pub actions: crate::actions::ActionConfig,
+    /// The clock the engine reads; `None`: the store's (see `clock`). Tests set a
+    /// [`ManualClock`].
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 impl EngineConfig {
@@ -90,6 +93,7 @@ impl EngineConfig {
             event_max_bytes: settings.event_max_bytes,
             traces: settings.traces.as_ref().map(|t| t.sampler),
             actions: crate::actions::ActionConfig::from_settings(&settings.integrations),
+            clock: None,
         }
     }
 }
@@ -160,7 +164,7 @@ pub struct Engine {
     /// This process's name in the consumer group: the replica id plus an incarnation suffix, so
     /// that a restarted replica never mistakes its predecessor's leases for its own.
     consumer: String,
-    clock: Clock,
+    clock: Arc<dyn Clock>,
     /// Definition snapshots by hash: the registry's, plus older ones runs in flight still use.
     /// Read on every step; written only on a miss. Short sections, never held across `.await`.
     definitions: RwLock<HashMap<String, Arc<Workflow>>>,
@@ -239,7 +243,7 @@ impl Engine {
             store,
             registry,
             consumer,
-            clock: Clock::default(),
+            clock: config.clock.clone().unwrap_or_else(|| Arc::new(StoreClock::default())),
             definitions: RwLock::new(definitions),
             in_flight: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
