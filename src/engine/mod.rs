@@ -4,11 +4,20 @@
 //!   lease it renews, and commits each outcome as one fenced transition; takes over steps whose
 //!   lease expired.
 //! - `commits`: group commit: the executors' outcomes go to the store together.
-//! - `timers`: wakes runs whose retry is due.
+//! - `record`: the one path for what happens to a run outside its executors (load, decide,
+//!   advance, commit, decide again when stale), used by:
+//! - `timers`: wakes runs whose retry, sleep or wait time-out is due;
+//! - `router`: the event bus: starts the workflows an event names, wakes waiting steps;
+//! - `children`: child runs (`action = "workflow"`): starts them, wakes a parent's step when its
+//!   child ends, cancels a cancelled parent's children;
+//! - `operator`: what operators do to runs (read, cancel, retry, rerun); `bulk`: to many.
+//! - `cron`: the schedules, exactly once across replicas, with catch-up and overlap policies.
 //! - `sweeper`: belt and braces: re-queues runs that say they are running but have neither a
-//!   live lease nor a queued entry; trims streams and expires finished runs.
+//!   live lease nor a queued entry; re-registers waits; trims streams and expires finished runs.
+//! - `services`: what the engine offers actions ([`crate::actions::Services`]).
 //! - `replicas`: each replica's heartbeat in the store, and the list of live replicas.
-//! - `stats`: counts of recent runs for the dashboard.
+//! - `stats`: counts of recent runs for the dashboard; `metrics`: Prometheus counters.
+//! - `traces`: a run's OpenTelemetry spans; `clock`: the store's clock, or a test's.
 //!
 //! Shutdown: one root [`CancellationToken`]; every loop races its work against it; in-flight
 //! steps get the grace period to finish, then are cancelled and left to the other replicas.

@@ -6,6 +6,12 @@
 //! engine performs only after the transitions that imply them are durably appended. [`advance`]
 //! combines the two for the engine: apply what happened, then record the follow-up transitions
 //! the machine decides on its own (completing or failing the run).
+//!
+//! A run's steps form a graph (`needs`): its state holds each reached step's own status, and
+//! several steps may be queued or running at once. What a due timer, an awaited event, a child
+//! run's end, a failed attempt or a step past its delivery limit records is decided here too
+//! (`timers_fired`, `event_arrived`, `child_ended`, `attempt_failed`, `delivery_limit`), and
+//! each step's view for people (`view::step_views`).
 
 pub mod trace;
 pub mod view;
