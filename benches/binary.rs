@@ -75,7 +75,7 @@ use tokio::sync::watch;
 use workflow_orchestrator::store::keys::Keys;
 use workflow_orchestrator::store::prelude::*;
 use workflow_orchestrator::store::redis::RedisStore;
-use workflow_orchestrator::store::{EntryCap, RunId};
+use workflow_orchestrator::store::{EntryCap, EventQuery, RunId};
 
 const BENCH: &str = "binary";
 const PREFIX: &str = "wfo";
@@ -790,10 +790,14 @@ async fn completions(
             let mut run_of: HashMap<String, RunId> = HashMap::with_capacity(started.len());
             let mut before: Option<String> = None;
             loop {
-                let page = store
-                    .recent_events(before.as_deref(), None, 500, 500, EntryCap::IDS)
-                    .await
-                    .map_err(|e| format!("reading the bus: {e}"))?;
+                let query = EventQuery {
+                    before: before.as_deref(),
+                    event_type: None,
+                    limit: 500,
+                    scan: 500,
+                    cap: EntryCap::IDS,
+                };
+                let page = store.recent_events(query).await.map_err(|e| format!("reading the bus: {e}"))?;
                 let Some(last) = page.last() else { break };
                 before = Some(last.entry.id.clone());
                 for listed in &page {

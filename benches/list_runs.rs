@@ -33,7 +33,7 @@ use workflow_orchestrator::engine::{Engine, EngineConfig};
 use workflow_orchestrator::machine::Status;
 use workflow_orchestrator::machine::Trigger;
 use workflow_orchestrator::store::redis::RedisStore;
-use workflow_orchestrator::store::{RunId, RunQuery, Store};
+use workflow_orchestrator::store::{RunId, RunQuery, SearchQuery, Store};
 
 const DEFINITIONS: &str = r#"
 [[workflow]]
@@ -194,7 +194,8 @@ async fn run(port: u16, total: usize, repeat: usize, browser_repeat: Option<usiz
         "by_workflow_and_status": time(repeat, |_| async move { page(engine, Some("flaky"), Some("failed"), None).await.len() }).await,
         "by_input_field": time(repeat, |i| async move {
             let user = (i % 50 * 2).to_string();
-            let runs = engine.search_runs("alpha", "user", &user, None, PAGE).await.expect("a page");
+            let query = SearchQuery { workflow: "alpha", field: "user", value: &user, before: None, limit: PAGE };
+            let runs = engine.search_runs(query).await.expect("a page");
             with_summaries(engine, runs).await.len()
         }).await,
     });

@@ -22,8 +22,9 @@ use workflow_orchestrator::store::keys::shard_of;
 use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
-    BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, Dispatch, EntryCap, Lease, Logged, NewRun,
-    ReplicaBeat, RunId, RunQuery, RunSummary, SettledEvent, Store, StoreKind, StreamStats, compare_entry_ids,
+    BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, Dispatch, EntryCap, EventQuery, Lease, Logged,
+    NewRun, ReplicaBeat, RunId, RunQuery, RunSummary, SearchQuery, SettledEvent, Store, StoreKind, StreamStats,
+    compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -233,6 +234,28 @@ async fn nothing_claimable(store: &Arc<dyn Store>, consumer: &str) -> bool {
 /// What a run looks like from outside: summary and history.
 async fn snapshot(store: &Arc<dyn Store>, run: &RunId) -> (Option<RunSummary>, Option<Vec<Logged>>) {
     (store.summary(run).await.unwrap(), store.history(run).await.unwrap())
+}
+
+/// A search's query.
+fn search<'a>(
+    workflow: &'a str,
+    field: &'a str,
+    value: &'a str,
+    before: Option<&'a RunId>,
+    limit: usize,
+) -> SearchQuery<'a> {
+    SearchQuery { workflow, field, value, before, limit }
+}
+
+/// An event listing's query.
+fn events<'a>(
+    before: Option<&'a str>,
+    event_type: Option<&'a str>,
+    limit: usize,
+    scan: usize,
+    cap: EntryCap,
+) -> EventQuery<'a> {
+    EventQuery { before, event_type, limit, scan, cap }
 }
 
 /// A listing's query, its status by name.
@@ -1165,12 +1188,13 @@ async fn runs_are_found_by_their_input_values(store: Arc<dyn Store>) {
         |user: u64| -> Vec<RunId> { runs.iter().filter(|(u, _, _)| *u == user).map(|(_, _, id)| id.clone()).collect() };
     for user in 0..3 {
         let expected = of_user(user);
-        let found = store.search_runs("wf", "user", &user.to_string(), None, 100).await.unwrap().runs;
+        let found = store.search_runs(search("wf", "user", &user.to_string(), None, 100)).await.unwrap().runs;
         assert_eq!(found, expected, "user {user}, newest first");
         let mut paged = Vec::new();
         let mut cursor: Option<RunId> = None;
         for _ in 0..10 {
-            let page = store.search_runs("wf", "user", &user.to_string(), cursor.as_ref(), 2).await.unwrap().runs;
+            let page =
+                store.search_runs(search("wf", "user", &user.to_string(), cursor.as_ref(), 2)).await.unwrap().runs;
             if page.is_empty() {
                 break;
             }
@@ -1179,12 +1203,15 @@ async fn runs_are_found_by_their_input_values(store: Arc<dyn Store>) {
         }
         assert_eq!(paged, expected, "user {user} in pages of 2");
     }
-    let seventh = store.search_runs("wf", "order", "o-7", None, 10).await.unwrap().runs;
+    let seventh = store.search_runs(search("wf", "order", "o-7", None, 10)).await.unwrap().runs;
     assert_eq!(seventh.len(), 1);
     for (workflow, field, value) in
         [("wf", "user", "3"), ("wf", "note", "true"), ("other", "user", "1"), ("wf", "order", "o-")]
     {
-        assert!(store.search_runs(workflow, field, value, None, 10).await.unwrap().runs.is_empty(), "{field}={value}");
+        assert!(
+            store.search_runs(search(workflow, field, value, None, 10)).await.unwrap().runs.is_empty(),
+            "{field}={value}"
+        );
     }
 
     // The summary keeps the values through the run's commits; expiry takes it out of the index.
@@ -1197,7 +1224,10 @@ async fn runs_are_found_by_their_input_values(store: Arc<dyn Store>) {
     assert_eq!((summary.status.name(), summary.search.len()), ("completed", 2), "{summary:?}");
     assert_eq!(store.housekeeping(Millis::MAX).await.unwrap().expired_runs, 1);
     let user = runs[0].0;
-    assert_eq!(store.search_runs("wf", "user", &user.to_string(), None, 100).await.unwrap().runs, of_user(user)[1..]);
+    assert_eq!(
+        store.search_runs(search("wf", "user", &user.to_string(), None, 100)).await.unwrap().runs,
+        of_user(user)[1..]
+    );
 }
 
 async fn definitions_are_found_by_hash(store: Arc<dyn Store>) {
@@ -1574,14 +1604,14 @@ async fn the_bus_publishes_reads_settles_dead_letters_and_lists(store: Arc<dyn S
     assert_eq!(dead[0].field("reason"), Some(&b"`payload` is not JSON"[..]));
 
     // Listed newest first, by type, with the runs each started (`None`: not handled).
-    let recent = store.recent_events(None, None, 10, 100, cap).await.unwrap();
+    let recent = store.recent_events(events(None, None, 10, 100, cap)).await.unwrap();
     let ids: Vec<&str> = recent.iter().map(|l| l.entry.id.as_str()).collect();
     assert_eq!(ids, [&third, &second, &first]);
     assert_eq!(recent[2].started, Some(vec![("onboarding".to_owned(), "run-1".to_owned())]));
     assert_eq!(recent[1].started, Some(vec![]));
-    let of_type = store.recent_events(None, Some("user.registered"), 10, 100, cap).await.unwrap();
+    let of_type = store.recent_events(events(None, Some("user.registered"), 10, 100, cap)).await.unwrap();
     assert_eq!(of_type.iter().map(|l| l.entry.id.as_str()).collect::<Vec<_>>(), [&third, &first]);
-    let older = store.recent_events(Some(&second), None, 10, 100, cap).await.unwrap();
+    let older = store.recent_events(events(Some(&second), None, 10, 100, cap)).await.unwrap();
     assert_eq!(older.iter().map(|l| l.entry.id.as_str()).collect::<Vec<_>>(), [&first]);
 
     // Trimming (about: Redis trims whole nodes of its stream) never drops an entry the router
@@ -1589,7 +1619,7 @@ async fn the_bus_publishes_reads_settles_dead_letters_and_lists(store: Arc<dyn S
     let unhandled = store.publish_event(&[("type", b"late.event")]).await.unwrap();
     let trimmed = store.trim_events(0, Millis::MAX).await.unwrap();
     assert!(trimmed <= 3, "only handled entries are trimmed: {trimmed}");
-    let left = store.recent_events(None, None, 10, 100, cap).await.unwrap();
+    let left = store.recent_events(events(None, None, 10, 100, cap)).await.unwrap();
     assert!(left.iter().any(|l| l.entry.id == unhandled), "the unhandled entry stays: {left:?}");
     assert_eq!(store.read_events("router-a", 10, BLOCK, cap).await.unwrap().len(), 1);
     assert_eq!(store.repair_bus().await.unwrap(), 0, "no entry ahead of the clock");

@@ -10,7 +10,7 @@ pub use error::ApiError;
 
 use crate::engine::Engine;
 use crate::machine::{self, Status, Trigger};
-use crate::store::{RunId, RunQuery};
+use crate::store::{RunId, RunQuery, SearchQuery};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -1002,7 +1002,7 @@ async fn list_runs(engine: &Engine, query: Option<&str>) -> Answer {
             if status.is_some() {
                 return Err(ApiError::bad_request("`input.*` cannot be combined with `status`"));
             }
-            engine.search_runs(workflow, field, value, start.as_ref(), limit).await?
+            engine.search_runs(SearchQuery { workflow, field, value, before: start.as_ref(), limit }).await?
         }
         _ => return Err(ApiError::bad_request("at most one `input.<field>` parameter")),
     };

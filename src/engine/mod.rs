@@ -486,15 +486,8 @@ impl Engine {
     }
 
     /// Runs of `workflow` by a search field's value (see [`crate::store::Listing::search_runs`]).
-    pub async fn search_runs(
-        &self,
-        workflow: &str,
-        field: &str,
-        value: &str,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> Result<Vec<RunId>, StoreError> {
-        Ok(self.store.search_runs(workflow, field, value, before, limit).await?.runs)
+    pub async fn search_runs(&self, query: crate::store::SearchQuery<'_>) -> Result<Vec<RunId>, StoreError> {
+        Ok(self.store.search_runs(query).await?.runs)
     }
 
     pub async fn count_runs(&self, workflow: &str) -> Result<Vec<(machine::Status, u64)>, StoreError> {
@@ -509,7 +502,8 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<crate::store::ListedEvent>, StoreError> {
         let scan = limit.saturating_mul(20).max(1000);
-        self.store.recent_events(before, event_type, limit, scan, router::LISTED_ENTRY_CAP).await
+        let query = crate::store::EventQuery { before, event_type, limit, scan, cap: router::LISTED_ENTRY_CAP };
+        self.store.recent_events(query).await
     }
 
     /// Dead letters of the bus, newest first (see [`crate::store::EventBus::dead_events`]).

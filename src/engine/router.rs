@@ -15,7 +15,7 @@ use super::record::Recording;
 use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
 use crate::definition::valid_event_type;
 use crate::machine::{TraceContext, Trigger};
-use crate::store::{BUS_CLOCK_TOLERANCE, BusEntry, DEAD_LETTER_KEEP, EntryCap, SettledEvent, StoreError};
+use crate::store::{BUS_CLOCK_TOLERANCE, BusEntry, DEAD_LETTER_KEEP, EntryCap, EventQuery, SettledEvent, StoreError};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -366,7 +366,9 @@ impl Engine {
         since: crate::machine::Millis,
     ) -> Result<(), StoreError> {
         let since = format!("{since}-0");
-        let mut recent = self.store.recent_events(None, Some(event_type), 100, 1000, self.router_cap()).await?;
+        let query =
+            EventQuery { before: None, event_type: Some(event_type), limit: 100, scan: 1000, cap: self.router_cap() };
+        let mut recent = self.store.recent_events(query).await?;
         recent.retain(|listed| crate::store::compare_entry_ids(&listed.entry.id, &since).is_ge());
         for listed in recent.iter().rev() {
             let Ok(event) = parse_event(&listed.entry, self.config.event_max_bytes) else { continue };

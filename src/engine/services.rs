@@ -4,7 +4,7 @@
 use super::Engine;
 use crate::actions::{ActionError, Services, StepContext};
 use crate::machine::{Millis, Status};
-use crate::store::RunQuery;
+use crate::store::{EntryCap, EventQuery, RunQuery};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -75,8 +75,8 @@ impl Services for Engine {
         }
         slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
         slowest.truncate(5);
-        let events =
-            self.store.recent_events(None, None, 1000, 1000, crate::store::EntryCap::IDS).await.map_err(unavailable)?;
+        let query = EventQuery { before: None, event_type: None, limit: 1000, scan: 1000, cap: EntryCap::IDS };
+        let events = self.store.recent_events(query).await.map_err(unavailable)?;
         let since_id = format!("{since}-0");
         let events_since =
             events.iter().filter(|e| crate::store::compare_entry_ids(&e.entry.id, &since_id).is_ge()).count();

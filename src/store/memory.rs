@@ -19,9 +19,9 @@
 use super::prelude::*;
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery,
-    RunSummary, SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields,
-    terminal_name,
+    EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat, RunId, RunPage,
+    RunQuery, RunSummary, SearchQuery, SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    dead_letter_fields, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
@@ -937,14 +937,8 @@ impl Listing for MemoryStore {
         Ok(self.shared.state.lock().list_runs(query))
     }
 
-    async fn search_runs(
-        &self,
-        workflow: &str,
-        field: &str,
-        value: &str,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> StoreResult<RunPage> {
+    async fn search_runs(&self, query: SearchQuery<'_>) -> StoreResult<RunPage> {
+        let SearchQuery { workflow, field, value, before, limit } = query;
         let slot = (workflow.to_owned(), field.to_owned(), value.to_owned());
         Ok(self.shared.state.lock().search_runs(slot, before, limit))
     }
@@ -1086,14 +1080,8 @@ impl EventBus for MemoryStore {
         Ok(self.shared.state.lock().bus.repair(now))
     }
 
-    async fn recent_events(
-        &self,
-        before: Option<&str>,
-        event_type: Option<&str>,
-        limit: usize,
-        scan: usize,
-        cap: EntryCap,
-    ) -> StoreResult<Vec<ListedEvent>> {
+    async fn recent_events(&self, query: EventQuery<'_>) -> StoreResult<Vec<ListedEvent>> {
+        let EventQuery { before, event_type, limit, scan, cap } = query;
         let state = self.shared.state.lock();
         let bus = &state.bus;
         let upper = match before.map(str::parse::<EntryId>) {
@@ -1425,7 +1413,8 @@ mod tests {
         assert_eq!(dead[0].field("payload").unwrap().len(), DEAD_LETTER_KEEP);
         assert_eq!(dead[0].field("truncated"), Some(b"1".as_slice()));
         assert_eq!(dead[0].field("bytes"), Some(b"100014".as_slice()));
-        let listed = store.recent_events(None, None, 10, 10, EntryCap::IDS).await.unwrap();
+        let query = EventQuery { before: None, event_type: None, limit: 10, scan: 10, cap: EntryCap::IDS };
+        let listed = store.recent_events(query).await.unwrap();
         assert!(listed.iter().all(|e| e.entry.id != id), "the oversized original was deleted");
     }
 }

@@ -305,6 +305,28 @@ pub struct RunQuery<'a> {
     pub limit: usize,
 }
 
+/// Which runs a search wants: of `workflow` whose input held `value` in the search field `field`,
+/// created before `before`, at most `limit`, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchQuery<'a> {
+    pub workflow: &'a str,
+    pub field: &'a str,
+    pub value: &'a str,
+    pub before: Option<&'a RunId>,
+    pub limit: usize,
+}
+
+/// Which events a listing wants: before the entry id `before` (exclusive), at most `limit`, of
+/// type `event_type` if given (looking at no more than `scan` entries), each cut to `cap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventQuery<'a> {
+    pub before: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    pub limit: usize,
+    pub scan: usize,
+    pub cap: EntryCap,
+}
+
 /// A page of runs, newest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunPage {
@@ -620,17 +642,10 @@ pub trait Listing: Send + Sync + 'static {
     /// page costs O(page); live statuses are filtered from the shard's live runs.
     async fn list_runs(&self, query: RunQuery<'_>) -> StoreResult<RunPage>;
 
-    /// Runs of `workflow` whose input held `value` in the search field `field` when they were
-    /// created, newest first, created before `before` (the last run of the previous page):
-    /// O(page), like [`Listing::list_runs`].
-    async fn search_runs(
-        &self,
-        workflow: &str,
-        field: &str,
-        value: &str,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> StoreResult<RunPage>;
+    /// Runs of a workflow whose input held a value in a search field when they were created,
+    /// newest first, created before the cursor (the last run of the previous page): O(page),
+    /// like [`Listing::list_runs`].
+    async fn search_runs(&self, query: SearchQuery<'_>) -> StoreResult<RunPage>;
 
     /// How many stored runs of `workflow` are in each status (live statuses counted over at
     /// most 1,000 live runs per shard).
@@ -701,16 +716,8 @@ pub trait EventBus: Send + Sync + 'static {
     /// removed.
     async fn repair_bus(&self) -> StoreResult<u64>;
 
-    /// Recent events, newest first, before the entry id `before` (exclusive), at most `limit`,
-    /// of type `event_type` if given (looking at no more than `scan` entries), cut to `cap`.
-    async fn recent_events(
-        &self,
-        before: Option<&str>,
-        event_type: Option<&str>,
-        limit: usize,
-        scan: usize,
-        cap: EntryCap,
-    ) -> StoreResult<Vec<ListedEvent>>;
+    /// Recent events, newest first, as `query` says.
+    async fn recent_events(&self, query: EventQuery<'_>) -> StoreResult<Vec<ListedEvent>>;
 
     /// Trims the bus to about `max_len` entries and to entries newer than `min_time`, never
     /// dropping one the router has not handled. Returns the entries trimmed.

@@ -12,8 +12,9 @@ use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::prelude::*;
 use super::{
     BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    Dispatch, EntryCap, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReplicaBeat, RunId, RunPage,
-    RunQuery, RunState, RunSummary, SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    Dispatch, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReplicaBeat, RunId,
+    RunPage, RunQuery, RunState, RunSummary, SearchQuery, SettledEvent, StoreError, StoreHealth, StoreKind,
+    StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, Status};
@@ -1338,14 +1339,8 @@ impl Listing for RedisStore {
         Ok(RunPage { runs })
     }
 
-    async fn search_runs(
-        &self,
-        workflow: &str,
-        field: &str,
-        value: &str,
-        before: Option<&RunId>,
-        limit: usize,
-    ) -> StoreResult<RunPage> {
+    async fn search_runs(&self, query: SearchQuery<'_>) -> StoreResult<RunPage> {
+        let SearchQuery { workflow, field, value, before, limit } = query;
         let key_of = |shard| self.keys.index_search(shard, workflow, field, value);
         let mut runs = self.index_page(key_of, before, limit + 16).await?;
         runs.truncate(limit);
@@ -1610,14 +1605,8 @@ impl EventBus for RedisStore {
         Ok(removed)
     }
 
-    async fn recent_events(
-        &self,
-        before: Option<&str>,
-        event_type: Option<&str>,
-        limit: usize,
-        scan: usize,
-        cap: EntryCap,
-    ) -> StoreResult<Vec<ListedEvent>> {
+    async fn recent_events(&self, query: EventQuery<'_>) -> StoreResult<Vec<ListedEvent>> {
+        let EventQuery { before, event_type, limit, scan, cap } = query;
         let stream = self.keys.events();
         let handled_below = self.oldest_unhandled(&stream, ROUTER_GROUP).await?;
         let pending: std::collections::HashSet<String> = self
