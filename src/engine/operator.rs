@@ -160,12 +160,8 @@ impl Engine {
         };
         let def = &loaded.workflow.def;
         let output_of = |step: u32| {
-            loaded.log.iter().rev().find_map(|l| match &l.recorded.transition {
-                Transition::StepCompleted { step: s, output, .. } | Transition::StepReused { step: s, output }
-                    if *s == step =>
-                {
-                    Some(output.clone())
-                }
+            loaded.log.iter().rev().find_map(|l| match machine::output_of(&l.recorded.transition) {
+                Some((s, output)) if s == step => Some(output.to_owned()),
                 _ => None,
             })
         };
