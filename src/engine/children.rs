@@ -8,7 +8,7 @@
 //! at the children of quiet waiting runs.
 
 use super::record::Recording;
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, LoadedRun};
 use crate::actions::{ActionError, StepContext};
 use crate::machine::{self, ChildEnding, RunState, Status, StepStatus, Transition, Trigger};
 use crate::store::{RunId, StoreError};
@@ -55,42 +55,49 @@ impl Engine {
     pub(super) async fn child_run_ended(&self, child: &RunId, ended: &RunState) {
         let Trigger::Parent { run_id, step, attempt, .. } = &ended.trigger else { return };
         let Ok(parent) = run_id.parse::<RunId>() else { return };
-        if let Err(err) = self.wake_parent(&parent, *step, *attempt, child, ended).await {
+        let woken = match self.load_for_loop(child).await {
+            Ok(Some(child_run)) => self.wake_parent(&parent, *step, *attempt, &child_run).await,
+            Ok(None) => Ok(()),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = woken {
             // The sweeper wakes it later (it looks at the children of waiting runs).
             tracing::warn!(run_id = %parent, child = %child, %err, "waking the parent of a run that ended failed; will retry");
         }
     }
 
-    /// Wakes every step of `parent` whose child has ended (the sweeper's and the executor's
-    /// belt and braces: a child may end before its parent recorded the wait, or its wake-up
-    /// may have been lost).
+    /// Wakes every step of `parent` whose child has ended (the sweeper's belt and braces: the
+    /// wake-up may have been lost).
     pub(super) async fn wake_for_ended_children(&self, parent: &RunId, state: &RunState) -> Result<(), StoreError> {
         for (step, status) in &state.steps {
             let StepStatus::AwaitingChild { attempt, child } = status else { continue };
             let Ok(child) = child.parse::<RunId>() else { continue };
-            let Some(summary) = self.store.summary(&child).await? else { continue };
-            if !summary.status.is_terminal() {
-                continue;
-            }
-            if let Some(loaded) = self.load_for_loop(&child).await? {
-                self.wake_parent(parent, *step, *attempt, &child, &loaded.state).await?;
-            }
+            self.wake_if_child_ended(parent, *step, *attempt, &child).await?;
+        }
+        Ok(())
+    }
+
+    /// Wakes `parent`'s step `step`, attempt `attempt`, if its child `child` has ended (a child
+    /// may end before its parent recorded the wait: its end then found nothing to wake).
+    pub(super) async fn wake_if_child_ended(
+        &self,
+        parent: &RunId,
+        step: u32,
+        attempt: u32,
+        child: &RunId,
+    ) -> Result<(), StoreError> {
+        let ended = self.store.summary(child).await?.is_some_and(|summary| summary.status.is_terminal());
+        if ended && let Some(child_run) = self.load_for_loop(child).await? {
+            self.wake_parent(parent, step, attempt, &child_run).await?;
         }
         Ok(())
     }
 
     /// Records the end of `child` on `parent`'s step `step`, attempt `attempt`, if that step
     /// still waits for it, and what follows (the step's outcome, the next steps).
-    async fn wake_parent(
-        &self,
-        parent: &RunId,
-        step: u32,
-        attempt: u32,
-        child: &RunId,
-        ended: &RunState,
-    ) -> Result<(), StoreError> {
-        let ending = self.ending_of(child, ended).await?;
-        let child_id = child.to_string();
+    async fn wake_parent(&self, parent: &RunId, step: u32, attempt: u32, child: &LoadedRun) -> Result<(), StoreError> {
+        let ending = ending_of(child);
+        let child_id = child.id.to_string();
         let recording = self.record_on_run(parent, false, |loaded, now| {
             let waits = matches!(
                 loaded.state.steps.get(&step),
@@ -114,40 +121,15 @@ impl Engine {
         });
         match recording.await? {
             Recording::Applied { .. } => {
-                tracing::info!(run_id = %parent, child = %child, status = ended.status.name(), "a child run ended: its parent's step goes on");
+                let status = child.state.status.name();
+                tracing::info!(run_id = %parent, child = %child_id, status, "a child run ended: its parent's step goes on");
                 Ok(())
             }
             Recording::Nothing(_) => Ok(()),
             Recording::KeptChanging => {
-                Err(StoreError::Unavailable(format!("run {parent} kept changing while its child {child} ended")))
+                Err(StoreError::Unavailable(format!("run {parent} kept changing while its child {child_id} ended")))
             }
         }
-    }
-
-    /// How `child` ended, for its parent: its result (the output of the step its workflow names
-    /// in `result`, else of its last step), or why it did not complete.
-    async fn ending_of(&self, child: &RunId, ended: &RunState) -> Result<ChildEnding, StoreError> {
-        let log = self.store.history(child).await?.unwrap_or_default();
-        if ended.status == Status::Completed {
-            let workflow = self.definition(child.shard, &ended.definition).await?;
-            let result = workflow.def.result_step();
-            let output = log.iter().rev().find_map(|entry| match machine::output_of(&entry.recorded.transition) {
-                Some((step, output)) if step == result => Some(output.to_owned()),
-                _ => None,
-            });
-            return Ok(ChildEnding::Completed { output: output.unwrap_or_else(|| "null".to_owned()) });
-        }
-        let reason = log
-            .iter()
-            .rev()
-            .find_map(|entry| match &entry.recorded.transition {
-                Transition::RunFailed { error } => Some(error.clone()),
-                Transition::RunCancelled { reason } => Some(reason.clone()),
-                Transition::RunTimedOut => Some("it timed out".to_owned()),
-                _ => None,
-            })
-            .unwrap_or_else(|| ended.status.name().to_owned());
-        Ok(ChildEnding::Ended { status: ended.status, reason })
     }
 
     /// Cancels the live children of a run that was just cancelled (`state`: its state before),
@@ -165,4 +147,29 @@ impl Engine {
             }
         }
     }
+}
+
+/// How a child run that ended did, for its parent: its result (the output of the step its
+/// workflow names in `result`, else of its last step), or why it did not complete.
+fn ending_of(child: &LoadedRun) -> ChildEnding {
+    let log = &child.log;
+    if child.state.status == Status::Completed {
+        let result = child.workflow.def.result_step();
+        let output = log.iter().rev().find_map(|entry| match machine::output_of(&entry.recorded.transition) {
+            Some((step, output)) if step == result => Some(output.to_owned()),
+            _ => None,
+        });
+        return ChildEnding::Completed { output: output.unwrap_or_else(|| "null".to_owned()) };
+    }
+    let reason = log
+        .iter()
+        .rev()
+        .find_map(|entry| match &entry.recorded.transition {
+            Transition::RunFailed { error } => Some(error.clone()),
+            Transition::RunCancelled { reason } => Some(reason.clone()),
+            Transition::RunTimedOut => Some("it timed out".to_owned()),
+            _ => None,
+        })
+        .unwrap_or_else(|| child.state.status.name().to_owned());
+    ChildEnding::Ended { status: child.state.status, reason }
 }

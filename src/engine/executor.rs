@@ -267,7 +267,7 @@ impl Engine {
         let now = self.clock.now();
         self.metrics.step_took(&workflow.def.id, std::time::Duration::from_millis(now.saturating_sub(started_at)));
         let mut parked_on = None;
-        let mut started_child = false;
+        let mut started_child = None;
         let span = tracing::Span::current();
         let finished = match outcome {
             Ok(actions::Outcome::Skipped) => {
@@ -284,7 +284,7 @@ impl Engine {
             Ok(actions::Outcome::Child { run_id }) => {
                 tracing::debug!(child = %run_id, "step waits for its child run");
                 self.attempt_ended(&span, "waiting", None);
-                started_child = true;
+                started_child = run_id.parse::<RunId>().ok();
                 Transition::ChildStarted { step, attempt, child: run_id }
             }
             Ok(actions::Outcome::Park { until, event }) => {
@@ -308,11 +308,8 @@ impl Engine {
             vec![self.recorded(started_at, Transition::StepStarted { step, attempt }), self.recorded(now, finished)];
         let created_at = task.state.created_at;
         let outcome = self.commit_outcome(run, lease, task.state, workflow, happened, now).await?;
-        if started_child && matches!(outcome, CommitOutcome::Applied { .. }) {
-            // The child may have ended before the wait was recorded: its end found nothing to wake.
-            if let Some(loaded) = self.load_for_loop(run).await? {
-                self.wake_for_ended_children(run, &loaded.state).await?;
-            }
+        if let (Some(child), CommitOutcome::Applied { .. }) = (&started_child, &outcome) {
+            self.wake_if_child_ended(run, step, attempt, child).await?;
         }
         if let (Some((event, until)), CommitOutcome::Applied { .. }) = (parked_on, outcome) {
             // Found by the router when the event arrives. Not atomic with the commit: the
