@@ -10,8 +10,15 @@ use std::time::Duration;
 pub struct Settings {
     /// `PORT`: the HTTP port (default 5003).
     pub port: u16,
-    /// `REDIS_URL`: `redis://` or `rediss://`; unset = the embedded in-memory store.
+    /// `REDIS_URL`: `redis://`, `rediss://` or `redis-cluster://`; unset = the embedded
+    /// in-memory store.
     pub redis_url: Option<String>,
+    /// `REDIS_WAIT_REPLICAS`: how many Redis replicas must have a write before it is
+    /// acknowledged (default 0: acknowledged once the primary has it).
+    pub redis_wait_replicas: u32,
+    /// `REDIS_WAIT_TIMEOUT`: how long a write waits for those replicas before it fails as
+    /// retryable (default 1s).
+    pub redis_wait_timeout: Duration,
     /// `KEY_PREFIX`: prefix of every Redis key (default `wfo`).
     pub key_prefix: String,
     /// `REPLICA_ID`: this replica's name in logs, histories and the consumer group.
@@ -174,6 +181,8 @@ impl Settings {
         Ok(Settings {
             port: number(&lookup, "PORT", 5003u16, 0, u16::MAX)?,
             redis_url,
+            redis_wait_replicas: number(&lookup, "REDIS_WAIT_REPLICAS", 0u32, 0, 16)?,
+            redis_wait_timeout: duration("REDIS_WAIT_TIMEOUT", Duration::from_secs(1))?,
             key_prefix,
             replica_id,
             lease_ttl: duration("LEASE_TTL", Duration::from_secs(30))?,

@@ -14,7 +14,7 @@ use workflow_orchestrator::config::{self, Settings};
 use workflow_orchestrator::definition::Registry;
 use workflow_orchestrator::engine::{Engine, EngineConfig};
 use workflow_orchestrator::store::memory::MemoryStore;
-use workflow_orchestrator::store::redis::RedisStore;
+use workflow_orchestrator::store::redis::{RedisStore, ReplicaWait};
 use workflow_orchestrator::store::{Store, StoreError};
 use workflow_orchestrator::telemetry::{self, LogFormat};
 
@@ -207,7 +207,18 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
                     StoreError::Unavailable(msg) => anyhow::anyhow!("{msg} (REDIS_URL={})", redact(url)),
                     other => anyhow::anyhow!(other),
                 })?;
-            tracing::info!(redis = %redact(url), prefix = %settings.key_prefix, shards = settings.shards, "using the Redis store");
+            let store = store.wait_for_replicas(ReplicaWait {
+                replicas: settings.redis_wait_replicas,
+                timeout: settings.redis_wait_timeout,
+            });
+            tracing::info!(
+                redis = %redact(url),
+                cluster = store.is_cluster(),
+                wait_replicas = settings.redis_wait_replicas,
+                prefix = %settings.key_prefix,
+                shards = settings.shards,
+                "using the Redis store"
+            );
             Ok(Arc::new(store))
         }
         None => {

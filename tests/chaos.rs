@@ -124,10 +124,10 @@ pub(crate) fn trigger_runs(ports: &Mutex<Vec<u16>>, count: usize) -> Triggered {
 
 /// Every run's log replays, to `completed`, and to the state its summary (the run hash) holds:
 /// read through the library, straight from Redis.
-fn assert_every_log_replays_to_a_completed_run(redis: &RedisServer, runs: &[String]) {
+pub(crate) fn assert_every_log_replays_to_a_completed_run(redis_url: &str, runs: &[String]) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let store = RedisStore::connect(&redis.url(), "wfo", 16).await.expect("the test connects to Redis");
+        let store = RedisStore::connect(redis_url, "wfo", 16).await.expect("the test connects to Redis");
         for run in runs {
             let id: RunId = run.parse().expect("a run id");
             let log = store.history(&id).await.expect("history").unwrap_or_else(|| panic!("no log for {run}"));
@@ -152,12 +152,12 @@ struct Chaos {
 }
 
 impl Chaos {
-    fn start(redis: &RedisServer, dir: &Path, workflows: &str) -> Chaos {
+    fn start(redis_url: &str, dir: &Path, workflows: &str) -> Chaos {
         let file = workflows_file(dir, workflows);
         // A short lease so that a killed replica's steps are taken over quickly; enough
         // deliveries that a step caught by several kills in a row still finishes rather than
         // failing its run.
-        let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir)
+        let config = ReplicaConfig::new(Some(redis_url.to_owned()), Some(&file), dir)
             .env("LEASE_TTL", "2s")
             .env("MAX_DELIVERIES", "10")
             .env("SHUTDOWN_GRACE", "1s");
@@ -193,11 +193,18 @@ fn kill_round_robin(
 
 #[test]
 fn three_replicas_survive_kill_9_every_two_seconds() {
-    let began = Instant::now();
     let redis = RedisServer::start();
+    survive_kill_9_every_two_seconds(&redis.url());
+}
+
+/// [`RUNS`] runs of five steps on three replicas of `redis_url`, one replica killed every two
+/// seconds: every run completes, each step's completion is accepted once, every log replays.
+pub(crate) fn survive_kill_9_every_two_seconds(redis_url: &str) {
+    let began = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let effects = dir.path().join("effects.log");
-    let Chaos { config, names, mut replicas, ports } = Chaos::start(&redis, dir.path(), &five_random_steps(&effects));
+    let Chaos { config, names, mut replicas, ports } =
+        Chaos::start(redis_url, dir.path(), &five_random_steps(&effects));
     let agent = agent();
 
     // Trigger while the kills go on, so that triggers too meet dead replicas.
@@ -290,7 +297,7 @@ fn three_replicas_survive_kill_9_every_two_seconds() {
         assert_eq!(transitions.last().map(|t| t["type"].clone()), Some(json!("run_completed")), "run {run}");
     }
 
-    assert_every_log_replays_to_a_completed_run(&redis, &triggered.accepted);
+    assert_every_log_replays_to_a_completed_run(redis_url, &triggered.accepted);
 
     // The kills must have interrupted work, or this test showed nothing about recovery.
     for replica in &replicas {
@@ -374,7 +381,7 @@ fn a_diamond_runs_its_middle_steps_at_once_through_kill_9_every_two_seconds() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let effects = dir.path().join("effects.log");
-    let Chaos { config, names, mut replicas, ports } = Chaos::start(&redis, dir.path(), &diamond_steps(&effects));
+    let Chaos { config, names, mut replicas, ports } = Chaos::start(&redis.url(), dir.path(), &diamond_steps(&effects));
     let agent = agent();
 
     let trigger_ports = Arc::clone(&ports);
@@ -446,7 +453,7 @@ fn a_diamond_runs_its_middle_steps_at_once_through_kill_9_every_two_seconds() {
             assert!(done.contains(&(run.clone(), step.to_owned())), "{run}:{step} completed without its effect");
         }
     }
-    assert_every_log_replays_to_a_completed_run(&redis, &triggered.accepted);
+    assert_every_log_replays_to_a_completed_run(&redis.url(), &triggered.accepted);
     let takeovers: usize =
         replicas.iter().map(|r| r.log_text().matches("took over a step whose lease expired").count()).sum();
     eprintln!(

@@ -1,15 +1,16 @@
-//! One conformance suite for the [`Store`] contract, run against both stores.
+//! One conformance suite for the [`Store`] contract, run against every store.
 //!
 //! Every check is an `async fn(Arc<dyn Store>)` written once against the trait; the
-//! `conformance!` macro turns each into two tests, `conformance::memory::<check>` on a fresh
-//! [`MemoryStore`] and `conformance::redis::<check>` on a [`RedisStore`] connected to its own
-//! private redis-server. A check that passes on one store and fails on the other is a
+//! `conformance!` macro turns each into three tests, `conformance::memory::<check>` on a fresh
+//! [`MemoryStore`], `conformance::redis::<check>` on a [`RedisStore`] connected to its own
+//! private redis-server, and `conformance::cluster::<check>` on one connected to a private Redis
+//! Cluster of six nodes. A check that passes on one store and fails on the other is a
 //! behavioural difference between them: fix the store, never the check.
 //!
 //! Times given to the state machine are synthetic (small millisecond values): the contract
 //! never compares them with the store's clock, except where a check says so.
 
-use crate::util::RedisServer;
+use crate::util::{RedisCluster, RedisServer};
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::Arc;
@@ -72,7 +73,39 @@ macro_rules! conformance {
                 }
             )*
         }
+
+        mod cluster {
+            $(
+                #[test]
+                fn $name() {
+                    let cluster = super::shared_cluster();
+                    super::run(async {
+                        super::$check(super::cluster_store(&cluster, stringify!($name), $shards).await).await;
+                    });
+                }
+            )*
+        }
     };
+}
+
+/// The Redis Cluster the cluster checks share while any of them runs (each under its own key
+/// prefix): forming one takes seconds. Stopped, by the pids of its nodes, when the last check
+/// holding it ends.
+fn shared_cluster() -> Arc<RedisCluster> {
+    static SHARED: std::sync::Mutex<std::sync::Weak<RedisCluster>> = std::sync::Mutex::new(std::sync::Weak::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(cluster) = shared.upgrade() {
+        return cluster;
+    }
+    let cluster = Arc::new(RedisCluster::start());
+    *shared = Arc::downgrade(&cluster);
+    cluster
+}
+
+async fn cluster_store(cluster: &RedisCluster, prefix: &str, shards: u16) -> Arc<dyn Store> {
+    let store = RedisStore::connect(&cluster.url(), prefix, shards).await.expect("connect to the private cluster");
+    assert!(store.is_cluster(), "a redis-cluster:// URL gives a cluster store");
+    Arc::new(store)
 }
 
 conformance! {
@@ -120,7 +153,7 @@ conformance! {
 // Building runs and commits the way the engine does: through `machine::advance`.
 
 /// A workflow `id` of `steps` noop steps, each tried at most `max_attempts` times, 1 s apart.
-fn definition(id: &str, steps: usize, max_attempts: u32) -> WorkflowDef {
+pub(crate) fn definition(id: &str, steps: usize, max_attempts: u32) -> WorkflowDef {
     let mut toml = format!("[[workflow]]\nid = \"{id}\"\n");
     for step in 0..steps {
         toml.push_str(&format!(
@@ -138,7 +171,7 @@ fn record(at: Millis, transition: Transition) -> Recorded {
 
 /// A new run of `def` on `shard`, created at `now` (its id's time too) and queued for its first
 /// step.
-fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str, Duration)>) -> NewRun {
+pub(crate) fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str, Duration)>) -> NewRun {
     let created = record(
         now,
         Transition::RunCreated {
@@ -161,7 +194,7 @@ fn new_run(def: &WorkflowDef, shard: u16, now: Millis, idempotency: Option<(&str
 }
 
 /// The commit of `happened` to a run in state `from`, as the engine builds it.
-fn commit_of(
+pub(crate) fn commit_of(
     def: &WorkflowDef,
     run: &RunId,
     from: &RunState,

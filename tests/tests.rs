@@ -4,6 +4,7 @@ mod api;
 mod chaos;
 mod children;
 mod clock;
+mod cluster;
 mod conformance;
 mod failures;
 mod hardening;

@@ -13,7 +13,7 @@
 //! wall clock (which fires fell inside the window the test watched), always with slack of at
 //! least a second around the 250 ms cron tick. Every loop is bounded in count and time.
 
-use crate::util::{RedisServer, Replica, ReplicaConfig, redis_cli, wait_for, workflows_file};
+use crate::util::{Redis, RedisServer, Replica, ReplicaConfig, redis_cli, wait_for, workflows_file};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// modules' tests still run alongside; the assertions allow for that.)
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> MutexGuard<'static, ()> {
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -91,7 +91,7 @@ struct Run {
 /// Every run of `workflow`, read the way an operator would without a list endpoint: the run ids
 /// from the per-workflow index of each of the 16 shards (`redis-cli ZRANGE`), then each run and
 /// its history over HTTP from `via`. Sorted by creation time.
-fn runs_of(redis: &RedisServer, via: &Replica, workflow: &str) -> Vec<Run> {
+fn runs_of(redis: &dyn Redis, via: &Replica, workflow: &str) -> Vec<Run> {
     let mut ids = BTreeSet::new();
     for shard in 0..16 {
         let reply = redis.cli(&["ZRANGE", &format!("wfo:{{{shard}}}:idx:wf:{workflow}"), "0", "-1"]);
@@ -298,7 +298,7 @@ fn field<'a>(entry: &'a Entry, name: &str) -> Option<&'a [u8]> {
 }
 
 /// `XADD wfo:events * <fields>` through `redis-cli`, as any producer would; returns the id.
-fn xadd(redis: &RedisServer, fields: &[&str]) -> String {
+fn xadd(redis: &dyn Redis, fields: &[&str]) -> String {
     let mut args = vec!["XADD", "wfo:events", "*"];
     args.extend(fields);
     let id = redis.cli(&args).trim().to_owned();
@@ -381,7 +381,12 @@ action = "noop"
 #[test]
 fn three_replicas_start_each_fire_of_a_two_second_schedule_once_even_when_one_is_killed() {
     let _serial = serial();
-    let redis = RedisServer::start();
+    cron_fires_once_on_three_replicas_one_killed(&RedisServer::start());
+}
+
+/// Three replicas of `redis` serve a two-second schedule for about 30 s, the one winning the
+/// fires killed midway: every fire has exactly one run.
+pub(crate) fn cron_fires_once_on_three_replicas_one_killed(redis: &dyn Redis) {
     let dir = tempfile::tempdir().unwrap();
     let file = workflows_file(dir.path(), EVERY_TWO_SECONDS);
     let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path()).env("LEASE_TTL", "3s");
@@ -406,7 +411,7 @@ fn three_replicas_start_each_fire_of_a_two_second_schedule_once_even_when_one_is
     // two carry on alone.
     sleep_until(first_ready + 14_000);
     sleep_until_phase(2000, 1000);
-    let winner = runs_of(&redis, &replicas[0], "every-two").last().expect("no run yet").created_by.clone();
+    let winner = runs_of(redis, &replicas[0], "every-two").last().expect("no run yet").created_by.clone();
     let victim = replicas.iter().position(|r| r.name == winner).expect("the newest run's replica");
     let mut killed = replicas.remove(victim);
     killed.kill9();
@@ -421,7 +426,7 @@ fn three_replicas_start_each_fire_of_a_two_second_schedule_once_even_when_one_is
     std::thread::sleep(Duration::from_secs(3));
 
     let runs: Vec<Run> =
-        runs_of(&redis, &replicas[0], "every-two").into_iter().filter(|r| r.fire_at <= Some(window_end)).collect();
+        runs_of(redis, &replicas[0], "every-two").into_iter().filter(|r| r.fire_at <= Some(window_end)).collect();
     let fires = cron_fires(&runs, 2000);
     eprintln!("{} fires from {} to {}", fires.len(), show(fires[0]), show(*fires.last().unwrap()));
     // No gap anywhere between the first fire and the last one.
@@ -824,21 +829,26 @@ const BUILTIN_WORKFLOWS: [&str; 10] = [
 
 /// The event-started runs of `workflow` (the built-in workflows also have schedules; their cron
 /// runs, if a minute boundary passes, are not what these tests look at).
-fn event_runs(redis: &RedisServer, via: &Replica, workflow: &str) -> Vec<Run> {
+fn event_runs(redis: &dyn Redis, via: &Replica, workflow: &str) -> Vec<Run> {
     runs_of(redis, via, workflow).into_iter().filter(|r| r.trigger["kind"] == "event").collect()
 }
 
 #[test]
 fn redis_cli_xadd_of_each_seed_event_type_starts_exactly_the_workflows_of_the_table_once() {
     let _serial = serial();
-    let redis = RedisServer::start();
+    xadd_of_each_seed_event_starts_the_workflows_of_the_table_once(&RedisServer::start());
+}
+
+/// `redis-cli XADD` of each seed event type to `redis`'s bus, two replicas routing: each starts
+/// exactly the workflows of the table, once.
+pub(crate) fn xadd_of_each_seed_event_starts_the_workflows_of_the_table_once(redis: &dyn Redis) {
     let dir = tempfile::tempdir().unwrap();
     // No WORKFLOWS_FILE: the built-in Molochain registry. Two replicas, two routers in the group.
     let config = ReplicaConfig::new(Some(redis.url()), None, dir.path());
     let a = config.start("bus-a");
     let b = config.start("bus-b");
 
-    let ids: Vec<String> = TABLE.iter().map(|(t, _)| xadd(&redis, &["type", t, "payload", r#"{"id":1}"#])).collect();
+    let ids: Vec<String> = TABLE.iter().map(|(t, _)| xadd(redis, &["type", t, "payload", r#"{"id":1}"#])).collect();
     let listed = wait_handled(&a, &ids, Duration::from_secs(30));
     for ((event_type, workflow), id) in TABLE.iter().zip(&ids) {
         let event = &listed[id];
@@ -851,7 +861,7 @@ fn redis_cli_xadd_of_each_seed_event_type_starts_exactly_the_workflows_of_the_ta
     // From the workflows' side: each has exactly one run per event naming it, and the workflows
     // no event names have none.
     for workflow in BUILTIN_WORKFLOWS {
-        let runs = event_runs(&redis, &a, workflow);
+        let runs = event_runs(redis, &a, workflow);
         let expected: BTreeSet<&str> =
             TABLE.iter().zip(&ids).filter(|((_, w), _)| *w == workflow).map(|(_, id)| id.as_str()).collect();
         let got: Vec<&str> = runs.iter().map(|r| r.trigger["eventId"].as_str().unwrap()).collect();

@@ -21,7 +21,7 @@ use crate::machine::{Millis, Recorded, Status};
 use async_trait::async_trait;
 use fred::interfaces::EventInterface;
 use fred::prelude::{ClientLike, Config, ReconnectPolicy};
-use fred::types::{CustomCommand, Value};
+use fred::types::{ClusterHash, CustomCommand, Value};
 use futures::future::join_all;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +45,10 @@ const EVENTS_POLL_MIN: Duration = Duration::from_millis(5);
 const EVENTS_POLL_MAX: Duration = Duration::from_millis(100);
 /// About how many bytes of bus entries one read brings in at most.
 const EVENTS_READ_BUDGET: usize = 8 * 1024 * 1024;
+/// On a cluster, the first and longest pause between claim rounds that found nothing (see
+/// `claim_per_shard`).
+const CLAIM_POLL_MIN: Duration = Duration::from_millis(1);
+const CLAIM_POLL_MAX: Duration = Duration::from_millis(25);
 
 pub struct RedisStore {
     /// Pipelined connections for every non-blocking command, used in turn: concurrent callers'
@@ -61,6 +65,34 @@ pub struct RedisStore {
     /// The last connection error of any connection, cleared by a reconnection: the real cause
     /// (refused, wrong password) behind what a waiting command reports as a time-out.
     connection_error: Arc<parking_lot::Mutex<Option<String>>>,
+    /// On Redis Cluster: every call names keys of one slot, the library is loaded on every
+    /// primary, and claims go shard by shard (a read may not span slots).
+    cluster: bool,
+    /// `REDIS_WAIT_REPLICAS`: how many replicas must have a write before it is acknowledged.
+    replica_wait: Option<ReplicaWait>,
+    /// Woken when this store queued a step, so that a claim polling a cluster looks again at
+    /// once instead of after its pause.
+    queued: tokio::sync::Notify,
+}
+
+/// Acknowledged means replicated: a write that answers to the outside (a trigger's run, a
+/// step's accepted outcome, a cron fire, a published event) is followed by `WAIT replicas
+/// timeout` on the same connection, and fails as retryable when fewer replicas confirm it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaWait {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
+/// Where a command goes on a cluster: the slot of its key, found at the position that command
+/// keeps it; commands without a key go to any node.
+fn route(name: &str) -> ClusterHash {
+    match name {
+        "FCALL" => ClusterHash::Offset(2),
+        "XINFO" | "XGROUP" => ClusterHash::Offset(1),
+        "INFO" | "TIME" | "CONFIG" => ClusterHash::Random,
+        _ => ClusterHash::FirstKey,
+    }
 }
 
 /// A connection error as an operator reads it: authentication named as such.
@@ -224,11 +256,14 @@ impl RedisStore {
         watch_connection(&blocking, &connection_error);
         blocking.init().await.map_err(cannot_connect)?;
         let store = RedisStore {
+            cluster: config.server.is_clustered(),
             client,
             blocking,
             keys: Keys::new(prefix, shards),
             next_shard: AtomicUsize::new(0),
             connection_error,
+            replica_wait: None,
+            queued: tokio::sync::Notify::new(),
         };
         let version = store.server_version().await?;
         let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
@@ -241,12 +276,32 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// Acknowledges writes only once `wait.replicas` replicas have them (see [`ReplicaWait`]).
+    pub fn wait_for_replicas(mut self, wait: ReplicaWait) -> RedisStore {
+        self.replica_wait = (wait.replicas > 0).then_some(wait);
+        self
+    }
+
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
     async fn cmd(&self, name: &'static str, args: Vec<Value>) -> StoreResult<Value> {
-        self.client.custom(CustomCommand::new_static(name, None::<u16>, false), args).await.map_err(|err| {
+        self.cmd_on(self.client.next(), name, args).await
+    }
+
+    async fn cmd_on(
+        &self,
+        client: &impl fred::interfaces::ClientLike,
+        name: &'static str,
+        args: Vec<Value>,
+    ) -> StoreResult<Value> {
+        client.custom(CustomCommand::new_static(name, route(name), false), args).await.map_err(|err| {
             // A command that waited out a reconnection says "Timeout": name the cause too.
             match self.connection_error.lock().as_deref() {
                 Some(cause) if *err.kind() == fred::error::ErrorKind::Timeout => {
@@ -255,6 +310,39 @@ impl RedisStore {
                 _ => unavailable(err),
             }
         })
+    }
+
+    /// The primaries of the cluster (empty on a standalone Redis).
+    fn primaries(&self) -> Vec<fred::types::config::Server> {
+        use fred::interfaces::ClusterInterface;
+        self.client.next().cached_cluster_state().map(|state| state.unique_primary_nodes()).unwrap_or_default()
+    }
+
+    /// `FUNCTION args...` on the one Redis, or on every primary of a cluster (functions are
+    /// per node; replicas get them by replication).
+    async fn function_everywhere(&self, args: Vec<Value>) -> StoreResult<Vec<Value>> {
+        if !self.cluster {
+            return Ok(vec![self.cmd("FUNCTION", args).await?]);
+        }
+        let primaries = self.primaries();
+        if primaries.is_empty() {
+            return Err(StoreError::Unavailable("the cluster's primaries are not known yet".to_owned()));
+        }
+        let client = self.client.next();
+        let calls = primaries.iter().map(|node| self.cmd_on_node(client, node, "FUNCTION", args.clone()));
+        join_all(calls).await.into_iter().collect()
+    }
+
+    async fn cmd_on_node(
+        &self,
+        client: &fred::prelude::Client,
+        node: &fred::types::config::Server,
+        name: &'static str,
+        args: Vec<Value>,
+    ) -> StoreResult<Value> {
+        self.cmd_on(&client.with_cluster_node(node.clone()), name, args)
+            .await
+            .map_err(|err| StoreError::Unavailable(format!("{err} (on the cluster node {node})")))
     }
 
     async fn server_version(&self) -> StoreResult<String> {
@@ -281,19 +369,26 @@ impl RedisStore {
                 "the data under this KEY_PREFIX was written by a newer version (schema {stored}, this binary knows {SCHEMA_VERSION}); upgrade this binary"
             )));
         }
+        if stored == Some(1) && self.cluster {
+            // Schema 1 never ran on a cluster (its claim read every shard in one call).
+            return Err(StoreError::Fatal(
+                "the data under this KEY_PREFIX is of schema 1, which cannot have been written on a Redis Cluster; upgrade it on a standalone Redis first".to_owned(),
+            ));
+        }
         if stored == Some(1) {
             // Marked first, so that a replica starting while this one upgrades upgrades too;
             // then schema 1's library goes, so that no replica of the old version writes a log
             // of the old shape from now on (its reinstall refuses the newer schema).
             self.cmd("SET", vec![upgrading_key.clone().into(), "1".into()]).await?;
             self.cmd("SET", vec![schema_key.clone().into(), SCHEMA_VERSION.to_string().into()]).await?;
-            match self.cmd("FUNCTION", vec!["DELETE".into(), V1_LIBRARY_NAME.into()]).await {
+            match self.function_everywhere(vec!["DELETE".into(), V1_LIBRARY_NAME.into()]).await {
                 Ok(_) => {}
                 Err(StoreError::Unavailable(msg)) if msg.contains("not found") || msg.contains("no such") => {}
                 Err(err) => return Err(err),
             }
         }
-        self.cmd("FUNCTION", vec!["LOAD".into(), "REPLACE".into(), LIBRARY.into()])
+        self.check_libraries().await?;
+        self.function_everywhere(vec!["LOAD".into(), "REPLACE".into(), LIBRARY.into()])
             .await
             .map_err(|err| StoreError::Fatal(format!("cannot load the Lua library: {err}")))?;
         if !self.cmd("GET", vec![upgrading_key.clone().into()]).await?.is_null() {
@@ -323,6 +418,24 @@ impl RedisStore {
                 Ok(_) => {}
                 Err(StoreError::Unavailable(msg)) if msg.contains("BUSYGROUP") => {}
                 Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a Redis (every primary of a cluster) holding the library of a newer schema: its
+    /// replicas write data this binary cannot read, and loading ours beside it would not stop
+    /// them.
+    async fn check_libraries(&self) -> StoreResult<()> {
+        for listing in self.function_everywhere(vec!["LIST".into(), "LIBRARYNAME".into(), "wfo_v".into()]).await? {
+            for library in listing.into_array() {
+                let name = field(&fields(library), "library_name").and_then(text).unwrap_or_default();
+                let version = name.strip_prefix("wfo_v").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                if version > SCHEMA_VERSION {
+                    return Err(StoreError::Fatal(format!(
+                        "Redis holds the Lua library `{name}` of a newer version (schema {version}, this binary knows {SCHEMA_VERSION}); upgrade this binary"
+                    )));
+                }
             }
         }
         Ok(())
@@ -396,6 +509,43 @@ impl RedisStore {
         }
     }
 
+    /// `FCALL` of a write that is acknowledged to the outside: with `REDIS_WAIT_REPLICAS`, not
+    /// before that many replicas have it. `WAIT` goes on the connection that carried the write
+    /// (so it counts it), to the node of its first key.
+    async fn fcall_acknowledged(
+        &self,
+        function: &'static str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> StoreResult<Value> {
+        let Some(wait) = self.replica_wait else { return self.fcall(function, keys, args).await };
+        let slot = keys.first().map_or(0, |key| fred::util::redis_keyslot(key.as_bytes()));
+        let client = self.client.next();
+        let reply = match self.cmd_on(client, "FCALL", fcall_args(function, keys.clone(), args.clone())).await {
+            Err(StoreError::Unavailable(msg)) if msg.contains("Function not found") || msg.contains("NOGROUP") => {
+                Box::pin(self.install_schema()).await?;
+                self.cmd_on(client, "FCALL", fcall_args(function, keys, args)).await?
+            }
+            other => other?,
+        };
+        let confirmed = client
+            .custom::<Value, Value>(
+                CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false),
+                vec![Value::from(i64::from(wait.replicas)), Value::from(wait.timeout.as_millis() as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        let confirmed = confirmed.as_i64().unwrap_or(0);
+        if confirmed < i64::from(wait.replicas) {
+            return Err(StoreError::Unavailable(format!(
+                "{function}: written, but only {confirmed} of the {} replicas asked for (REDIS_WAIT_REPLICAS) confirmed it within {} ms; not acknowledged, try again",
+                wait.replicas,
+                wait.timeout.as_millis()
+            )));
+        }
+        Ok(reply)
+    }
+
     /// `FCALL` as it is, for the installation itself.
     async fn fcall_once(&self, function: &'static str, keys: Vec<String>, args: Vec<Value>) -> StoreResult<Value> {
         self.cmd("FCALL", fcall_args(function, keys, args)).await
@@ -414,6 +564,73 @@ impl RedisStore {
             None => Err("ready entry without a `data` field".to_owned()),
         };
         Claimed { lease: Lease { shard, entry: id, consumer: consumer.to_owned() }, deliveries, task }
+    }
+
+    /// `wfo_v2_claim` of one shard: up to `max` of its queued entries.
+    async fn claim_shard(&self, consumer: &str, shard: u16, max: usize) -> StoreResult<Vec<Claimed>> {
+        let reply = self
+            .fcall(
+                "wfo_v2_claim",
+                vec![self.keys.ready(shard)],
+                vec![WORKERS_GROUP.into(), consumer.into(), (max as i64).into()],
+            )
+            .await?;
+        let mut claimed = Vec::new();
+        for entry in reply.into_array() {
+            let mut parts = entry.into_array().into_iter().skip(1);
+            let (Some(id), Some(body)) = (parts.next(), parts.next()) else { continue };
+            let Some(id) = text(&id) else { continue };
+            claimed.push(self.decode_claimed(shard, id, &fields(body), 1, consumer));
+        }
+        Ok(claimed)
+    }
+
+    /// A claim on a cluster, where no read may span slots (so no blocking read can wait on
+    /// every shard at once): rounds of non-blocking claims, shard by shard from `order`'s first,
+    /// never more than `max` in all; between rounds that found nothing a pause that doubles up to
+    /// `CLAIM_POLL_MAX`, cut short when this replica queues a step itself. With at least as many
+    /// free executors as shards every shard is asked at once, for its share.
+    async fn claim_per_shard(
+        &self,
+        consumer: &str,
+        max: usize,
+        block: Duration,
+        order: &[u16],
+    ) -> StoreResult<Vec<Claimed>> {
+        let deadline = tokio::time::Instant::now() + block;
+        let mut pause = CLAIM_POLL_MIN;
+        loop {
+            let mut claimed = Vec::new();
+            if max >= order.len() {
+                let share = max / order.len();
+                let extra = max % order.len();
+                let calls = order
+                    .iter()
+                    .enumerate()
+                    .map(|(i, shard)| self.claim_shard(consumer, *shard, share + usize::from(i < extra)));
+                for found in join_all(calls).await {
+                    claimed.extend(found?);
+                }
+            } else {
+                for shard in order {
+                    if claimed.len() >= max {
+                        break;
+                    }
+                    claimed.extend(self.claim_shard(consumer, *shard, max - claimed.len()).await?);
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if !claimed.is_empty() || now >= deadline {
+                self.bury(&claimed).await?;
+                return Ok(claimed);
+            }
+            let queued = self.queued.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(pause.min(deadline - now)) => {}
+                _ = queued => {}
+            }
+            pause = (pause * 2).min(CLAIM_POLL_MAX);
+        }
     }
 
     /// Moves undecodable entries to the shard's dead-letter stream (and acks them).
@@ -505,7 +722,10 @@ impl RedisStore {
         for part in parts {
             call.push(&self.keys, part);
         }
-        let reply = self.fcall(function, call.keys, call.args).await?;
+        let reply = self.fcall_acknowledged(function, call.keys, call.args).await?;
+        if parts.iter().any(|part| !part.dispatch.is_empty()) {
+            self.queued.notify_waiters();
+        }
         let outcomes: Vec<(String, Vec<Value>)> =
             reply.into_array().into_iter().map(outcome).collect::<StoreResult<_>>()?;
         if outcomes.len() != parts.len() {
@@ -568,7 +788,7 @@ impl RedisStore {
     /// Commits `commits` in one call and reads each outcome.
     async fn apply_commits(
         &self,
-        commits: &[Commit],
+        commits: &[&Commit],
         reopen: bool,
         function: &'static str,
     ) -> StoreResult<Vec<CommitOutcome>> {
@@ -925,22 +1145,45 @@ impl Runs for RedisStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(std::slice::from_ref(&commit), false, COMMIT).await?)
+        one(self.apply_commits(&[&commit], false, COMMIT).await?)
     }
 
     async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
         if commits.is_empty() {
             return Ok(Vec::new());
         }
-        self.apply_commits(&commits, false, COMMIT).await
+        if !self.cluster {
+            return self.apply_commits(&commits.iter().collect::<Vec<_>>(), false, COMMIT).await;
+        }
+        // On a cluster one call holds keys of one slot: a call per shard, all at once, each
+        // outcome put back in its commit's place.
+        let mut by_shard: std::collections::BTreeMap<u16, Vec<usize>> = std::collections::BTreeMap::new();
+        for (index, commit) in commits.iter().enumerate() {
+            by_shard.entry(commit.run.shard).or_default().push(index);
+        }
+        let groups: Vec<(Vec<usize>, Vec<&Commit>)> = by_shard
+            .into_values()
+            .map(|indexes| {
+                let group = indexes.iter().map(|i| &commits[*i]).collect();
+                (indexes, group)
+            })
+            .collect();
+        let calls = groups.iter().map(|(_, group)| self.apply_commits(group, false, COMMIT));
+        let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; commits.len()];
+        for ((indexes, _), result) in groups.iter().zip(join_all(calls).await) {
+            for (index, outcome) in indexes.iter().zip(result?) {
+                outcomes[*index] = Some(outcome);
+            }
+        }
+        outcomes.into_iter().map(|o| o.ok_or_else(|| corrupt(COMMIT, "a commit without an outcome"))).collect()
     }
 
     async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(std::slice::from_ref(&commit), true, COMMIT).await?)
+        one(self.apply_commits(&[&commit], true, COMMIT).await?)
     }
 
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(std::slice::from_ref(&commit), false, REQUEUE).await?)
+        one(self.apply_commits(&[&commit], false, REQUEUE).await?)
     }
 
     async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
@@ -1143,6 +1386,9 @@ impl ReadySteps for RedisStore {
         let shards = self.keys.shards() as usize;
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
         let all: Vec<u16> = (0..shards).map(|i| ((start + i) % shards) as u16).collect();
+        if self.cluster {
+            return self.claim_per_shard(consumer, max, block, &all).await;
+        }
         // COUNT applies per stream. With fewer free executors than shards, first take exactly
         // `max` from whichever shards have work, without blocking, in one call.
         if max < shards {
@@ -1390,7 +1636,7 @@ impl Schedules for RedisStore {
 
     async fn cron_advance(&self, workflow: &str, fire: Millis, run: Option<&str>) -> StoreResult<bool> {
         let reply = self
-            .fcall(
+            .fcall_acknowledged(
                 "wfo_v2_cron_advance",
                 vec![self.keys.cron(workflow)],
                 vec![fire.to_string().into(), run.unwrap_or("").into()],
@@ -1420,7 +1666,8 @@ impl EventBus for RedisStore {
         let mut why = String::new();
         for attempt in 0..2 {
             let call_args = if attempt == 0 { args.clone() } else { std::mem::take(&mut args) };
-            let (tag, rest) = outcome(self.fcall("wfo_v2_bus_publish", vec![self.keys.events()], call_args).await?)?;
+            let (tag, rest) =
+                outcome(self.fcall_acknowledged("wfo_v2_bus_publish", vec![self.keys.events()], call_args).await?)?;
             if tag == "ok" {
                 return rest.first().and_then(text).ok_or_else(|| corrupt(&self.keys.events(), "XADD returned no id"));
             }

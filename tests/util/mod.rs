@@ -830,3 +830,210 @@ impl Drop for PostgresServer {
         self.stop();
     }
 }
+
+/// A Redis Cluster of six private `redis-server --cluster-enabled yes` processes on loopback
+/// ports: three primaries, each with one replica (`redis-cli --cluster create
+/// --cluster-replicas 1`), a one-second `cluster-node-timeout` so that a killed primary's replica
+/// takes over within a few seconds. Every node is killed by pid when dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+pub struct ClusterNode {
+    pub port: u16,
+    bus_port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    fn start() -> ClusterNode {
+        let mut node = ClusterNode {
+            port: free_port(),
+            bus_port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        node.launch();
+        node
+    }
+
+    /// Starts the node (again): with its `nodes.conf` it rejoins the cluster it was part of,
+    /// as a replica of whichever node took its place.
+    pub fn launch(&mut self) {
+        let args: Vec<String> = vec![
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            self.port.to_string(),
+            // The cluster bus port is named: the default, port + 10000, may not exist.
+            "--cluster-port".into(),
+            self.bus_port.to_string(),
+            "--dir".into(),
+            self.dir.path().display().to_string(),
+            "--cluster-enabled".into(),
+            "yes".into(),
+            "--cluster-config-file".into(),
+            "nodes.conf".into(),
+            "--cluster-node-timeout".into(),
+            "1000".into(),
+            // The shards of a lost primary are unavailable until its replica takes over; the
+            // others keep serving meanwhile.
+            "--cluster-require-full-coverage".into(),
+            "no".into(),
+            "--cluster-replica-validity-factor".into(),
+            "0".into(),
+            // A replica's first sync starts at once (by default a diskless sync waits 5 s for
+            // more replicas), so that the cluster is replicated when the test begins.
+            "--repl-diskless-sync-delay".into(),
+            "0".into(),
+            "--save".into(),
+            "".into(),
+            "--appendonly".into(),
+            "no".into(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ];
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+            (redis_cli(port, &["PING"]).trim() == "PONG").then_some(())
+        })
+        .expect("a cluster node answers PING within 10 s");
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+
+    /// SIGKILL, wait for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `master` or `slave`, as the node itself says.
+    pub fn role(&self) -> String {
+        self.cli(&["ROLE"]).lines().next().unwrap_or_default().trim().to_owned()
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl RedisCluster {
+    /// Six nodes, formed into three primaries with a replica each; returns once every node
+    /// says the cluster is `ok` and each primary's replica is in sync.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<ClusterNode> = (0..6).map(|_| ClusterNode::start()).collect();
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]).args(&addresses).args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let output = create.output().expect("redis-cli must be installed");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        wait_for(Duration::from_secs(30), Duration::from_millis(100), || {
+            let ok = cluster.nodes.iter().all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            // A node says `slave` as soon as it is assigned; it has its primary's data once its
+            // link is up.
+            let synced = cluster
+                .nodes
+                .iter()
+                .filter(|n| n.cli(&["INFO", "replication"]).contains("master_link_status:up"))
+                .count();
+            (ok && synced == 3).then_some(())
+        })
+        .expect("the cluster is formed (state ok, three replicas in sync) within 30 s");
+        cluster
+    }
+
+    /// `redis-cluster://` naming every node (one reachable is enough).
+    pub fn url(&self) -> String {
+        let mut nodes = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port));
+        let first = nodes.next().expect("six nodes");
+        let rest: Vec<String> = nodes.map(|n| format!("node={n}")).collect();
+        format!("redis-cluster://{first}?{}", rest.join("&"))
+    }
+
+    /// A running node, for `redis-cli -c`.
+    pub fn any(&self) -> &ClusterNode {
+        self.nodes.iter().find(|n| n.is_running()).expect("a running node")
+    }
+
+    /// `redis-cli -c` (following redirections) against a running node.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let port = self.any().port.to_string();
+        let output = Command::new("redis-cli").args(["-c", "-h", "127.0.0.1", "-p", &port]).args(args).output();
+        output.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    }
+
+    /// The running primaries.
+    pub fn primaries(&self) -> Vec<&ClusterNode> {
+        self.nodes.iter().filter(|n| n.is_running() && n.role() == "master").collect()
+    }
+
+    /// The port of the primary serving `key`'s slot, as `CLUSTER NODES` of a running node says.
+    pub fn primary_of(&self, key: &str) -> Option<u16> {
+        let slot: u16 = self.cli(&["CLUSTER", "KEYSLOT", key]).trim().parse().ok()?;
+        self.any().cli(&["CLUSTER", "NODES"]).lines().find_map(|line| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            let flags = parts.get(2)?;
+            if !flags.contains("master") || flags.contains("fail") {
+                return None;
+            }
+            let port: u16 = parts.get(1)?.split(['@', ',']).next()?.rsplit(':').next()?.parse().ok()?;
+            let owns = parts.iter().skip(8).any(|range| {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                matches!((start.parse::<u16>(), end.parse::<u16>()), (Ok(s), Ok(e)) if (s..=e).contains(&slot))
+            });
+            owns.then_some(port)
+        })
+    }
+}
+
+/// What the tests that run on both a standalone Redis and a cluster need of either: the URL the
+/// replicas take, and `redis-cli` (following redirections on a cluster).
+pub trait Redis {
+    fn url(&self) -> String;
+    fn cli(&self, args: &[&str]) -> String;
+}
+
+impl Redis for RedisServer {
+    fn url(&self) -> String {
+        RedisServer::url(self)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        RedisServer::cli(self, args)
+    }
+}
+
+impl Redis for RedisCluster {
+    fn url(&self) -> String {
+        RedisCluster::url(self)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        RedisCluster::cli(self, args)
+    }
+}
