@@ -71,7 +71,7 @@ action = "noop"
 "#;
 
 const USAGE: &str = "usage: cargo bench --bench chain3 -- --port PORT [--concurrency 50] [--n 20000] \
-[--inflight 2xC] [--warmup 500] [--time-limit 120] [--shards 16] [--run-index K] [--tag TEXT]
+[--inflight 2xC] [--warmup 500] [--time-limit 120] [--shards 16] [--run-index K] [--tag TEXT] [--url URL]
   Talks only to 127.0.0.1:PORT and FLUSHALLs it: use a private, throwaway redis-server.";
 
 // ---------------------------------------------------------------- arguments
@@ -86,6 +86,10 @@ struct Args {
     shards: u16,
     run_index: Option<u64>,
     tag: Option<String>,
+    /// Where the engine connects (default `redis://127.0.0.1:PORT`): a `redis-cluster://` URL
+    /// puts it on a cluster, while `--port` names one of its nodes for FLUSHALL and INFO (so the
+    /// Redis figures are that node's; `benches/cluster.sh` reads every node's itself).
+    url: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -99,6 +103,7 @@ fn parse_args() -> Result<Args, String> {
         "shards",
         "run-index",
         "tag",
+        "url",
     ])?;
     let port = common::port(&values)?;
     let concurrency: usize = number(&values, "concurrency", 50)?;
@@ -121,6 +126,7 @@ fn parse_args() -> Result<Args, String> {
         shards: number(&values, "shards", 16)?,
         run_index: common::flag(&values, "run-index").map(|_| number(&values, "run-index", 0)).transpose()?,
         tag: common::flag(&values, "tag").map(str::to_owned),
+        url: common::flag(&values, "url").map(str::to_owned),
     })
 }
 
@@ -135,7 +141,7 @@ struct Outcome {
 }
 
 async fn start_engine(args: &Args, registry: &Arc<Registry>) -> Result<(Arc<RedisStore>, Arc<Engine>), String> {
-    let url = format!("redis://{HOST}:{}", args.port);
+    let url = args.url.clone().unwrap_or_else(|| format!("redis://{HOST}:{}", args.port));
     let store = Arc::new(RedisStore::connect(&url, "wfo", args.shards).await.map_err(|e| e.to_string())?);
     let defaults = Settings::from_lookup(|_| None).map_err(|e| e.to_string())?;
     let config = EngineConfig {
@@ -257,6 +263,31 @@ async fn chain3(args: &Args, n: usize, inflight: usize, time_limit: Duration) ->
     }
     let Some((elapsed, cpu1, steps, snap_end, runs)) = measured else { unreachable!("measured before leaving") };
     latencies.truncate(runs);
+    if args.url.as_deref().is_some_and(|url| url.starts_with("redis-cluster://")) {
+        // On a cluster the admin connection sees one node: the Redis and memory figures are
+        // read per node by benches/cluster.sh instead.
+        let in_time = engine.shutdown().await;
+        let report = json!({
+            "scenario": "chain3",
+            "mode": "engine-cluster",
+            "concurrency": args.concurrency,
+            "shards": args.shards,
+            "n_requested": n,
+            "stop_reason": stop_reason,
+            "runs_completed": runs,
+            "steps_completed": steps,
+            "failed": failed,
+            "trigger_errors": trigger_errors,
+            "elapsed_s": round(elapsed, 3),
+            "runs_per_s": round(runs as f64 / elapsed, 1),
+            "steps_per_s": round(steps as f64 / elapsed, 1),
+            "run_latency_ms": percentiles(&mut latencies),
+            "engine_cpu_us_per_step": round((cpu1 - cpu0) * 1e6 / steps.max(1) as f64, 1),
+            "shutdown_in_time": in_time,
+        });
+        let _ = snap_end;
+        return Ok(Outcome { report });
+    }
 
     // Memory: trim the ready streams behind the consumer group (what the sweeper does every few
     // passes), stop the engine, and read used_memory with every run's history still kept.

@@ -163,6 +163,8 @@ echo "schemathesis: $("$VENV/bin/schemathesis" --version) ($VENV)"
 section "docker-compose config check"
 docker-compose -f docker/docker-compose.yml config -q
 echo "docker/docker-compose.yml: OK"
+docker-compose -f docker/docker-compose.cluster.yml config -q
+echo "docker/docker-compose.cluster.yml: OK"
 
 section "cargo fmt --check"
 cargo fmt --all -- --check

@@ -85,13 +85,18 @@ pub struct ReplicaWait {
 }
 
 /// Where a command goes on a cluster: the slot of its key, found at the position that command
-/// keeps it; commands without a key go to any node.
-fn route(name: &str) -> ClusterHash {
-    match name {
-        "FCALL" => ClusterHash::Offset(2),
-        "XINFO" | "XGROUP" => ClusterHash::Offset(1),
-        "INFO" | "TIME" | "CONFIG" => ClusterHash::Random,
-        _ => ClusterHash::FirstKey,
+/// keeps it. (fred hashes a custom command's first string argument unless it is given the
+/// slot: right for `GET key ...`, wrong for `FCALL function numkeys key ...`.) Commands without
+/// a key go wherever their first argument hashes, which is any node.
+fn route(name: &str, args: &[Value]) -> ClusterHash {
+    let key = match name {
+        "FCALL" => args.get(2),
+        "XINFO" | "XGROUP" => args.get(1),
+        _ => return ClusterHash::FirstKey,
+    };
+    match key.and_then(Value::as_bytes) {
+        Some(key) => ClusterHash::Custom(fred::util::redis_keyslot(key)),
+        None => ClusterHash::FirstKey,
     }
 }
 
@@ -301,7 +306,8 @@ impl RedisStore {
         name: &'static str,
         args: Vec<Value>,
     ) -> StoreResult<Value> {
-        client.custom(CustomCommand::new_static(name, route(name), false), args).await.map_err(|err| {
+        let route = if self.cluster { route(name, &args) } else { ClusterHash::FirstKey };
+        client.custom(CustomCommand::new_static(name, route, false), args).await.map_err(|err| {
             // A command that waited out a reconnection says "Timeout": name the cause too.
             match self.connection_error.lock().as_deref() {
                 Some(cause) if *err.kind() == fred::error::ErrorKind::Timeout => {
@@ -600,6 +606,11 @@ impl RedisStore {
         let deadline = tokio::time::Instant::now() + block;
         let mut pause = CLAIM_POLL_MIN;
         loop {
+            // Listening before the round, so that a step this replica queues during it is not
+            // missed.
+            let queued = self.queued.notified();
+            tokio::pin!(queued);
+            queued.as_mut().enable();
             let mut claimed = Vec::new();
             if max >= order.len() {
                 let share = max / order.len();
@@ -624,7 +635,6 @@ impl RedisStore {
                 self.bury(&claimed).await?;
                 return Ok(claimed);
             }
-            let queued = self.queued.notified();
             tokio::select! {
                 _ = tokio::time::sleep(pause.min(deadline - now)) => {}
                 _ = queued => {}
