@@ -321,6 +321,18 @@ local function ack(keys, argv)
   return 0
 end
 
+-- Holds a run back while its workflow is paused: acknowledges the entry if `consumer` still
+-- holds it and adds the run to the workflow's held set, scored by its creation time.
+-- KEYS: 1 ready stream, 2 held set. ARGV: group, consumer, id, run, created at. Returns 1 or 0.
+local function hold(keys, argv)
+  if holds(keys[1], argv[1], argv[2], argv[3]) then
+    redis.call('XACK', keys[1], argv[1], argv[3])
+    redis.call('ZADD', keys[2], argv[5], argv[4])
+    return 1
+  end
+  return 0
+end
+
 -- Takes over entries idle longer than the lease (Redis's clock judges), with delivery counts.
 -- KEYS: 1 ready stream. ARGV: group, consumer, min idle ms, start id, count.
 -- Returns {next start, {{id, fields, deliveries}...}, {deleted ids...}}.
@@ -597,6 +609,7 @@ redis.register_function('wfo_v2_cron_advance', cron_advance)
 redis.register_function('wfo_v2_renew', renew)
 redis.register_function('wfo_v2_claim', claim)
 redis.register_function('wfo_v2_ack', ack)
+redis.register_function('wfo_v2_hold', hold)
 redis.register_function('wfo_v2_reclaim', reclaim)
 redis.register_function('wfo_v2_dead_letter', dead_letter)
 redis.register_function('wfo_v2_bus_read', bus_read)

@@ -256,6 +256,18 @@ pub async fn trigger(engine: &Engine, workflow: &str, input: &str, key: Option<&
     }
 }
 
+/// `pause <workflow>` / `resume <workflow>`: prints `{"workflowId", "paused"}` as the API does.
+pub async fn pause(engine: &Engine, workflow: &str, paused: bool) -> anyhow::Result<ExitCode> {
+    match engine.set_paused(workflow, paused).await {
+        Ok(paused) => {
+            println!("{}", serde_json::json!({ "workflowId": workflow, "paused": paused }));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(EngineError::UnknownWorkflow(id)) => bail!("no workflow `{id}` (see `workflow-orchestrator workflows`)"),
+        Err(err) => Err(err.into()),
+    }
+}
+
 pub async fn publish(engine: &Engine, event_type: &str, payload: &str, key: Option<&str>) -> anyhow::Result<ExitCode> {
     let payload = parse_object("--payload", payload)?;
     match engine.publish_event(event_type, &payload, key, Some("cli")).await? {

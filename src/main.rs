@@ -93,6 +93,11 @@ enum Command {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
+    /// Pause a workflow: steps already running finish, no further step of its runs runs, and
+    /// new runs wait until it is resumed.
+    Pause { workflow: String },
+    /// Resume a paused workflow: the runs held meanwhile go on, oldest first.
+    Resume { workflow: String },
     /// Publish an event on the bus.
     Publish {
         event_type: String,
@@ -176,6 +181,8 @@ fn main() -> ExitCode {
                     Command::Trigger { workflow, input, idempotency_key } => {
                         cli::trigger(&engine, &workflow, &input, idempotency_key.as_deref()).await
                     }
+                    Command::Pause { workflow } => cli::pause(&engine, &workflow, true).await,
+                    Command::Resume { workflow } => cli::pause(&engine, &workflow, false).await,
                     Command::Publish { event_type, payload, key } => {
                         cli::publish(&engine, &event_type, &payload, key.as_deref()).await
                     }

@@ -147,6 +147,7 @@ conformance! {
     definitions_are_found_by_hash_on_every_shard = definitions_are_found_by_hash(16);
     replicas_are_listed_while_their_heartbeat_lives = replicas_are_listed_while_their_heartbeat_lives(4);
     runs_are_found_by_their_input_values = runs_are_found_by_their_input_values(16);
+    a_paused_workflows_claimed_steps_are_held_and_listed_oldest_first = paused_workflows_steps_are_held_oldest_first(4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -421,6 +422,51 @@ async fn claim_returns_the_dispatched_task(store: Arc<dyn Store>) {
     assert_eq!((task.run, task.step, task.attempt), (id.to_string(), 0, 1));
     assert_eq!(task.state, dispatched);
     assert!(nothing_claimable(&store, "b").await, "an entry is delivered once");
+}
+
+async fn paused_workflows_steps_are_held_oldest_first(store: Arc<dyn Store>) {
+    assert!(store.set_paused("wf", true).await.unwrap(), "pausing changes the state");
+    assert!(!store.set_paused("wf", true).await.unwrap(), "pausing twice changes nothing");
+    assert_eq!(store.paused_workflows().await.unwrap(), BTreeSet::from(["wf".to_owned()]));
+    let def = definition("wf", 1, 1);
+    // Created newest first, on different shards.
+    let mut runs = Vec::new();
+    for (i, at) in [3_000u64, 2_000, 1_000].into_iter().enumerate() {
+        runs.push(create(&store, new_run(&def, i as u16, at, None)).await);
+    }
+    let mut claims = Vec::new();
+    for _ in 0..20 {
+        if claims.len() == 3 {
+            break;
+        }
+        claims.extend(store.claim("a", 3 - claims.len(), BLOCK).await.unwrap());
+    }
+    assert_eq!(claims.len(), 3, "the three queued steps are claimed");
+    for claimed in &claims {
+        let task = claimed.task.as_ref().expect("a decodable task");
+        let run: RunId = task.run.parse().unwrap();
+        assert!(store.hold(&claimed.lease, &run, "wf", task.state.created_at).await.unwrap());
+        // Acknowledged: held once, not delivered again, not reclaimable.
+        assert!(!store.hold(&claimed.lease, &run, "wf", task.state.created_at).await.unwrap());
+    }
+    assert!(nothing_claimable(&store, "b").await, "a held step's entry is acknowledged");
+    assert!(store.reclaim("b", Duration::ZERO, 10).await.unwrap().is_empty(), "nothing left pending");
+    let oldest_first: Vec<RunId> = runs.iter().rev().cloned().collect();
+    assert_eq!(store.held_runs("wf", 10).await.unwrap(), oldest_first);
+    assert_eq!(store.held_runs("wf", 2).await.unwrap(), oldest_first[..2].to_vec());
+    assert_eq!(store.held_count("wf").await.unwrap(), 3);
+    assert_eq!(store.held_count("other").await.unwrap(), 0);
+    // A claim by a consumer that does not hold the entry holds nothing.
+    let fourth = create(&store, new_run(&def, 3, 4_000, None)).await;
+    let claimed = claim_one(&store, "a").await;
+    let stranger = Lease { consumer: "b".to_owned(), ..claimed.lease.clone() };
+    assert!(!store.hold(&stranger, &fourth, "wf", 4_000).await.unwrap());
+    assert_eq!(store.held_count("wf").await.unwrap(), 3);
+    store.release("wf", &oldest_first[0]).await.unwrap();
+    assert_eq!(store.held_runs("wf", 10).await.unwrap(), oldest_first[1..].to_vec());
+    assert!(store.set_paused("wf", false).await.unwrap());
+    assert!(!store.set_paused("wf", false).await.unwrap());
+    assert!(store.paused_workflows().await.unwrap().is_empty());
 }
 
 async fn claim_returns_at_most_max(store: Arc<dyn Store>) {

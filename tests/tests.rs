@@ -9,6 +9,7 @@ mod conformance;
 mod failures;
 mod hardening;
 mod logs;
+mod pauses;
 mod replay;
 mod smoke;
 mod traces;

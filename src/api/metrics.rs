@@ -80,15 +80,31 @@ pub async fn render(engine: &Engine, store_deadline: std::time::Duration) -> Res
     }
     family(&mut out, "wfo_executors_busy", "gauge", "Executors of this replica running a step now.");
     let _ = writeln!(out, "wfo_executors_busy {}", engine.busy_executors());
+    family(&mut out, "wfo_workflow_paused", "gauge", "Whether the workflow is paused (as this replica last read it).");
+    let paused = engine.paused_workflows();
+    for workflow in engine.registry().iter() {
+        let id = &workflow.def.id;
+        let _ = writeln!(out, "wfo_workflow_paused{{workflow=\"{}\"}} {}", label(id), u8::from(paused.contains(id)));
+    }
 
     // The store's side: answered only if the store is reachable.
-    let store_side = async { (engine.stream_stats().await, engine.store_round_trip().await) };
+    let store_side =
+        async { (engine.stream_stats().await, engine.store_round_trip().await, engine.held_counts().await) };
     let answered = match engine.store_problem() {
         Some(_) => None,
         None => tokio::time::timeout(store_deadline, store_side).await.ok(),
     };
     match answered {
-        Some((Ok(stats), Ok(round_trip))) => {
+        Some((Ok(stats), Ok(round_trip), Ok(held))) => {
+            family(
+                &mut out,
+                "wfo_runs_held",
+                "gauge",
+                "Runs held back, by workflow and reason (pause), by any replica.",
+            );
+            for (workflow, count) in held {
+                let _ = writeln!(out, "wfo_runs_held{{workflow=\"{}\",reason=\"pause\"}} {count}", label(&workflow));
+            }
             family(&mut out, "wfo_stream_length", "gauge", "Entries in the store's streams.");
             let _ = writeln!(out, "wfo_stream_length{{stream=\"ready\"}} {}", stats.ready_length);
             let _ = writeln!(out, "wfo_stream_length{{stream=\"events\"}} {}", stats.events_length);

@@ -224,6 +224,8 @@ enum Route<'a> {
     Rerun(&'a str),
     /// `POST /api/runs/bulk`: cancel or retry the runs matching a filter.
     Bulk,
+    /// `POST /api/workflows/:id/pause` (true) and `/resume` (false).
+    Pause(&'a str, bool),
     RunStateAt(&'a str),
     Replicas,
     Stats,
@@ -247,6 +249,8 @@ impl<'a> Route<'a> {
             ["api", "workflows"] => Route::Workflows,
             ["api", "workflows", id, "status"] => Route::WorkflowStatus(id),
             ["api", "workflows", id, "trigger"] => Route::Trigger(id),
+            ["api", "workflows", id, "pause"] => Route::Pause(id, true),
+            ["api", "workflows", id, "resume"] => Route::Pause(id, false),
             ["api", "events"] => Route::Events,
             ["api", "events", "dead"] => Route::DeadEvents,
             ["api", "runs"] => Route::Runs,
@@ -276,6 +280,7 @@ impl<'a> Route<'a> {
         match self {
             Route::Events => "GET, HEAD, POST",
             Route::Trigger(_)
+            | Route::Pause(..)
             | Route::Cancel(_)
             | Route::Retry(_)
             | Route::Rerun(_)
@@ -376,6 +381,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Answer {
         Route::Workflows => ok_json(StatusCode::OK, workflows(engine)),
         Route::WorkflowStatus(id) => workflow_status(engine, id).await,
         Route::Trigger(id) => trigger(engine, id, request).await,
+        Route::Pause(id, paused) => pause(engine, id, paused, request).await,
         Route::DeadEvents => list_dead_events(engine, query).await,
         Route::Events if method != Method::POST => list_events(engine, query).await,
         Route::Events => publish_event(engine, request).await,
@@ -737,6 +743,7 @@ fn workflows(engine: &Engine) -> Value {
                     .collect::<Vec<_>>(),
                 "definitionHash": w.hash,
                 "search": w.def.search,
+                "paused": engine.is_paused(&w.def.id),
             })
         })
         .collect();
@@ -875,6 +882,14 @@ async fn cancel(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer
         StatusCode::OK,
         json!({ "runId": run.to_string(), "workflowId": state.workflow, "status": state.status.name() }),
     )
+}
+
+/// `POST /api/workflows/:id/pause` and `/resume`.
+async fn pause(engine: &Engine, id: &str, paused: bool, request: Request<Incoming>) -> Answer {
+    check_workflow_id(id)?;
+    object_body(request, &[]).await?;
+    let paused = engine.set_paused(id, paused).await?;
+    ok_json(StatusCode::OK, json!({ "workflowId": id, "paused": paused }))
 }
 
 async fn retry(engine: &Engine, id: &str, request: Request<Incoming>) -> Answer {
@@ -1105,6 +1120,7 @@ async fn workflow_status(engine: &Engine, id: &str) -> Answer {
             "schedule": workflow.def.schedule,
             "nextRunAt": engine.next_fire(workflow).map(views::timestamp),
             "nextFires": engine.next_fires(workflow, 5).into_iter().map(views::timestamp).collect::<Vec<_>>(),
+            "paused": engine.is_paused(id),
             "activeRuns": summaries(engine, &active).await?,
             "recentRuns": summaries(engine, &recent).await?,
             "counts": counts,

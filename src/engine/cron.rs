@@ -54,6 +54,12 @@ impl Engine {
 
     async fn tick_schedule(&self, workflow: &Workflow, cursor: &mut Cursor, now: Millis) -> Result<(), StoreError> {
         let Some(schedule) = &workflow.schedule else { return Ok(()) };
+        if self.is_paused(&workflow.def.id) {
+            // Nothing fires while paused; on resume the fires missed meanwhile are handled as
+            // after downtime, by the workflow's catch-up policy.
+            *cursor = Cursor::default();
+            return Ok(());
+        }
         let checked_until = &mut cursor.checked_until;
         let from = match *checked_until {
             Some(from) => from,

@@ -193,6 +193,12 @@ impl Engine {
                 return;
             }
         };
+        if self.is_paused(&task.state.workflow) {
+            if let Err(err) = self.hold_step(&lease, &run, &task).await {
+                tracing::warn!(run_id = %run, %err, "holding a step of a paused workflow failed; it will be claimed again after its lease expires");
+            }
+            return;
+        }
         // Read before the span is made, so that the span gets every field at once: a field
         // recorded later costs the JSON log format a second encoding of them all.
         let workflow = match self.definition(run.shard, &task.state.definition).await {

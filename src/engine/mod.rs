@@ -11,6 +11,7 @@
 //! - `children`: child runs (`action = "workflow"`): starts them, wakes a parent's step when its
 //!   child ends, cancels a cancelled parent's children;
 //! - `operator`: what operators do to runs (read, cancel, retry, rerun); `bulk`: to many.
+//! - `pauses`: paused workflows: their claimed steps are held, and queued again on resume.
 //! - `cron`: the schedules, exactly once across replicas, with catch-up and overlap policies.
 //! - `sweeper`: belt and braces: re-queues runs that say they are running but have neither a
 //!   live lease nor a queued entry; re-registers waits; trims streams and expires finished runs.
@@ -30,6 +31,7 @@ mod cron;
 mod executor;
 mod metrics;
 mod operator;
+mod pauses;
 mod record;
 mod replicas;
 mod router;
@@ -43,6 +45,7 @@ pub use bulk::{BulkAction, BulkFilter, BulkOutcome, MAX_BULK};
 pub use clock::{Clock, ManualClock, StoreClock};
 pub use metrics::{Metrics, STEP_BUCKETS, WorkflowMetrics};
 pub use operator::LoadedRun;
+pub use pauses::PAUSES_REFRESH;
 pub use replicas::{HEARTBEAT_EVERY, HEARTBEAT_TTL};
 pub use stats::{MAX_COUNTED, RunStats};
 
@@ -199,6 +202,8 @@ pub struct Engine {
     finished: tokio::sync::broadcast::Sender<(String, &'static str)>,
     /// What steps do: the HTTP client, where notifications go, the built-ins.
     actions: crate::actions::Actions,
+    /// The paused workflows, as last read from the store (see `pauses`).
+    paused: RwLock<std::collections::BTreeSet<String>>,
     pub counters: Counters,
     pub metrics: Metrics,
 }
@@ -262,11 +267,13 @@ impl Engine {
             commits,
             finished: tokio::sync::broadcast::channel(4096).0,
             actions,
+            paused: RwLock::new(std::collections::BTreeSet::new()),
             counters: Counters::default(),
             metrics: Metrics::default(),
             config,
         });
         engine.calibrate_clock().await?;
+        *engine.paused.write() = engine.store.paused_workflows().await?;
         Ok(engine)
     }
 
@@ -280,6 +287,7 @@ impl Engine {
         self.tasks.spawn(Arc::clone(self).router_loop());
         self.tasks.spawn(Arc::clone(self).router_reclaim_loop());
         self.tasks.spawn(Arc::clone(self).heartbeat_loop());
+        self.tasks.spawn(Arc::clone(self).pauses_loop());
     }
 
     /// Stops claiming, lets in-flight steps finish within the grace period, then aborts the

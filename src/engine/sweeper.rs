@@ -47,7 +47,13 @@ impl Engine {
         let quiet_for = self.config.lease_ttl * 2 + Duration::from_secs(1);
         let before = self.clock.now().saturating_sub(quiet_for.as_millis() as u64);
         let mut requeued = 0;
+        // Runs held while their workflow was paused, whose workflow is not paused any more.
+        requeued += self.release_all_held().await?;
         for (run, summary) in self.store.quiet_runs(before, SWEEP_BATCH).await? {
+            // A paused workflow's runs are held on purpose: their steps have no live entry.
+            if self.is_paused(&summary.workflow) {
+                continue;
+            }
             // A run shows `waiting` when nothing else of it is busy; a step of a `running` one
             // may wait too.
             if matches!(summary.status, Status::Waiting | Status::Running) {
@@ -107,7 +113,7 @@ impl Engine {
 
     /// Re-derives a run's effects from its log and performs them again, fenced by its seq and
     /// refused while its ready entry is live. Returns whether it re-queued.
-    async fn requeue(&self, run: &RunId) -> Result<bool, StoreError> {
+    pub(super) async fn requeue(&self, run: &RunId) -> Result<bool, StoreError> {
         let Some(super::LoadedRun { state, workflow, .. }) = self.load_for_loop(run).await? else { return Ok(false) };
         let now = self.clock.now();
         let mut advanced = machine::advance(Some(&state), &workflow.def, Vec::new(), now)

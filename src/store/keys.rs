@@ -125,6 +125,16 @@ impl Keys {
         format!("{}:idx:wfst:{workflow}:{status}", self.shard(shard))
     }
 
+    /// Sorted set: a paused workflow's runs held back on this shard, by creation time.
+    pub fn held(&self, shard: u16, workflow: &str) -> String {
+        format!("{}:held:{workflow}", self.shard(shard))
+    }
+
+    /// Hash: the paused workflows (workflow -> when it was paused, ms).
+    pub fn paused(&self) -> String {
+        format!("{}:paused", self.prefix)
+    }
+
     /// String: the version of the Lua library the data was written with.
     pub fn schema_version(&self) -> String {
         format!("{}:schema", self.prefix)

@@ -27,7 +27,7 @@ use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Bound;
 use std::str::FromStr;
@@ -282,6 +282,10 @@ struct State {
     seen: HashMap<String, Instant>,
     /// Replicas' last heartbeats, until the instant each expires.
     replicas: BTreeMap<String, (ReplicaBeat, Instant)>,
+    /// Paused workflows.
+    paused: BTreeSet<String>,
+    /// Runs held back while their workflow is paused, by workflow, oldest first.
+    held: HashMap<String, BTreeSet<(Millis, RunId)>>,
 }
 
 /// An entry's raw fields, binary-safe.
@@ -1209,6 +1213,52 @@ impl Replicas for MemoryStore {
         let mut state = self.shared.state.lock();
         state.replicas.retain(|_, (_, until)| *until > now);
         Ok(state.replicas.values().map(|(beat, _)| beat.clone()).collect())
+    }
+}
+
+#[async_trait]
+impl Pauses for MemoryStore {
+    async fn set_paused(&self, workflow: &str, paused: bool) -> StoreResult<bool> {
+        let mut state = self.shared.state.lock();
+        Ok(if paused { state.paused.insert(workflow.to_owned()) } else { state.paused.remove(workflow) })
+    }
+
+    async fn paused_workflows(&self) -> StoreResult<BTreeSet<String>> {
+        Ok(self.shared.state.lock().paused.clone())
+    }
+
+    async fn hold(&self, lease: &Lease, run: &RunId, workflow: &str, created_at: Millis) -> StoreResult<bool> {
+        let mut state = self.shared.state.lock();
+        let Some(queue) = state.ready.get_mut(&lease.shard) else { return Ok(false) };
+        let held_by_consumer = lease
+            .entry
+            .parse::<EntryId>()
+            .is_ok_and(|id| queue.pending.get(&id).is_some_and(|pending| pending.owner == lease.consumer));
+        if !held_by_consumer {
+            return Ok(false);
+        }
+        queue.ack(&lease.consumer, &lease.entry);
+        state.held.entry(workflow.to_owned()).or_default().insert((created_at, run.clone()));
+        Ok(true)
+    }
+
+    async fn held_runs(&self, workflow: &str, max: usize) -> StoreResult<Vec<RunId>> {
+        let state = self.shared.state.lock();
+        Ok(state
+            .held
+            .get(workflow)
+            .map_or_else(Vec::new, |held| held.iter().take(max).map(|(_, run)| run.clone()).collect()))
+    }
+
+    async fn release(&self, workflow: &str, run: &RunId) -> StoreResult<()> {
+        if let Some(held) = self.shared.state.lock().held.get_mut(workflow) {
+            held.retain(|(_, held)| held != run);
+        }
+        Ok(())
+    }
+
+    async fn held_count(&self, workflow: &str) -> StoreResult<u64> {
+        Ok(self.shared.state.lock().held.get(workflow).map_or(0, |held| held.len() as u64))
     }
 }
 

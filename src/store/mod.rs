@@ -18,6 +18,7 @@ pub mod redis;
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
 use async_trait::async_trait;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -767,21 +768,50 @@ pub trait Replicas: Send + Sync + 'static {
     async fn replicas(&self) -> StoreResult<Vec<ReplicaBeat>>;
 }
 
+/// Paused workflows, and the runs held back while their workflow is paused: a run whose step is
+/// claimed while its workflow is paused is held (its entry acknowledged, the run kept in the
+/// workflow's held set by creation time) instead of run; once the workflow is resumed the held
+/// runs are queued again, oldest first.
+#[async_trait]
+pub trait Pauses: Send + Sync + 'static {
+    /// Pauses or resumes `workflow`; returns whether that changed anything.
+    async fn set_paused(&self, workflow: &str, paused: bool) -> StoreResult<bool>;
+
+    /// The paused workflows.
+    async fn paused_workflows(&self) -> StoreResult<BTreeSet<String>>;
+
+    /// Holds `run` (of `workflow`, created at `created_at`) back instead of running the step of
+    /// `lease`: acknowledges the entry and adds the run to the workflow's held set, at once; does
+    /// nothing (false) when the entry is no longer this consumer's.
+    async fn hold(&self, lease: &Lease, run: &RunId, workflow: &str, created_at: Millis) -> StoreResult<bool>;
+
+    /// Up to `max` held runs of `workflow`, oldest first (over every shard).
+    async fn held_runs(&self, workflow: &str, max: usize) -> StoreResult<Vec<RunId>>;
+
+    /// Takes `run` out of `workflow`'s held set (it was queued again, or it ended).
+    async fn release(&self, workflow: &str, run: &RunId) -> StoreResult<()>;
+
+    /// How many runs of `workflow` are held.
+    async fn held_count(&self, workflow: &str) -> StoreResult<u64>;
+}
+
 /// Everything a store does, by concern, each its own trait: the engine holds an `Arc<dyn Store>`.
 pub trait Store:
-    Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas
+    Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas + Pauses
 {
 }
 
-impl<T: Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas> Store
-    for T
+impl<T: Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas + Pauses>
+    Store for T
 {
 }
 
 /// The store's traits, for calling a concrete store's methods (`RedisStore`, `MemoryStore`): a
 /// trait's methods need the trait in scope (those of an `Arc<dyn Store>` do not).
 pub mod prelude {
-    pub use super::{Backend, Definitions, EventBus, Listing, ReadySteps, Replicas, Runs, Schedules, Values, Waits};
+    pub use super::{
+        Backend, Definitions, EventBus, Listing, Pauses, ReadySteps, Replicas, Runs, Schedules, Values, Waits,
+    };
 }
 
 /// Orders stream entry ids (`<ms>-<seq>`) numerically.

@@ -1969,6 +1969,86 @@ impl Waits for RedisStore {
 }
 
 #[async_trait]
+impl Pauses for RedisStore {
+    async fn set_paused(&self, workflow: &str, paused: bool) -> StoreResult<bool> {
+        let key = self.keys.paused();
+        let changed = if paused {
+            let now = self.now().await?;
+            self.cmd("HSETNX", vec![key.into(), workflow.into(), now.to_string().into()]).await?
+        } else {
+            self.cmd("HDEL", vec![key.into(), workflow.into()]).await?
+        };
+        Ok(changed.as_i64().unwrap_or(0) > 0)
+    }
+
+    async fn paused_workflows(&self) -> StoreResult<std::collections::BTreeSet<String>> {
+        let reply = self.cmd("HKEYS", vec![self.keys.paused().into()]).await?;
+        Ok(reply.into_array().iter().filter_map(text).collect())
+    }
+
+    async fn hold(&self, lease: &Lease, run: &RunId, workflow: &str, created_at: Millis) -> StoreResult<bool> {
+        let reply = self
+            .fcall(
+                "wfo_v2_hold",
+                vec![self.keys.ready(lease.shard), self.keys.held(lease.shard, workflow)],
+                vec![
+                    WORKERS_GROUP.into(),
+                    lease.consumer.clone().into(),
+                    lease.entry.clone().into(),
+                    run.to_string().into(),
+                    (created_at as i64).into(),
+                ],
+            )
+            .await?;
+        Ok(reply.as_i64().unwrap_or(0) > 0)
+    }
+
+    async fn held_runs(&self, workflow: &str, max: usize) -> StoreResult<Vec<RunId>> {
+        let reads = (0..self.keys.shards()).map(|shard| {
+            self.cmd(
+                "ZRANGE",
+                vec![
+                    self.keys.held(shard, workflow).into(),
+                    "0".into(),
+                    ((max.max(1) - 1) as i64).into(),
+                    "WITHSCORES".into(),
+                ],
+            )
+        });
+        let mut held: Vec<(u64, RunId)> = Vec::new();
+        for reply in join_all(reads).await {
+            let items = reply?.into_array();
+            for pair in items.chunks(2) {
+                let (Some(run), Some(score)) = (pair.first().and_then(text), pair.get(1).and_then(text)) else {
+                    continue;
+                };
+                if let (Ok(run), Ok(score)) = (run.parse::<RunId>(), score.parse::<f64>()) {
+                    held.push((score as u64, run));
+                }
+            }
+        }
+        held.sort();
+        held.truncate(max);
+        Ok(held.into_iter().map(|(_, run)| run).collect())
+    }
+
+    async fn release(&self, workflow: &str, run: &RunId) -> StoreResult<()> {
+        self.cmd("ZREM", vec![self.keys.held(run.shard, workflow).into(), run.to_string().into()]).await?;
+        Ok(())
+    }
+
+    async fn held_count(&self, workflow: &str) -> StoreResult<u64> {
+        let reads =
+            (0..self.keys.shards()).map(|shard| self.cmd("ZCARD", vec![self.keys.held(shard, workflow).into()]));
+        let mut total = 0;
+        for reply in join_all(reads).await {
+            total += reply?.as_i64().unwrap_or(0) as u64;
+        }
+        Ok(total)
+    }
+}
+
+#[async_trait]
 impl Values for RedisStore {
     async fn get_value(&self, key: &str) -> StoreResult<Option<String>> {
         Ok(text(&self.cmd("GET", vec![self.keys.value(key).into()]).await?))
