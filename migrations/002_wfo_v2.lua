@@ -333,6 +333,62 @@ local function hold(keys, argv)
   return 0
 end
 
+-- Concurrency groups: at most `limit` runs hold a slot (a sorted set by creation time); the
+-- others wait in the group's queue (likewise), first come first served.
+
+-- Moves the oldest waiting runs into free slots; returns their ids.
+local function fill_slots(slots, queue, limit)
+  local promoted = {}
+  local free = limit - redis.call('ZCARD', slots)
+  if free > 0 then
+    local next = redis.call('ZRANGE', queue, 0, free - 1, 'WITHSCORES')
+    for i = 1, #next, 2 do
+      redis.call('ZADD', slots, next[i + 1], next[i])
+      redis.call('ZREM', queue, next[i])
+      promoted[#promoted + 1] = next[i]
+    end
+  end
+  return promoted
+end
+
+-- Admits a run whose step `consumer` claimed to its concurrency group: a run holding a slot goes
+-- on; else it takes a free slot if none waits before it; else the entry is acknowledged and the
+-- run waits in the queue (and the oldest waiting runs take any free slot).
+-- KEYS: 1 ready stream, 2 slots, 3 queue, 4 the workflow's groups. ARGV: group, consumer, entry
+-- id, run, created at, limit, group name. Returns {'admitted'} | {'not_ours'} | {'held',
+-- promoted...}.
+local function admit(keys, argv)
+  local group, consumer, id, run, created, limit = argv[1], argv[2], argv[3], argv[4], argv[5], tonumber(argv[6])
+  if redis.call('ZSCORE', keys[2], run) then
+    return {'admitted'}
+  end
+  if not holds(keys[1], group, consumer, id) then
+    return {'not_ours'}
+  end
+  redis.call('SADD', keys[4], argv[7])
+  if redis.call('ZCARD', keys[3]) == 0 and redis.call('ZCARD', keys[2]) < limit then
+    redis.call('ZADD', keys[2], created, run)
+    return {'admitted'}
+  end
+  redis.call('XACK', keys[1], group, id)
+  redis.call('ZADD', keys[3], created, run)
+  local out = {'held'}
+  for _, promoted in ipairs(fill_slots(keys[2], keys[3], limit)) do
+    out[#out + 1] = promoted
+  end
+  return out
+end
+
+-- Gives back an ended run's slot (or its place in the queue), and fills free slots.
+-- KEYS: 1 slots, 2 queue. ARGV: run or '', limit. Returns the promoted runs.
+local function release_slot(keys, argv)
+  if argv[1] ~= '' then
+    redis.call('ZREM', keys[1], argv[1])
+    redis.call('ZREM', keys[2], argv[1])
+  end
+  return fill_slots(keys[1], keys[2], tonumber(argv[2]))
+end
+
 -- Takes over entries idle longer than the lease (Redis's clock judges), with delivery counts.
 -- KEYS: 1 ready stream. ARGV: group, consumer, min idle ms, start id, count.
 -- Returns {next start, {{id, fields, deliveries}...}, {deleted ids...}}.
@@ -610,6 +666,8 @@ redis.register_function('wfo_v2_renew', renew)
 redis.register_function('wfo_v2_claim', claim)
 redis.register_function('wfo_v2_ack', ack)
 redis.register_function('wfo_v2_hold', hold)
+redis.register_function('wfo_v2_admit', admit)
+redis.register_function('wfo_v2_release_slot', release_slot)
 redis.register_function('wfo_v2_reclaim', reclaim)
 redis.register_function('wfo_v2_dead_letter', dead_letter)
 redis.register_function('wfo_v2_bus_read', bus_read)

@@ -172,7 +172,7 @@ impl Chaos {
 /// once (same name, new process: a new consumer in the group; its predecessor's leases expire and
 /// are taken over), keeping `ports` (where the triggers go) current. `before_kill` sees each
 /// victim just before it is killed.
-fn kill_round_robin(
+pub(crate) fn kill_round_robin(
     config: &ReplicaConfig,
     names: &[String],
     replicas: &mut [Replica],

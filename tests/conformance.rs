@@ -23,9 +23,9 @@ use workflow_orchestrator::store::keys::shard_of;
 use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
-    BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, Dispatch, EntryCap, EventQuery, Lease, Logged,
-    NewRun, ReplicaBeat, RunId, RunQuery, RunSummary, SearchQuery, SettledEvent, Store, StoreKind, StreamStats,
-    compare_entry_ids,
+    Admission, BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, Dispatch, EntryCap, EventQuery, Lease,
+    Logged, NewRun, ReplicaBeat, RunId, RunQuery, RunSummary, SearchQuery, SettledEvent, SlotGroup, Store, StoreKind,
+    StreamStats, compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -148,6 +148,7 @@ conformance! {
     replicas_are_listed_while_their_heartbeat_lives = replicas_are_listed_while_their_heartbeat_lives(4);
     runs_are_found_by_their_input_values = runs_are_found_by_their_input_values(16);
     a_paused_workflows_claimed_steps_are_held_and_listed_oldest_first = paused_workflows_steps_are_held_oldest_first(4);
+    concurrency_slots_admit_up_to_the_limit_and_pass_on_oldest_first = concurrency_slots_pass_on_oldest_first(4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -467,6 +468,49 @@ async fn paused_workflows_steps_are_held_oldest_first(store: Arc<dyn Store>) {
     assert!(store.set_paused("wf", false).await.unwrap());
     assert!(!store.set_paused("wf", false).await.unwrap());
     assert!(store.paused_workflows().await.unwrap().is_empty());
+}
+
+async fn concurrency_slots_pass_on_oldest_first(store: Arc<dyn Store>) {
+    let def = definition("wf", 2, 1);
+    let group = SlotGroup { workflow: "wf".to_owned(), group: "g".to_owned(), limit: 1 };
+    // Three runs of one group, on its shard, created in this order.
+    let mut runs = Vec::new();
+    for at in [1_000u64, 2_000, 3_000] {
+        runs.push(create(&store, new_run(&def, 1, at, None)).await);
+    }
+    let mut claims = Vec::new();
+    for _ in 0..20 {
+        if claims.len() == 3 {
+            break;
+        }
+        claims.extend(store.claim("a", 3 - claims.len(), BLOCK).await.unwrap());
+    }
+    assert_eq!(claims.len(), 3);
+    let claim_of = |run: &RunId| {
+        claims.iter().find(|c| c.task.as_ref().is_ok_and(|t| t.run == run.to_string())).expect("a claim of the run")
+    };
+    let (a, b, c) = (&runs[0], &runs[1], &runs[2]);
+    let stranger = Lease { consumer: "b".to_owned(), ..claim_of(a).lease.clone() };
+    assert_eq!(store.admit(&stranger, a, &group, 1_000).await.unwrap(), Admission::NotOurs);
+    assert_eq!(store.admit(&claim_of(a).lease, a, &group, 1_000).await.unwrap(), Admission::Admitted);
+    assert_eq!(store.admit(&claim_of(b).lease, b, &group, 2_000).await.unwrap(), Admission::Held { promoted: vec![] });
+    assert_eq!(store.admit(&claim_of(c).lease, c, &group, 3_000).await.unwrap(), Admission::Held { promoted: vec![] });
+    // The holder stays admitted for its later steps; the waiting runs' entries are acknowledged.
+    assert_eq!(store.admit(&claim_of(a).lease, a, &group, 1_000).await.unwrap(), Admission::Admitted);
+    assert!(
+        store.reclaim("b", Duration::ZERO, 10).await.unwrap().iter().all(|r| r.lease.entry == claim_of(a).lease.entry)
+    );
+    assert_eq!(store.slot_holders(1, &group).await.unwrap(), (vec![a.clone()], 2));
+    assert_eq!(store.slot_groups(1, "wf").await.unwrap(), vec!["g".to_owned()]);
+    // A waiting run that ends (cancelled) leaves the queue; the holder's end passes the slot on
+    // to the oldest waiting run.
+    assert!(store.release_slot(1, &group, Some(c)).await.unwrap().is_empty());
+    assert_eq!(store.release_slot(1, &group, Some(a)).await.unwrap(), vec![b.clone()]);
+    assert_eq!(store.slot_holders(1, &group).await.unwrap(), (vec![b.clone()], 0));
+    assert!(store.release_slot(1, &group, None).await.unwrap().is_empty(), "no free slot, nobody waiting");
+    // A larger limit admits at once.
+    let wide = SlotGroup { limit: 5, ..group.clone() };
+    assert!(store.release_slot(1, &wide, None).await.unwrap().is_empty());
 }
 
 async fn claim_returns_at_most_max(store: Arc<dyn Store>) {

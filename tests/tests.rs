@@ -8,6 +8,7 @@ mod cluster;
 mod conformance;
 mod failures;
 mod hardening;
+mod limits;
 mod logs;
 mod pauses;
 mod replay;

@@ -69,7 +69,24 @@ pub struct WorkflowDef {
     /// `action = "workflow"`) gets; `None`: the last step's. Left out of the snapshot when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
+    /// At most this many runs active at once (started, not ended), per key value when the key is
+    /// set. Left out of the snapshot when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
 }
+
+/// `concurrency = { limit = 2 }` or `{ limit = 1, key = "${input.userId}" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    pub limit: u32,
+    /// A text with `${input...}` templates: runs whose keys render alike share the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// The largest concurrency limit.
+pub const MAX_CONCURRENCY: u32 = 10_000;
 
 /// The most input fields a workflow may index.
 pub const MAX_SEARCH_FIELDS: usize = 8;
@@ -406,6 +423,7 @@ struct RawWorkflow {
     #[serde(default)]
     search: Vec<String>,
     result: Option<String>,
+    concurrency: Option<Concurrency>,
     #[serde(default)]
     step: Vec<RawStep>,
 }
@@ -556,6 +574,23 @@ impl RawWorkflow {
                 return Err(fail("search", format!("`{field}` is named twice")));
             }
         }
+        if let Some(concurrency) = &self.concurrency {
+            if !(1..=MAX_CONCURRENCY).contains(&concurrency.limit) {
+                return Err(fail("concurrency.limit", format!("must be from 1 to {MAX_CONCURRENCY}")));
+            }
+            if let Some(key) = &concurrency.key {
+                let named = actions::templates(key);
+                if key.trim().is_empty() || key.len() > 256 {
+                    return Err(fail("concurrency.key", "must be 1-256 characters".to_owned()));
+                }
+                if let Some(other) = named.iter().find(|t| t.root() != "input") {
+                    return Err(fail(
+                        "concurrency.key",
+                        format!("`${{{}}}`: a key is made of the run's input only (`${{input...}}`)", other.path),
+                    ));
+                }
+            }
+        }
         if self.step.is_empty() {
             return Err(fail("step", "a workflow needs at least one [[workflow.step]]".to_owned()));
         }
@@ -614,6 +649,7 @@ impl RawWorkflow {
             steps,
             search: self.search,
             result: self.result,
+            concurrency: self.concurrency,
         })
     }
 }

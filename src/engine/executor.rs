@@ -208,6 +208,16 @@ impl Engine {
                 return;
             }
         };
+        if workflow.def.concurrency.is_some() {
+            match self.admit_step(&lease, &run, &task.state, &workflow.def).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(err) => {
+                    tracing::warn!(run_id = %run, %err, "admitting a step to its concurrency group failed; it will be claimed again after its lease expires");
+                    return;
+                }
+            }
+        }
         let span = step_span(&run, &task, &workflow);
         // Before the span is first entered: that is when its OpenTelemetry span starts.
         let trace = self.attempt_trace(&span, task.state.trace.as_ref());
@@ -439,6 +449,13 @@ impl Engine {
         // For the run span, exported once the end is committed; only when traces are on.
         let ended_state = (final_status.is_some() && self.config.traces.is_some()).then(|| advanced.state.clone());
         let ended_at = advanced.appended.last().map(|r| r.at);
+        // A run that ends gives its concurrency slot back.
+        let ended_limited = if final_status.is_some() {
+            let definition = self.definition(run.shard, &advanced.state.definition).await.ok();
+            definition.filter(|w| w.def.concurrency.is_some()).map(|w| (w, advanced.state.clone()))
+        } else {
+            None
+        };
         let commit = Commit {
             run: run.clone(),
             expected_seq,
@@ -475,6 +492,9 @@ impl Engine {
                 }
                 if let Some(state) = &ended_child {
                     Box::pin(self.child_run_ended(run, state)).await;
+                }
+                if let Some((workflow, state)) = &ended_limited {
+                    Box::pin(self.release_run_slot(run, state, &workflow.def)).await;
                 }
             }
             CommitOutcome::LeaseLost => {

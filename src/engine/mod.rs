@@ -12,6 +12,7 @@
 //!   child ends, cancels a cancelled parent's children;
 //! - `operator`: what operators do to runs (read, cancel, retry, rerun); `bulk`: to many.
 //! - `pauses`: paused workflows: their claimed steps are held, and queued again on resume.
+//! - `slots`: concurrency limits: a run holds a slot of its group from its first step to its end.
 //! - `cron`: the schedules, exactly once across replicas, with catch-up and overlap policies.
 //! - `sweeper`: belt and braces: re-queues runs that say they are running but have neither a
 //!   live lease nor a queued entry; re-registers waits; trims streams and expires finished runs.
@@ -36,6 +37,7 @@ mod record;
 mod replicas;
 mod router;
 mod services;
+mod slots;
 mod stats;
 mod sweeper;
 mod timers;
@@ -445,6 +447,11 @@ impl Engine {
         idempotency: Option<(String, Duration)>,
     ) -> Result<Triggered, EngineError> {
         let Origin { trigger, caller } = origin;
+        // A limited workflow's runs live on their group's shard, beside its slots.
+        let shard = match Self::slot_group(&workflow.def, input).map_err(EngineError::Invalid)? {
+            Some(group) => self.slot_shard(&group),
+            None => shard,
+        };
         let now = self.clock.now();
         let run = RunId::new(shard, now);
         let created = Transition::RunCreated {

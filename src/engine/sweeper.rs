@@ -49,9 +49,14 @@ impl Engine {
         let mut requeued = 0;
         // Runs held while their workflow was paused, whose workflow is not paused any more.
         requeued += self.release_all_held().await?;
+        // Slots of runs that ended without giving them back; free slots with runs waiting.
+        requeued += self.sweep_slots().await?;
         for (run, summary) in self.store.quiet_runs(before, SWEEP_BATCH).await? {
-            // A paused workflow's runs are held on purpose: their steps have no live entry.
-            if self.is_paused(&summary.workflow) {
+            // A paused workflow's runs are held on purpose: their steps have no live entry; so
+            // are the runs of a limited workflow that wait for a slot (`sweep_slots` looks after
+            // those that hold one).
+            let limited = self.registry.get(&summary.workflow).is_some_and(|w| w.def.concurrency.is_some());
+            if self.is_paused(&summary.workflow) || (limited && summary.status == Status::Pending) {
                 continue;
             }
             // A run shows `waiting` when nothing else of it is busy; a step of a `running` one
@@ -79,7 +84,7 @@ impl Engine {
         Ok(requeued)
     }
 
-    async fn is_orphan(&self, run: &RunId, summary: &RunSummary) -> Result<bool, StoreError> {
+    pub(super) async fn is_orphan(&self, run: &RunId, summary: &RunSummary) -> Result<bool, StoreError> {
         match summary.status {
             Status::Pending | Status::Running => {
                 for entry in &summary.ready_entries {

@@ -130,6 +130,21 @@ impl Keys {
         format!("{}:held:{workflow}", self.shard(shard))
     }
 
+    /// Sorted set: the runs holding a slot of a concurrency group, by creation time.
+    pub fn slots(&self, shard: u16, workflow: &str, group: &str) -> String {
+        format!("{}:slots:{workflow}:{group}", self.shard(shard))
+    }
+
+    /// Sorted set: the runs waiting for a slot of a concurrency group, by creation time.
+    pub fn slot_queue(&self, shard: u16, workflow: &str, group: &str) -> String {
+        format!("{}:slotq:{workflow}:{group}", self.shard(shard))
+    }
+
+    /// Set: a workflow's concurrency groups that have had runs on this shard.
+    pub fn slot_groups(&self, shard: u16, workflow: &str) -> String {
+        format!("{}:slotgroups:{workflow}", self.shard(shard))
+    }
+
     /// Hash: the paused workflows (workflow -> when it was paused, ms).
     pub fn paused(&self) -> String {
         format!("{}:paused", self.prefix)

@@ -18,10 +18,10 @@
 
 use super::prelude::*;
 use super::{
-    BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat, RunId, RunPage,
-    RunQuery, RunSummary, SearchQuery, SettledEvent, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
-    dead_letter_fields, terminal_name,
+    Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
+    DEAD_LETTER_KEEP, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat,
+    RunId, RunPage, RunQuery, RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind,
+    StoreResult, StreamStats, dead_letter_fields, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
@@ -286,6 +286,28 @@ struct State {
     paused: BTreeSet<String>,
     /// Runs held back while their workflow is paused, by workflow, oldest first.
     held: HashMap<String, BTreeSet<(Millis, RunId)>>,
+    /// Concurrency groups by shard, workflow and group: the runs holding slots and those
+    /// waiting, each oldest first.
+    slots: BTreeMap<(u16, String, String), SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    holders: BTreeSet<(Millis, RunId)>,
+    queue: BTreeSet<(Millis, RunId)>,
+}
+
+impl SlotState {
+    /// Moves the oldest waiting runs into free slots; returns them.
+    fn fill(&mut self, limit: u32) -> Vec<RunId> {
+        let mut promoted = Vec::new();
+        while self.holders.len() < limit as usize {
+            let Some(next) = self.queue.pop_first() else { break };
+            promoted.push(next.1.clone());
+            self.holders.insert(next);
+        }
+        promoted
+    }
 }
 
 /// An entry's raw fields, binary-safe.
@@ -1259,6 +1281,58 @@ impl Pauses for MemoryStore {
 
     async fn held_count(&self, workflow: &str) -> StoreResult<u64> {
         Ok(self.shared.state.lock().held.get(workflow).map_or(0, |held| held.len() as u64))
+    }
+}
+
+#[async_trait]
+impl Slots for MemoryStore {
+    async fn admit(&self, lease: &Lease, run: &RunId, group: &SlotGroup, created_at: Millis) -> StoreResult<Admission> {
+        let mut state = self.shared.state.lock();
+        let id = (lease.shard, group.workflow.clone(), group.group.clone());
+        if state.slots.get(&id).is_some_and(|slots| slots.holders.iter().any(|(_, holder)| holder == run)) {
+            return Ok(Admission::Admitted);
+        }
+        let Some(queue) = state.ready.get_mut(&lease.shard) else { return Ok(Admission::NotOurs) };
+        let ours = lease
+            .entry
+            .parse::<EntryId>()
+            .is_ok_and(|entry| queue.pending.get(&entry).is_some_and(|pending| pending.owner == lease.consumer));
+        if !ours {
+            return Ok(Admission::NotOurs);
+        }
+        let slots = state.slots.entry(id).or_default();
+        if slots.queue.is_empty() && slots.holders.len() < group.limit as usize {
+            slots.holders.insert((created_at, run.clone()));
+            return Ok(Admission::Admitted);
+        }
+        slots.queue.insert((created_at, run.clone()));
+        let promoted = slots.fill(group.limit);
+        if let Some(queue) = state.ready.get_mut(&lease.shard) {
+            queue.ack(&lease.consumer, &lease.entry);
+        }
+        Ok(Admission::Held { promoted })
+    }
+
+    async fn release_slot(&self, shard: u16, group: &SlotGroup, run: Option<&RunId>) -> StoreResult<Vec<RunId>> {
+        let mut state = self.shared.state.lock();
+        let slots = state.slots.entry((shard, group.workflow.clone(), group.group.clone())).or_default();
+        if let Some(run) = run {
+            slots.holders.retain(|(_, holder)| holder != run);
+            slots.queue.retain(|(_, waiting)| waiting != run);
+        }
+        Ok(slots.fill(group.limit))
+    }
+
+    async fn slot_groups(&self, shard: u16, workflow: &str) -> StoreResult<Vec<String>> {
+        let state = self.shared.state.lock();
+        Ok(state.slots.keys().filter(|(s, w, _)| *s == shard && w == workflow).map(|(_, _, g)| g.clone()).collect())
+    }
+
+    async fn slot_holders(&self, shard: u16, group: &SlotGroup) -> StoreResult<(Vec<RunId>, u64)> {
+        let state = self.shared.state.lock();
+        Ok(state.slots.get(&(shard, group.workflow.clone(), group.group.clone())).map_or((Vec::new(), 0), |slots| {
+            (slots.holders.iter().map(|(_, run)| run.clone()).collect(), slots.queue.len() as u64)
+        }))
     }
 }
 

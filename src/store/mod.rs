@@ -795,14 +795,66 @@ pub trait Pauses: Send + Sync + 'static {
     async fn held_count(&self, workflow: &str) -> StoreResult<u64>;
 }
 
+/// A concurrency group: the runs of `workflow` whose keys render alike (`group` names the key's
+/// value, hashed), at most `limit` of them active at once. A group's runs live on one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotGroup {
+    pub workflow: String,
+    pub group: String,
+    pub limit: u32,
+}
+
+/// What [`Slots::admit`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The run holds a slot: its step runs.
+    Admitted,
+    /// The run waits for a slot (its entry acknowledged); `promoted` runs took free slots and
+    /// are to be queued again.
+    Held { promoted: Vec<RunId> },
+    /// The entry is no longer this consumer's.
+    NotOurs,
+}
+
+/// Concurrency limits: a run takes a slot of its group when its first step is claimed, keeps it
+/// while it is active (asleep or waiting too), and gives it back when it ends; runs that find
+/// every slot taken wait in the group's queue, oldest first, and are queued again as slots free.
+#[async_trait]
+pub trait Slots: Send + Sync + 'static {
+    /// Admits `run` (on `lease`'s shard) to `group`, or holds it back (see [`Admission`]).
+    async fn admit(&self, lease: &Lease, run: &RunId, group: &SlotGroup, created_at: Millis) -> StoreResult<Admission>;
+
+    /// Gives `run`'s slot (or its place in the queue) back, if given, and fills free slots with
+    /// the oldest waiting runs; returns them (to be queued again).
+    async fn release_slot(&self, shard: u16, group: &SlotGroup, run: Option<&RunId>) -> StoreResult<Vec<RunId>>;
+
+    /// The groups of `workflow` that have had runs on `shard`.
+    async fn slot_groups(&self, shard: u16, workflow: &str) -> StoreResult<Vec<String>>;
+
+    /// The runs holding a slot of `group` on `shard`, and how many wait.
+    async fn slot_holders(&self, shard: u16, group: &SlotGroup) -> StoreResult<(Vec<RunId>, u64)>;
+}
+
 /// Everything a store does, by concern, each its own trait: the engine holds an `Arc<dyn Store>`.
 pub trait Store:
-    Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas + Pauses
+    Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas + Pauses + Slots
 {
 }
 
-impl<T: Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas + Pauses>
-    Store for T
+impl<
+    T: Backend
+        + Definitions
+        + Runs
+        + ReadySteps
+        + Listing
+        + Schedules
+        + EventBus
+        + Waits
+        + Values
+        + Replicas
+        + Pauses
+        + Slots,
+> Store for T
 {
 }
 
@@ -810,7 +862,7 @@ impl<T: Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventB
 /// trait's methods need the trait in scope (those of an `Arc<dyn Store>` do not).
 pub mod prelude {
     pub use super::{
-        Backend, Definitions, EventBus, Listing, Pauses, ReadySteps, Replicas, Runs, Schedules, Values, Waits,
+        Backend, Definitions, EventBus, Listing, Pauses, ReadySteps, Replicas, Runs, Schedules, Slots, Values, Waits,
     };
 }
 

@@ -11,10 +11,10 @@ use super::codec::{
 use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::prelude::*;
 use super::{
-    BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState, DEAD_LETTER_KEEP,
-    Dispatch, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized, ReplicaBeat, RunId,
-    RunPage, RunQuery, RunState, RunSummary, SearchQuery, SettledEvent, StoreError, StoreHealth, StoreKind,
-    StoreResult, StreamStats,
+    Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
+    DEAD_LETTER_KEEP, Dispatch, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized,
+    ReplicaBeat, RunId, RunPage, RunQuery, RunState, RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError,
+    StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, Status};
@@ -2045,6 +2045,76 @@ impl Pauses for RedisStore {
             total += reply?.as_i64().unwrap_or(0) as u64;
         }
         Ok(total)
+    }
+}
+
+/// Run ids in a function's reply (the ids it promoted).
+fn run_ids(values: impl IntoIterator<Item = Value>) -> Vec<RunId> {
+    values.into_iter().filter_map(|v| text(&v)?.parse().ok()).collect()
+}
+
+#[async_trait]
+impl Slots for RedisStore {
+    async fn admit(&self, lease: &Lease, run: &RunId, group: &SlotGroup, created_at: Millis) -> StoreResult<Admission> {
+        let shard = lease.shard;
+        let reply = self
+            .fcall(
+                "wfo_v2_admit",
+                vec![
+                    self.keys.ready(shard),
+                    self.keys.slots(shard, &group.workflow, &group.group),
+                    self.keys.slot_queue(shard, &group.workflow, &group.group),
+                    self.keys.slot_groups(shard, &group.workflow),
+                ],
+                vec![
+                    WORKERS_GROUP.into(),
+                    lease.consumer.clone().into(),
+                    lease.entry.clone().into(),
+                    run.to_string().into(),
+                    (created_at as i64).into(),
+                    i64::from(group.limit).into(),
+                    group.group.clone().into(),
+                ],
+            )
+            .await?;
+        let (tag, rest) = outcome(reply)?;
+        match tag.as_str() {
+            "admitted" => Ok(Admission::Admitted),
+            "held" => Ok(Admission::Held { promoted: run_ids(rest) }),
+            "not_ours" => Ok(Admission::NotOurs),
+            other => Err(corrupt(
+                &self.keys.slots(shard, &group.workflow, &group.group),
+                format!("admit answered `{other}`"),
+            )),
+        }
+    }
+
+    async fn release_slot(&self, shard: u16, group: &SlotGroup, run: Option<&RunId>) -> StoreResult<Vec<RunId>> {
+        let reply = self
+            .fcall(
+                "wfo_v2_release_slot",
+                vec![
+                    self.keys.slots(shard, &group.workflow, &group.group),
+                    self.keys.slot_queue(shard, &group.workflow, &group.group),
+                ],
+                vec![run.map_or_else(String::new, RunId::to_string).into(), i64::from(group.limit).into()],
+            )
+            .await?;
+        Ok(run_ids(reply.into_array()))
+    }
+
+    async fn slot_groups(&self, shard: u16, workflow: &str) -> StoreResult<Vec<String>> {
+        let reply = self.cmd("SMEMBERS", vec![self.keys.slot_groups(shard, workflow).into()]).await?;
+        Ok(reply.into_array().iter().filter_map(text).collect())
+    }
+
+    async fn slot_holders(&self, shard: u16, group: &SlotGroup) -> StoreResult<(Vec<RunId>, u64)> {
+        let holders = self
+            .cmd("ZRANGE", vec![self.keys.slots(shard, &group.workflow, &group.group).into(), "0".into(), "-1".into()])
+            .await?;
+        let waiting =
+            self.cmd("ZCARD", vec![self.keys.slot_queue(shard, &group.workflow, &group.group).into()]).await?;
+        Ok((run_ids(holders.into_array()), waiting.as_i64().unwrap_or(0) as u64))
     }
 }
 
