@@ -357,13 +357,15 @@ fn health_openapi_workflows_and_metrics_answer_with_their_shapes() {
 }
 
 /// The routes the service answers, as OpenAPI path templates with their methods.
-const ROUTES: [(&str, &[&str]); 25] = [
+const ROUTES: [(&str, &[&str]); 27] = [
     ("/health", &["get"]),
     ("/metrics", &["get"]),
     ("/api/openapi.json", &["get"]),
     ("/api/workflows", &["get"]),
     ("/api/workflows/{workflowId}/status", &["get"]),
     ("/api/workflows/{workflowId}/trigger", &["post"]),
+    ("/api/workflows/{workflowId}/pause", &["post"]),
+    ("/api/workflows/{workflowId}/resume", &["post"]),
     ("/api/events", &["get", "post"]),
     ("/api/events/dead", &["get"]),
     ("/api/runs", &["get"]),

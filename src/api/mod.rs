@@ -744,6 +744,7 @@ fn workflows(engine: &Engine) -> Value {
                 "definitionHash": w.hash,
                 "search": w.def.search,
                 "paused": engine.is_paused(&w.def.id),
+                "concurrency": w.def.concurrency,
             })
         })
         .collect();

@@ -782,6 +782,28 @@ retry = { max_attempts = 5, initial_backoff = "1s", max_backoff = "1m", multipli
     }
 
     #[test]
+    fn concurrency_limits_are_checked_at_load() {
+        let with = |concurrency: &str| {
+            EXAMPLE.replace("[[workflow.step]]", &format!("concurrency = {concurrency}\n[[workflow.step]]"))
+        };
+        let registry = Registry::parse("t.toml", &with(r#"{ limit = 2, key = "user-${input.userId}" }"#)).unwrap();
+        let def = &registry.get("nightly-report").unwrap().def;
+        assert_eq!(def.concurrency, Some(Concurrency { limit: 2, key: Some("user-${input.userId}".to_owned()) }));
+        for (bad, field) in [
+            ("{ limit = 0 }", "concurrency.limit"),
+            ("{ limit = 10001 }", "concurrency.limit"),
+            (r#"{ limit = 1, key = "${steps.a.id}" }"#, "concurrency.key"),
+            (r#"{ limit = 1, key = "${env.HOME}" }"#, "concurrency.key"),
+            (r#"{ limit = 1, key = "" }"#, "concurrency.key"),
+        ] {
+            let err = Registry::parse("t.toml", &with(bad)).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{bad}: {err}");
+        }
+        let err = Registry::parse("t.toml", &with("{ limit = 1, per = 2 }")).unwrap_err();
+        assert!(err.to_string().contains("per"), "{err}");
+    }
+
+    #[test]
     fn search_fields_are_checked_and_index_scalar_values_only() {
         let with =
             |search: &str| EXAMPLE.replace("[[workflow.step]]", &format!("search = {search}\n[[workflow.step]]"));

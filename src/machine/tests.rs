@@ -33,6 +33,7 @@ fn graph(needs: &[Option<Vec<u32>>], max_attempts: u32) -> WorkflowDef {
             .collect(),
         search: Vec::new(),
         result: None,
+        concurrency: None,
     }
 }
 

@@ -1365,6 +1365,7 @@ mod tests {
                 .collect(),
             search: Vec::new(),
             result: None,
+            concurrency: None,
         }
     }
 
