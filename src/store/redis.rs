@@ -1991,13 +1991,7 @@ impl Pauses for RedisStore {
             .fcall(
                 "wfo_v2_hold",
                 vec![self.keys.ready(lease.shard), self.keys.held(lease.shard, workflow)],
-                vec![
-                    WORKERS_GROUP.into(),
-                    lease.consumer.clone().into(),
-                    lease.entry.clone().into(),
-                    run.to_string().into(),
-                    (created_at as i64).into(),
-                ],
+                claim_args(lease, run, created_at),
             )
             .await?;
         Ok(reply.as_i64().unwrap_or(0) > 0)
@@ -2048,6 +2042,18 @@ impl Pauses for RedisStore {
     }
 }
 
+/// What `wfo_v2_hold` and `wfo_v2_admit` take first: the claim (group, consumer, entry) and the
+/// run with its creation time.
+fn claim_args(lease: &Lease, run: &RunId, created_at: Millis) -> Vec<Value> {
+    vec![
+        WORKERS_GROUP.into(),
+        lease.consumer.clone().into(),
+        lease.entry.clone().into(),
+        run.to_string().into(),
+        (created_at as i64).into(),
+    ]
+}
+
 /// Run ids in a function's reply (the ids it promoted).
 fn run_ids(values: impl IntoIterator<Item = Value>) -> Vec<RunId> {
     values.into_iter().filter_map(|v| text(&v)?.parse().ok()).collect()
@@ -2066,15 +2072,8 @@ impl Slots for RedisStore {
                     self.keys.slot_queue(shard, &group.workflow, &group.group),
                     self.keys.slot_groups(shard, &group.workflow),
                 ],
-                vec![
-                    WORKERS_GROUP.into(),
-                    lease.consumer.clone().into(),
-                    lease.entry.clone().into(),
-                    run.to_string().into(),
-                    (created_at as i64).into(),
-                    i64::from(group.limit).into(),
-                    group.group.clone().into(),
-                ],
+                [claim_args(lease, run, created_at), vec![i64::from(group.limit).into(), group.group.clone().into()]]
+                    .concat(),
             )
             .await?;
         let (tag, rest) = outcome(reply)?;

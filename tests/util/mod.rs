@@ -74,18 +74,7 @@ impl RedisServer {
         } else {
             args.extend(["--appendonly", "no"].map(String::from));
         }
-        let child = Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test.sh installs it)");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
-            (redis_cli(port, &["PING"]).trim() == "PONG").then_some(())
-        })
-        .expect("redis-server answers PING within 10 s");
+        self.child = Some(spawn_redis_server(&args, self.port));
     }
 
     pub fn url(&self) -> String {
@@ -116,6 +105,21 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts `redis-server args...` (listening on `port`) and waits, bounded, until it answers.
+fn spawn_redis_server(args: &[String], port: u16) -> Child {
+    let child = Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (scripts/test.sh installs it)");
+    wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+        (redis_cli(port, &["PING"]).trim() == "PONG").then_some(())
+    })
+    .unwrap_or_else(|| panic!("redis-server on port {port} answers PING within 10 s"));
+    child
 }
 
 pub fn redis_cli(port: u16, args: &[&str]) -> String {
@@ -894,18 +898,7 @@ impl ClusterNode {
             "--maxmemory-policy".into(),
             "noeviction".into(),
         ];
-        let child = Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test.sh installs it)");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
-            (redis_cli(port, &["PING"]).trim() == "PONG").then_some(())
-        })
-        .expect("a cluster node answers PING within 10 s");
+        self.child = Some(spawn_redis_server(&args, self.port));
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
