@@ -50,7 +50,7 @@ use workflow_orchestrator::config::Settings;
 use workflow_orchestrator::definition::Registry;
 use workflow_orchestrator::engine::{Engine, EngineConfig};
 use workflow_orchestrator::machine::Trigger;
-use workflow_orchestrator::store::redis::RedisStore;
+use workflow_orchestrator::store::redis::{RedisStore, ReplicaWait};
 use workflow_orchestrator::store::{RunId, Store};
 
 const WORKFLOW: &str = "chain3";
@@ -71,7 +71,7 @@ action = "noop"
 "#;
 
 const USAGE: &str = "usage: cargo bench --bench chain3 -- --port PORT [--concurrency 50] [--n 20000] \
-[--inflight 2xC] [--warmup 500] [--time-limit 120] [--shards 16] [--run-index K] [--tag TEXT] [--url URL]
+[--inflight 2xC] [--warmup 500] [--time-limit 120] [--shards 16] [--run-index K] [--tag TEXT] [--url URL] [--wait-replicas N]
   Talks only to 127.0.0.1:PORT and FLUSHALLs it: use a private, throwaway redis-server.";
 
 // ---------------------------------------------------------------- arguments
@@ -90,6 +90,8 @@ struct Args {
     /// puts it on a cluster, while `--port` names one of its nodes for FLUSHALL and INFO (so the
     /// Redis figures are that node's; `benches/cluster.sh` reads every node's itself).
     url: Option<String>,
+    /// `REDIS_WAIT_REPLICAS` for the engine's store (default 0).
+    wait_replicas: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -104,6 +106,7 @@ fn parse_args() -> Result<Args, String> {
         "run-index",
         "tag",
         "url",
+        "wait-replicas",
     ])?;
     let port = common::port(&values)?;
     let concurrency: usize = number(&values, "concurrency", 50)?;
@@ -127,6 +130,7 @@ fn parse_args() -> Result<Args, String> {
         run_index: common::flag(&values, "run-index").map(|_| number(&values, "run-index", 0)).transpose()?,
         tag: common::flag(&values, "tag").map(str::to_owned),
         url: common::flag(&values, "url").map(str::to_owned),
+        wait_replicas: number(&values, "wait-replicas", 0)?,
     })
 }
 
@@ -142,7 +146,9 @@ struct Outcome {
 
 async fn start_engine(args: &Args, registry: &Arc<Registry>) -> Result<(Arc<RedisStore>, Arc<Engine>), String> {
     let url = args.url.clone().unwrap_or_else(|| format!("redis://{HOST}:{}", args.port));
-    let store = Arc::new(RedisStore::connect(&url, "wfo", args.shards).await.map_err(|e| e.to_string())?);
+    let store = RedisStore::connect(&url, "wfo", args.shards).await.map_err(|e| e.to_string())?;
+    let wait = ReplicaWait { replicas: args.wait_replicas, timeout: Duration::from_secs(1) };
+    let store = Arc::new(store.wait_for_replicas(wait));
     let defaults = Settings::from_lookup(|_| None).map_err(|e| e.to_string())?;
     let config = EngineConfig {
         replica_id: "bench".to_owned(),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # chain3 on one standalone redis-server against chain3 on a Redis Cluster of three primaries
-# (each with a replica), on this machine, in one sitting: runs/s, run latency, and for every
+# (each with a replica), and on that cluster with REDIS_WAIT_REPLICAS=1, on this machine, in one
+# sitting: runs/s, run latency, and for every
 # primary the Redis CPU and commands the measurement cost it (INFO cpu and commandstats read
 # before and after, per node), so that the spread of the work over the nodes shows.
 #
@@ -77,15 +78,15 @@ node_stats() { # port
 
 # Runs chain3 against `url`, with `admin` the node it flushes; prints its JSON line, then one
 # line per node in `nodes`: port, CPU s, commands, fcalls spent during the run.
-measure() { # label url admin nodes...
-  local label="$1" url="$2" admin="$3"; shift 3
+measure() { # label url admin wait-replicas nodes...
+  local label="$1" url="$2" admin="$3" wait="$4"; shift 4
   local -A before
   for node in "$@"; do
     redis-cli -h 127.0.0.1 -p "$node" FLUSHALL >/dev/null
     before[$node]="$(node_stats "$node")"
   done
   local line
-  if ! line="$("$OURS" --port "$admin" --url "$url" --concurrency "$C" --n "$N" --warmup "$WARMUP" --tag "$label" 2>>"$WORK/bench.log" | tail -n 1)" || [ -z "$line" ]; then
+  if ! line="$("$OURS" --port "$admin" --url "$url" --concurrency "$C" --n "$N" --warmup "$WARMUP" --wait-replicas "$wait" --tag "$label" 2>>"$WORK/bench.log" | tail -n 1)" || [ -z "$line" ]; then
     echo "chain3 ($label) failed:" >&2; tail -n 20 "$WORK/bench.log" >&2; exit 1
   fi
   if [ -n "${SHOW_COMMANDS:-}" ]; then
@@ -137,9 +138,11 @@ say "cluster: primaries ${PRIMARIES[*]} (of ${CLUSTER[*]})"
 # Interleaved: standalone, cluster, standalone, cluster, ...
 for rep in $(seq 1 "$REPS"); do
   say "round $rep: standalone"
-  measure standalone "redis://127.0.0.1:$STANDALONE" "$STANDALONE" "$STANDALONE"
+  measure standalone "redis://127.0.0.1:$STANDALONE" "$STANDALONE" 0 "$STANDALONE"
   say "round $rep: cluster"
-  measure cluster "$URL" "${PRIMARIES[0]}" "${PRIMARIES[@]}"
+  measure cluster "$URL" "${PRIMARIES[0]}" 0 "${PRIMARIES[@]}"
+  say "round $rep: cluster, REDIS_WAIT_REPLICAS=1"
+  measure cluster-wait-1 "$URL" "${PRIMARIES[0]}" 1 "${PRIMARIES[@]}"
 done | tee "$WORK/results.jsonl"
 say "per step: Redis CPU us and commands, summed over the nodes"
 jq -r '"\(.setup): \(.runs_per_s) runs/s, p50 \(.p50) ms; Redis CPU/step \(([.nodes[].cpu_s] | add) * 1e6 / .steps | floor) us, commands/step \(([.nodes[].commands] | add) / .steps * 10 | floor / 10), per node CPU s \([.nodes[].cpu_s]) commands \([.nodes[].commands])"' "$WORK/results.jsonl"
