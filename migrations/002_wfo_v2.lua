@@ -389,6 +389,72 @@ local function release_slot(keys, argv)
   return fill_slots(keys[1], keys[2], tonumber(argv[2]))
 end
 
+-- Rate groups: the runs started within the period (a sorted set by start time, trimmed as the
+-- window slides) and the runs waiting for capacity (by creation time), first come first served.
+
+-- Redis's clock in ms.
+local function rate_now()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Slides the window to `now`, moves waiting runs into its free capacity; returns {next, ids...}
+-- where `next` is when capacity frees next while runs still wait (0: none wait).
+local function rate_fill(window, queue, limit, period, now)
+  redis.call('ZREMRANGEBYSCORE', window, '-inf', now - period)
+  local out = {0}
+  local free = limit - redis.call('ZCARD', window)
+  if free > 0 then
+    local next = redis.call('ZRANGE', queue, 0, free - 1)
+    for _, run in ipairs(next) do
+      redis.call('ZADD', window, now, run)
+      redis.call('ZREM', queue, run)
+      out[#out + 1] = run
+    end
+  end
+  if redis.call('ZCARD', queue) > 0 then
+    local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
+    out[1] = (tonumber(oldest[2]) or now) + period
+  end
+  return out
+end
+
+-- Admits a run whose first step `consumer` claimed to its rate group: counted as a start if the
+-- window has room and nobody waits before it; else the entry is acknowledged and the run waits.
+-- KEYS: 1 ready stream, 2 window, 3 queue, 4 the workflow's rate groups. ARGV: group, consumer,
+-- entry id, run, created at, limit, period ms, group name. Returns {'admitted'} | {'not_ours'} |
+-- {'held', next, promoted...}.
+local function rate_admit(keys, argv)
+  local group, consumer, id, run, created = argv[1], argv[2], argv[3], argv[4], argv[5]
+  local limit, period = tonumber(argv[6]), tonumber(argv[7])
+  local now = rate_now()
+  redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', now - period)
+  if redis.call('ZSCORE', keys[2], run) then
+    return {'admitted'}
+  end
+  if not holds(keys[1], group, consumer, id) then
+    return {'not_ours'}
+  end
+  redis.call('SADD', keys[4], argv[8])
+  if redis.call('ZCARD', keys[3]) == 0 and redis.call('ZCARD', keys[2]) < limit then
+    redis.call('ZADD', keys[2], now, run)
+    return {'admitted'}
+  end
+  redis.call('XACK', keys[1], group, id)
+  redis.call('ZADD', keys[3], created, run)
+  local out = {'held'}
+  for _, value in ipairs(rate_fill(keys[2], keys[3], limit, period, now)) do
+    out[#out + 1] = value
+  end
+  return out
+end
+
+-- Moves waiting runs into the window's free capacity. KEYS: 1 window, 2 queue. ARGV: limit,
+-- period ms. Returns {next, promoted...} (next: 0 when none waits).
+local function rate_release(keys, argv)
+  return rate_fill(keys[1], keys[2], tonumber(argv[1]), tonumber(argv[2]), rate_now())
+end
+
 -- Takes over entries idle longer than the lease (Redis's clock judges), with delivery counts.
 -- KEYS: 1 ready stream. ARGV: group, consumer, min idle ms, start id, count.
 -- Returns {next start, {{id, fields, deliveries}...}, {deleted ids...}}.
@@ -668,6 +734,8 @@ redis.register_function('wfo_v2_ack', ack)
 redis.register_function('wfo_v2_hold', hold)
 redis.register_function('wfo_v2_admit', admit)
 redis.register_function('wfo_v2_release_slot', release_slot)
+redis.register_function('wfo_v2_rate_admit', rate_admit)
+redis.register_function('wfo_v2_rate_release', rate_release)
 redis.register_function('wfo_v2_reclaim', reclaim)
 redis.register_function('wfo_v2_dead_letter', dead_letter)
 redis.register_function('wfo_v2_bus_read', bus_read)

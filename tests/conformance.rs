@@ -24,8 +24,8 @@ use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
     Admission, BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, Dispatch, EntryCap, EventQuery, Lease,
-    Logged, NewRun, ReplicaBeat, RunId, RunQuery, RunSummary, SearchQuery, SettledEvent, SlotGroup, Store, StoreKind,
-    StreamStats, compare_entry_ids,
+    Logged, NewRun, RateAdmission, RateGroup, ReplicaBeat, RunId, RunQuery, RunSummary, SearchQuery, SettledEvent,
+    SlotGroup, Store, StoreKind, StreamStats, compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -149,6 +149,7 @@ conformance! {
     runs_are_found_by_their_input_values = runs_are_found_by_their_input_values(16);
     a_paused_workflows_claimed_steps_are_held_and_listed_oldest_first = paused_workflows_steps_are_held_oldest_first(4);
     concurrency_slots_admit_up_to_the_limit_and_pass_on_oldest_first = concurrency_slots_pass_on_oldest_first(4);
+    rate_limits_count_starts_in_a_sliding_window = rate_limits_count_starts_in_a_sliding_window(4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -511,6 +512,47 @@ async fn concurrency_slots_pass_on_oldest_first(store: Arc<dyn Store>) {
     // A larger limit admits at once.
     let wide = SlotGroup { limit: 5, ..group.clone() };
     assert!(store.release_slot(1, &wide, None).await.unwrap().is_empty());
+}
+
+async fn rate_limits_count_starts_in_a_sliding_window(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let group = RateGroup { workflow: "wf".to_owned(), group: "g".to_owned(), limit: 2, period_ms: 1_000 };
+    let mut runs = Vec::new();
+    for at in [1_000u64, 2_000, 3_000] {
+        runs.push(create(&store, new_run(&def, 2, at, None)).await);
+    }
+    let mut claims = Vec::new();
+    for _ in 0..20 {
+        if claims.len() == 3 {
+            break;
+        }
+        claims.extend(store.claim("a", 3 - claims.len(), BLOCK).await.unwrap());
+    }
+    assert_eq!(claims.len(), 3);
+    let lease_of = |run: &RunId| {
+        claims.iter().find(|c| c.task.as_ref().is_ok_and(|t| t.run == run.to_string())).expect("a claim").lease.clone()
+    };
+    let (a, b, c) = (&runs[0], &runs[1], &runs[2]);
+    let before = store.now().await.unwrap();
+    let stranger = Lease { consumer: "b".to_owned(), ..lease_of(a) };
+    assert_eq!(store.rate_admit(&stranger, a, &group, 1_000).await.unwrap(), RateAdmission::NotOurs);
+    assert_eq!(store.rate_admit(&lease_of(a), a, &group, 1_000).await.unwrap(), RateAdmission::Admitted);
+    assert_eq!(store.rate_admit(&lease_of(b), b, &group, 2_000).await.unwrap(), RateAdmission::Admitted);
+    let RateAdmission::Held { promoted, next: Some(next) } =
+        store.rate_admit(&lease_of(c), c, &group, 3_000).await.unwrap()
+    else {
+        panic!("the third start within the period waits, with the time capacity frees");
+    };
+    assert!(promoted.is_empty());
+    assert!((before + 1_000..=before + 1_500).contains(&next), "capacity frees a period after the first start");
+    // Counted once: a later step of an admitted run is admitted within the period.
+    assert_eq!(store.rate_admit(&lease_of(a), a, &group, 1_000).await.unwrap(), RateAdmission::Admitted);
+    assert!(store.reclaim("b", Duration::ZERO, 10).await.unwrap().iter().all(|r| r.lease.entry != lease_of(c).entry));
+    let (promoted, still) = store.rate_release(2, &group).await.unwrap();
+    assert!(promoted.is_empty() && still.is_some(), "no capacity yet");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(store.rate_release(2, &group).await.unwrap(), (vec![c.clone()], None));
+    assert_eq!(store.rate_groups(2, "wf").await.unwrap(), vec!["g".to_owned()]);
 }
 
 async fn claim_returns_at_most_max(store: Arc<dyn Store>) {

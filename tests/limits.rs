@@ -1,7 +1,8 @@
-//! Concurrency limits across replicas and through crashes: three replicas of our binary on a
-//! private Redis, one `kill -9`ed every 2 s, run workflows limited per key (one run per user at a
-//! time) and per workflow (three at a time). The histories' times show that no limit was ever
-//! exceeded; afterwards no slot is held. Every loop is bounded in count and time.
+//! Concurrency and rate limits across replicas: three replicas of our binary on a private Redis,
+//! one `kill -9`ed every 2 s, run workflows limited per key (one run per user at a time) and per
+//! workflow (three at a time); two replicas start 200 runs limited to 20 per 2 s. The histories'
+//! times show that no limit was ever exceeded and every run completed; afterwards no slot is
+//! held. Every loop is bounded in count and time.
 
 use crate::chaos::{agent, get, kill_round_robin};
 use crate::util::{RedisServer, Replica, ReplicaConfig, http, wait_for, workflows_file};
@@ -175,4 +176,48 @@ fn concurrency_limits_hold_across_three_replicas_while_one_is_killed_every_two_s
         per_workflow.len(),
         settled.as_secs_f64()
     );
+}
+
+/// A run's first step's start, in ms.
+fn first_start(port: u16, run: &str) -> u64 {
+    active_interval(port, run).0
+}
+
+#[test]
+fn a_rate_limit_starts_at_most_its_limit_per_period_across_replicas_and_drops_nothing() {
+    const LIMIT: usize = 20;
+    const PERIOD_MS: u64 = 2_000;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = workflows_file(
+        dir.path(),
+        "[[workflow]]\nid = \"rated\"\nrate_limit = { limit = 20, period = \"2s\" }\n\
+         [[workflow.step]]\nid = \"only\"\naction = \"noop\"\n",
+    );
+    let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path());
+    let replicas: Vec<Replica> = ["rate-a", "rate-b"].iter().map(|name| config.start(name)).collect();
+    let ports = Mutex::new(replicas.iter().map(|r| r.port).collect::<Vec<u16>>());
+    let accepted = trigger(&ports, "rated", 200, |i| json!({ "n": i }));
+    assert_eq!(accepted.len(), 200);
+    let port = replicas[0].port;
+    let done = wait_for(Duration::from_secs(60), Duration::from_millis(250), || {
+        accepted
+            .iter()
+            .all(|(run, _)| get(&agent(), port, &format!("/api/runs/{run}")).1["status"] == "completed")
+            .then_some(())
+    });
+    assert!(done.is_some(), "not every rate-limited run completed within 60 s");
+    let mut starts: Vec<u64> = accepted.iter().map(|(run, _)| first_start(port, run)).collect();
+    starts.sort();
+    // In any window of the period, at most LIMIT starts. A start is counted by the store's clock
+    // just before the step's start is taken by the replica's: 50 ms are allowed for that lag.
+    let mut most = 0;
+    for (i, start) in starts.iter().enumerate() {
+        let within = starts[i..].iter().take_while(|s| **s < start + PERIOD_MS - 50).count();
+        most = most.max(within);
+    }
+    assert!(most <= LIMIT, "{most} starts within one period");
+    let span = starts.last().unwrap() - starts.first().unwrap();
+    assert!(span >= 8 * PERIOD_MS, "200 starts at 20 per 2 s take at least 18 s, not {span} ms");
+    eprintln!("rate limit: 200 runs started over {span} ms, at most {most} in any {PERIOD_MS} ms window");
 }

@@ -745,6 +745,7 @@ fn workflows(engine: &Engine) -> Value {
                 "search": w.def.search,
                 "paused": engine.is_paused(&w.def.id),
                 "concurrency": w.def.concurrency,
+                "rateLimit": w.def.rate_limit,
             })
         })
         .collect();

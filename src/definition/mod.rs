@@ -73,7 +73,27 @@ pub struct WorkflowDef {
     /// set. Left out of the snapshot when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<Concurrency>,
+    /// At most this many run starts per period, per key value when the key is set. Left out of
+    /// the snapshot when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
+
+/// `rate_limit = { limit = 100, period = "1m", key = "${input.partner}" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub limit: u32,
+    #[serde(with = "duration::serde_human")]
+    pub period: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// The largest rate limit, and the shortest and longest periods.
+pub const MAX_RATE: u32 = 100_000;
+pub const MIN_RATE_PERIOD: Duration = Duration::from_millis(100);
+pub const MAX_RATE_PERIOD: Duration = Duration::from_secs(24 * 3600);
 
 /// `concurrency = { limit = 2 }` or `{ limit = 1, key = "${input.userId}" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +166,27 @@ impl WorkflowDef {
             })
             .collect()
     }
+}
+
+/// A concurrency or rate limit's key: 1-256 characters whose templates name the input only.
+fn check_group_key(field: &'static str, key: Option<&str>) -> Result<(), (&'static str, String)> {
+    let Some(key) = key else { return Ok(()) };
+    if key.trim().is_empty() || key.len() > 256 {
+        return Err((field, "must be 1-256 characters".to_owned()));
+    }
+    if let Some(other) = actions::templates(key).iter().find(|t| t.root() != "input") {
+        return Err((field, format!("`${{{}}}`: a key is made of the run's input only (`${{input...}}`)", other.path)));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    limit: u32,
+    period: String,
+    #[serde(default)]
+    key: Option<String>,
 }
 
 /// A searchable input field's name: 1-64 letters, digits or `_`.
@@ -424,6 +465,7 @@ struct RawWorkflow {
     search: Vec<String>,
     result: Option<String>,
     concurrency: Option<Concurrency>,
+    rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     step: Vec<RawStep>,
 }
@@ -578,19 +620,32 @@ impl RawWorkflow {
             if !(1..=MAX_CONCURRENCY).contains(&concurrency.limit) {
                 return Err(fail("concurrency.limit", format!("must be from 1 to {MAX_CONCURRENCY}")));
             }
-            if let Some(key) = &concurrency.key {
-                let named = actions::templates(key);
-                if key.trim().is_empty() || key.len() > 256 {
-                    return Err(fail("concurrency.key", "must be 1-256 characters".to_owned()));
+            check_group_key("concurrency.key", concurrency.key.as_deref())
+                .map_err(|(field, problem)| fail(field, problem))?;
+        }
+        let rate_limit = match self.rate_limit {
+            None => None,
+            Some(raw) => {
+                if !(1..=MAX_RATE).contains(&raw.limit) {
+                    return Err(fail("rate_limit.limit", format!("must be from 1 to {MAX_RATE}")));
                 }
-                if let Some(other) = named.iter().find(|t| t.root() != "input") {
+                let period = parse_duration(&raw.period).map_err(|problem| fail("rate_limit.period", problem))?;
+                if !(MIN_RATE_PERIOD..=MAX_RATE_PERIOD).contains(&period) {
+                    return Err(fail("rate_limit.period", "must be from 100ms to 24h".to_owned()));
+                }
+                check_group_key("rate_limit.key", raw.key.as_deref())
+                    .map_err(|(field, problem)| fail(field, problem))?;
+                let concurrency_key = self.concurrency.as_ref().map(|c| c.key.as_deref());
+                if concurrency_key.is_some_and(|key| key != raw.key.as_deref()) {
+                    // A limited run lives on its group's shard: one group, one shard.
                     return Err(fail(
-                        "concurrency.key",
-                        format!("`${{{}}}`: a key is made of the run's input only (`${{input...}}`)", other.path),
+                        "rate_limit.key",
+                        "must be the same as concurrency.key when both are set".to_owned(),
                     ));
                 }
+                Some(RateLimit { limit: raw.limit, period, key: raw.key })
             }
-        }
+        };
         if self.step.is_empty() {
             return Err(fail("step", "a workflow needs at least one [[workflow.step]]".to_owned()));
         }
@@ -650,6 +705,7 @@ impl RawWorkflow {
             search: self.search,
             result: self.result,
             concurrency: self.concurrency,
+            rate_limit,
         })
     }
 }
@@ -801,6 +857,30 @@ retry = { max_attempts = 5, initial_backoff = "1s", max_backoff = "1m", multipli
         }
         let err = Registry::parse("t.toml", &with("{ limit = 1, per = 2 }")).unwrap_err();
         assert!(err.to_string().contains("per"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_are_checked_at_load() {
+        let with = |fields: &str| EXAMPLE.replace("[[workflow.step]]", &format!("{fields}\n[[workflow.step]]"));
+        let registry =
+            Registry::parse("t.toml", &with(r#"rate_limit = { limit = 100, period = "1m", key = "${input.p}" }"#))
+                .unwrap();
+        let rate = registry.get("nightly-report").unwrap().def.rate_limit.clone().unwrap();
+        assert_eq!((rate.limit, rate.period, rate.key.as_deref()), (100, Duration::from_secs(60), Some("${input.p}")));
+        for (bad, field) in [
+            (r#"rate_limit = { limit = 0, period = "1s" }"#, "rate_limit.limit"),
+            (r#"rate_limit = { limit = 1, period = "10ms" }"#, "rate_limit.period"),
+            (r#"rate_limit = { limit = 1, period = "2d" }"#, "rate_limit.period"),
+            (r#"rate_limit = { limit = 1, period = "soon" }"#, "rate_limit.period"),
+            (r#"rate_limit = { limit = 1, period = "1s", key = "${run.id}" }"#, "rate_limit.key"),
+            (
+                "concurrency = { limit = 1, key = \"${input.a}\" }\nrate_limit = { limit = 1, period = \"1s\", key = \"${input.b}\" }",
+                "rate_limit.key",
+            ),
+        ] {
+            let err = Registry::parse("t.toml", &with(bad)).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -208,6 +208,16 @@ impl Engine {
                 return;
             }
         };
+        if workflow.def.rate_limit.is_some() && task.state.status == machine::Status::Pending {
+            match self.admit_start(&lease, &run, &task.state, &workflow.def).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(err) => {
+                    tracing::warn!(run_id = %run, %err, "counting a run's start under its rate limit failed; it will be claimed again after its lease expires");
+                    return;
+                }
+            }
+        }
         if workflow.def.concurrency.is_some() {
             match self.admit_step(&lease, &run, &task.state, &workflow.def).await {
                 Ok(true) => {}

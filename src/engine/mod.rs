@@ -12,7 +12,8 @@
 //!   child ends, cancels a cancelled parent's children;
 //! - `operator`: what operators do to runs (read, cancel, retry, rerun); `bulk`: to many.
 //! - `pauses`: paused workflows: their claimed steps are held, and queued again on resume.
-//! - `slots`: concurrency limits: a run holds a slot of its group from its first step to its end.
+//! - `slots`: concurrency limits (a run holds a slot of its group from its first step to its
+//!   end) and rate limits (a run's start is counted in its group's sliding window).
 //! - `cron`: the schedules, exactly once across replicas, with catch-up and overlap policies.
 //! - `sweeper`: belt and braces: re-queues runs that say they are running but have neither a
 //!   live lease nor a queued entry; re-registers waits; trims streams and expires finished runs.
@@ -206,6 +207,8 @@ pub struct Engine {
     actions: crate::actions::Actions,
     /// The paused workflows, as last read from the store (see `pauses`).
     paused: RwLock<std::collections::BTreeSet<String>>,
+    /// The rate groups this replica is letting runs into (see `slots`).
+    rate_wakers: Mutex<std::collections::HashSet<(u16, String, String)>>,
     pub counters: Counters,
     pub metrics: Metrics,
 }
@@ -270,6 +273,7 @@ impl Engine {
             finished: tokio::sync::broadcast::channel(4096).0,
             actions,
             paused: RwLock::new(std::collections::BTreeSet::new()),
+            rate_wakers: Mutex::new(std::collections::HashSet::new()),
             counters: Counters::default(),
             metrics: Metrics::default(),
             config,
@@ -447,11 +451,8 @@ impl Engine {
         idempotency: Option<(String, Duration)>,
     ) -> Result<Triggered, EngineError> {
         let Origin { trigger, caller } = origin;
-        // A limited workflow's runs live on their group's shard, beside its slots.
-        let shard = match Self::slot_group(&workflow.def, input).map_err(EngineError::Invalid)? {
-            Some(group) => self.slot_shard(&group),
-            None => shard,
-        };
+        // A limited workflow's runs live on their group's shard, beside its slots or window.
+        let shard = self.limited_shard(&workflow.def, input).map_err(EngineError::Invalid)?.unwrap_or(shard);
         let now = self.clock.now();
         let run = RunId::new(shard, now);
         let created = Transition::RunCreated {

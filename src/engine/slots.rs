@@ -14,33 +14,51 @@ use super::Engine;
 use crate::actions::template::{Scope, render_str};
 use crate::definition::WorkflowDef;
 use crate::machine::{RunState, Status};
-use crate::store::{Admission, Lease, RunId, SlotGroup, StoreError};
+use crate::store::{Admission, Lease, RateAdmission, RateGroup, RunId, SlotGroup, StoreError};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// The group name of runs without a key.
 const WHOLE_WORKFLOW: &str = "all";
+
+/// A group's name: `all` without a key, else the key rendered from the input, hashed (a value may
+/// hold any character, and keys name the group).
+fn group_name(limit: &str, key: Option<&str>, input: &serde_json::Value) -> Result<String, String> {
+    let Some(key) = key else { return Ok(WHOLE_WORKFLOW.to_owned()) };
+    let scope = Scope { input, steps: &serde_json::Map::new(), run: serde_json::Value::Null };
+    let value = render_str(key, &scope).map_err(|problem| format!("{limit} key `{key}`: {problem}"))?;
+    let digest = Sha256::digest(value.as_bytes());
+    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
 
 impl Engine {
     /// The concurrency group of a run of `def` with `input`; `None` when the workflow has no
     /// limit. An error names a key that does not render from the input.
     pub(super) fn slot_group(def: &WorkflowDef, input: &serde_json::Value) -> Result<Option<SlotGroup>, String> {
         let Some(concurrency) = &def.concurrency else { return Ok(None) };
-        let group = match &concurrency.key {
-            None => WHOLE_WORKFLOW.to_owned(),
-            Some(key) => {
-                let scope = Scope { input, steps: &serde_json::Map::new(), run: serde_json::Value::Null };
-                let value = render_str(key, &scope).map_err(|problem| format!("concurrency key `{key}`: {problem}"))?;
-                // Hashed: a value may hold any character, and keys name the group.
-                let digest = Sha256::digest(value.as_bytes());
-                digest[..8].iter().map(|b| format!("{b:02x}")).collect()
-            }
-        };
+        let group = group_name("concurrency", concurrency.key.as_deref(), input)?;
         Ok(Some(SlotGroup { workflow: def.id.clone(), group, limit: concurrency.limit }))
     }
 
-    /// The shard every run of `group` lives on.
-    pub(super) fn slot_shard(&self, group: &SlotGroup) -> u16 {
-        crate::store::keys::shard_of(&format!("slots:{}:{}", group.workflow, group.group), self.store.shards())
+    /// The rate group of a run of `def` with `input`; `None` when the workflow has no rate
+    /// limit.
+    pub(super) fn rate_group(def: &WorkflowDef, input: &serde_json::Value) -> Result<Option<RateGroup>, String> {
+        let Some(rate) = &def.rate_limit else { return Ok(None) };
+        let group = group_name("rate_limit", rate.key.as_deref(), input)?;
+        let period_ms = rate.period.as_millis() as u64;
+        Ok(Some(RateGroup { workflow: def.id.clone(), group, limit: rate.limit, period_ms }))
+    }
+
+    /// The shard a limited run of `def` with `input` lives on, beside its group (a workflow
+    /// with both limits has one key for both); `None` when it has no limit.
+    pub(super) fn limited_shard(&self, def: &WorkflowDef, input: &serde_json::Value) -> Result<Option<u16>, String> {
+        let group = match Self::slot_group(def, input)? {
+            Some(group) => Some(group.group),
+            None => Self::rate_group(def, input)?.map(|group| group.group),
+        };
+        let shards = self.store.shards();
+        Ok(group.map(|group| crate::store::keys::shard_of(&format!("slots:{}:{group}", def.id), shards)))
     }
 
     /// Before a claimed step of a limited workflow runs: whether its run holds a slot (or just
@@ -91,6 +109,92 @@ impl Engine {
                 tracing::warn!(run_id = %run, %err, "queueing a run that got a concurrency slot failed; the sweeper will");
             }
         }
+    }
+
+    /// Before the first step of a rate-limited run runs: whether its start is counted in (or
+    /// was). When not, the run waits and this replica wakes the group when capacity frees.
+    pub(super) async fn admit_start(
+        self: &Arc<Self>,
+        lease: &Lease,
+        run: &RunId,
+        state: &RunState,
+        def: &WorkflowDef,
+    ) -> Result<bool, StoreError> {
+        let input: serde_json::Value = serde_json::from_str(&state.input).unwrap_or(serde_json::Value::Null);
+        let Ok(Some(group)) = Self::rate_group(def, &input) else { return Ok(true) };
+        match self.store.rate_admit(lease, run, &group, state.created_at).await? {
+            RateAdmission::Admitted => Ok(true),
+            RateAdmission::NotOurs => Ok(false),
+            RateAdmission::Held { promoted, next } => {
+                tracing::debug!(run_id = %run, workflow = %def.id, "run waits for its rate limit");
+                self.queue_promoted(&promoted).await;
+                if let Some(next) = next {
+                    self.wake_rate_group(run.shard, group, next);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Lets waiting runs of `group` in as its window frees capacity, from `at` on, until none
+    /// waits: one such task per group on this replica (every replica's sweeper does the same, as
+    /// a backstop).
+    fn wake_rate_group(self: &Arc<Self>, shard: u16, group: RateGroup, at: crate::machine::Millis) {
+        let id = (shard, group.workflow.clone(), group.group.clone());
+        if !self.rate_wakers.lock().insert(id.clone()) {
+            return;
+        }
+        let engine = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let mut at = at;
+            // Bounded: each round lets at least one run in, or ends.
+            for _ in 0..1_000_000 {
+                let wait = Duration::from_millis(at.saturating_sub(engine.clock.now()));
+                if super::sleep_or_cancelled(&engine.shutdown, wait).await {
+                    break;
+                }
+                match engine.store.rate_release(shard, &group).await {
+                    Ok((promoted, next)) => {
+                        engine.queue_promoted(&promoted).await;
+                        match next {
+                            Some(next) => at = next,
+                            None => break,
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(workflow = %group.workflow, %err, "letting runs in under their rate limit failed; will retry");
+                        at = engine.clock.now() + 1_000;
+                    }
+                }
+            }
+            engine.rate_wakers.lock().remove(&id);
+        });
+    }
+
+    /// The sweeper's backstop for rate limits: lets waiting runs in where capacity is free, and
+    /// wakes the groups whose runs still wait.
+    pub(super) async fn sweep_rates(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let mut queued = 0;
+        for workflow in self.registry.iter() {
+            let Some(rate) = &workflow.def.rate_limit else { continue };
+            for shard in 0..self.store.shards() {
+                for name in self.store.rate_groups(shard, &workflow.def.id).await? {
+                    let group = RateGroup {
+                        workflow: workflow.def.id.clone(),
+                        group: name,
+                        limit: rate.limit,
+                        period_ms: rate.period.as_millis() as u64,
+                    };
+                    let (promoted, next) = self.store.rate_release(shard, &group).await?;
+                    queued += promoted.len();
+                    self.queue_promoted(&promoted).await;
+                    if let Some(next) = next {
+                        self.wake_rate_group(shard, group, next);
+                    }
+                }
+            }
+        }
+        Ok(queued)
     }
 
     /// The sweeper's backstop: in every group of every limited workflow, gives back the slots

@@ -30,6 +30,9 @@ impl Engine {
             if let Err(err) = self.sweep().await {
                 tracing::warn!(%err, "sweeping for orphaned runs failed; will retry");
             }
+            if let Err(err) = self.sweep_rates().await {
+                tracing::warn!(%err, "letting runs in under their rate limits failed; will retry");
+            }
             if passes.is_multiple_of(HOUSEKEEPING_EVERY) {
                 let retain_until = self.clock.now().saturating_sub(self.config.run_retention.as_millis() as u64);
                 let started = Instant::now();

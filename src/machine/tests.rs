@@ -34,6 +34,7 @@ fn graph(needs: &[Option<Vec<u32>>], max_attempts: u32) -> WorkflowDef {
         search: Vec::new(),
         result: None,
         concurrency: None,
+        rate_limit: None,
     }
 }
 

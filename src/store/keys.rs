@@ -145,6 +145,21 @@ impl Keys {
         format!("{}:slotgroups:{workflow}", self.shard(shard))
     }
 
+    /// Sorted set: the runs a rate group started within its period, by the time each started.
+    pub fn rate_window(&self, shard: u16, workflow: &str, group: &str) -> String {
+        format!("{}:rate:{workflow}:{group}", self.shard(shard))
+    }
+
+    /// Sorted set: the runs waiting for a rate group's capacity, by creation time.
+    pub fn rate_queue(&self, shard: u16, workflow: &str, group: &str) -> String {
+        format!("{}:rateq:{workflow}:{group}", self.shard(shard))
+    }
+
+    /// Set: a workflow's rate groups that have had runs on this shard.
+    pub fn rate_groups(&self, shard: u16, workflow: &str) -> String {
+        format!("{}:rategroups:{workflow}", self.shard(shard))
+    }
+
     /// Hash: the paused workflows (workflow -> when it was paused, ms).
     pub fn paused(&self) -> String {
         format!("{}:paused", self.prefix)

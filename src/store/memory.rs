@@ -19,9 +19,9 @@
 use super::prelude::*;
 use super::{
     Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
-    DEAD_LETTER_KEEP, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, ReadyTask, ReplicaBeat,
-    RunId, RunPage, RunQuery, RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind,
-    StoreResult, StreamStats, dead_letter_fields, terminal_name,
+    DEAD_LETTER_KEEP, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, RateAdmission, RateGroup,
+    ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery, RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError,
+    StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
@@ -289,6 +289,31 @@ struct State {
     /// Concurrency groups by shard, workflow and group: the runs holding slots and those
     /// waiting, each oldest first.
     slots: BTreeMap<(u16, String, String), SlotState>,
+    /// Rate groups by shard, workflow and group: the runs started within the period (by start
+    /// time) and those waiting (oldest first).
+    rates: BTreeMap<(u16, String, String), RateState>,
+}
+
+#[derive(Debug, Default)]
+struct RateState {
+    window: BTreeMap<RunId, Millis>,
+    queue: BTreeSet<(Millis, RunId)>,
+}
+
+impl RateState {
+    /// Slides the window to `now` and moves waiting runs into its free capacity; returns them
+    /// and when capacity frees next while runs still wait.
+    fn fill(&mut self, limit: u32, period: Millis, now: Millis) -> (Vec<RunId>, Option<Millis>) {
+        self.window.retain(|_, started| *started > now.saturating_sub(period));
+        let mut promoted = Vec::new();
+        while self.window.len() < limit as usize {
+            let Some((_, run)) = self.queue.pop_first() else { break };
+            self.window.insert(run.clone(), now);
+            promoted.push(run);
+        }
+        let next = (!self.queue.is_empty()).then(|| self.window.values().min().map_or(now, |oldest| oldest + period));
+        (promoted, next)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -1328,6 +1353,56 @@ impl Slots for MemoryStore {
         Ok(state.slots.keys().filter(|(s, w, _)| *s == shard && w == workflow).map(|(_, _, g)| g.clone()).collect())
     }
 
+    async fn rate_admit(
+        &self,
+        lease: &Lease,
+        run: &RunId,
+        group: &RateGroup,
+        created_at: Millis,
+    ) -> StoreResult<RateAdmission> {
+        let now = self.now().await?;
+        let mut state = self.shared.state.lock();
+        let id = (lease.shard, group.workflow.clone(), group.group.clone());
+        let period = group.period_ms;
+        if let Some(rate) = state.rates.get_mut(&id) {
+            rate.window.retain(|_, started| *started > now.saturating_sub(period));
+            if rate.window.contains_key(run) {
+                return Ok(RateAdmission::Admitted);
+            }
+        }
+        let Some(queue) = state.ready.get_mut(&lease.shard) else { return Ok(RateAdmission::NotOurs) };
+        let ours = lease
+            .entry
+            .parse::<EntryId>()
+            .is_ok_and(|entry| queue.pending.get(&entry).is_some_and(|pending| pending.owner == lease.consumer));
+        if !ours {
+            return Ok(RateAdmission::NotOurs);
+        }
+        let rate = state.rates.entry(id).or_default();
+        if rate.queue.is_empty() && rate.window.len() < group.limit as usize {
+            rate.window.insert(run.clone(), now);
+            return Ok(RateAdmission::Admitted);
+        }
+        rate.queue.insert((created_at, run.clone()));
+        let (promoted, next) = rate.fill(group.limit, period, now);
+        if let Some(queue) = state.ready.get_mut(&lease.shard) {
+            queue.ack(&lease.consumer, &lease.entry);
+        }
+        Ok(RateAdmission::Held { promoted, next })
+    }
+
+    async fn rate_release(&self, shard: u16, group: &RateGroup) -> StoreResult<(Vec<RunId>, Option<Millis>)> {
+        let now = self.now().await?;
+        let mut state = self.shared.state.lock();
+        let rate = state.rates.entry((shard, group.workflow.clone(), group.group.clone())).or_default();
+        Ok(rate.fill(group.limit, group.period_ms, now))
+    }
+
+    async fn rate_groups(&self, shard: u16, workflow: &str) -> StoreResult<Vec<String>> {
+        let state = self.shared.state.lock();
+        Ok(state.rates.keys().filter(|(s, w, _)| *s == shard && w == workflow).map(|(_, _, g)| g.clone()).collect())
+    }
+
     async fn slot_holders(&self, shard: u16, group: &SlotGroup) -> StoreResult<(Vec<RunId>, u64)> {
         let state = self.shared.state.lock();
         Ok(state.slots.get(&(shard, group.workflow.clone(), group.group.clone())).map_or((Vec::new(), 0), |slots| {
@@ -1366,6 +1441,7 @@ mod tests {
             search: Vec::new(),
             result: None,
             concurrency: None,
+            rate_limit: None,
         }
     }
 

@@ -816,6 +816,28 @@ pub enum Admission {
     NotOurs,
 }
 
+/// A rate group: the runs of `workflow` whose keys render alike, at most `limit` of them
+/// started per `period_ms`. A group's runs live on one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateGroup {
+    pub workflow: String,
+    pub group: String,
+    pub limit: u32,
+    pub period_ms: u64,
+}
+
+/// What [`Slots::rate_admit`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateAdmission {
+    /// Counted as a start: the step runs.
+    Admitted,
+    /// The run waits (its entry acknowledged); `promoted` runs were counted in and are to be
+    /// queued again; `next`: when capacity frees next while runs wait.
+    Held { promoted: Vec<RunId>, next: Option<Millis> },
+    /// The entry is no longer this consumer's.
+    NotOurs,
+}
+
 /// Concurrency limits: a run takes a slot of its group when its first step is claimed, keeps it
 /// while it is active (asleep or waiting too), and gives it back when it ends; runs that find
 /// every slot taken wait in the group's queue, oldest first, and are queued again as slots free.
@@ -833,6 +855,23 @@ pub trait Slots: Send + Sync + 'static {
 
     /// The runs holding a slot of `group` on `shard`, and how many wait.
     async fn slot_holders(&self, shard: u16, group: &SlotGroup) -> StoreResult<(Vec<RunId>, u64)>;
+
+    /// Rate limits: counts `run`'s start in `group`'s window (by the store's clock), or holds
+    /// it back (see [`RateAdmission`]). A run counted within the period is admitted again.
+    async fn rate_admit(
+        &self,
+        lease: &Lease,
+        run: &RunId,
+        group: &RateGroup,
+        created_at: Millis,
+    ) -> StoreResult<RateAdmission>;
+
+    /// Moves waiting runs of `group` into the window's free capacity; returns them (to be
+    /// queued again) and when capacity frees next while runs still wait.
+    async fn rate_release(&self, shard: u16, group: &RateGroup) -> StoreResult<(Vec<RunId>, Option<Millis>)>;
+
+    /// The rate groups of `workflow` that have had runs on `shard`.
+    async fn rate_groups(&self, shard: u16, workflow: &str) -> StoreResult<Vec<String>>;
 }
 
 /// Everything a store does, by concern, each its own trait: the engine holds an `Arc<dyn Store>`.

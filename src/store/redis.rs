@@ -13,8 +13,8 @@ use super::prelude::*;
 use super::{
     Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
     DEAD_LETTER_KEEP, Dispatch, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized,
-    ReplicaBeat, RunId, RunPage, RunQuery, RunState, RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError,
-    StoreHealth, StoreKind, StoreResult, StreamStats,
+    RateAdmission, RateGroup, ReplicaBeat, RunId, RunPage, RunQuery, RunState, RunSummary, SearchQuery, SettledEvent,
+    SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, Status};
@@ -2054,6 +2054,14 @@ fn claim_args(lease: &Lease, run: &RunId, created_at: Millis) -> Vec<Value> {
     ]
 }
 
+/// `{next, promoted...}` of the rate functions: the promoted runs, and when capacity frees
+/// next while runs wait (`0`: none waits).
+fn rate_outcome(values: Vec<Value>) -> (Vec<RunId>, Option<Millis>) {
+    let mut values = values.into_iter();
+    let next = values.next().and_then(|v| v.as_i64()).filter(|n| *n > 0).map(|n| n as Millis);
+    (run_ids(values), next)
+}
+
 /// Run ids in a function's reply (the ids it promoted).
 fn run_ids(values: impl IntoIterator<Item = Value>) -> Vec<RunId> {
     values.into_iter().filter_map(|v| text(&v)?.parse().ok()).collect()
@@ -2104,6 +2112,62 @@ impl Slots for RedisStore {
 
     async fn slot_groups(&self, shard: u16, workflow: &str) -> StoreResult<Vec<String>> {
         let reply = self.cmd("SMEMBERS", vec![self.keys.slot_groups(shard, workflow).into()]).await?;
+        Ok(reply.into_array().iter().filter_map(text).collect())
+    }
+
+    async fn rate_admit(
+        &self,
+        lease: &Lease,
+        run: &RunId,
+        group: &RateGroup,
+        created_at: Millis,
+    ) -> StoreResult<RateAdmission> {
+        let shard = lease.shard;
+        let window = self.keys.rate_window(shard, &group.workflow, &group.group);
+        let reply = self
+            .fcall(
+                "wfo_v2_rate_admit",
+                vec![
+                    self.keys.ready(shard),
+                    window.clone(),
+                    self.keys.rate_queue(shard, &group.workflow, &group.group),
+                    self.keys.rate_groups(shard, &group.workflow),
+                ],
+                [
+                    claim_args(lease, run, created_at),
+                    vec![i64::from(group.limit).into(), (group.period_ms as i64).into(), group.group.clone().into()],
+                ]
+                .concat(),
+            )
+            .await?;
+        let (tag, rest) = outcome(reply)?;
+        match tag.as_str() {
+            "admitted" => Ok(RateAdmission::Admitted),
+            "not_ours" => Ok(RateAdmission::NotOurs),
+            "held" => {
+                let (promoted, next) = rate_outcome(rest);
+                Ok(RateAdmission::Held { promoted, next })
+            }
+            other => Err(corrupt(&window, format!("rate admit answered `{other}`"))),
+        }
+    }
+
+    async fn rate_release(&self, shard: u16, group: &RateGroup) -> StoreResult<(Vec<RunId>, Option<Millis>)> {
+        let reply = self
+            .fcall(
+                "wfo_v2_rate_release",
+                vec![
+                    self.keys.rate_window(shard, &group.workflow, &group.group),
+                    self.keys.rate_queue(shard, &group.workflow, &group.group),
+                ],
+                vec![i64::from(group.limit).into(), (group.period_ms as i64).into()],
+            )
+            .await?;
+        Ok(rate_outcome(reply.into_array()))
+    }
+
+    async fn rate_groups(&self, shard: u16, workflow: &str) -> StoreResult<Vec<String>> {
+        let reply = self.cmd("SMEMBERS", vec![self.keys.rate_groups(shard, workflow).into()]).await?;
         Ok(reply.into_array().iter().filter_map(text).collect())
     }
 
