@@ -351,27 +351,40 @@ local function fill_slots(slots, queue, limit)
   return promoted
 end
 
--- Admits a run whose step `consumer` claimed to its concurrency group: a run holding a slot goes
--- on; else it takes a free slot if none waits before it; else the entry is acknowledged and the
--- run waits in the queue (and the oldest waiting runs take any free slot).
--- KEYS: 1 ready stream, 2 slots, 3 queue, 4 the workflow's groups. ARGV: group, consumer, entry
--- id, run, created at, limit, group name. Returns {'admitted'} | {'not_ours'} | {'held',
--- promoted...}.
-local function admit(keys, argv)
-  local group, consumer, id, run, created, limit = argv[1], argv[2], argv[3], argv[4], argv[5], tonumber(argv[6])
+-- What admitting a claimed run to a group (a concurrency group's slots, a rate group's window)
+-- has in common: a run already in `keys[2]` goes on; an entry no longer `consumer`'s is left
+-- alone; a run goes in (scored `score`) if there is room and nobody waits before it; else its
+-- entry is acknowledged and it waits in `keys[3]` by creation time. KEYS: 1 ready stream, 2 the
+-- group's members, 3 its queue, 4 the workflow's groups. ARGV: group, consumer, entry id, run,
+-- created at, ..., group name (last). Returns 'admitted', 'not_ours' or 'queued'.
+local function admit_or_queue(keys, argv, limit, score)
+  local group, consumer, id, run = argv[1], argv[2], argv[3], argv[4]
   if redis.call('ZSCORE', keys[2], run) then
-    return {'admitted'}
+    return 'admitted'
   end
   if not holds(keys[1], group, consumer, id) then
-    return {'not_ours'}
+    return 'not_ours'
   end
-  redis.call('SADD', keys[4], argv[7])
+  redis.call('SADD', keys[4], argv[#argv])
   if redis.call('ZCARD', keys[3]) == 0 and redis.call('ZCARD', keys[2]) < limit then
-    redis.call('ZADD', keys[2], created, run)
-    return {'admitted'}
+    redis.call('ZADD', keys[2], score, run)
+    return 'admitted'
   end
   redis.call('XACK', keys[1], group, id)
-  redis.call('ZADD', keys[3], created, run)
+  redis.call('ZADD', keys[3], argv[5], run)
+  return 'queued'
+end
+
+-- Admits a run whose step `consumer` claimed to its concurrency group (see `admit_or_queue`);
+-- when it waits, the oldest waiting runs take any free slot.
+-- ARGV: group, consumer, entry id, run, created at, limit, group name. Returns {'admitted'} |
+-- {'not_ours'} | {'held', promoted...}.
+local function admit(keys, argv)
+  local limit = tonumber(argv[6])
+  local verdict = admit_or_queue(keys, argv, limit, argv[5])
+  if verdict ~= 'queued' then
+    return {verdict}
+  end
   local out = {'held'}
   for _, promoted in ipairs(fill_slots(keys[2], keys[3], limit)) do
     out[#out + 1] = promoted
@@ -419,29 +432,18 @@ local function rate_fill(window, queue, limit, period, now)
   return out
 end
 
--- Admits a run whose first step `consumer` claimed to its rate group: counted as a start if the
--- window has room and nobody waits before it; else the entry is acknowledged and the run waits.
--- KEYS: 1 ready stream, 2 window, 3 queue, 4 the workflow's rate groups. ARGV: group, consumer,
--- entry id, run, created at, limit, period ms, group name. Returns {'admitted'} | {'not_ours'} |
--- {'held', next, promoted...}.
+-- Admits a run whose first step `consumer` claimed to its rate group, its start counted in the
+-- window by Redis's clock (see `admit_or_queue`). KEYS: as `admit_or_queue`, 2 being the window.
+-- ARGV: group, consumer, entry id, run, created at, limit, period ms, group name. Returns
+-- {'admitted'} | {'not_ours'} | {'held', next, promoted...}.
 local function rate_admit(keys, argv)
-  local group, consumer, id, run, created = argv[1], argv[2], argv[3], argv[4], argv[5]
   local limit, period = tonumber(argv[6]), tonumber(argv[7])
   local now = rate_now()
   redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', now - period)
-  if redis.call('ZSCORE', keys[2], run) then
-    return {'admitted'}
+  local verdict = admit_or_queue(keys, argv, limit, now)
+  if verdict ~= 'queued' then
+    return {verdict}
   end
-  if not holds(keys[1], group, consumer, id) then
-    return {'not_ours'}
-  end
-  redis.call('SADD', keys[4], argv[8])
-  if redis.call('ZCARD', keys[3]) == 0 and redis.call('ZCARD', keys[2]) < limit then
-    redis.call('ZADD', keys[2], now, run)
-    return {'admitted'}
-  end
-  redis.call('XACK', keys[1], group, id)
-  redis.call('ZADD', keys[3], created, run)
   local out = {'held'}
   for _, value in ipairs(rate_fill(keys[2], keys[3], limit, period, now)) do
     out[#out + 1] = value

@@ -426,6 +426,19 @@ async fn claim_returns_the_dispatched_task(store: Arc<dyn Store>) {
     assert!(nothing_claimable(&store, "b").await, "an entry is delivered once");
 }
 
+/// Claims `count` queued steps for `consumer` (bounded: 20 claims), failing if fewer come.
+async fn claim_exactly(store: &Arc<dyn Store>, consumer: &str, count: usize) -> Vec<Claimed> {
+    let mut claims = Vec::new();
+    for _ in 0..20 {
+        if claims.len() == count {
+            break;
+        }
+        claims.extend(store.claim(consumer, count - claims.len(), BLOCK).await.unwrap());
+    }
+    assert_eq!(claims.len(), count, "the queued steps are claimed");
+    claims
+}
+
 async fn paused_workflows_steps_are_held_oldest_first(store: Arc<dyn Store>) {
     assert!(store.set_paused("wf", true).await.unwrap(), "pausing changes the state");
     assert!(!store.set_paused("wf", true).await.unwrap(), "pausing twice changes nothing");
@@ -436,14 +449,7 @@ async fn paused_workflows_steps_are_held_oldest_first(store: Arc<dyn Store>) {
     for (i, at) in [3_000u64, 2_000, 1_000].into_iter().enumerate() {
         runs.push(create(&store, new_run(&def, i as u16, at, None)).await);
     }
-    let mut claims = Vec::new();
-    for _ in 0..20 {
-        if claims.len() == 3 {
-            break;
-        }
-        claims.extend(store.claim("a", 3 - claims.len(), BLOCK).await.unwrap());
-    }
-    assert_eq!(claims.len(), 3, "the three queued steps are claimed");
+    let claims = claim_exactly(&store, "a", 3).await;
     for claimed in &claims {
         let task = claimed.task.as_ref().expect("a decodable task");
         let run: RunId = task.run.parse().unwrap();
@@ -479,14 +485,7 @@ async fn concurrency_slots_pass_on_oldest_first(store: Arc<dyn Store>) {
     for at in [1_000u64, 2_000, 3_000] {
         runs.push(create(&store, new_run(&def, 1, at, None)).await);
     }
-    let mut claims = Vec::new();
-    for _ in 0..20 {
-        if claims.len() == 3 {
-            break;
-        }
-        claims.extend(store.claim("a", 3 - claims.len(), BLOCK).await.unwrap());
-    }
-    assert_eq!(claims.len(), 3);
+    let claims = claim_exactly(&store, "a", 3).await;
     let claim_of = |run: &RunId| {
         claims.iter().find(|c| c.task.as_ref().is_ok_and(|t| t.run == run.to_string())).expect("a claim of the run")
     };
@@ -521,14 +520,7 @@ async fn rate_limits_count_starts_in_a_sliding_window(store: Arc<dyn Store>) {
     for at in [1_000u64, 2_000, 3_000] {
         runs.push(create(&store, new_run(&def, 2, at, None)).await);
     }
-    let mut claims = Vec::new();
-    for _ in 0..20 {
-        if claims.len() == 3 {
-            break;
-        }
-        claims.extend(store.claim("a", 3 - claims.len(), BLOCK).await.unwrap());
-    }
-    assert_eq!(claims.len(), 3);
+    let claims = claim_exactly(&store, "a", 3).await;
     let lease_of = |run: &RunId| {
         claims.iter().find(|c| c.task.as_ref().is_ok_and(|t| t.run == run.to_string())).expect("a claim").lease.clone()
     };
