@@ -22,6 +22,12 @@ use std::time::Duration;
 /// The group name of runs without a key.
 const WHOLE_WORKFLOW: &str = "all";
 
+/// A run's input as JSON (`null` if it does not parse: its key then names nothing, and a run of
+/// an older definition goes unlimited).
+fn run_input(state: &RunState) -> serde_json::Value {
+    serde_json::from_str(&state.input).unwrap_or(serde_json::Value::Null)
+}
+
 /// A group's name: `all` without a key, else the key rendered from the input, hashed (a value may
 /// hold any character, and keys name the group).
 fn group_name(limit: &str, key: Option<&str>, input: &serde_json::Value) -> Result<String, String> {
@@ -70,7 +76,7 @@ impl Engine {
         state: &RunState,
         def: &WorkflowDef,
     ) -> Result<bool, StoreError> {
-        let input: serde_json::Value = serde_json::from_str(&state.input).unwrap_or(serde_json::Value::Null);
+        let input = run_input(state);
         let group = match Self::slot_group(def, &input) {
             Ok(Some(group)) => group,
             Ok(None) => return Ok(true),
@@ -91,7 +97,7 @@ impl Engine {
     /// After a run of a limited workflow ended: gives its slot back and queues the runs that
     /// took the freed slots.
     pub(super) async fn release_run_slot(&self, run: &RunId, state: &RunState, def: &WorkflowDef) {
-        let input: serde_json::Value = serde_json::from_str(&state.input).unwrap_or(serde_json::Value::Null);
+        let input = run_input(state);
         let Ok(Some(group)) = Self::slot_group(def, &input) else { return };
         match self.store.release_slot(run.shard, &group, Some(run)).await {
             Ok(promoted) => self.queue_promoted(&promoted).await,
@@ -101,12 +107,12 @@ impl Engine {
         }
     }
 
-    /// Queues runs that took a slot again (their step's entry was acknowledged while they
+    /// Queues runs that a limit let in again (their step's entry was acknowledged while they
     /// waited). A failure is left to the sweeper, which re-queues a quiet run without an entry.
     async fn queue_promoted(&self, promoted: &[RunId]) {
         for run in promoted {
             if let Err(err) = self.requeue(run).await {
-                tracing::warn!(run_id = %run, %err, "queueing a run that got a concurrency slot failed; the sweeper will");
+                tracing::warn!(run_id = %run, %err, "queueing a run its limit let in failed; the sweeper will");
             }
         }
     }
@@ -120,7 +126,7 @@ impl Engine {
         state: &RunState,
         def: &WorkflowDef,
     ) -> Result<bool, StoreError> {
-        let input: serde_json::Value = serde_json::from_str(&state.input).unwrap_or(serde_json::Value::Null);
+        let input = run_input(state);
         let Ok(Some(group)) = Self::rate_group(def, &input) else { return Ok(true) };
         match self.store.rate_admit(lease, run, &group, state.created_at).await? {
             RateAdmission::Admitted => Ok(true),

@@ -427,6 +427,18 @@ impl Bus {
 }
 
 impl State {
+    /// Whether `lease`'s entry is still pending for its consumer (the Lua `holds`).
+    fn leased(&self, lease: &Lease) -> bool {
+        self.ready.get(&lease.shard).is_some_and(|queue| queue.holds(&lease.consumer, &lease.entry))
+    }
+
+    /// Acknowledges `lease`'s entry if its consumer still holds it.
+    fn ack(&mut self, lease: &Lease) {
+        if let Some(queue) = self.ready.get_mut(&lease.shard) {
+            queue.ack(&lease.consumer, &lease.entry);
+        }
+    }
+
     fn create_run(&mut self, new: NewRun, now: Millis, instant: Instant) -> StoreResult<Created> {
         let corrupt = |problem: &str| StoreError::Corrupt { key: new.run.to_string(), problem: problem.to_owned() };
         if new.records.is_empty() {
@@ -940,9 +952,7 @@ impl Runs for MemoryStore {
 #[async_trait]
 impl ReadySteps for MemoryStore {
     async fn ack(&self, lease: &Lease) -> StoreResult<()> {
-        if let Some(queue) = self.shared.state.lock().ready.get_mut(&lease.shard) {
-            queue.ack(&lease.consumer, &lease.entry);
-        }
+        self.shared.state.lock().ack(lease);
         Ok(())
     }
 
@@ -1276,15 +1286,10 @@ impl Pauses for MemoryStore {
 
     async fn hold(&self, lease: &Lease, run: &RunId, workflow: &str, created_at: Millis) -> StoreResult<bool> {
         let mut state = self.shared.state.lock();
-        let Some(queue) = state.ready.get_mut(&lease.shard) else { return Ok(false) };
-        let held_by_consumer = lease
-            .entry
-            .parse::<EntryId>()
-            .is_ok_and(|id| queue.pending.get(&id).is_some_and(|pending| pending.owner == lease.consumer));
-        if !held_by_consumer {
+        if !state.leased(lease) {
             return Ok(false);
         }
-        queue.ack(&lease.consumer, &lease.entry);
+        state.ack(lease);
         state.held.entry(workflow.to_owned()).or_default().insert((created_at, run.clone()));
         Ok(true)
     }
@@ -1317,12 +1322,7 @@ impl Slots for MemoryStore {
         if state.slots.get(&id).is_some_and(|slots| slots.holders.iter().any(|(_, holder)| holder == run)) {
             return Ok(Admission::Admitted);
         }
-        let Some(queue) = state.ready.get_mut(&lease.shard) else { return Ok(Admission::NotOurs) };
-        let ours = lease
-            .entry
-            .parse::<EntryId>()
-            .is_ok_and(|entry| queue.pending.get(&entry).is_some_and(|pending| pending.owner == lease.consumer));
-        if !ours {
+        if !state.leased(lease) {
             return Ok(Admission::NotOurs);
         }
         let slots = state.slots.entry(id).or_default();
@@ -1332,9 +1332,7 @@ impl Slots for MemoryStore {
         }
         slots.queue.insert((created_at, run.clone()));
         let promoted = slots.fill(group.limit);
-        if let Some(queue) = state.ready.get_mut(&lease.shard) {
-            queue.ack(&lease.consumer, &lease.entry);
-        }
+        state.ack(lease);
         Ok(Admission::Held { promoted })
     }
 
@@ -1370,12 +1368,7 @@ impl Slots for MemoryStore {
                 return Ok(RateAdmission::Admitted);
             }
         }
-        let Some(queue) = state.ready.get_mut(&lease.shard) else { return Ok(RateAdmission::NotOurs) };
-        let ours = lease
-            .entry
-            .parse::<EntryId>()
-            .is_ok_and(|entry| queue.pending.get(&entry).is_some_and(|pending| pending.owner == lease.consumer));
-        if !ours {
+        if !state.leased(lease) {
             return Ok(RateAdmission::NotOurs);
         }
         let rate = state.rates.entry(id).or_default();
@@ -1385,9 +1378,7 @@ impl Slots for MemoryStore {
         }
         rate.queue.insert((created_at, run.clone()));
         let (promoted, next) = rate.fill(group.limit, period, now);
-        if let Some(queue) = state.ready.get_mut(&lease.shard) {
-            queue.ack(&lease.consumer, &lease.entry);
-        }
+        state.ack(lease);
         Ok(RateAdmission::Held { promoted, next })
     }
 

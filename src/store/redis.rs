@@ -502,14 +502,25 @@ impl RedisStore {
 
     /// `FCALL`, reinstalling the library once if Redis lost it (restarted without persistence).
     async fn fcall(&self, function: &'static str, keys: Vec<String>, args: Vec<Value>) -> StoreResult<Value> {
+        self.fcall_on(self.client.next(), function, keys, args).await
+    }
+
+    /// [`RedisStore::fcall`] on the connections of `client`.
+    async fn fcall_on(
+        &self,
+        client: &fred::prelude::Client,
+        function: &'static str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> StoreResult<Value> {
         let call = fcall_args(function, keys, args);
-        match self.cmd("FCALL", call.clone()).await {
+        match self.cmd_on(client, "FCALL", call.clone()).await {
             Err(StoreError::Unavailable(msg)) if msg.contains("Function not found") || msg.contains("NOGROUP") => {
                 tracing::warn!(
                     "Redis lost the Lua library or the consumer groups (restarted without persistence?); reinstalling"
                 );
                 Box::pin(self.install_schema()).await?;
-                self.cmd("FCALL", call).await
+                self.cmd_on(client, "FCALL", call).await
             }
             other => other,
         }
@@ -527,13 +538,7 @@ impl RedisStore {
         let Some(wait) = self.replica_wait else { return self.fcall(function, keys, args).await };
         let slot = keys.first().map_or(0, |key| fred::util::redis_keyslot(key.as_bytes()));
         let client = self.client.next();
-        let reply = match self.cmd_on(client, "FCALL", fcall_args(function, keys.clone(), args.clone())).await {
-            Err(StoreError::Unavailable(msg)) if msg.contains("Function not found") || msg.contains("NOGROUP") => {
-                Box::pin(self.install_schema()).await?;
-                self.cmd_on(client, "FCALL", fcall_args(function, keys, args)).await?
-            }
-            other => other?,
-        };
+        let reply = self.fcall_on(client, function, keys, args).await?;
         let confirmed = client
             .custom::<Value, Value>(
                 CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false),
