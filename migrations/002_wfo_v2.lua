@@ -457,6 +457,69 @@ local function rate_release(keys, argv)
   return rate_fill(keys[1], keys[2], tonumber(argv[1]), tonumber(argv[2]), rate_now())
 end
 
+-- Debounce: a burst collects the triggers of one key until `period` passes without another (or
+-- `max wait` since its first); it is then due, no longer changes (a later trigger opens the next
+-- burst), and waits for a replica to start its run. Time is Redis's clock.
+
+-- Adds a trigger to its key's open burst, or opens one. KEYS: 1 open bursts, 2 due, 3 bursts,
+-- [4 the trigger's seen mark]. ARGV: key (`<workflow>:<group>`), new burst id, payload, period
+-- ms, max wait ms (0: none), seen mark ttl ms. Returns {'absorbed', burst, triggers, due} |
+-- {'duplicate', burst}.
+local function debounce(keys, argv)
+  if keys[4] then
+    local seen = redis.call('GET', keys[4])
+    if seen then
+      return {'duplicate', seen}
+    end
+  end
+  local now = rate_now()
+  local burst = redis.call('HGET', keys[1], argv[1])
+  local due = burst and tonumber(redis.call('ZSCORE', keys[2], burst))
+  local first
+  if due and due > now then
+    first = tonumber(redis.call('HGET', keys[3], burst .. ':first')) or now
+  else
+    burst, first = argv[2], now
+    redis.call('HSET', keys[1], argv[1], burst)
+    redis.call('HSET', keys[3], burst .. ':first', now)
+  end
+  due = now + tonumber(argv[4])
+  local max_wait = tonumber(argv[5])
+  if max_wait > 0 and due > first + max_wait then
+    due = first + max_wait
+  end
+  redis.call('HSET', keys[3], burst, argv[3])
+  local triggers = redis.call('HINCRBY', keys[3], burst .. ':n', 1)
+  redis.call('ZADD', keys[2], due, burst)
+  if keys[4] then
+    redis.call('SET', keys[4], burst, 'PX', argv[6])
+  end
+  return {'absorbed', burst, triggers, due}
+end
+
+-- Up to `max` due bursts, the longest due first. KEYS: 1 due, 2 bursts. ARGV: max.
+-- Returns {{burst, payload, triggers, first}...} (payload '' if it is missing).
+local function debounce_due(keys, argv)
+  local out = {}
+  local due = redis.call('ZRANGE', keys[1], '-inf', rate_now(), 'BYSCORE', 'LIMIT', 0, tonumber(argv[1]))
+  for _, burst in ipairs(due) do
+    local fields = redis.call('HMGET', keys[2], burst, burst .. ':n', burst .. ':first')
+    out[#out + 1] = {burst, fields[1] or '', fields[2] or '0', fields[3] or '0'}
+  end
+  return out
+end
+
+-- Forgets a burst whose run was started. KEYS: 1 open bursts, 2 due, 3 bursts. ARGV: key, burst.
+local function debounce_finish(keys, argv)
+  local burst = argv[2]
+  redis.call('ZREM', keys[2], burst)
+  redis.call('HDEL', keys[3], burst, burst .. ':n', burst .. ':first')
+  if redis.call('HGET', keys[1], argv[1]) == burst then
+    redis.call('HDEL', keys[1], argv[1])
+  end
+  return 1
+end
+
 -- Takes over entries idle longer than the lease (Redis's clock judges), with delivery counts.
 -- KEYS: 1 ready stream. ARGV: group, consumer, min idle ms, start id, count.
 -- Returns {next start, {{id, fields, deliveries}...}, {deleted ids...}}.
@@ -738,6 +801,9 @@ redis.register_function('wfo_v2_admit', admit)
 redis.register_function('wfo_v2_release_slot', release_slot)
 redis.register_function('wfo_v2_rate_admit', rate_admit)
 redis.register_function('wfo_v2_rate_release', rate_release)
+redis.register_function('wfo_v2_debounce', debounce)
+redis.register_function('wfo_v2_debounce_due', debounce_due)
+redis.register_function('wfo_v2_debounce_finish', debounce_finish)
 redis.register_function('wfo_v2_reclaim', reclaim)
 redis.register_function('wfo_v2_dead_letter', dead_letter)
 redis.register_function('wfo_v2_bus_read', bus_read)

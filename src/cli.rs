@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use std::process::ExitCode;
 use workflow_orchestrator::api::views;
 use workflow_orchestrator::definition::Registry;
-use workflow_orchestrator::engine::{Engine, EngineError};
+use workflow_orchestrator::engine::{Accepted, Engine, EngineError};
 use workflow_orchestrator::machine::{self, Transition, Trigger};
 use workflow_orchestrator::store::{RunId, RunQuery, RunSummary};
 
@@ -121,6 +121,9 @@ pub async fn replay(engine: &Engine, run_id: &str, json: bool, at: Option<u64>) 
                     Trigger::Rerun { run_id, from_step } => format!("rerun of {run_id} from step {from_step}"),
                     Trigger::Parent { run_id, step_id, attempt, .. } => {
                         format!("child of run {run_id}, step {step_id} attempt {attempt}")
+                    }
+                    Trigger::Debounce { triggers, last, .. } => {
+                        format!("debounce of {triggers} triggers, the last by {}", last.kind())
                     }
                 },
                 Transition::ChildStarted { child, .. } => format!("child run {child}"),
@@ -246,9 +249,19 @@ pub async fn runs(
 pub async fn trigger(engine: &Engine, workflow: &str, input: &str, key: Option<&str>) -> anyhow::Result<ExitCode> {
     let input = parse_object("--input", input)?;
     let key = key.map(|k| format!("api:{workflow}:{k}"));
-    match engine.trigger(workflow, &input, key.as_deref(), Trigger::Api).await {
-        Ok(triggered) => {
+    match engine.accept(workflow, &input, key.as_deref(), Trigger::Api, None).await {
+        Ok(Accepted::Started(triggered)) => {
             println!("{}", triggered.run_id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Accepted::Debounced { burst, triggers, due, .. }) => {
+            match (triggers, due) {
+                (Some(triggers), Some(due)) => println!(
+                    "debounced: burst {burst} ({triggers} triggers so far) starts its run at {}",
+                    views::timestamp(due)
+                ),
+                _ => println!("debounced: burst {burst} (this idempotency key was seen before)"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(EngineError::UnknownWorkflow(id)) => bail!("no workflow `{id}` (see `workflow-orchestrator workflows`)"),

@@ -11,7 +11,7 @@
 //! never compares them with the store's clock, except where a check says so.
 
 use crate::util::{RedisCluster, RedisServer};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,9 +23,9 @@ use workflow_orchestrator::store::keys::shard_of;
 use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
-    Admission, BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, Dispatch, EntryCap, EventQuery, Lease,
-    Logged, NewRun, RateAdmission, RateGroup, ReplicaBeat, RunId, RunQuery, RunSummary, SearchQuery, SettledEvent,
-    SlotGroup, Store, StoreKind, StreamStats, compare_entry_ids,
+    Admission, BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, DebounceTrigger, Debounced, Dispatch,
+    EntryCap, EventQuery, Lease, Logged, NewRun, RateAdmission, RateGroup, ReplicaBeat, RunId, RunQuery, RunSummary, SearchQuery, SettledEvent,
+    SlotGroup, Store, StoreKind, StreamStats, burst_id, compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -150,6 +150,7 @@ conformance! {
     a_paused_workflows_claimed_steps_are_held_and_listed_oldest_first = paused_workflows_steps_are_held_oldest_first(4);
     concurrency_slots_admit_up_to_the_limit_and_pass_on_oldest_first = concurrency_slots_pass_on_oldest_first(4);
     rate_limits_count_starts_in_a_sliding_window = rate_limits_count_starts_in_a_sliding_window(4);
+    debounced_triggers_collapse_into_one_burst_per_key = debounced_triggers_collapse_into_one_burst_per_key(4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -502,6 +503,8 @@ async fn concurrency_slots_pass_on_oldest_first(store: Arc<dyn Store>) {
     );
     assert_eq!(store.slot_holders(1, &group).await.unwrap(), (vec![a.clone()], 2));
     assert_eq!(store.slot_groups(1, "wf").await.unwrap(), vec!["g".to_owned()]);
+    assert_eq!(store.queued(1, "wf").await.unwrap(), (2, 0), "two wait for a slot");
+    assert_eq!(store.queued(0, "wf").await.unwrap(), (0, 0), "none on another shard");
     // A waiting run that ends (cancelled) leaves the queue; the holder's end passes the slot on
     // to the oldest waiting run.
     assert!(store.release_slot(1, &group, Some(c)).await.unwrap().is_empty());
@@ -537,6 +540,7 @@ async fn rate_limits_count_starts_in_a_sliding_window(store: Arc<dyn Store>) {
     };
     assert!(promoted.is_empty());
     assert!((before + 1_000..=before + 1_500).contains(&next), "capacity frees a period after the first start");
+    assert_eq!(store.queued(2, "wf").await.unwrap(), (0, 1), "one waits for the window");
     // Counted once: a later step of an admitted run is admitted within the period.
     assert_eq!(store.rate_admit(&lease_of(a), a, &group, 1_000).await.unwrap(), RateAdmission::Admitted);
     assert!(store.reclaim("b", Duration::ZERO, 10).await.unwrap().iter().all(|r| r.lease.entry != lease_of(c).entry));
@@ -545,6 +549,71 @@ async fn rate_limits_count_starts_in_a_sliding_window(store: Arc<dyn Store>) {
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert_eq!(store.rate_release(2, &group).await.unwrap(), (vec![c.clone()], None));
     assert_eq!(store.rate_groups(2, "wf").await.unwrap(), vec!["g".to_owned()]);
+}
+
+async fn debounced_triggers_collapse_into_one_burst_per_key(store: Arc<dyn Store>) {
+    let trigger = |group: &str, payload: &str, key: Option<&str>| DebounceTrigger {
+        workflow: "wf".to_owned(),
+        group: group.to_owned(),
+        burst: burst_id("wf", group),
+        payload: payload.to_owned(),
+        period_ms: 300,
+        max_wait_ms: 0,
+        key: key.map(|key| (key.to_owned(), Duration::from_secs(60))),
+    };
+    let absorbed = |debounced: Debounced| match debounced {
+        Debounced::Absorbed { burst, triggers, due } => (burst, triggers, due),
+        other => panic!("absorbed, not {other:?}"),
+    };
+    let before = store.now().await.unwrap();
+    // Three triggers of one key: one burst, due a period after the last.
+    let (burst, triggers, due) = absorbed(store.debounce(&trigger("g", "p1", Some("k1"))).await.unwrap());
+    assert_eq!(triggers, 1);
+    assert!(due >= before + 300, "due a period after the trigger");
+    for (n, payload) in [(2, "p2"), (3, "p3")] {
+        let (same, triggers, later) = absorbed(store.debounce(&trigger("g", payload, None)).await.unwrap());
+        assert_eq!((same.as_str(), triggers), (burst.as_str(), n), "the key's open burst takes the trigger");
+        assert!(later >= due, "each trigger puts the burst off");
+    }
+    // A trigger whose idempotency key was seen is not counted again.
+    assert_eq!(store.debounce(&trigger("g", "p9", Some("k1"))).await.unwrap(), Debounced::Duplicate {
+        burst: burst.clone()
+    });
+    // Another key has its own burst.
+    let (other, triggers, _) = absorbed(store.debounce(&trigger("h", "q1", None)).await.unwrap());
+    assert_ne!(other, burst);
+    assert_eq!(triggers, 1);
+    assert!(store.due_bursts(10).await.unwrap().is_empty(), "nothing is due within the period");
+    assert_eq!(store.burst_counts().await.unwrap(), BTreeMap::from([("wf".to_owned(), 2)]));
+
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let due = store.due_bursts(10).await.unwrap();
+    let found = |id: &str| due.iter().find(|d| d.burst == id).unwrap_or_else(|| panic!("burst {id} is due: {due:?}"));
+    let g = found(&burst);
+    assert_eq!((g.workflow.as_str(), g.group.as_str(), g.payload.as_str(), g.triggers), ("wf", "g", "p3", 3));
+    assert!(g.first_at >= before, "the first trigger's time");
+    assert_eq!((found(&other).payload.as_str(), found(&other).triggers), ("q1", 1));
+    assert_eq!(store.due_bursts(1).await.unwrap().len(), 1, "at most max");
+
+    // A trigger after its key's burst is due opens the next burst; the due one keeps its state.
+    let (next, triggers, _) = absorbed(store.debounce(&trigger("g", "p4", None)).await.unwrap());
+    assert_ne!(next, burst);
+    assert_eq!(triggers, 1);
+    let g = store.due_bursts(10).await.unwrap().into_iter().find(|d| d.burst == burst).expect("still due");
+    assert_eq!((g.payload.as_str(), g.triggers), ("p3", 3));
+    // Started bursts are forgotten; the open one stays.
+    store.finish_burst(&g).await.unwrap();
+    store.finish_burst(found(&other)).await.unwrap();
+    assert!(store.due_bursts(10).await.unwrap().is_empty());
+    assert_eq!(store.burst_counts().await.unwrap(), BTreeMap::from([("wf".to_owned(), 1)]));
+    let (same, triggers, _) = absorbed(store.debounce(&trigger("g", "p5", None)).await.unwrap());
+    assert_eq!((same, triggers), (next, 2), "finishing the old burst left the open one to its key");
+
+    // `max_wait` bounds how far a burst is put off from its first trigger.
+    let bounded = DebounceTrigger { period_ms: 60_000, max_wait_ms: 500, ..trigger("m", "r1", None) };
+    let now = store.now().await.unwrap();
+    let (_, _, due) = absorbed(store.debounce(&bounded).await.unwrap());
+    assert!((now + 400..now + 700).contains(&due), "due at most max_wait after the first trigger: {due} vs {now}");
 }
 
 async fn claim_returns_at_most_max(store: Arc<dyn Store>) {

@@ -88,22 +88,38 @@ pub async fn render(engine: &Engine, store_deadline: std::time::Duration) -> Res
     }
 
     // The store's side: answered only if the store is reachable.
-    let store_side =
-        async { (engine.stream_stats().await, engine.store_round_trip().await, engine.held_counts().await) };
+    let store_side = async {
+        let held = async {
+            Ok::<_, crate::store::StoreError>((
+                engine.held_counts().await?,
+                engine.limited_counts().await?,
+                engine.burst_counts().await?,
+            ))
+        };
+        (engine.stream_stats().await, engine.store_round_trip().await, held.await)
+    };
     let answered = match engine.store_problem() {
         Some(_) => None,
         None => tokio::time::timeout(store_deadline, store_side).await.ok(),
     };
     match answered {
-        Some((Ok(stats), Ok(round_trip), Ok(held))) => {
+        Some((Ok(stats), Ok(round_trip), Ok((paused, limited, bursts)))) => {
             family(
                 &mut out,
                 "wfo_runs_held",
                 "gauge",
-                "Runs held back, by workflow and reason (pause), by any replica.",
+                "Runs held back, by workflow and reason (pause, concurrency, rate_limit; debounce: bursts of \
+                 triggers whose run has not started yet), by any replica.",
             );
-            for (workflow, count) in held {
-                let _ = writeln!(out, "wfo_runs_held{{workflow=\"{}\",reason=\"pause\"}} {count}", label(&workflow));
+            let held = paused
+                .into_iter()
+                .map(|(workflow, count)| (workflow, "pause", count))
+                .chain(limited.into_iter().flat_map(|(workflow, slots, rates)| {
+                    [(workflow.clone(), "concurrency", slots), (workflow, "rate_limit", rates)]
+                }))
+                .chain(bursts.into_iter().map(|(workflow, count)| (workflow, "debounce", count)));
+            for (workflow, reason, count) in held {
+                let _ = writeln!(out, "wfo_runs_held{{workflow=\"{}\",reason=\"{reason}\"}} {count}", label(&workflow));
             }
             family(&mut out, "wfo_stream_length", "gauge", "Entries in the store's streams.");
             let _ = writeln!(out, "wfo_stream_length{{stream=\"ready\"}} {}", stats.ready_length);

@@ -8,7 +8,7 @@ pub mod views;
 
 pub use error::ApiError;
 
-use crate::engine::Engine;
+use crate::engine::{Accepted, Engine};
 use crate::machine::{self, Status, Trigger};
 use crate::store::{RunId, RunQuery, SearchQuery};
 use bytes::Bytes;
@@ -746,10 +746,24 @@ fn workflows(engine: &Engine) -> Value {
                 "paused": engine.is_paused(&w.def.id),
                 "concurrency": w.def.concurrency,
                 "rateLimit": w.def.rate_limit,
+                "debounce": w.def.debounce.as_ref().map(debounce_view),
             })
         })
         .collect();
     json!({ "workflows": list })
+}
+
+/// A workflow's `debounce` as the API shows it (durations as written, absent fields left out).
+fn debounce_view(debounce: &crate::definition::Debounce) -> Value {
+    use crate::definition::format_duration;
+    let mut view = json!({ "period": format_duration(debounce.period) });
+    if let Some(key) = &debounce.key {
+        view["key"] = json!(key);
+    }
+    if let Some(max_wait) = debounce.max_wait {
+        view["maxWait"] = json!(format_duration(max_wait));
+    }
+    view
 }
 
 /// Reads a JSON body (bounded in size and time; the content type was checked by `route`).
@@ -802,12 +816,21 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
         Some(_) => return Err(ApiError::bad_request("the body must be a JSON object: {\"inputData\": {...}}")),
     };
     let key = key.map(|k| format!("api:{workflow_id}:{k}"));
-    let triggered = engine.trigger_traced(workflow_id, &input, key.as_deref(), Trigger::Api, caller).await?;
-    let status = if triggered.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
-    ok_json(
-        status,
-        json!({ "runId": triggered.run_id, "workflowId": workflow_id, "status": "pending", "duplicate": triggered.duplicate }),
-    )
+    let (duplicate, body) = match engine.accept(workflow_id, &input, key.as_deref(), Trigger::Api, caller).await? {
+        Accepted::Started(triggered) => (
+            triggered.duplicate,
+            json!({ "runId": triggered.run_id, "workflowId": workflow_id, "status": "pending", "duplicate": triggered.duplicate }),
+        ),
+        Accepted::Debounced { burst, duplicate, triggers, due } => {
+            let mut body = json!({ "workflowId": workflow_id, "status": "debounced", "duplicate": duplicate, "burstId": burst });
+            if let (Some(triggers), Some(due)) = (triggers, due) {
+                body["triggers"] = json!(triggers);
+                body["startsAt"] = json!(views::timestamp(due));
+            }
+            (duplicate, body)
+        }
+    };
+    ok_json(if duplicate { StatusCode::OK } else { StatusCode::ACCEPTED }, body)
 }
 
 /// The caller's span, from its `traceparent` (and `tracestate`) headers. A missing, repeated or

@@ -77,7 +77,29 @@ pub struct WorkflowDef {
     /// the snapshot when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Triggers (REST, events) of one key within `period` of each other start one run, `period`
+    /// after the last of them, with its input. Left out of the snapshot when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce: Option<Debounce>,
 }
+
+/// `debounce = { period = "30s", key = "${input.serviceId}", max_wait = "5m" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Debounce {
+    #[serde(with = "duration::serde_human")]
+    pub period: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The longest a burst is put off from its first trigger, so that triggers that never stop
+    /// still start a run now and then; `None`: no bound.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "duration::serde_human_option")]
+    pub max_wait: Option<Duration>,
+}
+
+/// The shortest and longest debounce periods (and `max_wait`s).
+pub const MIN_DEBOUNCE: Duration = Duration::from_millis(100);
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// `rate_limit = { limit = 100, period = "1m", key = "${input.partner}" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +200,35 @@ fn check_group_key(field: &'static str, key: Option<&str>) -> Result<(), (&'stat
         return Err((field, format!("`${{{}}}`: a key is made of the run's input only (`${{input...}}`)", other.path)));
     }
     Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDebounce {
+    period: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    max_wait: Option<String>,
+}
+
+impl RawDebounce {
+    fn validate(self) -> Result<Debounce, (&'static str, String)> {
+        let bounded = |field: &'static str, text: &str| {
+            let duration = parse_duration(text).map_err(|problem| (field, problem))?;
+            if !(MIN_DEBOUNCE..=MAX_DEBOUNCE).contains(&duration) {
+                return Err((field, "must be from 100ms to 7d".to_owned()));
+            }
+            Ok(duration)
+        };
+        let period = bounded("debounce.period", &self.period)?;
+        let max_wait = self.max_wait.map(|text| bounded("debounce.max_wait", &text)).transpose()?;
+        if max_wait.is_some_and(|max_wait| max_wait < period) {
+            return Err(("debounce.max_wait", "must be at least the period".to_owned()));
+        }
+        check_group_key("debounce.key", self.key.as_deref())?;
+        Ok(Debounce { period, key: self.key, max_wait })
+    }
 }
 
 #[derive(Deserialize)]
@@ -466,6 +517,7 @@ struct RawWorkflow {
     result: Option<String>,
     concurrency: Option<Concurrency>,
     rate_limit: Option<RawRateLimit>,
+    debounce: Option<RawDebounce>,
     #[serde(default)]
     step: Vec<RawStep>,
 }
@@ -646,6 +698,8 @@ impl RawWorkflow {
                 Some(RateLimit { limit: raw.limit, period, key: raw.key })
             }
         };
+        let debounce =
+            self.debounce.map(RawDebounce::validate).transpose().map_err(|(field, problem)| fail(field, problem))?;
         if self.step.is_empty() {
             return Err(fail("step", "a workflow needs at least one [[workflow.step]]".to_owned()));
         }
@@ -706,6 +760,7 @@ impl RawWorkflow {
             result: self.result,
             concurrency: self.concurrency,
             rate_limit,
+            debounce,
         })
     }
 }
@@ -881,6 +936,33 @@ retry = { max_attempts = 5, initial_backoff = "1s", max_backoff = "1m", multipli
             let err = Registry::parse("t.toml", &with(bad)).unwrap_err();
             assert_eq!(err.field.as_deref(), Some(field), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn debounces_are_checked_at_load() {
+        let with = |fields: &str| EXAMPLE.replace("[[workflow.step]]", &format!("{fields}\n[[workflow.step]]"));
+        let registry = Registry::parse(
+            "t.toml",
+            &with(r#"debounce = { period = "30s", key = "${input.serviceId}", max_wait = "5m" }"#),
+        )
+        .unwrap();
+        let debounce = registry.get("nightly-report").unwrap().def.debounce.clone().unwrap();
+        assert_eq!(debounce.period, Duration::from_secs(30));
+        assert_eq!(debounce.key.as_deref(), Some("${input.serviceId}"));
+        assert_eq!(debounce.max_wait, Some(Duration::from_secs(300)));
+        for (bad, field) in [
+            (r#"debounce = { period = "10ms" }"#, "debounce.period"),
+            (r#"debounce = { period = "8d" }"#, "debounce.period"),
+            (r#"debounce = { period = "later" }"#, "debounce.period"),
+            (r#"debounce = { period = "1m", max_wait = "30s" }"#, "debounce.max_wait"),
+            (r#"debounce = { period = "1s", key = "${steps.a.id}" }"#, "debounce.key"),
+            (r#"debounce = { period = "1s", key = "" }"#, "debounce.key"),
+        ] {
+            let err = Registry::parse("t.toml", &with(bad)).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{bad}: {err}");
+        }
+        let err = Registry::parse("t.toml", &with(r#"debounce = { period = "1s", every = "2s" }"#)).unwrap_err();
+        assert!(err.to_string().contains("every"), "{err}");
     }
 
     #[test]

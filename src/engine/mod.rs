@@ -14,6 +14,7 @@
 //! - `pauses`: paused workflows: their claimed steps are held, and queued again on resume.
 //! - `slots`: concurrency limits (a run holds a slot of its group from its first step to its
 //!   end) and rate limits (a run's start is counted in its group's sliding window).
+//! - `debounce`: a debounced workflow's triggers collapse into bursts, each starting one run.
 //! - `cron`: the schedules, exactly once across replicas, with catch-up and overlap policies.
 //! - `sweeper`: belt and braces: re-queues runs that say they are running but have neither a
 //!   live lease nor a queued entry; re-registers waits; trims streams and expires finished runs.
@@ -30,6 +31,7 @@ mod children;
 mod clock;
 mod commits;
 mod cron;
+mod debounce;
 mod executor;
 mod metrics;
 mod operator;
@@ -46,6 +48,7 @@ mod traces;
 
 pub use bulk::{BulkAction, BulkFilter, BulkOutcome, MAX_BULK};
 pub use clock::{Clock, ManualClock, StoreClock};
+pub use debounce::{Accepted, DEBOUNCE_POLL};
 pub use metrics::{Metrics, STEP_BUCKETS, WorkflowMetrics};
 pub use operator::LoadedRun;
 pub use pauses::PAUSES_REFRESH;
@@ -288,6 +291,7 @@ impl Engine {
         self.tasks.spawn(Arc::clone(self).claim_loop());
         self.tasks.spawn(Arc::clone(self).renew_loop());
         self.tasks.spawn(Arc::clone(self).timer_loop());
+        self.tasks.spawn(Arc::clone(self).debounce_loop());
         self.tasks.spawn(Arc::clone(self).sweeper_loop());
         self.tasks.spawn(Arc::clone(self).cron_loop());
         self.tasks.spawn(Arc::clone(self).router_loop());

@@ -12,7 +12,7 @@
 //! the stream's last id set back.
 
 use super::record::Recording;
-use super::{Counters, Engine, EngineError, backoff, sleep_or_cancelled};
+use super::{Accepted, Counters, Engine, EngineError, backoff, sleep_or_cancelled};
 use crate::definition::valid_event_type;
 use crate::machine::{TraceContext, Trigger};
 use crate::store::{BUS_CLOCK_TOLERANCE, BusEntry, DEAD_LETTER_KEEP, EntryCap, EventQuery, SettledEvent, StoreError};
@@ -420,8 +420,10 @@ impl Engine {
             let trigger = Trigger::Event { event_id: id.to_owned(), event_type: event.event_type.clone() };
             // Each run is a child of the publisher's span: one event, one trace, however many
             // runs it starts.
-            match self.trigger_traced(workflow_id, &event.payload, Some(&key), trigger, event.trace.clone()).await {
-                Ok(triggered) => started.push((workflow_id.clone(), triggered.run_id)),
+            match self.accept(workflow_id, &event.payload, Some(&key), trigger, event.trace.clone()).await {
+                Ok(Accepted::Started(triggered)) => started.push((workflow_id.clone(), triggered.run_id)),
+                // Its run starts when the burst is due; the event is settled now.
+                Ok(Accepted::Debounced { .. }) => {}
                 Err(EngineError::Store(err)) => return Err(err),
                 Err(other) => {
                     tracing::error!(event = %id, workflow = %workflow_id, error = %other, "an event could not start its run")

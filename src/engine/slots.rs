@@ -28,9 +28,9 @@ fn run_input(state: &RunState) -> serde_json::Value {
     serde_json::from_str(&state.input).unwrap_or(serde_json::Value::Null)
 }
 
-/// A group's name: `all` without a key, else the key rendered from the input, hashed (a value may
-/// hold any character, and keys name the group).
-fn group_name(limit: &str, key: Option<&str>, input: &serde_json::Value) -> Result<String, String> {
+/// A group's name (of a limit or a debounce): `all` without a key, else the key rendered from
+/// the input, hashed (a value may hold any character, and keys name the group).
+pub(super) fn group_name(limit: &str, key: Option<&str>, input: &serde_json::Value) -> Result<String, String> {
     let Some(key) = key else { return Ok(WHOLE_WORKFLOW.to_owned()) };
     let scope = Scope { input, steps: &serde_json::Map::new(), run: serde_json::Value::Null };
     let value = render_str(key, &scope).map_err(|problem| format!("{limit} key `{key}`: {problem}"))?;
@@ -201,6 +201,25 @@ impl Engine {
             }
         }
         Ok(queued)
+    }
+
+    /// Runs waiting for a concurrency slot and for a rate window, by limited workflow, over
+    /// every shard.
+    pub async fn limited_counts(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let mut counts = Vec::new();
+        for workflow in self.registry.iter() {
+            let def = &workflow.def;
+            if def.concurrency.is_none() && def.rate_limit.is_none() {
+                continue;
+            }
+            let shards = (0..self.store.shards()).map(|shard| self.store.queued(shard, &def.id));
+            let (slots, rates) = futures::future::try_join_all(shards)
+                .await?
+                .into_iter()
+                .fold((0, 0), |(slots, rates), (s, r)| (slots + s, rates + r));
+            counts.push((def.id.clone(), slots, rates));
+        }
+        Ok(counts)
     }
 
     /// The sweeper's backstop: in every group of every limited workflow, gives back the slots

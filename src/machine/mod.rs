@@ -69,10 +69,14 @@ pub enum Trigger {
     /// A parent run's step (`action = "workflow"`): the run is its child, `depth` levels below
     /// a run that has no parent.
     Parent { run_id: String, step: u32, step_id: String, attempt: u32, depth: u32 },
+    /// Triggers of one key of a debounced workflow (`debounce`), burst `burst`: `triggers` of
+    /// them, the first at `first_at`, collapsed into this run, which has the input of the last
+    /// one, `last`.
+    Debounce { burst: String, triggers: u64, first_at: Millis, last: Box<Trigger> },
 }
 
 impl Trigger {
-    /// The kind of trigger: `api`, `cron`, `event` or `rerun`.
+    /// The kind of trigger: `api`, `cron`, `event`, `rerun`, `parent` or `debounce`.
     pub fn kind(&self) -> &'static str {
         match self {
             Trigger::Api => "api",
@@ -80,6 +84,7 @@ impl Trigger {
             Trigger::Event { .. } => "event",
             Trigger::Rerun { .. } => "rerun",
             Trigger::Parent { .. } => "parent",
+            Trigger::Debounce { .. } => "debounce",
         }
     }
 
@@ -96,6 +101,13 @@ impl Trigger {
             Trigger::Parent { run_id, step_id, attempt, depth, .. } => {
                 json!({ "kind": "parent", "runId": run_id, "step": step_id, "attempt": attempt, "depth": depth })
             }
+            Trigger::Debounce { burst, triggers, first_at, last } => json!({
+                "kind": "debounce",
+                "burstId": burst,
+                "triggers": triggers,
+                "firstAt": timestamp(*first_at),
+                "last": last.to_json(),
+            }),
         }
     }
 
@@ -103,7 +115,11 @@ impl Trigger {
     pub fn depth(&self) -> u32 {
         match self {
             Trigger::Parent { depth, .. } => *depth,
-            Trigger::Api | Trigger::Cron { .. } | Trigger::Event { .. } | Trigger::Rerun { .. } => 0,
+            Trigger::Api
+            | Trigger::Cron { .. }
+            | Trigger::Event { .. }
+            | Trigger::Rerun { .. }
+            | Trigger::Debounce { .. } => 0,
         }
     }
 }

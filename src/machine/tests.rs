@@ -35,6 +35,7 @@ fn graph(needs: &[Option<Vec<u32>>], max_attempts: u32) -> WorkflowDef {
         result: None,
         concurrency: None,
         rate_limit: None,
+        debounce: None,
     }
 }
 

@@ -160,6 +160,33 @@ impl Keys {
         format!("{}:rategroups:{workflow}", self.shard(shard))
     }
 
+    /// The debounce keys share one hash tag, so that a trigger is added to its burst in one
+    /// atomic call (on a cluster: one slot).
+    fn debounce(&self) -> String {
+        format!("{}:{{debounce}}", self.prefix)
+    }
+
+    /// Hash: the open burst of each debounce key (`<workflow>:<group>` -> burst id).
+    pub fn debounce_open(&self) -> String {
+        format!("{}:open", self.debounce())
+    }
+
+    /// Sorted set: bursts by the time each is due.
+    pub fn debounce_due(&self) -> String {
+        format!("{}:due", self.debounce())
+    }
+
+    /// Hash: each burst's payload (`<id>`), trigger count (`<id>:n`) and first trigger's time
+    /// (`<id>:first`).
+    pub fn debounce_bursts(&self) -> String {
+        format!("{}:bursts", self.debounce())
+    }
+
+    /// String (expiring): the burst a debounced trigger with idempotency key `key` went to.
+    pub fn debounce_seen(&self, key: &str) -> String {
+        format!("{}:seen:{key}", self.debounce())
+    }
+
     /// Hash: the paused workflows (workflow -> when it was paused, ms).
     pub fn paused(&self) -> String {
         format!("{}:paused", self.prefix)

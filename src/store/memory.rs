@@ -20,8 +20,8 @@ use super::prelude::*;
 use super::{
     Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
     DEAD_LETTER_KEEP, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, RateAdmission, RateGroup,
-    ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery, RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError,
-    StoreHealth, StoreKind, StoreResult, StreamStats, dead_letter_fields, terminal_name,
+    DebounceTrigger, Debounced, DueBurst, ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery, RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError,
+    StoreHealth, StoreKind, StoreResult, StreamStats, burst_key, dead_letter_fields, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
@@ -292,6 +292,21 @@ struct State {
     /// Rate groups by shard, workflow and group: the runs started within the period (by start
     /// time) and those waiting (oldest first).
     rates: BTreeMap<(u16, String, String), RateState>,
+    /// Debounce: each key's (`<workflow>:<group>`) latest burst, and the bursts not yet started.
+    open_bursts: HashMap<String, String>,
+    bursts: BTreeMap<String, Burst>,
+    /// The burst a debounced trigger with an idempotency key went to, until the instant the
+    /// mark expires.
+    debounce_seen: HashMap<String, (String, Instant)>,
+}
+
+/// A debounce burst (see [`Debounces`]).
+#[derive(Debug)]
+struct Burst {
+    payload: String,
+    triggers: u64,
+    first_at: Millis,
+    due: Millis,
 }
 
 #[derive(Debug, Default)]
@@ -1394,11 +1409,98 @@ impl Slots for MemoryStore {
         Ok(state.rates.keys().filter(|(s, w, _)| *s == shard && w == workflow).map(|(_, _, g)| g.clone()).collect())
     }
 
+    async fn queued(&self, shard: u16, workflow: &str) -> StoreResult<(u64, u64)> {
+        let state = self.shared.state.lock();
+        let ours = |(s, w, _): &&(u16, String, String)| *s == shard && w == workflow;
+        let slots = state.slots.iter().filter(|(id, _)| ours(id)).map(|(_, slots)| slots.queue.len() as u64).sum();
+        let rates = state.rates.iter().filter(|(id, _)| ours(id)).map(|(_, rate)| rate.queue.len() as u64).sum();
+        Ok((slots, rates))
+    }
+
     async fn slot_holders(&self, shard: u16, group: &SlotGroup) -> StoreResult<(Vec<RunId>, u64)> {
         let state = self.shared.state.lock();
         Ok(state.slots.get(&(shard, group.workflow.clone(), group.group.clone())).map_or((Vec::new(), 0), |slots| {
             (slots.holders.iter().map(|(_, run)| run.clone()).collect(), slots.queue.len() as u64)
         }))
+    }
+}
+
+#[async_trait]
+impl Debounces for MemoryStore {
+    async fn debounce(&self, trigger: &DebounceTrigger) -> StoreResult<Debounced> {
+        let now = self.now().await?;
+        let instant = Instant::now();
+        let mut state = self.shared.state.lock();
+        state.debounce_seen.retain(|_, (_, until)| *until > instant);
+        if let Some((key, _)) = &trigger.key
+            && let Some((burst, _)) = state.debounce_seen.get(key)
+        {
+            return Ok(Debounced::Duplicate { burst: burst.clone() });
+        }
+        let key = format!("{}:{}", trigger.workflow, trigger.group);
+        let open = state.open_bursts.get(&key).filter(|burst| state.bursts.get(*burst).is_some_and(|b| b.due > now));
+        let burst = match open {
+            Some(burst) => burst.clone(),
+            None => {
+                let fresh = Burst { payload: String::new(), triggers: 0, first_at: now, due: now };
+                state.bursts.insert(trigger.burst.clone(), fresh);
+                state.open_bursts.insert(key, trigger.burst.clone());
+                trigger.burst.clone()
+            }
+        };
+        let entry = state.bursts.get_mut(&burst).expect("the burst was just found or made");
+        entry.payload = trigger.payload.clone();
+        entry.triggers += 1;
+        entry.due = now + trigger.period_ms;
+        if trigger.max_wait_ms > 0 {
+            entry.due = entry.due.min(entry.first_at + trigger.max_wait_ms);
+        }
+        let (triggers, due) = (entry.triggers, entry.due);
+        if let Some((key, ttl)) = &trigger.key {
+            state.debounce_seen.insert(key.clone(), (burst.clone(), instant + *ttl));
+        }
+        Ok(Debounced::Absorbed { burst, triggers, due })
+    }
+
+    async fn due_bursts(&self, max: usize) -> StoreResult<Vec<DueBurst>> {
+        let now = self.now().await?;
+        let state = self.shared.state.lock();
+        let mut due: Vec<(&String, &Burst)> = state.bursts.iter().filter(|(_, burst)| burst.due <= now).collect();
+        due.sort_by_key(|(id, burst)| (burst.due, *id));
+        Ok(due
+            .into_iter()
+            .take(max)
+            .filter_map(|(id, burst)| {
+                let (workflow, group) = burst_key(id)?;
+                Some(DueBurst {
+                    burst: id.clone(),
+                    workflow: workflow.to_owned(),
+                    group: group.to_owned(),
+                    payload: burst.payload.clone(),
+                    triggers: burst.triggers,
+                    first_at: burst.first_at,
+                })
+            })
+            .collect())
+    }
+
+    async fn finish_burst(&self, burst: &DueBurst) -> StoreResult<()> {
+        let mut state = self.shared.state.lock();
+        state.bursts.remove(&burst.burst);
+        let key = format!("{}:{}", burst.workflow, burst.group);
+        if state.open_bursts.get(&key) == Some(&burst.burst) {
+            state.open_bursts.remove(&key);
+        }
+        Ok(())
+    }
+
+    async fn burst_counts(&self) -> StoreResult<BTreeMap<String, u64>> {
+        let state = self.shared.state.lock();
+        let mut counts = BTreeMap::new();
+        for (workflow, _) in state.bursts.keys().filter_map(|id| burst_key(id)) {
+            *counts.entry(workflow.to_owned()).or_default() += 1;
+        }
+        Ok(counts)
     }
 }
 
@@ -1433,6 +1535,7 @@ mod tests {
             result: None,
             concurrency: None,
             rate_limit: None,
+            debounce: None,
         }
     }
 

@@ -18,7 +18,7 @@ pub mod redis;
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
 use async_trait::async_trait;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -872,11 +872,97 @@ pub trait Slots: Send + Sync + 'static {
 
     /// The rate groups of `workflow` that have had runs on `shard`.
     async fn rate_groups(&self, shard: u16, workflow: &str) -> StoreResult<Vec<String>>;
+
+    /// How many runs of `workflow` on `shard` wait for a concurrency slot, and how many for a
+    /// rate window.
+    async fn queued(&self, shard: u16, workflow: &str) -> StoreResult<(u64, u64)>;
+}
+
+/// A trigger of a debounced workflow, to be collapsed with the others of its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebounceTrigger {
+    pub workflow: String,
+    /// The key's value, hashed (as a limit's group).
+    pub group: String,
+    /// The id of the burst this trigger opens if none is open for its key.
+    pub burst: String,
+    /// What the run is started with if this trigger is its burst's last (the engine's JSON).
+    pub payload: String,
+    pub period_ms: u64,
+    /// 0: a burst is put off by each trigger without bound.
+    pub max_wait_ms: u64,
+    /// The trigger's own idempotency key, and how long it is remembered: a trigger seen before
+    /// is not counted again.
+    pub key: Option<(String, Duration)>,
+}
+
+/// A new burst's id: its workflow and group (which hold no `:`), and a unique part.
+pub fn burst_id(workflow: &str, group: &str) -> String {
+    format!("{workflow}:{group}:{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The workflow and group a burst id names.
+pub fn burst_key(burst: &str) -> Option<(&str, &str)> {
+    let mut parts = burst.splitn(3, ':');
+    let (workflow, group, unique) = (parts.next()?, parts.next()?, parts.next()?);
+    (!workflow.is_empty() && !group.is_empty() && !unique.is_empty()).then_some((workflow, group))
+}
+
+/// What [`Debounces::debounce`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Debounced {
+    /// The trigger is the burst's last so far: the burst's triggers and when it is due.
+    Absorbed { burst: String, triggers: u64, due: Millis },
+    /// The trigger's key was seen before: it went to `burst` (perhaps started already).
+    Duplicate { burst: String },
+}
+
+/// A burst whose period passed since its last trigger: its run is to be started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueBurst {
+    pub burst: String,
+    pub workflow: String,
+    pub group: String,
+    pub payload: String,
+    pub triggers: u64,
+    /// When its first trigger came (the store's clock).
+    pub first_at: Millis,
+}
+
+/// Debounce: the triggers of one key of a workflow collapse into a burst until `period` passes
+/// without another (or `max_wait` since the first); then the burst is due and its run is
+/// started, once, with the last trigger's payload. A trigger that comes after its key's burst
+/// is due opens the next burst; a due burst no longer changes. Time is the store's clock.
+#[async_trait]
+pub trait Debounces: Send + Sync + 'static {
+    /// Adds `trigger` to its key's open burst, or opens one (see [`Debounced`]).
+    async fn debounce(&self, trigger: &DebounceTrigger) -> StoreResult<Debounced>;
+
+    /// Up to `max` due bursts, the longest due first.
+    async fn due_bursts(&self, max: usize) -> StoreResult<Vec<DueBurst>>;
+
+    /// Forgets a burst whose run was started.
+    async fn finish_burst(&self, burst: &DueBurst) -> StoreResult<()>;
+
+    /// Bursts not yet started, by workflow.
+    async fn burst_counts(&self) -> StoreResult<BTreeMap<String, u64>>;
 }
 
 /// Everything a store does, by concern, each its own trait: the engine holds an `Arc<dyn Store>`.
 pub trait Store:
-    Backend + Definitions + Runs + ReadySteps + Listing + Schedules + EventBus + Waits + Values + Replicas + Pauses + Slots
+    Backend
+    + Definitions
+    + Runs
+    + ReadySteps
+    + Listing
+    + Schedules
+    + EventBus
+    + Waits
+    + Values
+    + Replicas
+    + Pauses
+    + Slots
+    + Debounces
 {
 }
 
@@ -892,7 +978,8 @@ impl<
         + Values
         + Replicas
         + Pauses
-        + Slots,
+        + Slots
+        + Debounces,
 > Store for T
 {
 }
@@ -901,7 +988,8 @@ impl<
 /// trait's methods need the trait in scope (those of an `Arc<dyn Store>` do not).
 pub mod prelude {
     pub use super::{
-        Backend, Definitions, EventBus, Listing, Pauses, ReadySteps, Replicas, Runs, Schedules, Slots, Values, Waits,
+        Backend, Debounces, Definitions, EventBus, Listing, Pauses, ReadySteps, Replicas, Runs, Schedules, Slots, Values,
+        Waits,
     };
 }
 

@@ -12,7 +12,7 @@ use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::prelude::*;
 use super::{
     Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
-    DEAD_LETTER_KEEP, Dispatch, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized,
+    DEAD_LETTER_KEEP, DebounceTrigger, Debounced, DueBurst, burst_key, Dispatch, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized,
     RateAdmission, RateGroup, ReplicaBeat, RunId, RunPage, RunQuery, RunState, RunSummary, SearchQuery, SettledEvent,
     SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
 };
@@ -23,6 +23,7 @@ use fred::interfaces::EventInterface;
 use fred::prelude::{ClientLike, Config, ReconnectPolicy};
 use fred::types::{ClusterHash, CustomCommand, Value};
 use futures::future::join_all;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -2176,6 +2177,20 @@ impl Slots for RedisStore {
         Ok(reply.into_array().iter().filter_map(text).collect())
     }
 
+    async fn queued(&self, shard: u16, workflow: &str) -> StoreResult<(u64, u64)> {
+        let queues = |groups: Vec<String>, queue: fn(&Keys, u16, &str, &str) -> String| {
+            groups.into_iter().map(move |group| queue(&self.keys, shard, workflow, &group))
+        };
+        let mut counts = [0u64; 2];
+        let slot_queues = queues(self.slot_groups(shard, workflow).await?, Keys::slot_queue);
+        let rate_queues = queues(self.rate_groups(shard, workflow).await?, Keys::rate_queue);
+        for (count, keys) in counts.iter_mut().zip([slot_queues.collect::<Vec<_>>(), rate_queues.collect()]) {
+            let lengths = futures::future::try_join_all(keys.into_iter().map(|key| self.cmd("ZCARD", vec![key.into()])));
+            *count = lengths.await?.iter().filter_map(Value::as_u64).sum();
+        }
+        Ok((counts[0], counts[1]))
+    }
+
     async fn slot_holders(&self, shard: u16, group: &SlotGroup) -> StoreResult<(Vec<RunId>, u64)> {
         let holders = self
             .cmd("ZRANGE", vec![self.keys.slots(shard, &group.workflow, &group.group).into(), "0".into(), "-1".into()])
@@ -2183,6 +2198,83 @@ impl Slots for RedisStore {
         let waiting =
             self.cmd("ZCARD", vec![self.keys.slot_queue(shard, &group.workflow, &group.group).into()]).await?;
         Ok((run_ids(holders.into_array()), waiting.as_i64().unwrap_or(0) as u64))
+    }
+}
+
+#[async_trait]
+impl Debounces for RedisStore {
+    async fn debounce(&self, trigger: &DebounceTrigger) -> StoreResult<Debounced> {
+        let mut keys = vec![self.keys.debounce_open(), self.keys.debounce_due(), self.keys.debounce_bursts()];
+        let mut seen_ttl = 0;
+        if let Some((key, ttl)) = &trigger.key {
+            keys.push(self.keys.debounce_seen(key));
+            seen_ttl = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+        }
+        let args = vec![
+            format!("{}:{}", trigger.workflow, trigger.group).into(),
+            trigger.burst.clone().into(),
+            trigger.payload.clone().into(),
+            (trigger.period_ms as i64).into(),
+            (trigger.max_wait_ms as i64).into(),
+            seen_ttl.into(),
+        ];
+        let (tag, rest) = outcome(self.fcall_acknowledged("wfo_v2_debounce", keys, args).await?)?;
+        let burst = rest.first().and_then(text).ok_or_else(|| corrupt("wfo_v2_debounce", "no burst in the reply"))?;
+        match tag.as_str() {
+            "absorbed" => {
+                let number = |index: usize| rest.get(index).and_then(text).and_then(|t| t.parse().ok()).unwrap_or(0);
+                Ok(Debounced::Absorbed { burst, triggers: number(1), due: number(2) })
+            }
+            "duplicate" => Ok(Debounced::Duplicate { burst }),
+            other => Err(corrupt("wfo_v2_debounce", format!("unexpected reply `{other}`"))),
+        }
+    }
+
+    async fn due_bursts(&self, max: usize) -> StoreResult<Vec<DueBurst>> {
+        let reply = self
+            .fcall(
+                "wfo_v2_debounce_due",
+                vec![self.keys.debounce_due(), self.keys.debounce_bursts()],
+                vec![(max as i64).into()],
+            )
+            .await?;
+        let mut due = Vec::new();
+        for entry in reply.into_array() {
+            let fields: Vec<String> = entry.into_array().iter().filter_map(text).collect();
+            let [burst, payload, triggers, first_at] = fields.as_slice() else {
+                return Err(corrupt("wfo_v2_debounce_due", "a burst is not four fields"));
+            };
+            let Some((workflow, group)) = burst_key(burst) else {
+                return Err(corrupt(&self.keys.debounce_due(), format!("burst id `{burst}` names no key")));
+            };
+            due.push(DueBurst {
+                burst: burst.clone(),
+                workflow: workflow.to_owned(),
+                group: group.to_owned(),
+                payload: payload.clone(),
+                triggers: triggers.parse().unwrap_or(0),
+                first_at: first_at.parse().unwrap_or(0),
+            });
+        }
+        Ok(due)
+    }
+
+    async fn finish_burst(&self, burst: &DueBurst) -> StoreResult<()> {
+        let keys = vec![self.keys.debounce_open(), self.keys.debounce_due(), self.keys.debounce_bursts()];
+        let args = vec![format!("{}:{}", burst.workflow, burst.group).into(), burst.burst.clone().into()];
+        self.fcall("wfo_v2_debounce_finish", keys, args).await?;
+        Ok(())
+    }
+
+    async fn burst_counts(&self) -> StoreResult<BTreeMap<String, u64>> {
+        let bursts = self.cmd("ZRANGE", vec![self.keys.debounce_due().into(), "0".into(), "-1".into()]).await?;
+        let mut counts = BTreeMap::new();
+        for burst in bursts.into_array().iter().filter_map(text) {
+            if let Some((workflow, _)) = burst_key(&burst) {
+                *counts.entry(workflow.to_owned()).or_default() += 1;
+            }
+        }
+        Ok(counts)
     }
 }
 

@@ -302,11 +302,30 @@ impl Replica {
     }
 
     /// Triggers a workflow; returns the run id.
+    /// Triggers `workflow` over REST; the run's id. A debounced workflow's trigger starts its
+    /// run later: the id of the run its burst started, waited for (bounded).
     pub fn trigger(&self, workflow: &str, input: Value) -> String {
         let (status, body) =
             self.post(&format!("/api/workflows/{workflow}/trigger"), &serde_json::json!({ "inputData": input }));
         assert_eq!(status, 202, "trigger {workflow}: {body}");
+        if body["status"] == "debounced" {
+            let burst = body["burstId"].as_str().expect("burstId");
+            return self.debounced_run(workflow, burst, Duration::from_secs(60));
+        }
         body["runId"].as_str().expect("runId").to_owned()
+    }
+
+    /// The run debounce burst `burst` of `workflow` started, once it has (waited for up to
+    /// `limit`).
+    pub fn debounced_run(&self, workflow: &str, burst: &str, limit: Duration) -> String {
+        wait_for(limit, Duration::from_millis(100), || {
+            let (_, listed) = self.get(&format!("/api/runs?workflowId={workflow}&limit=50"));
+            listed["runs"].as_array()?.iter().filter(|run| run["trigger"] == "debounce").find_map(|run| {
+                let id = run["runId"].as_str()?;
+                (self.run(id)["trigger"]["burstId"] == burst).then(|| id.to_owned())
+            })
+        })
+        .unwrap_or_else(|| panic!("burst {burst} of {workflow} started no run within {limit:?}"))
     }
 
     pub fn run(&self, run_id: &str) -> Value {
