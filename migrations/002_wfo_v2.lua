@@ -463,7 +463,8 @@ end
 
 -- Adds a trigger to its key's open burst, or opens one. KEYS: 1 open bursts, 2 due, 3 bursts,
 -- [4 the trigger's seen mark]. ARGV: key (`<workflow>:<group>`), new burst id, payload, period
--- ms, max wait ms (0: none), seen mark ttl ms. Returns {'absorbed', burst, triggers, due} |
+-- ms, max wait ms (0: none), seen mark ttl ms, order (`ms-seq`: an event's id; '': Redis's clock
+-- now). Returns {'absorbed', burst, triggers, due} |
 -- {'duplicate', burst}.
 local function debounce(keys, argv)
   if keys[4] then
@@ -488,7 +489,13 @@ local function debounce(keys, argv)
   if max_wait > 0 and due > first + max_wait then
     due = first + max_wait
   end
-  redis.call('HSET', keys[3], burst, argv[3])
+  -- The burst keeps the payload of its latest trigger by `order`, whatever order concurrent
+  -- routers absorb them in.
+  local order = argv[7] ~= '' and argv[7] or (now .. '-0')
+  local latest = redis.call('HGET', keys[3], burst .. ':order')
+  if not latest or compare_ids(order, latest) >= 0 then
+    redis.call('HSET', keys[3], burst, argv[3], burst .. ':order', order)
+  end
   local triggers = redis.call('HINCRBY', keys[3], burst .. ':n', 1)
   redis.call('ZADD', keys[2], due, burst)
   if keys[4] then
@@ -513,7 +520,7 @@ end
 local function debounce_finish(keys, argv)
   local burst = argv[2]
   redis.call('ZREM', keys[2], burst)
-  redis.call('HDEL', keys[3], burst, burst .. ':n', burst .. ':first')
+  redis.call('HDEL', keys[3], burst, burst .. ':n', burst .. ':first', burst .. ':order')
   if redis.call('HGET', keys[1], argv[1]) == burst then
     redis.call('HDEL', keys[1], argv[1])
   end

@@ -24,8 +24,8 @@ use workflow_orchestrator::store::memory::MemoryStore;
 use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
     Admission, BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, DebounceTrigger, Debounced, Dispatch,
-    EntryCap, EventQuery, Lease, Logged, NewRun, RateAdmission, RateGroup, ReplicaBeat, RunId, RunQuery, RunSummary, SearchQuery, SettledEvent,
-    SlotGroup, Store, StoreKind, StreamStats, burst_id, compare_entry_ids,
+    EntryCap, EventQuery, Lease, Logged, NewRun, RateAdmission, RateGroup, ReplicaBeat, RunId, RunQuery, RunSummary,
+    SearchQuery, SettledEvent, SlotGroup, Store, StoreKind, StreamStats, burst_id, compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -557,6 +557,7 @@ async fn debounced_triggers_collapse_into_one_burst_per_key(store: Arc<dyn Store
         group: group.to_owned(),
         burst: burst_id("wf", group),
         payload: payload.to_owned(),
+        order: None,
         period_ms: 300,
         max_wait_ms: 0,
         key: key.map(|key| (key.to_owned(), Duration::from_secs(60))),
@@ -575,10 +576,15 @@ async fn debounced_triggers_collapse_into_one_burst_per_key(store: Arc<dyn Store
         assert_eq!((same.as_str(), triggers), (burst.as_str(), n), "the key's open burst takes the trigger");
         assert!(later >= due, "each trigger puts the burst off");
     }
+    // A trigger absorbed late but older by its order (an event's id) keeps the later payload.
+    let older = DebounceTrigger { order: Some("1-0".to_owned()), ..trigger("g", "old", None) };
+    let (_, triggers, _) = absorbed(store.debounce(&older).await.unwrap());
+    assert_eq!(triggers, 4);
     // A trigger whose idempotency key was seen is not counted again.
-    assert_eq!(store.debounce(&trigger("g", "p9", Some("k1"))).await.unwrap(), Debounced::Duplicate {
-        burst: burst.clone()
-    });
+    assert_eq!(
+        store.debounce(&trigger("g", "p9", Some("k1"))).await.unwrap(),
+        Debounced::Duplicate { burst: burst.clone() }
+    );
     // Another key has its own burst.
     let (other, triggers, _) = absorbed(store.debounce(&trigger("h", "q1", None)).await.unwrap());
     assert_ne!(other, burst);
@@ -590,7 +596,7 @@ async fn debounced_triggers_collapse_into_one_burst_per_key(store: Arc<dyn Store
     let due = store.due_bursts(10).await.unwrap();
     let found = |id: &str| due.iter().find(|d| d.burst == id).unwrap_or_else(|| panic!("burst {id} is due: {due:?}"));
     let g = found(&burst);
-    assert_eq!((g.workflow.as_str(), g.group.as_str(), g.payload.as_str(), g.triggers), ("wf", "g", "p3", 3));
+    assert_eq!((g.workflow.as_str(), g.group.as_str(), g.payload.as_str(), g.triggers), ("wf", "g", "p3", 4));
     assert!(g.first_at >= before, "the first trigger's time");
     assert_eq!((found(&other).payload.as_str(), found(&other).triggers), ("q1", 1));
     assert_eq!(store.due_bursts(1).await.unwrap().len(), 1, "at most max");
@@ -600,7 +606,7 @@ async fn debounced_triggers_collapse_into_one_burst_per_key(store: Arc<dyn Store
     assert_ne!(next, burst);
     assert_eq!(triggers, 1);
     let g = store.due_bursts(10).await.unwrap().into_iter().find(|d| d.burst == burst).expect("still due");
-    assert_eq!((g.payload.as_str(), g.triggers), ("p3", 3));
+    assert_eq!((g.payload.as_str(), g.triggers), ("p3", 4));
     // Started bursts are forgotten; the open one stays.
     store.finish_burst(&g).await.unwrap();
     store.finish_burst(found(&other)).await.unwrap();

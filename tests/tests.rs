@@ -6,6 +6,7 @@ mod children;
 mod clock;
 mod cluster;
 mod conformance;
+mod debounce;
 mod failures;
 mod hardening;
 mod limits;

@@ -822,7 +822,8 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
             json!({ "runId": triggered.run_id, "workflowId": workflow_id, "status": "pending", "duplicate": triggered.duplicate }),
         ),
         Accepted::Debounced { burst, duplicate, triggers, due } => {
-            let mut body = json!({ "workflowId": workflow_id, "status": "debounced", "duplicate": duplicate, "burstId": burst });
+            let mut body =
+                json!({ "workflowId": workflow_id, "status": "debounced", "duplicate": duplicate, "burstId": burst });
             if let (Some(triggers), Some(due)) = (triggers, due) {
                 body["triggers"] = json!(triggers);
                 body["startsAt"] = json!(views::timestamp(due));

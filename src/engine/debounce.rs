@@ -32,7 +32,12 @@ pub enum Accepted {
     /// The trigger joined burst `burst`, the run of which starts at `due` with the input of
     /// the burst's last trigger; `triggers` so far. A trigger whose idempotency key was seen
     /// before (`duplicate`) is not counted again, and the burst's count and time are not known.
-    Debounced { burst: String, duplicate: bool, triggers: Option<u64>, due: Option<Millis> },
+    Debounced {
+        burst: String,
+        duplicate: bool,
+        triggers: Option<u64>,
+        due: Option<Millis>,
+    },
 }
 
 /// What a burst keeps of its last trigger, to start the run with.
@@ -65,6 +70,10 @@ impl Engine {
         let group = group_name("debounce", debounce.key.as_deref(), input).map_err(EngineError::Invalid)?;
         // A limit's key that does not render is refused now, not when the burst starts.
         self.limited_shard(&workflow.def, input).map_err(EngineError::Invalid)?;
+        let order = match &trigger {
+            Trigger::Event { event_id, .. } => Some(event_id.clone()),
+            _ => None,
+        };
         let last = LastTrigger { input: input.clone(), trigger, trace: caller };
         let payload = serde_json::to_string(&last).map_err(|err| EngineError::Invalid(err.to_string()))?;
         let debounced = DebounceTrigger {
@@ -72,6 +81,7 @@ impl Engine {
             burst: burst_id(workflow_id, &group),
             group,
             payload,
+            order,
             period_ms: debounce.period.as_millis() as u64,
             max_wait_ms: debounce.max_wait.map_or(0, |wait| wait.as_millis() as u64),
             key: idempotency_key.map(|key| (key.to_owned(), self.config.idempotency_retention)),
@@ -134,8 +144,13 @@ impl Engine {
         self.store.finish_burst(burst).await
     }
 
-    /// Debounce bursts not yet started, by workflow.
+    /// Debounce bursts not yet started, by workflow (every debounced workflow, 0 when it has
+    /// none).
     pub async fn burst_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
-        self.store.burst_counts().await
+        let mut counts = self.store.burst_counts().await?;
+        for workflow in self.registry.iter().filter(|w| w.def.debounce.is_some()) {
+            counts.entry(workflow.def.id.clone()).or_default();
+        }
+        Ok(counts)
     }
 }

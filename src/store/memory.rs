@@ -19,9 +19,10 @@
 use super::prelude::*;
 use super::{
     Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
-    DEAD_LETTER_KEEP, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, RateAdmission, RateGroup,
-    DebounceTrigger, Debounced, DueBurst, ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery, RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError,
-    StoreHealth, StoreKind, StoreResult, StreamStats, burst_key, dead_letter_fields, terminal_name,
+    DEAD_LETTER_KEEP, DebounceTrigger, Debounced, DueBurst, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent,
+    Logged, NewRun, RateAdmission, RateGroup, ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery, RunSummary,
+    SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, burst_key,
+    compare_entry_ids, dead_letter_fields, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
@@ -304,6 +305,8 @@ struct State {
 #[derive(Debug)]
 struct Burst {
     payload: String,
+    /// The order of the trigger whose payload it keeps (`ms-seq`).
+    order: String,
     triggers: u64,
     first_at: Millis,
     due: Millis,
@@ -1442,14 +1445,19 @@ impl Debounces for MemoryStore {
         let burst = match open {
             Some(burst) => burst.clone(),
             None => {
-                let fresh = Burst { payload: String::new(), triggers: 0, first_at: now, due: now };
+                let fresh =
+                    Burst { payload: String::new(), order: String::new(), triggers: 0, first_at: now, due: now };
                 state.bursts.insert(trigger.burst.clone(), fresh);
                 state.open_bursts.insert(key, trigger.burst.clone());
                 trigger.burst.clone()
             }
         };
         let entry = state.bursts.get_mut(&burst).expect("the burst was just found or made");
-        entry.payload = trigger.payload.clone();
+        let order = trigger.order.clone().unwrap_or_else(|| format!("{now}-0"));
+        if entry.order.is_empty() || compare_entry_ids(&order, &entry.order).is_ge() {
+            entry.payload = trigger.payload.clone();
+            entry.order = order;
+        }
         entry.triggers += 1;
         entry.due = now + trigger.period_ms;
         if trigger.max_wait_ms > 0 {

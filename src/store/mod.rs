@@ -886,8 +886,11 @@ pub struct DebounceTrigger {
     pub group: String,
     /// The id of the burst this trigger opens if none is open for its key.
     pub burst: String,
-    /// What the run is started with if this trigger is its burst's last (the engine's JSON).
+    /// What the run is started with if this trigger is its burst's latest (the engine's JSON).
     pub payload: String,
+    /// Which trigger is the latest: an event's stream id (`ms-seq`); `None`: the store's clock
+    /// now. Triggers absorbed out of this order do not replace a later one's payload.
+    pub order: Option<String>,
     pub period_ms: u64,
     /// 0: a burst is put off by each trigger without bound.
     pub max_wait_ms: u64,
@@ -988,8 +991,8 @@ impl<
 /// trait's methods need the trait in scope (those of an `Arc<dyn Store>` do not).
 pub mod prelude {
     pub use super::{
-        Backend, Debounces, Definitions, EventBus, Listing, Pauses, ReadySteps, Replicas, Runs, Schedules, Slots, Values,
-        Waits,
+        Backend, Debounces, Definitions, EventBus, Listing, Pauses, ReadySteps, Replicas, Runs, Schedules, Slots,
+        Values, Waits,
     };
 }
 

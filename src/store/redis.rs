@@ -12,9 +12,10 @@ use super::keys::{Keys, ROUTER_GROUP, WORKERS_GROUP};
 use super::prelude::*;
 use super::{
     Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
-    DEAD_LETTER_KEEP, DebounceTrigger, Debounced, DueBurst, burst_key, Dispatch, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent, Logged, NewRun, Oversized,
-    RateAdmission, RateGroup, ReplicaBeat, RunId, RunPage, RunQuery, RunState, RunSummary, SearchQuery, SettledEvent,
-    SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    DEAD_LETTER_KEEP, DebounceTrigger, Debounced, Dispatch, DueBurst, EntryCap, EventQuery, Housekeeping, Lease,
+    ListedEvent, Logged, NewRun, Oversized, RateAdmission, RateGroup, ReplicaBeat, RunId, RunPage, RunQuery, RunState,
+    RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
+    burst_key,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, Status};
@@ -2185,7 +2186,8 @@ impl Slots for RedisStore {
         let slot_queues = queues(self.slot_groups(shard, workflow).await?, Keys::slot_queue);
         let rate_queues = queues(self.rate_groups(shard, workflow).await?, Keys::rate_queue);
         for (count, keys) in counts.iter_mut().zip([slot_queues.collect::<Vec<_>>(), rate_queues.collect()]) {
-            let lengths = futures::future::try_join_all(keys.into_iter().map(|key| self.cmd("ZCARD", vec![key.into()])));
+            let lengths =
+                futures::future::try_join_all(keys.into_iter().map(|key| self.cmd("ZCARD", vec![key.into()])));
             *count = lengths.await?.iter().filter_map(Value::as_u64).sum();
         }
         Ok((counts[0], counts[1]))
@@ -2217,6 +2219,7 @@ impl Debounces for RedisStore {
             (trigger.period_ms as i64).into(),
             (trigger.max_wait_ms as i64).into(),
             seen_ttl.into(),
+            trigger.order.clone().unwrap_or_default().into(),
         ];
         let (tag, rest) = outcome(self.fcall_acknowledged("wfo_v2_debounce", keys, args).await?)?;
         let burst = rest.first().and_then(text).ok_or_else(|| corrupt("wfo_v2_debounce", "no burst in the reply"))?;
