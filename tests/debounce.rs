@@ -1,6 +1,7 @@
 //! Debounce across replicas: two replicas of our binary on a private Redis route a pipe of
 //! events of two keys into one run per key, with the last event's input and the count of what
-//! it absorbed; REST triggers answer with their burst. Every wait is bounded; no assertion on
+//! it absorbed, though one replica is `kill -9`ed while the bursts wait; REST triggers answer
+//! with their burst. Every wait is bounded; no assertion on
 //! how long anything took.
 
 use crate::triggers::redis_cli_stdin;
@@ -35,6 +36,12 @@ fn held(replica: &Replica, workflow: &str, reason: &str) -> Option<u64> {
     text.lines().find_map(|line| line.strip_prefix(&series)).and_then(|n| n.trim().parse().ok())
 }
 
+/// The events a replica routed (its `/health` counter).
+fn routed(replica: &Replica) -> u64 {
+    let (_, health) = replica.get("/health");
+    health["counters"]["eventsRouted"].as_u64().unwrap_or(0)
+}
+
 /// `XADD`s as raw RESP, to be sent through `redis-cli --pipe` in one go.
 fn xadds(events: &[Value]) -> Vec<u8> {
     let mut resp = Vec::new();
@@ -58,7 +65,7 @@ fn a_hundred_events_of_one_key_start_one_run_with_the_last_input_and_two_keys_tw
     let dir = tempfile::tempdir().unwrap();
     let file = workflows_file(dir.path(), WORKFLOWS);
     let config = ReplicaConfig::new(Some(redis.url()), Some(&file), dir.path());
-    let a = config.start("debounce-a");
+    let mut a = config.start("debounce-a");
     let b = config.start("debounce-b");
 
     // 100 events of service 1 and 40 of service 2, interleaved, in one pipe.
@@ -74,11 +81,15 @@ fn a_hundred_events_of_one_key_start_one_run_with_the_last_input_and_two_keys_tw
     let piped = redis_cli_stdin(redis.port, &["--pipe"], &xadds(&events));
     assert!(piped.contains("errors: 0, replies: 140"), "redis-cli --pipe: {piped}");
 
-    // While the bursts wait, /metrics counts them (two runs held by debounce) and no run exists.
+    // While the bursts wait (every event routed), /metrics counts them (two runs held by
+    // debounce) and no run exists.
     let seen = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
-        (held(&a, "sync", "debounce") == Some(2)).then(|| runs(&a, "sync").len())
+        let routed = routed(&a) + routed(&b);
+        (routed == 140 && held(&a, "sync", "debounce") == Some(2)).then(|| runs(&a, "sync").len())
     });
     assert_eq!(seen, Some(0), "two bursts held and no run started while they wait");
+    // A replica dies while the bursts wait: they are in the store, the other starts them.
+    a.kill9();
 
     // Then one run per key, each completed.
     let started = wait_for(Duration::from_secs(30), Duration::from_millis(100), || {
@@ -100,7 +111,7 @@ fn a_hundred_events_of_one_key_start_one_run_with_the_last_input_and_two_keys_tw
     }
     // Nothing more starts (a period and more later), and every event was routed and settled.
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(runs(&a, "sync").len(), 2, "exactly one run per key");
+    assert_eq!(runs(&b, "sync").len(), 2, "exactly one run per key");
     assert_eq!(held(&b, "sync", "debounce"), Some(0), "no burst left");
     let pending = redis.cli(&["XPENDING", "wfo:events", "router"]);
     assert_eq!(pending.lines().next().map(str::trim), Some("0"), "every event settled: {pending}");
