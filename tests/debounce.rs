@@ -4,7 +4,7 @@
 //! with their burst. Every wait is bounded; no assertion on
 //! how long anything took.
 
-use crate::triggers::redis_cli_stdin;
+use crate::triggers::{redis_cli_stdin, xadds_resp};
 use crate::util::{RedisServer, Replica, ReplicaConfig, wait_for, workflows_file};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -42,23 +42,6 @@ fn routed(replica: &Replica) -> u64 {
     health["counters"]["eventsRouted"].as_u64().unwrap_or(0)
 }
 
-/// `XADD`s as raw RESP, to be sent through `redis-cli --pipe` in one go.
-fn xadds(events: &[Value]) -> Vec<u8> {
-    let mut resp = Vec::new();
-    for payload in events {
-        let payload = payload.to_string();
-        let args: [&[u8]; 7] =
-            [b"XADD", b"wfo:events", b"*", b"type", b"content.changed", b"payload", payload.as_bytes()];
-        resp.extend(format!("*{}\r\n", args.len()).as_bytes());
-        for arg in args {
-            resp.extend(format!("${}\r\n", arg.len()).as_bytes());
-            resp.extend(arg);
-            resp.extend(b"\r\n");
-        }
-    }
-    resp
-}
-
 #[test]
 fn a_hundred_events_of_one_key_start_one_run_with_the_last_input_and_two_keys_two() {
     let redis = RedisServer::start();
@@ -78,7 +61,8 @@ fn a_hundred_events_of_one_key_start_one_run_with_the_last_input_and_two_keys_tw
     let last_of = |service: u64| events.iter().rev().find(|e| e["serviceId"] == service).unwrap().clone();
     let count_of = |service: u64| events.iter().filter(|e| e["serviceId"] == service).count() as u64;
     assert_eq!((count_of(1), count_of(2)), (100, 40));
-    let piped = redis_cli_stdin(redis.port, &["--pipe"], &xadds(&events));
+    let piped =
+        redis_cli_stdin(redis.port, &["--pipe"], &xadds_resp("content.changed", events.iter().map(Value::to_string)));
     assert!(piped.contains("errors: 0, replies: 140"), "redis-cli --pipe: {piped}");
 
     // While the bursts wait (every event routed), /metrics counts them (two runs held by

@@ -211,6 +211,20 @@ pub(crate) fn redis_cli_stdin(port: u16, args: &[&str], stdin: &[u8]) -> String 
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }
 
+/// `XADD wfo:events * type <event_type> payload <payload>` for each payload, as raw RESP for
+/// `redis-cli --pipe`.
+pub(crate) fn xadds_resp(event_type: &str, payloads: impl Iterator<Item = String>) -> Vec<u8> {
+    let mut resp = Vec::new();
+    for payload in payloads {
+        let args = ["XADD", "wfo:events", "*", "type", event_type, "payload", &payload];
+        resp.extend(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in args {
+            resp.extend(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+        }
+    }
+    resp
+}
+
 /// A RESP2 reply.
 #[derive(Debug, Clone, PartialEq)]
 enum Resp {
@@ -1073,18 +1087,8 @@ fn a_hundred_thousand_events_are_routed_and_the_stream_stays_within_events_max_l
 
     // 100,000 XADDs of a type no workflow names (nothing but routing happens), as raw RESP
     // through `redis-cli --pipe`.
-    let mut resp = Vec::with_capacity(EVENTS as usize * 100);
-    for i in 0..EVENTS {
-        let payload = format!(r#"{{"i":{i}}}"#);
-        let args: [&[u8]; 7] =
-            [b"XADD", b"wfo:events", b"*", b"type", b"load.unrouted", b"payload", payload.as_bytes()];
-        resp.extend(format!("*{}\r\n", args.len()).as_bytes());
-        for arg in args {
-            resp.extend(format!("${}\r\n", arg.len()).as_bytes());
-            resp.extend(arg);
-            resp.extend(b"\r\n");
-        }
-    }
+    let payloads = (0..EVENTS).map(|i| format!(r#"{{"i":{i}}}"#));
+    let resp = xadds_resp("load.unrouted", payloads);
     let started = Instant::now();
     let piped = redis_cli_stdin(redis.port, &["--pipe"], &resp);
     assert!(piped.contains(&format!("errors: 0, replies: {EVENTS}")), "redis-cli --pipe: {piped}");
@@ -1163,17 +1167,8 @@ fn twenty_thousand_piped_events_start_their_runs_exactly_once_while_a_router_is_
     let mut victim = config.start("pipe-a");
     let survivor = config.start("pipe-b");
 
-    let mut resp = Vec::with_capacity(EVENTS * 100);
-    for i in 0..EVENTS {
-        let payload = format!(r#"{{"i":{i}}}"#);
-        let args: [&[u8]; 7] = [b"XADD", b"wfo:events", b"*", b"type", b"load.started", b"payload", payload.as_bytes()];
-        resp.extend(format!("*{}\r\n", args.len()).as_bytes());
-        for arg in args {
-            resp.extend(format!("${}\r\n", arg.len()).as_bytes());
-            resp.extend(arg);
-            resp.extend(b"\r\n");
-        }
-    }
+    let payloads = (0..EVENTS).map(|i| format!(r#"{{"i":{i}}}"#));
+    let resp = xadds_resp("load.started", payloads);
     let piped = redis_cli_stdin(redis.port, &["--pipe"], &resp);
     assert!(piped.contains(&format!("errors: 0, replies: {EVENTS}")), "redis-cli --pipe: {piped}");
 

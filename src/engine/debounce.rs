@@ -61,8 +61,7 @@ impl Engine {
         trigger: Trigger,
         caller: Option<TraceContext>,
     ) -> Result<Accepted, EngineError> {
-        let workflow =
-            self.registry.get(workflow_id).ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
+        let workflow = self.registered(workflow_id)?;
         let Some(debounce) = &workflow.def.debounce else {
             let triggered = self.trigger_traced(workflow_id, input, idempotency_key, trigger, caller).await?;
             return Ok(Accepted::Started(triggered));

@@ -411,6 +411,11 @@ impl Engine {
         Recorded { at, replica: Some(self.config.replica_id.clone()), transition }
     }
 
+    /// The registry's workflow `workflow_id`.
+    fn registered(&self, workflow_id: &str) -> Result<&Arc<Workflow>, EngineError> {
+        self.registry.get(workflow_id).ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))
+    }
+
     /// Starts a run of `workflow_id`. With an idempotency key, the same key within its retention
     /// returns the first run instead.
     pub async fn trigger(
@@ -433,8 +438,7 @@ impl Engine {
         trigger: Trigger,
         caller: Option<TraceContext>,
     ) -> Result<Triggered, EngineError> {
-        let workflow =
-            self.registry.get(workflow_id).ok_or_else(|| EngineError::UnknownWorkflow(workflow_id.to_owned()))?;
+        let workflow = self.registered(workflow_id)?;
         let shard = match idempotency_key {
             // The key's shard, so that the duplicate check and the start are one atomic call.
             Some(key) => crate::store::keys::shard_of(key, self.store.shards()),
