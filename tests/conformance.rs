@@ -1351,6 +1351,18 @@ async fn runs_are_listed_newest_first_in_pages(store: Arc<dyn Store>) {
     assert_eq!(store.list_runs(query(Some("alpha"), Some("pending"), None, 3)).await.unwrap().runs, pending);
     let rest = store.list_runs(query(Some("alpha"), Some("pending"), pending.last(), 100)).await.unwrap().runs;
     assert_eq!(rest, newest_first(Some("alpha")).into_iter().skip(4).collect::<Vec<_>>());
+    // Every status: live and finished runs together, in one order, page by page.
+    let mut paged = Vec::new();
+    let mut cursor: Option<RunId> = None;
+    for _ in 0..30 {
+        let page = store.list_runs(query(None, None, cursor.as_ref(), 7)).await.unwrap().runs;
+        if page.is_empty() {
+            break;
+        }
+        cursor = page.last().cloned();
+        paged.extend(page);
+    }
+    assert_eq!(paged, newest_first(None), "a finished run keeps its place among the live ones");
 }
 
 async fn housekeeping_expires_old_finished_runs(store: Arc<dyn Store>) {

@@ -93,7 +93,9 @@ impl Keys {
         format!("{}:def:{hash}", self.shard(shard))
     }
 
-    /// Sorted set: every run of the shard by creation time.
+    /// Sorted set: every run of the shard by creation time, in data written by earlier builds
+    /// (no longer written: a listing of every status merges the live and finished indexes;
+    /// housekeeping still takes expired runs out of it).
     pub fn index_all(&self, shard: u16) -> String {
         format!("{}:idx:all", self.shard(shard))
     }

@@ -857,16 +857,17 @@ impl RedisStore {
     /// millisecond, merged newest first, those not below the cursor left out.
     async fn index_page(
         &self,
-        key_of: impl Fn(u16) -> String,
+        keys_of: impl Fn(u16) -> Vec<String>,
         before: Option<&RunId>,
         fetch: usize,
     ) -> StoreResult<Vec<RunId>> {
         let max_score = before.map_or_else(|| "+inf".to_owned(), |b| b.created_at().to_string());
-        let reads = (0..self.keys.shards()).map(|shard| {
+        let keys: Vec<String> = (0..self.keys.shards()).flat_map(keys_of).collect();
+        let reads = keys.into_iter().map(|key| {
             self.cmd(
                 "ZREVRANGEBYSCORE",
                 vec![
-                    key_of(shard).into(),
+                    key.into(),
                     max_score.clone().into(),
                     "-inf".into(),
                     "LIMIT".into(),
@@ -890,6 +891,9 @@ impl RedisStore {
         join_all(runs.iter().map(|run| self.summary(run))).await.into_iter().collect()
     }
 }
+
+/// The statuses a run ends in: each has an index of finished runs.
+const TERMINAL_STATUSES: [&str; 4] = ["completed", "failed", "cancelled", "timed_out"];
 
 /// The arguments of `FCALL function`.
 fn fcall_args(function: &'static str, keys: Vec<String>, args: Vec<Value>) -> Vec<Value> {
@@ -1134,19 +1138,15 @@ impl Runs for RedisStore {
             timer: None,
             clear_timer: false,
             idempotency: new.idempotency.as_ref(),
-            indexes: [
-                self.keys.index_all(shard),
-                self.keys.index_workflow(shard, &new.state.workflow),
-                self.keys.index_active(shard),
-            ]
-            .into_iter()
-            .chain(
-                new.search
-                    .iter()
-                    .map(|(field, value)| self.keys.index_search(shard, &new.state.workflow, field, value)),
-            )
-            .map(|key| (key, Some(created)))
-            .collect(),
+            indexes: [self.keys.index_workflow(shard, &new.state.workflow), self.keys.index_active(shard)]
+                .into_iter()
+                .chain(
+                    new.search
+                        .iter()
+                        .map(|(field, value)| self.keys.index_search(shard, &new.state.workflow, field, value)),
+                )
+                .map(|key| (key, Some(created)))
+                .collect(),
         };
         let mut outcomes = self.call_commit(std::slice::from_ref(&part), COMMIT).await?;
         match outcomes.pop() {
@@ -1316,7 +1316,7 @@ impl Runs for RedisStore {
                 .await?;
             report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
 
-            for status in ["completed", "failed", "cancelled", "timed_out"] {
+            for status in TERMINAL_STATUSES {
                 // Oldest created first; a run is kept until it has been finished for the
                 // whole retention (its last update is its end).
                 let index = self.keys.index_finished(shard, status);
@@ -1353,6 +1353,7 @@ impl Runs for RedisStore {
                 self.cmd("DEL", doomed).await?;
                 let mut by_index: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
                 for (run, summary) in runs.iter().zip(summaries) {
+                    // Earlier builds also indexed every run in `idx:all`.
                     by_index.entry(self.keys.index_all(shard)).or_default().push(run.to_string().into());
                     by_index.entry(index.clone()).or_default().push(run.to_string().into());
                     if let Some(summary) = summary {
@@ -1570,18 +1571,22 @@ impl Listing for RedisStore {
     async fn list_runs(&self, query: RunQuery<'_>) -> StoreResult<RunPage> {
         let RunQuery { workflow, status, before, limit } = query;
         let live_status = status.filter(|s| !s.is_terminal());
-        // Finished statuses and "any status" have an index of their own: read the page from
-        // each shard (over-fetching for runs created in the cursor's millisecond) and merge.
+        // Finished statuses and a workflow's runs have an index of their own: read the page
+        // from each shard (over-fetching for runs created in the cursor's millisecond) and
+        // merge. Every run is either live or finished in one status, so "any status" is the
+        // merge of the live index and the finished ones (no index of its own to write per run).
         // Live statuses come from the shard's live runs, filtered.
         let fetch = if live_status.is_some() { 1000 } else { limit + 16 };
-        let key_of = |shard| match (workflow, status) {
-            (_, Some(_)) if live_status.is_some() => self.keys.index_active(shard),
-            (Some(w), Some(s)) => self.keys.index_workflow_finished(shard, w, s.name()),
-            (None, Some(s)) => self.keys.index_finished(shard, s.name()),
-            (Some(w), None) => self.keys.index_workflow(shard, w),
-            (None, None) => self.keys.index_all(shard),
+        let keys_of = |shard| match (workflow, status) {
+            (_, Some(_)) if live_status.is_some() => vec![self.keys.index_active(shard)],
+            (Some(w), Some(s)) => vec![self.keys.index_workflow_finished(shard, w, s.name())],
+            (None, Some(s)) => vec![self.keys.index_finished(shard, s.name())],
+            (Some(w), None) => vec![self.keys.index_workflow(shard, w)],
+            (None, None) => std::iter::once(self.keys.index_active(shard))
+                .chain(TERMINAL_STATUSES.iter().map(|s| self.keys.index_finished(shard, s)))
+                .collect(),
         };
-        let mut candidates = self.index_page(key_of, before, fetch).await?;
+        let mut candidates = self.index_page(keys_of, before, fetch).await?;
         let Some(live_status) = live_status else {
             candidates.truncate(limit);
             return Ok(RunPage { runs: candidates });
@@ -1604,8 +1609,8 @@ impl Listing for RedisStore {
 
     async fn search_runs(&self, query: SearchQuery<'_>) -> StoreResult<RunPage> {
         let SearchQuery { workflow, field, value, before, limit } = query;
-        let key_of = |shard| self.keys.index_search(shard, workflow, field, value);
-        let mut runs = self.index_page(key_of, before, limit + 16).await?;
+        let keys_of = |shard| vec![self.keys.index_search(shard, workflow, field, value)];
+        let mut runs = self.index_page(keys_of, before, limit + 16).await?;
         runs.truncate(limit);
         Ok(RunPage { runs })
     }
