@@ -5,6 +5,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The most shards a deployment may have (`SHARDS`).
+pub const MAX_SHARDS: u16 = 1024;
+
 /// Everything a replica is configured with. Durations are written like `200ms`, `10s`, `5m`.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -186,7 +189,7 @@ impl Settings {
             key_prefix,
             replica_id,
             lease_ttl: duration("LEASE_TTL", Duration::from_secs(30))?,
-            shards: number(&lookup, "SHARDS", 16u16, 1, 1024)?,
+            shards: number(&lookup, "SHARDS", 16u16, 1, MAX_SHARDS)?,
             max_concurrent_steps: number(&lookup, "MAX_CONCURRENT_STEPS", 32usize, 1, 10_000)?,
             shutdown_grace: duration("SHUTDOWN_GRACE", Duration::from_secs(30))?,
             max_deliveries: number(&lookup, "MAX_DELIVERIES", 5u64, 1, 1000)?,

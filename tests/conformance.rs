@@ -25,7 +25,7 @@ use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
     Admission, BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, DebounceTrigger, Debounced, Dispatch,
     EntryCap, EventQuery, Lease, Logged, NewRun, RateAdmission, RateGroup, ReplicaBeat, RunId, RunQuery, RunSummary,
-    SearchQuery, SettledEvent, SlotGroup, Store, StoreKind, StreamStats, burst_id, compare_entry_ids,
+    SearchQuery, SettledEvent, SlotGroup, Store, StoreError, StoreKind, StreamStats, burst_id, compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -1494,6 +1494,35 @@ async fn definitions_are_found_by_hash(store: Arc<dyn Store>) {
 
 // ---------------------------------------------------------------------------------------------
 // What only the Redis store does, checked on its keys.
+
+/// The shard count is the data's: the first connection records it, and a store with another
+/// count is refused, naming both; data of a build that did not record it is refused when a ready
+/// stream of a shard beyond the count exists.
+#[test]
+fn redis_refuses_a_shard_count_other_than_the_datas() {
+    let server = RedisServer::start();
+    run(async {
+        let refusal = |result: Result<RedisStore, StoreError>| match result {
+            Err(StoreError::Fatal(message)) => message,
+            Err(other) => panic!("refused as fatal, not {other}"),
+            Ok(_) => panic!("a store with another shard count must be refused"),
+        };
+        let url = server.url();
+        RedisStore::connect(&url, "wfo", 4).await.expect("the first connection records its count");
+        assert_eq!(server.cli(&["GET", "wfo:shards"]).trim(), "4");
+        RedisStore::connect(&url, "wfo", 4).await.expect("the same count again");
+        let message = refusal(RedisStore::connect(&url, "wfo", 16).await);
+        assert!(message.contains("SHARDS=16") && message.contains("set SHARDS=4"), "{message}");
+
+        // Data of an earlier build, without the record: a ready stream on shard 9.
+        server.cli(&["XADD", "old:{9}:ready", "*", "run", "x"]);
+        let message = refusal(RedisStore::connect(&url, "old", 4).await);
+        assert!(message.contains("shard 9") && message.contains("at least 10"), "{message}");
+        assert_eq!(server.cli(&["EXISTS", "old:shards"]).trim(), "0", "nothing recorded when refused");
+        RedisStore::connect(&url, "old", 16).await.expect("the count it was written with");
+        assert_eq!(server.cli(&["GET", "old:shards"]).trim(), "16");
+    });
+}
 
 /// A run's log is one list, its length the run's seq, kept as it is when the run ends; schema 1's
 /// keys are never written.

@@ -194,6 +194,11 @@ impl Keys {
         format!("{}:paused", self.prefix)
     }
 
+    /// String: how many shards the data is spread over (`SHARDS`), recorded by the first replica.
+    pub fn shard_count(&self) -> String {
+        format!("{}:shards", self.prefix)
+    }
+
     /// String: the version of the Lua library the data was written with.
     pub fn schema_version(&self) -> String {
         format!("{}:schema", self.prefix)

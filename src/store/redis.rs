@@ -17,6 +17,7 @@ use super::{
     RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
     burst_key,
 };
+use crate::config::MAX_SHARDS;
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, Status};
 use async_trait::async_trait;
@@ -396,6 +397,7 @@ impl RedisStore {
             }
         }
         self.check_libraries().await?;
+        self.check_shards().await?;
         self.function_everywhere(vec!["LOAD".into(), "REPLACE".into(), LIBRARY.into()])
             .await
             .map_err(|err| StoreError::Fatal(format!("cannot load the Lua library: {err}")))?;
@@ -447,6 +449,41 @@ impl RedisStore {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a shard count other than the data's: runs, idempotency keys and limit groups are
+    /// placed by it, so a replica counting otherwise would leave runs unclaimed and could start
+    /// a run twice. The first replica of a store records its count; for data of a build that
+    /// did not record it, a ready stream of a shard beyond the count gives the data away.
+    async fn check_shards(&self) -> StoreResult<()> {
+        let key = self.keys.shard_count();
+        let configured = self.keys.shards();
+        let refuse = |stored: &str| {
+            StoreError::Fatal(format!(
+                "SHARDS={configured}, but the data under this KEY_PREFIX is spread over {stored} shards (`{key}`): \
+                 runs, idempotency keys and limits are placed by that count, so this replica would leave runs \
+                 unclaimed and could start some twice; set SHARDS={stored}"
+            ))
+        };
+        if let Some(stored) = text(&self.cmd("GET", vec![key.clone().into()]).await?) {
+            return if stored.parse::<u16>().ok() == Some(configured) { Ok(()) } else { Err(refuse(&stored)) };
+        }
+        let beyond = (configured..MAX_SHARDS).map(|shard| self.cmd("EXISTS", vec![self.keys.ready(shard).into()]));
+        let exists = join_all(beyond).await.into_iter().collect::<StoreResult<Vec<Value>>>()?;
+        if let Some(last) = exists.iter().rposition(|found| found.as_i64() == Some(1)) {
+            let shard = usize::from(configured) + last;
+            return Err(StoreError::Fatal(format!(
+                "SHARDS={configured}, but the data under this KEY_PREFIX has runs on shard {shard}: it was written with \
+                 more shards (at least {}); set SHARDS to the count it was written with",
+                shard + 1
+            )));
+        }
+        self.cmd("SET", vec![key.clone().into(), configured.to_string().into(), "NX".into()]).await?;
+        // A replica with another count may have recorded its own first.
+        match text(&self.cmd("GET", vec![key.clone().into()]).await?) {
+            Some(stored) if stored.parse::<u16>().ok() != Some(configured) => Err(refuse(&stored)),
+            _ => Ok(()),
+        }
     }
 
     /// Rewrites every run log of schema 1 in the shape of schema 2: a live run's stream and a
