@@ -76,7 +76,13 @@ pub struct RedisStore {
     /// Woken when this store queued a step, so that a claim polling a cluster looks again at
     /// once instead of after its pause.
     queued: tokio::sync::Notify,
+    /// The shards this store queued steps on since its last claim: that claim reads them first
+    /// (a read of the other shards for work this replica just queued costs a command each).
+    queued_on: parking_lot::Mutex<Vec<u16>>,
 }
+
+/// The most shards [`RedisStore::queued_on`] remembers between claims.
+const QUEUED_ON_MAX: usize = 64;
 
 /// Acknowledged means replicated: a write that answers to the outside (a trigger's run, a
 /// step's accepted outcome, a cron fire, a published event) is followed by `WAIT replicas
@@ -272,6 +278,7 @@ impl RedisStore {
             connection_error,
             replica_wait: None,
             queued: tokio::sync::Notify::new(),
+            queued_on: parking_lot::Mutex::new(Vec::new()),
         };
         let version = store.server_version().await?;
         let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
@@ -778,6 +785,13 @@ impl RedisStore {
         }
         let reply = self.fcall_acknowledged(function, call.keys, call.args).await?;
         if parts.iter().any(|part| !part.dispatch.is_empty()) {
+            let mut queued_on = self.queued_on.lock();
+            for part in parts.iter().filter(|part| !part.dispatch.is_empty()) {
+                if queued_on.len() < QUEUED_ON_MAX && !queued_on.contains(&part.run.shard) {
+                    queued_on.push(part.run.shard);
+                }
+            }
+            drop(queued_on);
             self.queued.notify_waiters();
         }
         let outcomes: Vec<(String, Vec<Value>)> =
@@ -1440,7 +1454,14 @@ impl ReadySteps for RedisStore {
         }
         let shards = self.keys.shards() as usize;
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
-        let all: Vec<u16> = (0..shards).map(|i| ((start + i) % shards) as u16).collect();
+        // The shards this replica just queued steps on first, then the others in rotation.
+        let queued_on = std::mem::take(&mut *self.queued_on.lock());
+        let mut all: Vec<u16> = Vec::with_capacity(shards);
+        for shard in queued_on.into_iter().chain((0..shards).map(|i| ((start + i) % shards) as u16)) {
+            if usize::from(shard) < shards && !all.contains(&shard) {
+                all.push(shard);
+            }
+        }
         if self.cluster {
             return self.claim_per_shard(consumer, max, block, &all).await;
         }
