@@ -208,24 +208,12 @@ impl Engine {
                 return;
             }
         };
-        if workflow.def.rate_limit.is_some() && task.state.status == machine::Status::Pending {
-            match self.admit_start(&lease, &run, &task.state, &workflow.def).await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(err) => {
-                    tracing::warn!(run_id = %run, %err, "counting a run's start under its rate limit failed; it will be claimed again after its lease expires");
-                    return;
-                }
-            }
-        }
-        if workflow.def.concurrency.is_some() {
-            match self.admit_step(&lease, &run, &task.state, &workflow.def).await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(err) => {
-                    tracing::warn!(run_id = %run, %err, "admitting a step to its concurrency group failed; it will be claimed again after its lease expires");
-                    return;
-                }
+        match self.admit_limited(&lease, &run, &task.state, &workflow.def).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(err) => {
+                tracing::warn!(run_id = %run, %err, "admitting a step under its workflow's rate or concurrency limit failed; it will be claimed again after its lease expires");
+                return;
             }
         }
         let span = step_span(&run, &task, &workflow);
@@ -453,19 +441,19 @@ impl Engine {
         });
         let workflow = advanced.state.workflow.clone();
         let final_status = advanced.state.status.is_terminal().then(|| advanced.state.status.name());
-        // A child run's end wakes its parent.
-        let ended_child =
-            (final_status.is_some() && advanced.state.trigger.depth() > 0).then(|| advanced.state.clone());
-        // For the run span, exported once the end is committed; only when traces are on.
-        let ended_state = (final_status.is_some() && self.config.traces.is_some()).then(|| advanced.state.clone());
         let ended_at = advanced.appended.last().map(|r| r.at);
         // A run that ends gives its concurrency slot back.
-        let ended_limited = if final_status.is_some() {
-            let definition = self.definition(run.shard, &advanced.state.definition).await.ok();
-            definition.filter(|w| w.def.concurrency.is_some()).map(|w| (w, advanced.state.clone()))
-        } else {
-            None
-        };
+        let limited = match final_status {
+            Some(_) => self.definition(run.shard, &advanced.state.definition).await.ok(),
+            None => None,
+        }
+        .filter(|w| w.def.concurrency.is_some());
+        // Once the end is committed: a child run's end wakes its parent, the run span is
+        // exported (when traces are on), the slot is given back. Each needs the ended state.
+        let child = advanced.state.trigger.depth() > 0;
+        let traced = self.config.traces.is_some();
+        let ended_state =
+            (final_status.is_some() && (child || traced || limited.is_some())).then(|| advanced.state.clone());
         let commit = Commit {
             run: run.clone(),
             expected_seq,
@@ -497,14 +485,16 @@ impl Engine {
                 if let Some(status) = final_status {
                     let _ = self.finished.send((run.to_string(), status));
                 }
-                if let (Some(state), Some(at)) = (&ended_state, ended_at) {
-                    self.run_ended(run, state, at);
-                }
-                if let Some(state) = &ended_child {
-                    Box::pin(self.child_run_ended(run, state)).await;
-                }
-                if let Some((workflow, state)) = &ended_limited {
-                    Box::pin(self.release_run_slot(run, state, &workflow.def)).await;
+                if let Some(state) = &ended_state {
+                    if let Some(at) = ended_at.filter(|_| traced) {
+                        self.run_ended(run, state, at);
+                    }
+                    if child {
+                        Box::pin(self.child_run_ended(run, state)).await;
+                    }
+                    if let Some(workflow) = &limited {
+                        Box::pin(self.release_run_slot(run, state, &workflow.def)).await;
+                    }
                 }
             }
             CommitOutcome::LeaseLost => {

@@ -25,9 +25,7 @@ const RELEASE_BATCHES: usize = 100;
 impl Engine {
     /// Pauses or resumes a workflow of the registry; returns whether it is paused now.
     pub async fn set_paused(&self, workflow: &str, paused: bool) -> Result<bool, EngineError> {
-        if self.registry.get(workflow).is_none() {
-            return Err(EngineError::UnknownWorkflow(workflow.to_owned()));
-        }
+        self.registered(workflow)?;
         if self.store.set_paused(workflow, paused).await? {
             tracing::info!(workflow, paused, "{}", if paused { "workflow paused" } else { "workflow resumed" });
         }

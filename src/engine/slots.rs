@@ -67,17 +67,38 @@ impl Engine {
         Ok(group.map(|group| crate::store::keys::shard_of(&format!("slots:{}:{group}", def.id), shards)))
     }
 
-    /// Before a claimed step of a limited workflow runs: whether its run holds a slot (or just
-    /// took one). When not, the run waits (its entry acknowledged) and the step is not run.
-    pub(super) async fn admit_step(
-        &self,
+    /// Before a claimed step of a limited workflow runs: whether it may. A rate-limited run's
+    /// start is counted in its window first (while the run is `pending`), then a run of a
+    /// workflow with a concurrency limit must hold a slot of its group. When not, the run waits
+    /// (its entry acknowledged) and the step is not run.
+    pub(super) async fn admit_limited(
+        self: &Arc<Self>,
         lease: &Lease,
         run: &RunId,
         state: &RunState,
         def: &WorkflowDef,
     ) -> Result<bool, StoreError> {
+        if def.rate_limit.is_none() && def.concurrency.is_none() {
+            return Ok(true);
+        }
         let input = run_input(state);
-        let group = match Self::slot_group(def, &input) {
+        if state.status == Status::Pending && !self.admit_start(lease, run, state, def, &input).await? {
+            return Ok(false);
+        }
+        self.admit_step(lease, run, state, def, &input).await
+    }
+
+    /// Whether the run of a claimed step holds a slot of its concurrency group (or just took
+    /// one); `true` without a concurrency limit.
+    async fn admit_step(
+        &self,
+        lease: &Lease,
+        run: &RunId,
+        state: &RunState,
+        def: &WorkflowDef,
+        input: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        let group = match Self::slot_group(def, input) {
             Ok(Some(group)) => group,
             Ok(None) => return Ok(true),
             // Checked when the run was created: a run of an older definition goes unlimited.
@@ -117,17 +138,18 @@ impl Engine {
         }
     }
 
-    /// Before the first step of a rate-limited run runs: whether its start is counted in (or
-    /// was). When not, the run waits and this replica wakes the group when capacity frees.
-    pub(super) async fn admit_start(
+    /// Whether the start of a pending run is counted in its rate group's window (or was);
+    /// `true` without a rate limit. When not, the run waits and this replica wakes the group
+    /// when capacity frees.
+    async fn admit_start(
         self: &Arc<Self>,
         lease: &Lease,
         run: &RunId,
         state: &RunState,
         def: &WorkflowDef,
+        input: &serde_json::Value,
     ) -> Result<bool, StoreError> {
-        let input = run_input(state);
-        let Ok(Some(group)) = Self::rate_group(def, &input) else { return Ok(true) };
+        let Ok(Some(group)) = Self::rate_group(def, input) else { return Ok(true) };
         match self.store.rate_admit(lease, run, &group, state.created_at).await? {
             RateAdmission::Admitted => Ok(true),
             RateAdmission::NotOurs => Ok(false),

@@ -15,7 +15,7 @@ use super::{
     DEAD_LETTER_KEEP, DebounceTrigger, Debounced, Dispatch, DueBurst, EntryCap, EventQuery, Housekeeping, Lease,
     ListedEvent, Logged, NewRun, Oversized, RateAdmission, RateGroup, ReplicaBeat, RunId, RunPage, RunQuery, RunState,
     RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
-    burst_key,
+    burst_key, terminal_name,
 };
 use crate::config::MAX_SHARDS;
 use crate::definition::Workflow;
@@ -943,9 +943,6 @@ impl RedisStore {
     }
 }
 
-/// The statuses a run ends in: each has an index of finished runs.
-const TERMINAL_STATUSES: [&str; 4] = ["completed", "failed", "cancelled", "timed_out"];
-
 /// The arguments of `FCALL function`.
 fn fcall_args(function: &'static str, keys: Vec<String>, args: Vec<Value>) -> Vec<Value> {
     let mut call = vec![Value::from(function), Value::from(keys.len() as i64)];
@@ -1367,7 +1364,7 @@ impl Runs for RedisStore {
                 .await?;
             report.trimmed_entries += text(&trimmed).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
 
-            for status in TERMINAL_STATUSES {
+            for status in Status::ALL.iter().filter_map(terminal_name) {
                 // Oldest created first; a run is kept until it has been finished for the
                 // whole retention (its last update is its end).
                 let index = self.keys.index_finished(shard, status);
@@ -1641,7 +1638,7 @@ impl Listing for RedisStore {
             (None, Some(s)) => vec![self.keys.index_finished(shard, s.name())],
             (Some(w), None) => vec![self.keys.index_workflow(shard, w)],
             (None, None) => std::iter::once(self.keys.index_active(shard))
-                .chain(TERMINAL_STATUSES.iter().map(|s| self.keys.index_finished(shard, s)))
+                .chain(Status::ALL.iter().filter_map(terminal_name).map(|s| self.keys.index_finished(shard, s)))
                 .collect(),
         };
         let mut candidates = self.index_page(keys_of, before, fetch).await?;
@@ -2242,18 +2239,15 @@ impl Slots for RedisStore {
     }
 
     async fn queued(&self, shard: u16, workflow: &str) -> StoreResult<(u64, u64)> {
-        let queues = |groups: Vec<String>, queue: fn(&Keys, u16, &str, &str) -> String| {
-            groups.into_iter().map(move |group| queue(&self.keys, shard, workflow, &group))
+        let waiting = |queues: Vec<String>| async move {
+            let lengths = futures::future::try_join_all(queues.into_iter().map(|q| self.cmd("ZCARD", vec![q.into()])));
+            Ok::<u64, StoreError>(lengths.await?.iter().filter_map(Value::as_u64).sum())
         };
-        let mut counts = [0u64; 2];
-        let slot_queues = queues(self.slot_groups(shard, workflow).await?, Keys::slot_queue);
-        let rate_queues = queues(self.rate_groups(shard, workflow).await?, Keys::rate_queue);
-        for (count, keys) in counts.iter_mut().zip([slot_queues.collect::<Vec<_>>(), rate_queues.collect()]) {
-            let lengths =
-                futures::future::try_join_all(keys.into_iter().map(|key| self.cmd("ZCARD", vec![key.into()])));
-            *count = lengths.await?.iter().filter_map(Value::as_u64).sum();
-        }
-        Ok((counts[0], counts[1]))
+        let slot_groups = self.slot_groups(shard, workflow).await?;
+        let rate_groups = self.rate_groups(shard, workflow).await?;
+        let slot_queues = slot_groups.iter().map(|group| self.keys.slot_queue(shard, workflow, group)).collect();
+        let rate_queues = rate_groups.iter().map(|group| self.keys.rate_queue(shard, workflow, group)).collect();
+        Ok((waiting(slot_queues).await?, waiting(rate_queues).await?))
     }
 
     async fn slot_holders(&self, shard: u16, group: &SlotGroup) -> StoreResult<(Vec<RunId>, u64)> {
