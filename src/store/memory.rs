@@ -22,7 +22,7 @@ use super::{
     DEAD_LETTER_KEEP, DebounceTrigger, Debounced, DueBurst, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent,
     Logged, NewRun, RateAdmission, RateGroup, ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery, RunSummary,
     SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, burst_key,
-    compare_entry_ids, dead_letter_fields, terminal_name,
+    compare_entry_ids, dead_letter_fields, debounce_key, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
@@ -1440,7 +1440,7 @@ impl Debounces for MemoryStore {
         {
             return Ok(Debounced::Duplicate { burst: burst.clone() });
         }
-        let key = format!("{}:{}", trigger.workflow, trigger.group);
+        let key = debounce_key(&trigger.workflow, &trigger.group);
         let open = state.open_bursts.get(&key).filter(|burst| state.bursts.get(*burst).is_some_and(|b| b.due > now));
         let burst = match open {
             Some(burst) => burst.clone(),
@@ -1495,7 +1495,7 @@ impl Debounces for MemoryStore {
     async fn finish_burst(&self, burst: &DueBurst) -> StoreResult<()> {
         let mut state = self.shared.state.lock();
         state.bursts.remove(&burst.burst);
-        let key = format!("{}:{}", burst.workflow, burst.group);
+        let key = debounce_key(&burst.workflow, &burst.group);
         if state.open_bursts.get(&key) == Some(&burst.burst) {
             state.open_bursts.remove(&key);
         }

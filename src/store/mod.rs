@@ -901,7 +901,12 @@ pub struct DebounceTrigger {
 
 /// A new burst's id: its workflow and group (which hold no `:`), and a unique part.
 pub fn burst_id(workflow: &str, group: &str) -> String {
-    format!("{workflow}:{group}:{}", uuid::Uuid::now_v7().simple())
+    format!("{}:{}", debounce_key(workflow, group), uuid::Uuid::now_v7().simple())
+}
+
+/// A debounce key as the store names it, `<workflow>:<group>`: the prefix of its bursts' ids.
+pub fn debounce_key(workflow: &str, group: &str) -> String {
+    format!("{workflow}:{group}")
 }
 
 /// The workflow and group a burst id names.

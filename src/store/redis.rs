@@ -15,7 +15,7 @@ use super::{
     DEAD_LETTER_KEEP, DebounceTrigger, Debounced, Dispatch, DueBurst, EntryCap, EventQuery, Housekeeping, Lease,
     ListedEvent, Logged, NewRun, Oversized, RateAdmission, RateGroup, ReplicaBeat, RunId, RunPage, RunQuery, RunState,
     RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
-    burst_key, terminal_name,
+    burst_key, debounce_key, terminal_name,
 };
 use crate::config::MAX_SHARDS;
 use crate::definition::Workflow;
@@ -2270,7 +2270,7 @@ impl Debounces for RedisStore {
             seen_ttl = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
         }
         let args = vec![
-            format!("{}:{}", trigger.workflow, trigger.group).into(),
+            debounce_key(&trigger.workflow, &trigger.group).into(),
             trigger.burst.clone().into(),
             trigger.payload.clone().into(),
             (trigger.period_ms as i64).into(),
@@ -2321,7 +2321,7 @@ impl Debounces for RedisStore {
 
     async fn finish_burst(&self, burst: &DueBurst) -> StoreResult<()> {
         let keys = vec![self.keys.debounce_open(), self.keys.debounce_due(), self.keys.debounce_bursts()];
-        let args = vec![format!("{}:{}", burst.workflow, burst.group).into(), burst.burst.clone().into()];
+        let args = vec![debounce_key(&burst.workflow, &burst.group).into(), burst.burst.clone().into()];
         self.fcall("wfo_v2_debounce_finish", keys, args).await?;
         Ok(())
     }
