@@ -7,7 +7,7 @@ use workflow_orchestrator::api::views;
 use workflow_orchestrator::definition::Registry;
 use workflow_orchestrator::engine::{Accepted, Engine, EngineError};
 use workflow_orchestrator::machine::{self, Transition, Trigger};
-use workflow_orchestrator::store::{RunId, RunQuery, RunSummary};
+use workflow_orchestrator::store::{Debounced, RunId, RunQuery, RunSummary};
 
 pub fn workflows(registry: &Registry) {
     for workflow in registry.iter() {
@@ -254,14 +254,13 @@ pub async fn trigger(engine: &Engine, workflow: &str, input: &str, key: Option<&
             println!("{}", triggered.run_id);
             Ok(ExitCode::SUCCESS)
         }
-        Ok(Accepted::Debounced { burst, triggers, due, .. }) => {
-            match (triggers, due) {
-                (Some(triggers), Some(due)) => println!(
-                    "debounced: burst {burst} ({triggers} triggers so far) starts its run at {}",
-                    views::timestamp(due)
-                ),
-                _ => println!("debounced: burst {burst} (this idempotency key was seen before)"),
-            }
+        Ok(Accepted::Debounced(Debounced::Absorbed { burst, triggers, due })) => {
+            let due = views::timestamp(due);
+            println!("debounced: burst {burst} ({triggers} triggers so far) starts its run at {due}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Accepted::Debounced(Debounced::Duplicate { burst })) => {
+            println!("debounced: burst {burst} (this idempotency key was seen before)");
             Ok(ExitCode::SUCCESS)
         }
         Err(EngineError::UnknownWorkflow(id)) => bail!("no workflow `{id}` (see `workflow-orchestrator workflows`)"),

@@ -10,7 +10,7 @@ pub use error::ApiError;
 
 use crate::engine::{Accepted, Engine};
 use crate::machine::{self, Status, Trigger};
-use crate::store::{RunId, RunQuery, SearchQuery};
+use crate::store::{Debounced, RunId, RunQuery, SearchQuery};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -821,14 +821,13 @@ async fn trigger(engine: &Engine, workflow_id: &str, request: Request<Incoming>)
             triggered.duplicate,
             json!({ "runId": triggered.run_id, "workflowId": workflow_id, "status": "pending", "duplicate": triggered.duplicate }),
         ),
-        Accepted::Debounced { burst, duplicate, triggers, due } => {
-            let mut body =
-                json!({ "workflowId": workflow_id, "status": "debounced", "duplicate": duplicate, "burstId": burst });
-            if let (Some(triggers), Some(due)) = (triggers, due) {
-                body["triggers"] = json!(triggers);
-                body["startsAt"] = json!(views::timestamp(due));
-            }
-            (duplicate, body)
+        Accepted::Debounced(Debounced::Absorbed { burst, triggers, due }) => (
+            false,
+            json!({ "workflowId": workflow_id, "status": "debounced", "duplicate": false, "burstId": burst,
+                    "triggers": triggers, "startsAt": views::timestamp(due) }),
+        ),
+        Accepted::Debounced(Debounced::Duplicate { burst }) => {
+            (true, json!({ "workflowId": workflow_id, "status": "debounced", "duplicate": true, "burstId": burst }))
         }
     };
     ok_json(if duplicate { StatusCode::OK } else { StatusCode::ACCEPTED }, body)

@@ -10,7 +10,7 @@
 //! Cron fires, reruns and child runs are not debounced: they start their runs directly.
 
 use super::{Engine, EngineError, Triggered, sleep_or_cancelled, slots::group_name};
-use crate::machine::{Millis, TraceContext, Trigger};
+use crate::machine::{TraceContext, Trigger};
 use crate::store::{DebounceTrigger, Debounced, DueBurst, StoreError, burst_id};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -29,15 +29,9 @@ const BURST_BATCH: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
     Started(Triggered),
-    /// The trigger joined burst `burst`, the run of which starts at `due` with the input of
-    /// the burst's last trigger; `triggers` so far. A trigger whose idempotency key was seen
-    /// before (`duplicate`) is not counted again, and the burst's count and time are not known.
-    Debounced {
-        burst: String,
-        duplicate: bool,
-        triggers: Option<u64>,
-        due: Option<Millis>,
-    },
+    /// The trigger joined its key's burst (see [`Debounced`]): the burst's run starts when it
+    /// is due, with the input of the burst's last trigger.
+    Debounced(Debounced),
 }
 
 /// What a burst keeps of its last trigger, to start the run with.
@@ -85,13 +79,9 @@ impl Engine {
             max_wait_ms: debounce.max_wait.map_or(0, |wait| wait.as_millis() as u64),
             key: idempotency_key.map(|key| (key.to_owned(), self.config.idempotency_retention)),
         };
-        Ok(match self.store.debounce(&debounced).await? {
-            Debounced::Absorbed { burst, triggers, due } => {
-                tracing::debug!(workflow = workflow_id, %burst, triggers, "trigger debounced");
-                Accepted::Debounced { burst, duplicate: false, triggers: Some(triggers), due: Some(due) }
-            }
-            Debounced::Duplicate { burst } => Accepted::Debounced { burst, duplicate: true, triggers: None, due: None },
-        })
+        let joined = self.store.debounce(&debounced).await?;
+        tracing::debug!(workflow = workflow_id, ?joined, "trigger debounced");
+        Ok(Accepted::Debounced(joined))
     }
 
     pub(super) async fn debounce_loop(self: Arc<Self>) {

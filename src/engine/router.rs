@@ -423,7 +423,7 @@ impl Engine {
             match self.accept(workflow_id, &event.payload, Some(&key), trigger, event.trace.clone()).await {
                 Ok(Accepted::Started(triggered)) => started.push((workflow_id.clone(), triggered.run_id)),
                 // Its run starts when the burst is due; the event is settled now.
-                Ok(Accepted::Debounced { .. }) => {}
+                Ok(Accepted::Debounced(_)) => {}
                 Err(EngineError::Store(err)) => return Err(err),
                 Err(other) => {
                     tracing::error!(event = %id, workflow = %workflow_id, error = %other, "an event could not start its run")
