@@ -108,12 +108,12 @@ local function check(keys, run, held, planned)
   end
   local log = keys[run.key + 1]
   if run.expected == 0 and run.records > 0 then
-    if planned[log] or redis.call('EXISTS', keys[run.key]) == 1 then
-      -- A run id is fresh: a log already there is this very call's, resent after a lost reply.
-      return {'stale'}
-    end
+    -- A creation. A run id is fresh: a run already there is this very call's, resent after a
+    -- lost reply; `apply` finds that out from its log's length, without a read here.
+    if planned[log] then return {'stale'} end
     if run.idem > 0 then
       local first = redis.call('SET', keys[run.idem], run.id, 'NX', 'GET', 'EX', run.idem_ttl)
+      if first == run.id then return {'stale'} end
       if first then return {'duplicate', first} end
     end
     return nil
@@ -158,7 +158,13 @@ end
 local function apply(keys, argv, run, written)
   local seq = run.expected + run.records
   if run.records > 0 then
-    redis.call('RPUSH', keys[run.key + 1], unpack(argv, run.first_record, run.first_record + run.records - 1))
+    local length = redis.call('RPUSH', keys[run.key + 1], unpack(argv, run.first_record, run.first_record + run.records - 1))
+    if run.expected == 0 and length ~= run.records then
+      -- A creation resent after a lost reply (see `check`): the run is there. Nothing else
+      -- has been written for it; its records are taken back out.
+      redis.call('LTRIM', keys[run.key + 1], 0, length - run.records - 1)
+      return {'stale'}
+    end
   end
   local queued = {}
   for t = run.first_task, run.first_task + run.tasks - 1 do

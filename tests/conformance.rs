@@ -113,6 +113,7 @@ conformance! {
     a_run_created_without_dispatch_queues_nothing = run_created_without_dispatch_queues_nothing(4);
     an_idempotency_key_creates_one_run = idempotency_key_creates_one_run(4);
     an_idempotency_key_holds_for_its_whole_retention = idempotency_key_holds_for_its_whole_retention(4);
+    a_group_creation_gives_each_run_its_own_outcome = group_creation_gives_each_run_its_own_outcome(4);
     a_claim_returns_the_dispatched_task = claim_returns_the_dispatched_task(4);
     a_claim_returns_at_most_max_over_4_shards = claim_returns_at_most_max(4);
     a_claim_returns_at_most_max_over_16_shards = claim_returns_at_most_max(16);
@@ -382,6 +383,49 @@ async fn idempotency_key_creates_one_run(store: Arc<dyn Store>) {
     let other_key = "cron:wf:120000";
     let other = new_run(&def, shard_of(other_key, store.shards()), 1_002, Some((other_key, Duration::from_secs(60))));
     create(&store, other).await;
+}
+
+/// Runs created in one group: each its own outcome, in order, as if created one after the
+/// other (a second run of a key taken earlier in the group is the first's duplicate and
+/// creates nothing), across shards.
+async fn group_creation_gives_each_run_its_own_outcome(store: Arc<dyn Store>) {
+    let def = definition("wf", 1, 1);
+    let key = "api:group";
+    let shard = shard_of(key, store.shards());
+    let keyed = new_run(&def, shard, 1_000, Some((key, Duration::from_secs(60))));
+    let same_key = new_run(&def, shard, 1_001, Some((key, Duration::from_secs(60))));
+    let plain = new_run(&def, (shard + 1) % store.shards(), 1_002, None);
+    let other_key = "api:group-other";
+    let other = new_run(&def, shard_of(other_key, store.shards()), 1_003, Some((other_key, Duration::from_secs(60))));
+    let ids: Vec<RunId> = [&keyed, &same_key, &plain, &other].iter().map(|new| new.run.clone()).collect();
+    let created = store.create_runs(vec![keyed, same_key, plain, other]).await.unwrap();
+    assert_eq!(
+        created,
+        vec![
+            Created::New(ids[0].clone()),
+            Created::Duplicate(ids[0].to_string()),
+            Created::New(ids[2].clone()),
+            Created::New(ids[3].clone()),
+        ]
+    );
+    assert_eq!(snapshot(&store, &ids[1]).await, (None, None), "the duplicate created nothing");
+    for id in [&ids[0], &ids[2], &ids[3]] {
+        let (summary, history) = snapshot(&store, id).await;
+        assert_eq!(summary.expect("created").seq, 1, "{id}");
+        assert_eq!(history.expect("its log").len(), 1, "{id}");
+    }
+    let mut claimed: Vec<String> = Vec::new();
+    for _ in 0..5 {
+        claimed.extend(store.claim("a", 10, BLOCK).await.unwrap().into_iter().map(|c| c.task.unwrap().run));
+        if claimed.len() >= 3 {
+            break;
+        }
+    }
+    claimed.sort();
+    let mut expected: Vec<String> = [&ids[0], &ids[2], &ids[3]].iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(claimed, expected, "one entry queued for each run created");
+    assert!(store.create_runs(Vec::new()).await.unwrap().is_empty(), "an empty group is no call");
 }
 
 async fn idempotency_key_holds_for_its_whole_retention(store: Arc<dyn Store>) {
@@ -1521,6 +1565,39 @@ fn redis_refuses_a_shard_count_other_than_the_datas() {
         assert_eq!(server.cli(&["EXISTS", "old:shards"]).trim(), "0", "nothing recorded when refused");
         RedisStore::connect(&url, "old", 16).await.expect("the count it was written with");
         assert_eq!(server.cli(&["GET", "old:shards"]).trim(), "16");
+    });
+}
+
+/// A creation resent after a lost reply (the client's retry on a reconnect) finds its run there:
+/// the run is reported created, not a duplicate of itself, and nothing is written twice (one
+/// record, one ready entry), with or without an idempotency key.
+#[test]
+fn redis_a_resent_creation_writes_nothing_twice() {
+    let server = RedisServer::start();
+    run(async {
+        let store = redis_store(&server, 4).await;
+        let def = definition("wf", 1, 1);
+        let key = "api:resent";
+        let keyed = new_run(&def, shard_of(key, 4), 1_000, Some((key, Duration::from_secs(60))));
+        let plain = new_run(&def, 0, 1_001, None);
+        let ids = [keyed.run.clone(), plain.run.clone()];
+        let created = vec![Created::New(ids[0].clone()), Created::New(ids[1].clone())];
+        assert_eq!(store.create_runs(vec![keyed.clone(), plain.clone()]).await.unwrap(), created);
+        assert_eq!(store.create_runs(vec![keyed, plain]).await.unwrap(), created, "the resend");
+        for id in &ids {
+            let (summary, history) = snapshot(&store, id).await;
+            assert_eq!(summary.expect("created").seq, 1, "{id}");
+            assert_eq!(history.expect("its log").len(), 1, "one record: {id}");
+        }
+        let mut claimed = Vec::new();
+        for _ in 0..5 {
+            claimed.extend(store.claim("a", 10, BLOCK).await.unwrap());
+            if claimed.len() >= 2 {
+                break;
+            }
+        }
+        assert_eq!(claimed.len(), 2, "one ready entry each: {claimed:?}");
+        assert!(nothing_claimable(&store, "b").await, "and no other");
     });
 }
 

@@ -1,51 +1,83 @@
-//! Group commit: this replica's executors hand their step outcomes to a few committers, which
-//! send whatever has gathered as one [`crate::store::Runs::commit_group`] call.
+//! Group commit: this replica's executors hand their step outcomes, and its triggers their new
+//! runs, to a few committers, which send whatever has gathered as one
+//! [`crate::store::Runs::commit_group`] (or [`crate::store::Runs::create_runs`]) call.
 //!
 //! A group goes out as soon as a committer is free (the previous call's reply is back), so a
 //! lone commit waits for nobody, and under load each call carries many: the store's cost is per
-//! call more than per run. At most [`COMMITTERS`] calls are in flight at once.
+//! call more than per run. At most [`COMMITTERS`] calls of a queue are in flight at once.
 
-use crate::store::{Commit, CommitOutcome, Store, StoreError, StoreResult};
+use crate::store::{Commit, CommitOutcome, Created, NewRun, Store, StoreError, StoreResult};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-/// How many group calls may be in flight at once.
+/// How many group calls of one queue may be in flight at once.
 const COMMITTERS: usize = 2;
-/// The most commits one call carries.
+/// The most items one call carries.
 const MAX_GROUP: usize = 32;
 
-/// A commit waiting for its group, with where its outcome goes.
-struct Waiting {
-    commit: Commit,
-    reply: oneshot::Sender<StoreResult<CommitOutcome>>,
-}
-
-/// The queue the executors commit through. The committers end when it is dropped.
-pub(super) struct CommitQueue {
-    sender: mpsc::UnboundedSender<Waiting>,
-}
+/// The executors' step outcomes, committed in groups.
+pub(super) type CommitQueue = GroupQueue<Commit, CommitOutcome>;
+/// The triggers' new runs, created in groups.
+pub(super) type CreateQueue = GroupQueue<NewRun, Created>;
 
 impl CommitQueue {
-    pub(super) fn new(store: Arc<dyn Store>) -> CommitQueue {
+    pub(super) fn commits(store: Arc<dyn Store>) -> CommitQueue {
+        GroupQueue::new(move |commits| {
+            let store = Arc::clone(&store);
+            Box::pin(async move { store.commit_group(commits).await })
+        })
+    }
+}
+
+impl CreateQueue {
+    pub(super) fn creations(store: Arc<dyn Store>) -> CreateQueue {
+        GroupQueue::new(move |runs| {
+            let store = Arc::clone(&store);
+            Box::pin(async move { store.create_runs(runs).await })
+        })
+    }
+}
+
+/// One group's call to the store: an outcome per item, in order, or an error for all.
+type GroupCall<I, O> = dyn Fn(Vec<I>) -> Pin<Box<dyn Future<Output = StoreResult<Vec<O>>> + Send>> + Send + Sync;
+
+/// An item waiting for its group, with where its outcome goes.
+struct Waiting<I, O> {
+    item: I,
+    reply: oneshot::Sender<StoreResult<O>>,
+}
+
+/// A queue whose committers end when it is dropped.
+pub(super) struct GroupQueue<I, O> {
+    sender: mpsc::UnboundedSender<Waiting<I, O>>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> GroupQueue<I, O> {
+    fn new(
+        call: impl Fn(Vec<I>) -> Pin<Box<dyn Future<Output = StoreResult<Vec<O>>> + Send>> + Send + Sync + 'static,
+    ) -> GroupQueue<I, O> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let receiver = Arc::new(Mutex::new(receiver));
+        let call: Arc<GroupCall<I, O>> = Arc::new(call);
         for _ in 0..COMMITTERS {
-            tokio::spawn(committer(Arc::clone(&store), Arc::clone(&receiver)));
+            tokio::spawn(committer(Arc::clone(&call), Arc::clone(&receiver)));
         }
-        CommitQueue { sender }
+        GroupQueue { sender }
     }
 
-    /// Commits `commit` in the next group; its own outcome, as [`crate::store::Runs::commit`] gives it.
-    pub(super) async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+    /// Sends `item` in the next group; its own outcome, as the store's call for one gives it.
+    pub(super) async fn submit(&self, item: I) -> StoreResult<O> {
         let (reply, outcome) = oneshot::channel();
-        let gone = || StoreError::Unavailable("the replica is stopping: the commit was not sent".to_owned());
-        self.sender.send(Waiting { commit, reply }).map_err(|_| gone())?;
+        let gone = || StoreError::Unavailable("the replica is stopping: the write was not sent".to_owned());
+        self.sender.send(Waiting { item, reply }).map_err(|_| gone())?;
         outcome.await.map_err(|_| gone())?
     }
 }
 
-/// Takes what has gathered (at least one, at most [`MAX_GROUP`]), commits it, answers each.
-async fn committer(store: Arc<dyn Store>, receiver: Arc<Mutex<mpsc::UnboundedReceiver<Waiting>>>) {
+/// Takes what has gathered (at least one, at most [`MAX_GROUP`]), sends it, answers each.
+async fn committer<I, O>(call: Arc<GroupCall<I, O>>, receiver: Arc<Mutex<mpsc::UnboundedReceiver<Waiting<I, O>>>>) {
     loop {
         let mut group = Vec::new();
         {
@@ -61,15 +93,25 @@ async fn committer(store: Arc<dyn Store>, receiver: Arc<Mutex<mpsc::UnboundedRec
                 }
             }
         }
-        let (commits, replies): (Vec<Commit>, Vec<_>) = group.into_iter().map(|w| (w.commit, w.reply)).unzip();
-        match store.commit_group(commits).await {
-            Ok(outcomes) => {
+        let (items, replies): (Vec<I>, Vec<_>) = group.into_iter().map(|w| (w.item, w.reply)).unzip();
+        let sent = items.len();
+        match call(items).await {
+            Ok(outcomes) if outcomes.len() == sent => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
             }
+            Ok(outcomes) => {
+                let err = StoreError::Corrupt {
+                    key: "group call".to_owned(),
+                    problem: format!("{} outcomes for {sent} writes", outcomes.len()),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
             Err(err) => {
-                // Unknown for every commit of the group (see `Runs::commit_group`).
+                // Unknown for every item of the group (see `Runs::commit_group`).
                 for reply in replies {
                     let _ = reply.send(Err(err.clone()));
                 }

@@ -466,7 +466,7 @@ impl Engine {
         };
         let outcome = match path {
             CommitPath::Decided => self.store.commit(commit).await?,
-            CommitPath::Grouped => self.commits.commit(commit).await?,
+            CommitPath::Grouped => self.commits.submit(commit).await?,
             CommitPath::Requeue => self.store.requeue(commit).await?,
         };
         match &outcome {

@@ -3,7 +3,7 @@
 //! - `executor`: claims ready steps (only as many as it has free executors), runs them under a
 //!   lease it renews, and commits each outcome as one fenced transition; takes over steps whose
 //!   lease expired.
-//! - `commits`: group commit: the executors' outcomes go to the store together.
+//! - `commits`: group commit: the executors' outcomes, and the triggers' new runs, go to the store together.
 //! - `record`: the one path for what happens to a run outside its executors (load, decide,
 //!   advance, commit, decide again when stale), used by:
 //! - `timers`: wakes runs whose retry, sleep or wait time-out is due;
@@ -203,6 +203,8 @@ pub struct Engine {
     awaited_types: std::collections::HashSet<String>,
     /// Where executors commit step outcomes: together, a group per store call.
     commits: commits::CommitQueue,
+    /// Where triggers create runs: together, a group per store call.
+    creations: commits::CreateQueue,
     /// Announces runs this replica finished (id, status), for in-process observers such as the
     /// benchmark. Lossy by design: a slow observer misses announcements, never stalls a commit.
     finished: tokio::sync::broadcast::Sender<(String, &'static str)>,
@@ -251,7 +253,8 @@ impl Engine {
         let workflows: Vec<Arc<Workflow>> = registry.iter().cloned().collect();
         store.save_definitions(&workflows).await?;
         let definitions = workflows.iter().map(|w| (w.hash.clone(), Arc::clone(w))).collect();
-        let commits = commits::CommitQueue::new(Arc::clone(&store));
+        let commits = commits::CommitQueue::commits(Arc::clone(&store));
+        let creations = commits::CreateQueue::creations(Arc::clone(&store));
         let awaited_types = workflows
             .iter()
             .flat_map(|workflow| &workflow.def.steps)
@@ -273,6 +276,7 @@ impl Engine {
             tasks: TaskTracker::new(),
             awaited_types,
             commits,
+            creations,
             finished: tokio::sync::broadcast::channel(4096).0,
             actions,
             paused: RwLock::new(std::collections::BTreeSet::new()),
@@ -486,7 +490,7 @@ impl Engine {
             idempotency,
             search,
         };
-        match self.store.create_run(new).await? {
+        match self.creations.submit(new).await? {
             Created::New(run) => {
                 Counters::add(&self.counters.runs_started);
                 self.metrics.run_started(&workflow.def.id);

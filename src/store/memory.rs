@@ -873,11 +873,22 @@ impl Definitions for MemoryStore {
 
 #[async_trait]
 impl Runs for MemoryStore {
-    async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
+    async fn create_runs(&self, runs: Vec<NewRun>) -> StoreResult<Vec<Created>> {
         let now = wall_clock()?;
-        let dispatches = !new.dispatch.is_empty();
-        let created = self.shared.state.lock().create_run(new, now, Instant::now())?;
-        if dispatches && matches!(created, Created::New(_)) {
+        let mut dispatched = false;
+        let created = {
+            // One lock for the whole group: atomic, as one call is in Redis.
+            let mut state = self.shared.state.lock();
+            runs.into_iter()
+                .map(|new| {
+                    let dispatches = !new.dispatch.is_empty();
+                    let created = state.create_run(new, now, Instant::now())?;
+                    dispatched |= dispatches && matches!(created, Created::New(_));
+                    Ok(created)
+                })
+                .collect::<StoreResult<Vec<Created>>>()?
+        };
+        if dispatched {
             self.shared.dispatched.notify_waiters();
         }
         Ok(created)

@@ -189,7 +189,7 @@ pub struct NewRun {
     pub search: Vec<(String, String)>,
 }
 
-/// The outcome of [`Runs::create_run`].
+/// The outcome of [`Runs::create_run`] (one per run of [`Runs::create_runs`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Created {
     New(RunId),
@@ -570,7 +570,17 @@ pub trait Definitions: Send + Sync + 'static {
 pub trait Runs: Send + Sync + 'static {
     /// Creates a run: appends its first transitions, writes its summary and indexes, queues its
     /// first step; or, if its idempotency key is taken, reports the run that took it.
-    async fn create_run(&self, new: NewRun) -> StoreResult<Created>;
+    async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
+        let run = new.run.to_string();
+        let mut created = self.create_runs(vec![new]).await?;
+        created.pop().ok_or_else(|| StoreError::Corrupt { key: run, problem: "its creation had no outcome".to_owned() })
+    }
+
+    /// Group creation: several runs created in one atomic call, each with its own outcome, in
+    /// order, exactly as if each had been created alone right after the ones before it (two runs
+    /// of one idempotency key: the second is the first's duplicate). An error means the
+    /// outcomes are unknown, as for [`Runs::commit_group`]: some runs may have been created.
+    async fn create_runs(&self, runs: Vec<NewRun>) -> StoreResult<Vec<Created>>;
 
     /// The atomic, fenced transition. See [`Commit`].
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome>;

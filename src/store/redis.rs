@@ -854,9 +854,89 @@ impl RedisStore {
     }
 
     /// Commits `commits` in one call and reads each outcome.
+    /// Sends `items` in as few calls as Redis allows, `call` making each: one call on a
+    /// standalone Redis; on a cluster, where one call holds keys of one slot, a call per shard,
+    /// all at once. Each outcome is put back in its item's place.
+    async fn by_call<'a, T, O, Call, Calls>(
+        &self,
+        items: &[&'a T],
+        shard_of: impl Fn(&T) -> u16,
+        call: Call,
+    ) -> StoreResult<Vec<O>>
+    where
+        Call: Fn(Vec<&'a T>) -> Calls,
+        Calls: std::future::Future<Output = StoreResult<Vec<O>>>,
+    {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.cluster {
+            return call(items.to_vec()).await;
+        }
+        let mut by_shard: std::collections::BTreeMap<u16, Vec<usize>> = std::collections::BTreeMap::new();
+        for (index, item) in items.iter().enumerate() {
+            by_shard.entry(shard_of(item)).or_default().push(index);
+        }
+        let groups: Vec<Vec<usize>> = by_shard.into_values().collect();
+        let calls = groups.iter().map(|indexes| call(indexes.iter().map(|i| items[*i]).collect()));
+        let mut outcomes: Vec<Option<O>> = (0..items.len()).map(|_| None).collect();
+        for (indexes, result) in groups.iter().zip(join_all(calls).await) {
+            for (index, outcome) in indexes.iter().zip(result?) {
+                outcomes[*index] = Some(outcome);
+            }
+        }
+        outcomes.into_iter().map(|o| o.ok_or_else(|| corrupt(COMMIT, "a call without an outcome for each"))).collect()
+    }
+
+    /// Creates `runs` in one `wfo_v2_commit_steps` call (a creation is a commit at seq 0).
+    async fn apply_creations(&self, runs: Vec<&NewRun>) -> StoreResult<Vec<Created>> {
+        let parts: Vec<CommitPart<'_>> = runs.iter().map(|new| self.creation_part(new)).collect();
+        let outcomes = self.call_commit(&parts, COMMIT).await?;
+        runs.iter()
+            .zip(outcomes)
+            .map(|(new, (tag, rest))| match tag.as_str() {
+                "ok" => Ok(Created::New(new.run.clone())),
+                "duplicate" => Ok(Created::Duplicate(rest.first().and_then(text).unwrap_or_default())),
+                // The run id is fresh, so a run already there is this very call's: the client
+                // resent it after a lost reply (a reconnect), and the first one created the run.
+                "stale" => Ok(Created::New(new.run.clone())),
+                other => Err(corrupt(&self.keys.run(&new.run), format!("creating a run answered `{other}`"))),
+            })
+            .collect()
+    }
+
+    /// The part of a `wfo_v2_commit_steps` call that creates `new`.
+    fn creation_part<'a>(&self, new: &'a NewRun) -> CommitPart<'a> {
+        let shard = new.run.shard;
+        let created = new.state.created_at;
+        CommitPart {
+            run: &new.run,
+            expected_seq: 0,
+            lease: None,
+            reopen: false,
+            ends: false,
+            records: &new.records,
+            fields: summary_fields(&RunSummary { search: new.search.clone(), ..RunSummary::of(&new.state) }),
+            state: &new.state,
+            dispatch: &new.dispatch,
+            timer: None,
+            clear_timer: false,
+            idempotency: new.idempotency.as_ref(),
+            indexes: [self.keys.index_workflow(shard, &new.state.workflow), self.keys.index_active(shard)]
+                .into_iter()
+                .chain(
+                    new.search
+                        .iter()
+                        .map(|(field, value)| self.keys.index_search(shard, &new.state.workflow, field, value)),
+                )
+                .map(|key| (key, Some(created)))
+                .collect(),
+        }
+    }
+
     async fn apply_commits(
         &self,
-        commits: &[&Commit],
+        commits: Vec<&Commit>,
         reopen: bool,
         function: &'static str,
     ) -> StoreResult<Vec<CommitOutcome>> {
@@ -1170,85 +1250,26 @@ impl Definitions for RedisStore {
 
 #[async_trait]
 impl Runs for RedisStore {
-    async fn create_run(&self, new: NewRun) -> StoreResult<Created> {
-        let shard = new.run.shard;
-        let created = new.state.created_at;
-        let part = CommitPart {
-            run: &new.run,
-            expected_seq: 0,
-            lease: None,
-            reopen: false,
-            ends: false,
-            records: &new.records,
-            fields: summary_fields(&RunSummary { search: new.search.clone(), ..RunSummary::of(&new.state) }),
-            state: &new.state,
-            dispatch: &new.dispatch,
-            timer: None,
-            clear_timer: false,
-            idempotency: new.idempotency.as_ref(),
-            indexes: [self.keys.index_workflow(shard, &new.state.workflow), self.keys.index_active(shard)]
-                .into_iter()
-                .chain(
-                    new.search
-                        .iter()
-                        .map(|(field, value)| self.keys.index_search(shard, &new.state.workflow, field, value)),
-                )
-                .map(|key| (key, Some(created)))
-                .collect(),
-        };
-        let mut outcomes = self.call_commit(std::slice::from_ref(&part), COMMIT).await?;
-        match outcomes.pop() {
-            Some((tag, _)) if tag == "ok" => Ok(Created::New(new.run)),
-            Some((tag, rest)) if tag == "duplicate" => {
-                Ok(Created::Duplicate(rest.first().and_then(text).unwrap_or_default()))
-            }
-            // The run id is fresh, so a run already there is this very call's: the client resent
-            // it after a lost reply (a reconnect), and the first one created the run.
-            Some((tag, _)) if tag == "stale" => Ok(Created::New(new.run)),
-            other => Err(corrupt(&self.keys.run(&new.run), format!("creating a run answered {other:?}"))),
-        }
+    async fn create_runs(&self, runs: Vec<NewRun>) -> StoreResult<Vec<Created>> {
+        let runs: Vec<&NewRun> = runs.iter().collect();
+        self.by_call(&runs, |new| new.run.shard, |group| self.apply_creations(group)).await
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(&[&commit], false, COMMIT).await?)
+        one(self.apply_commits(vec![&commit], false, COMMIT).await?)
     }
 
     async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
-        if commits.is_empty() {
-            return Ok(Vec::new());
-        }
-        if !self.cluster {
-            return self.apply_commits(&commits.iter().collect::<Vec<_>>(), false, COMMIT).await;
-        }
-        // On a cluster one call holds keys of one slot: a call per shard, all at once, each
-        // outcome put back in its commit's place.
-        let mut by_shard: std::collections::BTreeMap<u16, Vec<usize>> = std::collections::BTreeMap::new();
-        for (index, commit) in commits.iter().enumerate() {
-            by_shard.entry(commit.run.shard).or_default().push(index);
-        }
-        let groups: Vec<(Vec<usize>, Vec<&Commit>)> = by_shard
-            .into_values()
-            .map(|indexes| {
-                let group = indexes.iter().map(|i| &commits[*i]).collect();
-                (indexes, group)
-            })
-            .collect();
-        let calls = groups.iter().map(|(_, group)| self.apply_commits(group, false, COMMIT));
-        let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; commits.len()];
-        for ((indexes, _), result) in groups.iter().zip(join_all(calls).await) {
-            for (index, outcome) in indexes.iter().zip(result?) {
-                outcomes[*index] = Some(outcome);
-            }
-        }
-        outcomes.into_iter().map(|o| o.ok_or_else(|| corrupt(COMMIT, "a commit without an outcome"))).collect()
+        let commits: Vec<&Commit> = commits.iter().collect();
+        self.by_call(&commits, |commit| commit.run.shard, |group| self.apply_commits(group, false, COMMIT)).await
     }
 
     async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(&[&commit], true, COMMIT).await?)
+        one(self.apply_commits(vec![&commit], true, COMMIT).await?)
     }
 
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(&[&commit], false, REQUEUE).await?)
+        one(self.apply_commits(vec![&commit], false, REQUEUE).await?)
     }
 
     async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
