@@ -99,7 +99,7 @@ action = "noop"
 "#;
 
 const USAGE: &str = "usage: cargo bench --bench binary -- --port PORT [--scenario events,rest] [--binary PATH] \
-[--concurrency 50] [--n 20000] [--inflight 2xC] [--warmup 500] [--time-limit 120] [--shards 16] [--chunk 500] \
+[--concurrency 50] [--n 20000] [--inflight 2xC] [--warmup 500] [--time-limit 120] [--shards N (default: the engine's: 1 on a standalone Redis, 16 on a cluster)] [--chunk 500] \
 [--poll-ms 5] [--engine-env K=V]... [--traces off|on] [--run-index K] [--tag TEXT]
   Talks only to 127.0.0.1:PORT and FLUSHALLs it: use a private, throwaway redis-server.
   The binary: cargo build --release --bin workflow-orchestrator";
@@ -134,7 +134,8 @@ struct Args {
     inflight: usize,
     warmup: usize,
     time_limit: Duration,
-    shards: u16,
+    /// `None`: the engine's default (`SHARDS` unset).
+    shards: Option<u16>,
     chunk: usize,
     poll: Duration,
     engine_env: Vec<(String, String)>,
@@ -212,7 +213,7 @@ fn parse_args() -> Result<Args, String> {
         inflight,
         warmup: number(&values, "warmup", 500)?,
         time_limit: Duration::from_secs_f64(number(&values, "time-limit", 120.0)?),
-        shards: number(&values, "shards", 16)?,
+        shards: common::flag(&values, "shards").map(|_| number(&values, "shards", 16)).transpose()?,
         chunk,
         poll: Duration::from_secs_f64(poll_ms / 1e3),
         engine_env,
@@ -280,12 +281,14 @@ impl Replica {
         let open_log = || std::fs::OpenOptions::new().create(true).append(true).open(log);
         let log_file = open_log().map_err(|e| format!("log file {}: {e}", log.display()))?;
         let mut command = Command::new(&args.binary);
+        if let Some(shards) = args.shards {
+            command.env("SHARDS", shards.to_string());
+        }
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("REDIS_URL", format!("redis://{}:{}", common::HOST, args.port))
             .env("KEY_PREFIX", PREFIX)
-            .env("SHARDS", args.shards.to_string())
             .env("PORT", "0")
             .env("BIND_ADDR", "127.0.0.1")
             .env("REPLICA_ID", "bench-binary")
@@ -855,7 +858,7 @@ async fn scenario(args: &Args, scenario: Scenario) -> Result<Value, String> {
     let replica = Replica::start(args, &workflows, &replica_log)?;
     log(&format!("{name}: replica pid {} on http://{}, log {}", replica.pid, replica.address, replica_log.display()));
     let url = format!("redis://{}:{}", common::HOST, args.port);
-    let store = RedisStore::connect(&url, PREFIX, args.shards).await.map_err(|e| e.to_string())?;
+    let store = RedisStore::open(&url, PREFIX, args.shards).await.map_err(|e| e.to_string())?;
     let poller = Poller::start(args.port, store.keys(), args.poll)?;
     let mut session = Session { admin, store, replica, poller, after_flush };
 
@@ -903,7 +906,7 @@ async fn scenario(args: &Args, scenario: Scenario) -> Result<Value, String> {
         "binary": args.binary.display().to_string(),
         "concurrency": args.concurrency,
         "inflight": match scenario { Scenario::Rest => json!(args.inflight.min(args.n)), Scenario::Events => json!(args.n) },
-        "shards": args.shards,
+        "shards": session.store.keys().shards(),
         "n_requested": args.n,
         "warmup": args.warmup.min(args.n),
         "stop_reason": stop_reason,

@@ -71,7 +71,7 @@ action = "noop"
 "#;
 
 const USAGE: &str = "usage: cargo bench --bench chain3 -- --port PORT [--concurrency 50] [--n 20000] \
-[--inflight 2xC] [--warmup 500] [--time-limit 120] [--shards 16] [--run-index K] [--tag TEXT] [--url URL] [--wait-replicas N]
+[--inflight 2xC] [--warmup 500] [--time-limit 120] [--shards N (default: the engine's: 1 on a standalone Redis, 16 on a cluster)] [--run-index K] [--tag TEXT] [--url URL] [--wait-replicas N]
   Talks only to 127.0.0.1:PORT and FLUSHALLs it: use a private, throwaway redis-server.";
 
 // ---------------------------------------------------------------- arguments
@@ -83,7 +83,8 @@ struct Args {
     inflight: usize,
     warmup: usize,
     time_limit: Duration,
-    shards: u16,
+    /// `None`: the engine's default (`SHARDS` unset).
+    shards: Option<u16>,
     run_index: Option<u64>,
     tag: Option<String>,
     /// Where the engine connects (default `redis://127.0.0.1:PORT`): a `redis-cluster://` URL
@@ -126,7 +127,7 @@ fn parse_args() -> Result<Args, String> {
         inflight,
         warmup: number(&values, "warmup", 500)?,
         time_limit: Duration::from_secs_f64(number(&values, "time-limit", 120.0)?),
-        shards: number(&values, "shards", 16)?,
+        shards: common::flag(&values, "shards").map(|_| number(&values, "shards", 16)).transpose()?,
         run_index: common::flag(&values, "run-index").map(|_| number(&values, "run-index", 0)).transpose()?,
         tag: common::flag(&values, "tag").map(str::to_owned),
         url: common::flag(&values, "url").map(str::to_owned),
@@ -146,7 +147,7 @@ struct Outcome {
 
 async fn start_engine(args: &Args, registry: &Arc<Registry>) -> Result<(Arc<RedisStore>, Arc<Engine>), String> {
     let url = args.url.clone().unwrap_or_else(|| format!("redis://{HOST}:{}", args.port));
-    let store = RedisStore::connect(&url, "wfo", args.shards).await.map_err(|e| e.to_string())?;
+    let store = RedisStore::open(&url, "wfo", args.shards).await.map_err(|e| e.to_string())?;
     let wait = ReplicaWait { replicas: args.wait_replicas, timeout: Duration::from_secs(1) };
     let store = Arc::new(store.wait_for_replicas(wait));
     let defaults = Settings::from_lookup(|_| None).map_err(|e| e.to_string())?;
@@ -277,7 +278,7 @@ async fn chain3(args: &Args, n: usize, inflight: usize, time_limit: Duration) ->
             "scenario": "chain3",
             "mode": "engine-cluster",
             "concurrency": args.concurrency,
-            "shards": args.shards,
+            "shards": store.keys().shards(),
             "n_requested": n,
             "stop_reason": stop_reason,
             "runs_completed": runs,
@@ -332,7 +333,7 @@ async fn chain3(args: &Args, n: usize, inflight: usize, time_limit: Duration) ->
         "engine": "workflow-orchestrator",
         "concurrency": args.concurrency,
         "inflight": inflight.min(n),
-        "shards": args.shards,
+        "shards": store.keys().shards(),
         "n_requested": n,
         "stop_reason": stop_reason,
         "runs_completed": runs,

@@ -235,7 +235,7 @@ local function commit_runs(keys, argv, guard)
   for r, run in ipairs(runs) do
     if not outcomes[r] then
       outcomes[r] = apply(keys, argv, run, written)
-      if run.lease ~= '' then
+      if run.lease ~= '' and outcomes[r][1] == 'ok' then
         acks[run.shard] = acks[run.shard] or {}
         table.insert(acks[run.shard], run.lease)
       end

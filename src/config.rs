@@ -7,6 +7,9 @@ use std::time::Duration;
 
 /// The most shards a deployment may have (`SHARDS`).
 pub const MAX_SHARDS: u16 = 1024;
+/// The shards of a deployment that does not set `SHARDS`, on a Redis Cluster or the embedded
+/// store (a standalone Redis gets one: see `RedisStore::open`).
+pub const DEFAULT_SHARDS: u16 = 16;
 
 /// Everything a replica is configured with. Durations are written like `200ms`, `10s`, `5m`.
 #[derive(Debug, Clone)]
@@ -29,8 +32,10 @@ pub struct Settings {
     /// `LEASE_TTL`: how long a step's lease lasts without renewal before other replicas may take
     /// the step over (default 30s; renewed every third of it).
     pub lease_ttl: Duration,
-    /// `SHARDS`: how many shards runs are spread over (default 16). Fixed for a deployment.
-    pub shards: u16,
+    /// `SHARDS`: how many shards runs are spread over. Fixed for a deployment; unset: the count
+    /// the data was written with, else 16 on a Redis Cluster or the embedded store and 1 on a
+    /// standalone Redis.
+    pub shards: Option<u16>,
     /// `MAX_CONCURRENT_STEPS`: executors of this replica (default 32).
     pub max_concurrent_steps: usize,
     /// `SHUTDOWN_GRACE`: how long in-flight steps may finish after SIGTERM (default 30s).
@@ -189,7 +194,10 @@ impl Settings {
             key_prefix,
             replica_id,
             lease_ttl: duration("LEASE_TTL", Duration::from_secs(30))?,
-            shards: number(&lookup, "SHARDS", 16u16, 1, MAX_SHARDS)?,
+            shards: match lookup("SHARDS") {
+                Some(_) => Some(number(&lookup, "SHARDS", DEFAULT_SHARDS, 1, MAX_SHARDS)?),
+                None => None,
+            },
             max_concurrent_steps: number(&lookup, "MAX_CONCURRENT_STEPS", 32usize, 1, 10_000)?,
             shutdown_grace: duration("SHUTDOWN_GRACE", Duration::from_secs(30))?,
             max_deliveries: number(&lookup, "MAX_DELIVERIES", 5u64, 1, 1000)?,
@@ -398,7 +406,8 @@ mod tests {
         let s = settings(&[]).unwrap();
         assert_eq!(s.port, 5003);
         assert_eq!(s.key_prefix, "wfo");
-        assert_eq!(s.shards, 16);
+        assert_eq!(s.shards, None, "the data's count, or the deployment's default");
+        assert_eq!(settings(&[("SHARDS", "4")]).unwrap().shards, Some(4));
         assert_eq!(s.lease_ttl, Duration::from_secs(30));
         assert!(s.redis_url.is_none());
     }

@@ -210,7 +210,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     match &settings.redis_url {
         Some(url) => {
             let store =
-                RedisStore::connect(url, &settings.key_prefix, settings.shards).await.map_err(|err| match err {
+                RedisStore::open(url, &settings.key_prefix, settings.shards).await.map_err(|err| match err {
                     StoreError::Unavailable(msg) => anyhow::anyhow!("{msg} (REDIS_URL={})", redact(url)),
                     other => anyhow::anyhow!(other),
                 })?;
@@ -223,7 +223,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
                 cluster = store.is_cluster(),
                 wait_replicas = settings.redis_wait_replicas,
                 prefix = %settings.key_prefix,
-                shards = settings.shards,
+                shards = store.keys().shards(),
                 "using the Redis store"
             );
             Ok(Arc::new(store))
@@ -232,7 +232,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
             tracing::warn!(
                 "REDIS_URL is not set: running on the EMBEDDED IN-MEMORY STORE. One process only; nothing survives a restart. Set REDIS_URL for durable, multi-replica operation."
             );
-            Ok(Arc::new(MemoryStore::new(settings.shards)))
+            Ok(Arc::new(MemoryStore::new(settings.shards.unwrap_or(config::DEFAULT_SHARDS))))
         }
     }
 }

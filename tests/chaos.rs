@@ -127,7 +127,7 @@ pub(crate) fn trigger_runs(ports: &Mutex<Vec<u16>>, count: usize) -> Triggered {
 pub(crate) fn assert_every_log_replays_to_a_completed_run(redis_url: &str, runs: &[String]) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let store = RedisStore::connect(redis_url, "wfo", 16).await.expect("the test connects to Redis");
+        let store = RedisStore::open(redis_url, "wfo", None).await.expect("the test connects to Redis");
         for run in runs {
             let id: RunId = run.parse().expect("a run id");
             let log = store.history(&id).await.expect("history").unwrap_or_else(|| panic!("no log for {run}"));

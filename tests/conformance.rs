@@ -1541,7 +1541,8 @@ async fn definitions_are_found_by_hash(store: Arc<dyn Store>) {
 
 /// The shard count is the data's: the first connection records it, and a store with another
 /// count is refused, naming both; data of a build that did not record it is refused when a ready
-/// stream of a shard beyond the count exists.
+/// stream of a shard beyond the count exists. Without a count asked for (`SHARDS` unset), the data's is used;
+/// for new data on a standalone Redis, one.
 #[test]
 fn redis_refuses_a_shard_count_other_than_the_datas() {
     let server = RedisServer::start();
@@ -1565,6 +1566,16 @@ fn redis_refuses_a_shard_count_other_than_the_datas() {
         assert_eq!(server.cli(&["EXISTS", "old:shards"]).trim(), "0", "nothing recorded when refused");
         RedisStore::connect(&url, "old", 16).await.expect("the count it was written with");
         assert_eq!(server.cli(&["GET", "old:shards"]).trim(), "16");
+
+        // No count asked for (`SHARDS` unset): the data's.
+        assert_eq!(RedisStore::open(&url, "wfo", None).await.unwrap().keys().shards(), 4, "the recorded count");
+        server.cli(&["XADD", "older:{15}:ready", "*", "run", "x"]);
+        let older = RedisStore::open(&url, "older", None).await.unwrap();
+        assert_eq!(older.keys().shards(), 16, "data of a build that did not record it: that build's default");
+        assert_eq!(server.cli(&["GET", "older:shards"]).trim(), "16");
+        // New data on a standalone Redis: one shard, recorded.
+        assert_eq!(RedisStore::open(&url, "new", None).await.unwrap().keys().shards(), 1);
+        assert_eq!(server.cli(&["GET", "new:shards"]).trim(), "1");
     });
 }
 

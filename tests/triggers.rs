@@ -1211,7 +1211,7 @@ fn twenty_thousand_piped_events_start_their_runs_exactly_once_while_a_router_is_
         run_keys.lines().filter_map(|key| key.trim().rsplit_once(":run:").map(|(_, id)| id.to_owned())).collect();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (started_by, not_completed) = runtime.block_on(async {
-        let store = workflow_orchestrator::store::redis::RedisStore::connect(&redis.url(), "wfo", 16)
+        let store = workflow_orchestrator::store::redis::RedisStore::open(&redis.url(), "wfo", None)
             .await
             .expect("the test connects to Redis");
         let mut started_by: BTreeMap<String, Vec<String>> = BTreeMap::new();

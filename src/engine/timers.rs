@@ -16,20 +16,31 @@ const TIMER_BATCH: usize = 100;
 
 impl Engine {
     pub(super) async fn timer_loop(self: Arc<Self>) {
+        let mut full = false;
         loop {
-            if sleep_or_cancelled(&self.shutdown, TIMER_POLL).await {
+            // A full batch may have left due timers behind: look again at once.
+            if !full && sleep_or_cancelled(&self.shutdown, TIMER_POLL).await {
+                return;
+            }
+            if full && self.shutdown.is_cancelled() {
                 return;
             }
             let now = self.clock.now();
             match self.store.due_timers(now, TIMER_BATCH).await {
                 Ok(due) => {
+                    // (Not after a failure, which would be met again at once.)
+                    full = due.len() >= TIMER_BATCH;
                     for run in due {
                         if let Err(err) = self.fire_timer(&run, now).await {
+                            full = false;
                             tracing::warn!(run_id = %run, %err, "firing a timer failed; will retry");
                         }
                     }
                 }
-                Err(err) => tracing::warn!(%err, "reading due timers failed; will retry"),
+                Err(err) => {
+                    full = false;
+                    tracing::warn!(%err, "reading due timers failed; will retry");
+                }
             }
         }
     }

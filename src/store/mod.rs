@@ -659,7 +659,7 @@ pub trait Listing: Send + Sync + 'static {
     async fn search_runs(&self, query: SearchQuery<'_>) -> StoreResult<RunPage>;
 
     /// How many stored runs of `workflow` are in each status (live statuses counted over at
-    /// most 1,000 live runs per shard).
+    /// most 16,000 live runs of all workflows).
     async fn count_runs(&self, workflow: &str) -> StoreResult<Vec<(Status, u64)>>;
 }
 

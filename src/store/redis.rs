@@ -17,7 +17,7 @@ use super::{
     RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
     burst_key, debounce_key, terminal_name,
 };
-use crate::config::MAX_SHARDS;
+use crate::config::{DEFAULT_SHARDS, MAX_SHARDS};
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, Status};
 use async_trait::async_trait;
@@ -43,6 +43,10 @@ const COMMIT: &str = "wfo_v2_commit_steps";
 const REQUEUE: &str = "wfo_v2_requeue_steps";
 /// Connections for non-blocking commands.
 const POOL_SIZE: usize = 4;
+/// The most live runs a count of a workflow's runs by status reads (all workflows' live runs
+/// share the live index), and how many it reads at a time.
+const LIVE_COUNTED: usize = 16_000;
+const COUNT_PAGE: usize = 1_000;
 /// The router's first and longest pause between empty reads of the bus (see `read_events`).
 const EVENTS_POLL_MIN: Duration = Duration::from_millis(5);
 const EVENTS_POLL_MAX: Duration = Duration::from_millis(100);
@@ -237,6 +241,12 @@ impl RedisStore {
     /// Connects, refuses Redis older than 7.0, loads the Lua library and creates the consumer
     /// groups. Reconnects by itself afterwards, forever, with backoff.
     pub async fn connect(url: &str, prefix: &str, shards: u16) -> StoreResult<RedisStore> {
+        RedisStore::open(url, prefix, Some(shards)).await
+    }
+
+    /// [`RedisStore::connect`] with `shards`, or when `None` the count the data was written
+    /// with, else the default for a new deployment (see [`RedisStore::default_shards`]).
+    pub async fn open(url: &str, prefix: &str, shards: Option<u16>) -> StoreResult<RedisStore> {
         let config =
             Config::from_url(url).map_err(|err| StoreError::Fatal(format!("REDIS_URL is not usable: {err}")))?;
         let builder = |command_timeout: Duration| {
@@ -269,11 +279,11 @@ impl RedisStore {
         let blocking = build(Duration::from_secs(15))?;
         watch_connection(&blocking, &connection_error);
         blocking.init().await.map_err(cannot_connect)?;
-        let store = RedisStore {
+        let mut store = RedisStore {
             cluster: config.server.is_clustered(),
             client,
             blocking,
-            keys: Keys::new(prefix, shards),
+            keys: Keys::new(prefix, shards.unwrap_or(DEFAULT_SHARDS)),
             next_shard: AtomicUsize::new(0),
             connection_error,
             replica_wait: None,
@@ -287,8 +297,27 @@ impl RedisStore {
                 "Redis {version} is too old: workflow-orchestrator needs Redis 7.0 or newer (functions, XAUTOCLAIM)"
             )));
         }
+        if shards.is_none() {
+            store.keys = Keys::new(prefix, store.default_shards(prefix).await?);
+        }
         store.install_schema().await?;
         Ok(store)
+    }
+
+    /// The shard count when none is asked for: the one recorded with the data; 16 for data of
+    /// the builds that did not record it (their default), found by a ready stream beyond shard
+    /// 0; for new data [`DEFAULT_SHARDS`] on a cluster, to spread over its primaries,
+    /// and one on a standalone Redis, where shards only cost (each ready stream a group commit
+    /// touches is one more fence read and acknowledgement in the call).
+    async fn default_shards(&self, prefix: &str) -> StoreResult<u16> {
+        let recorded = text(&self.cmd("GET", vec![self.keys.shard_count().into()]).await?);
+        if let Some(count) = recorded.and_then(|count| count.parse::<u16>().ok()) {
+            return Ok(count);
+        }
+        let earlier = Keys::new(prefix, DEFAULT_SHARDS);
+        let streams = (1..DEFAULT_SHARDS).map(|shard| self.cmd("EXISTS", vec![earlier.ready(shard).into()]));
+        let found = join_all(streams).await.into_iter().collect::<StoreResult<Vec<Value>>>()?;
+        Ok(if self.cluster || found.iter().any(|found| found.as_i64() == Some(1)) { DEFAULT_SHARDS } else { 1 })
     }
 
     /// Acknowledges writes only once `wait.replicas` replicas have them (see [`ReplicaWait`]).
@@ -1703,12 +1732,29 @@ impl Listing for RedisStore {
             }
             counts.insert(status, total);
         }
+        // The live runs of every workflow are in one index per shard: read in pages, at most
+        // LIVE_COUNTED of them in all, however they are spread over the shards.
+        let mut read = 0;
         for shard in 0..self.keys.shards() {
-            let members =
-                self.cmd("ZRANGE", vec![self.keys.index_active(shard).into(), "0".into(), "999".into()]).await?;
-            let runs: Vec<RunId> = members.into_array().iter().filter_map(|m| text(m)?.parse().ok()).collect();
-            for summary in self.summaries(&runs).await?.into_iter().flatten().filter(|s| s.workflow == workflow) {
-                *counts.entry(summary.status).or_default() += 1;
+            let mut from = 0;
+            while read < LIVE_COUNTED {
+                let to = from + COUNT_PAGE.min(LIVE_COUNTED - read) - 1;
+                let members = self
+                    .cmd(
+                        "ZRANGE",
+                        vec![self.keys.index_active(shard).into(), from.to_string().into(), to.to_string().into()],
+                    )
+                    .await?
+                    .into_array();
+                let runs: Vec<RunId> = members.iter().filter_map(|m| text(m)?.parse().ok()).collect();
+                read += members.len();
+                from += members.len();
+                for summary in self.summaries(&runs).await?.into_iter().flatten().filter(|s| s.workflow == workflow) {
+                    *counts.entry(summary.status).or_default() += 1;
+                }
+                if members.len() < COUNT_PAGE {
+                    break;
+                }
             }
         }
         Ok(counts.into_iter().collect())
