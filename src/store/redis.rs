@@ -882,7 +882,6 @@ impl RedisStore {
         }
     }
 
-    /// Commits `commits` in one call and reads each outcome.
     /// Sends `items` in as few calls as Redis allows, `call` making each: one call on a
     /// standalone Redis; on a cluster, where one call holds keys of one slot, a call per shard,
     /// all at once. Each outcome is put back in its item's place.
@@ -963,6 +962,7 @@ impl RedisStore {
         }
     }
 
+    /// Commits `commits` in one call and reads each outcome.
     async fn apply_commits(
         &self,
         commits: Vec<&Commit>,
