@@ -10,7 +10,8 @@
 #
 # Everything runs on 127.0.0.1: a private redis-server and six private cluster nodes on free
 # ports, stopped by pid at the end. The in-process engine (`cargo bench --bench chain3`) drives
-# both; on the cluster it connects with a redis-cluster:// URL (one replica of the engine).
+# both; on the cluster it connects with a redis-cluster:// URL (one replica of the engine). Each
+# runs with its default shard count: one on the standalone server, 16 on the cluster.
 # Set CHAIN3_BENCH to a prebuilt chain3 bench executable to skip the build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
