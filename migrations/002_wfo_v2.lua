@@ -56,44 +56,60 @@ local TERMINAL = {completed = true, failed = true, cancelled = true, timed_out =
 local function parse_commits(argv)
   local runs, i = {}, 4
   for r = 1, tonumber(argv[3]) do
-    local run = {
-      id = argv[i], expected = tonumber(argv[i + 1]), shard = tonumber(argv[i + 2]),
-      key = tonumber(argv[i + 3]), lease = argv[i + 4], idem = 0,
-    }
-    local options = argv[i + 5]
+    local options, reopen, clear_timer, ends, idem, idem_ttl = argv[i + 5], false, false, false, 0, nil
+    local first = i
     i = i + 6
     if options ~= '' then
-      run.reopen = string.find(options, 'r', 1, true) ~= nil
-      run.clear_timer = string.find(options, 't', 1, true) ~= nil
-      run.ends = string.find(options, 'e', 1, true) ~= nil
+      reopen = string.find(options, 'r', 1, true) ~= nil
+      clear_timer = string.find(options, 't', 1, true) ~= nil
+      ends = string.find(options, 'e', 1, true) ~= nil
       if string.find(options, 'i', 1, true) then
-        run.idem, run.idem_ttl = tonumber(argv[i]), argv[i + 1]
+        idem, idem_ttl = tonumber(argv[i]), argv[i + 1]
         i = i + 2
       end
     end
-    run.records = tonumber(argv[i])
-    run.first_record = i + 1
-    i = i + 1 + run.records
-    run.fields = tonumber(argv[i]) * 2
-    run.first_field = i + 1
-    i = i + 1 + run.fields
-    run.tasks = tonumber(argv[i])
-    run.first_task = i + 1
-    i = i + 1 + run.tasks
-    run.due = argv[i]
-    run.indexes = tonumber(argv[i + 1]) * 2
-    run.first_index = i + 2
-    i = i + 2 + run.indexes
-    runs[r] = run
+    local records = tonumber(argv[i])
+    local first_record = i + 1
+    i = i + 1 + records
+    local fields = tonumber(argv[i]) * 2
+    local first_field = i + 1
+    i = i + 1 + fields
+    local tasks = tonumber(argv[i])
+    local first_task = i + 1
+    i = i + 1 + tasks
+    local indexes = tonumber(argv[i + 1]) * 2
+    -- Built in one constructor, every field at once: a table grown field by field is rehashed
+    -- at each power of two.
+    runs[r] = {
+      id = argv[first], expected = tonumber(argv[first + 1]), shard = tonumber(argv[first + 2]),
+      key = tonumber(argv[first + 3]), lease = argv[first + 4], idem = idem, idem_ttl = idem_ttl,
+      reopen = reopen, clear_timer = clear_timer, ends = ends,
+      records = records, first_record = first_record, fields = fields, first_field = first_field,
+      tasks = tasks, first_task = first_task, due = argv[i], indexes = indexes, first_index = i + 2,
+      entries = false,
+    }
+    i = i + 2 + indexes
   end
   return argv[1], argv[2], runs
 end
 
--- The entries of `stream` that `consumer` holds (its pending entries), as a set.
-local function held_by(stream, group, consumer)
-  local held, from, page = {}, '-', 1000
+-- Is id `a` before id `b` (both of one stream)? Cheaper than `compare_ids`: ids have no leading
+-- zeros, so a shorter millisecond part is an earlier one, and parts of one length compare as
+-- strings.
+local function id_before(a, b)
+  local a_dash, b_dash = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
+  if a_dash ~= b_dash then return a_dash < b_dash end
+  local a_ms, b_ms = string.sub(a, 1, a_dash - 1), string.sub(b, 1, b_dash - 1)
+  if a_ms ~= b_ms then return a_ms < b_ms end
+  return tonumber(string.sub(a, a_dash + 1)) < tonumber(string.sub(b, b_dash + 1))
+end
+
+-- The entries of `stream` from `from` to `to` that `consumer` holds (its pending entries), as a
+-- set.
+local function held_by(stream, group, consumer, from, to)
+  local held, page = {}, 1000
   while true do
-    local pending = redis.call('XPENDING', stream, group, from, '+', page, consumer)
+    local pending = redis.call('XPENDING', stream, group, from, to, page, consumer)
     for _, entry in ipairs(pending) do held[entry[1]] = true end
     if #pending < page then return held end
     from = '(' .. pending[#pending][1]
@@ -205,12 +221,24 @@ end
 -- (the sweeper's re-queue refuses more).
 local function commit_runs(keys, argv, guard)
   local group, consumer, runs = parse_commits(argv)
-  -- The fence: every lease of the call, one read per ready stream.
-  local held = {}
+  -- The fence: every lease of the call, one read per ready stream, of the consumer's pending
+  -- entries between the call's first and last lease there (each one turned into a Lua table
+  -- costs: a replica holds about its executors' worth).
+  local held, range = {}, {}
   for _, run in ipairs(runs) do
-    if run.lease ~= '' and not held[run.shard] then
-      held[run.shard] = held_by(keys[run.shard], group, consumer)
+    if run.lease ~= '' then
+      local bounds = range[run.shard]
+      if not bounds then
+        range[run.shard] = {run.lease, run.lease}
+      elseif id_before(run.lease, bounds[1]) then
+        bounds[1] = run.lease
+      elseif id_before(bounds[2], run.lease) then
+        bounds[2] = run.lease
+      end
     end
+  end
+  for shard, bounds in pairs(range) do
+    held[shard] = held_by(keys[shard], group, consumer, bounds[1], bounds[2])
   end
   local outcomes, planned, acks = {}, {}, {}
   for r, run in ipairs(runs) do
