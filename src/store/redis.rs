@@ -653,6 +653,72 @@ impl RedisStore {
     }
 
     /// `wfo_v2_claim` of one shard: up to `max` of its queued entries.
+    /// One `XREADGROUP` of new entries of `shards`' ready streams, up to `count` from each:
+    /// blocking for `block` on the blocking connection, or not at all on the pool's.
+    async fn read_ready(
+        &self,
+        consumer: &str,
+        shards: &[u16],
+        count: usize,
+        block: Option<Duration>,
+    ) -> StoreResult<Vec<Claimed>> {
+        let mut args: Vec<Value> =
+            vec!["GROUP".into(), WORKERS_GROUP.into(), consumer.into(), "COUNT".into(), (count as i64).into()];
+        if let Some(block) = block {
+            // `BLOCK 0` would wait forever: a zero block waits one millisecond.
+            args.extend(["BLOCK".into(), (block.as_millis().max(1) as i64).into()]);
+        }
+        args.push("STREAMS".into());
+        args.extend(shards.iter().map(|s| Value::from(self.keys.ready(*s))));
+        args.extend(shards.iter().map(|_| Value::from(">")));
+        let reply = match block {
+            Some(_) => {
+                self.blocking
+                    .custom::<Value, Value>(CustomCommand::new_static("XREADGROUP", None::<u16>, true), args)
+                    .await
+            }
+            None => {
+                self.client
+                    .next()
+                    .custom::<Value, Value>(CustomCommand::new_static("XREADGROUP", None::<u16>, false), args)
+                    .await
+            }
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(err) if err.to_string().contains("NOGROUP") => {
+                tracing::warn!("consumer groups missing (Redis restarted without persistence?); recreating");
+                self.install_schema().await?;
+                return Ok(Vec::new());
+            }
+            Err(err) => return Err(unavailable(err)),
+        };
+        let streams: Vec<(String, Value)> = match reply {
+            Value::Null => Vec::new(),
+            Value::Map(map) => map
+                .inner()
+                .into_iter()
+                .map(|(k, v)| (k.as_str().map(|s| s.to_string()).unwrap_or_default(), v))
+                .collect(),
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|pair| {
+                    let mut parts = pair.into_array().into_iter();
+                    Some((text(&parts.next()?)?, parts.next()?))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut claimed = Vec::new();
+        for (stream, body) in streams {
+            let Some(&shard) = shards.iter().find(|s| self.keys.ready(**s) == stream) else { continue };
+            for (id, fields) in entries(body) {
+                claimed.push(self.decode_claimed(shard, id, &fields, 1, consumer));
+            }
+        }
+        Ok(claimed)
+    }
+
     async fn claim_shard(&self, consumer: &str, shard: u16, max: usize) -> StoreResult<Vec<Claimed>> {
         let reply = self
             .fcall(
@@ -1503,6 +1569,7 @@ impl ReadySteps for RedisStore {
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
         // The shards this replica just queued steps on first, then the others in rotation.
         let queued_on = std::mem::take(&mut *self.queued_on.lock());
+        let just_queued: Vec<u16> = queued_on.iter().copied().filter(|s| usize::from(*s) < shards).collect();
         let mut all: Vec<u16> = Vec::with_capacity(shards);
         for shard in queued_on.into_iter().chain((0..shards).map(|i| ((start + i) % shards) as u16)) {
             if usize::from(shard) < shards && !all.contains(&shard) {
@@ -1533,61 +1600,21 @@ impl ReadySteps for RedisStore {
                 self.bury(&claimed).await?;
                 return Ok(claimed);
             }
+        } else if !just_queued.is_empty() {
+            // A step this replica just queued is most likely still there: read it at once,
+            // without blocking (a blocking read goes through its own connection, later).
+            let count = (max / just_queued.len()).max(1);
+            let claimed = self.read_ready(consumer, &just_queued, count, None).await?;
+            if !claimed.is_empty() {
+                self.bury(&claimed).await?;
+                return Ok(claimed);
+            }
         }
         // Then wait for work on every shard. With fewer executors free than shards, entries
         // arriving on several shards in the same instant can bring more than `max` (at most
         // one per shard): the caller queues them for the next free executor.
-        let chosen = all;
         let count = (max / shards).max(1);
-        let mut args: Vec<Value> = vec![
-            "GROUP".into(),
-            WORKERS_GROUP.into(),
-            consumer.into(),
-            "COUNT".into(),
-            (count as i64).into(),
-            "BLOCK".into(),
-            // `BLOCK 0` would wait forever: a zero block waits one millisecond.
-            (block.as_millis().max(1) as i64).into(),
-            "STREAMS".into(),
-        ];
-        args.extend(chosen.iter().map(|s| Value::from(self.keys.ready(*s))));
-        args.extend(chosen.iter().map(|_| Value::from(">")));
-        let reply = self
-            .blocking
-            .custom::<Value, Value>(CustomCommand::new_static("XREADGROUP", None::<u16>, true), args)
-            .await;
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(err) if err.to_string().contains("NOGROUP") => {
-                tracing::warn!("consumer groups missing (Redis restarted without persistence?); recreating");
-                self.install_schema().await?;
-                return Ok(Vec::new());
-            }
-            Err(err) => return Err(unavailable(err)),
-        };
-        let streams: Vec<(String, Value)> = match reply {
-            Value::Null => Vec::new(),
-            Value::Map(map) => map
-                .inner()
-                .into_iter()
-                .map(|(k, v)| (k.as_str().map(|s| s.to_string()).unwrap_or_default(), v))
-                .collect(),
-            Value::Array(items) => items
-                .into_iter()
-                .filter_map(|pair| {
-                    let mut parts = pair.into_array().into_iter();
-                    Some((text(&parts.next()?)?, parts.next()?))
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let mut claimed = Vec::new();
-        for (stream, body) in streams {
-            let Some(&shard) = chosen.iter().find(|s| self.keys.ready(**s) == stream) else { continue };
-            for (id, fields) in entries(body) {
-                claimed.push(self.decode_claimed(shard, id, &fields, 1, consumer));
-            }
-        }
+        let claimed = self.read_ready(consumer, &all, count, Some(block)).await?;
         self.bury(&claimed).await?;
         Ok(claimed)
     }
