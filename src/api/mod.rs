@@ -769,7 +769,8 @@ fn debounce_view(debounce: &crate::definition::Debounce) -> Value {
 /// Reads a JSON body (bounded in size and time; the content type was checked by `route`).
 async fn json_body(request: Request<Incoming>) -> Result<Option<Value>, ApiError> {
     let bytes = read_body(request, MAX_BODY_BYTES).await?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    // No body, or only JSON's whitespace (not ASCII's: a form feed is not JSON).
+    if bytes.iter().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
         return Ok(None);
     }
     serde_json::from_slice(&bytes)
