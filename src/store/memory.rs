@@ -57,6 +57,32 @@ struct Shared {
 }
 
 impl MemoryStore {
+    /// Applies a group's items under one lock (atomic, as one call is in Redis), each by `apply`,
+    /// which gives its outcome and whether it queued a step; blocked claims are woken once if
+    /// any did.
+    fn apply_group<T, O>(
+        &self,
+        items: Vec<T>,
+        mut apply: impl FnMut(&mut State, T) -> StoreResult<(O, bool)>,
+    ) -> StoreResult<Vec<O>> {
+        let mut dispatched = false;
+        let outcomes = {
+            let mut state = self.shared.state.lock();
+            items
+                .into_iter()
+                .map(|item| {
+                    let (outcome, queued) = apply(&mut state, item)?;
+                    dispatched |= queued;
+                    Ok(outcome)
+                })
+                .collect::<StoreResult<Vec<O>>>()?
+        };
+        if dispatched {
+            self.shared.dispatched.notify_waiters();
+        }
+        Ok(outcomes)
+    }
+
     /// A new, empty store spreading runs over `shards` shards (at least one). Lease expiry is
     /// judged by `reclaim`'s `min_idle`, as in Redis, so the store keeps no lease time.
     pub fn new(shards: u16) -> MemoryStore {
@@ -875,55 +901,28 @@ impl Definitions for MemoryStore {
 impl Runs for MemoryStore {
     async fn create_runs(&self, runs: Vec<NewRun>) -> StoreResult<Vec<Created>> {
         let now = wall_clock()?;
-        let mut dispatched = false;
-        let created = {
-            // One lock for the whole group: atomic, as one call is in Redis.
-            let mut state = self.shared.state.lock();
-            runs.into_iter()
-                .map(|new| {
-                    let dispatches = !new.dispatch.is_empty();
-                    let created = state.create_run(new, now, Instant::now())?;
-                    dispatched |= dispatches && matches!(created, Created::New(_));
-                    Ok(created)
-                })
-                .collect::<StoreResult<Vec<Created>>>()?
-        };
-        if dispatched {
-            self.shared.dispatched.notify_waiters();
-        }
-        Ok(created)
+        self.apply_group(runs, |state, new| {
+            let dispatches = !new.dispatch.is_empty();
+            let created = state.create_run(new, now, Instant::now())?;
+            let dispatched = dispatches && matches!(created, Created::New(_));
+            Ok((created, dispatched))
+        })
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        let now = wall_clock()?;
-        let dispatches = !commit.dispatch.is_empty();
-        let outcome = self.shared.state.lock().commit(commit, now);
-        if dispatches && matches!(outcome, CommitOutcome::Applied { .. }) {
-            self.shared.dispatched.notify_waiters();
-        }
-        Ok(outcome)
+        let run = commit.run.to_string();
+        let mut outcomes = self.commit_group(vec![commit]).await?;
+        outcomes.pop().ok_or_else(|| StoreError::Corrupt { key: run, problem: "its commit had no outcome".to_owned() })
     }
 
     async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
         let now = wall_clock()?;
-        let mut dispatched = false;
-        let outcomes: Vec<CommitOutcome> = {
-            // One lock for the whole group: atomic, as one call is in Redis.
-            let mut state = self.shared.state.lock();
-            commits
-                .into_iter()
-                .map(|commit| {
-                    let dispatches = !commit.dispatch.is_empty();
-                    let outcome = state.commit(commit, now);
-                    dispatched |= dispatches && matches!(outcome, CommitOutcome::Applied { .. });
-                    outcome
-                })
-                .collect()
-        };
-        if dispatched {
-            self.shared.dispatched.notify_waiters();
-        }
-        Ok(outcomes)
+        self.apply_group(commits, |state, commit| {
+            let dispatches = !commit.dispatch.is_empty();
+            let outcome = state.commit(commit, now);
+            let dispatched = dispatches && matches!(outcome, CommitOutcome::Applied { .. });
+            Ok((outcome, dispatched))
+        })
     }
 
     async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
