@@ -298,7 +298,7 @@ impl RedisStore {
             )));
         }
         if shards.is_none() {
-            store.keys = Keys::new(prefix, store.default_shards(prefix).await?);
+            store.keys = Keys::new(prefix, store.default_shards().await?);
         }
         store.install_schema().await?;
         Ok(store)
@@ -309,15 +309,22 @@ impl RedisStore {
     /// 0; for new data [`DEFAULT_SHARDS`] on a cluster, to spread over its primaries,
     /// and one on a standalone Redis, where shards only cost (each ready stream a group commit
     /// touches is one more fence read and acknowledgement in the call).
-    async fn default_shards(&self, prefix: &str) -> StoreResult<u16> {
+    async fn default_shards(&self) -> StoreResult<u16> {
         let recorded = text(&self.cmd("GET", vec![self.keys.shard_count().into()]).await?);
         if let Some(count) = recorded.and_then(|count| count.parse::<u16>().ok()) {
             return Ok(count);
         }
-        let earlier = Keys::new(prefix, DEFAULT_SHARDS);
-        let streams = (1..DEFAULT_SHARDS).map(|shard| self.cmd("EXISTS", vec![earlier.ready(shard).into()]));
-        let found = join_all(streams).await.into_iter().collect::<StoreResult<Vec<Value>>>()?;
-        Ok(if self.cluster || found.iter().any(|found| found.as_i64() == Some(1)) { DEFAULT_SHARDS } else { 1 })
+        let earlier = self.last_ready_stream(1..DEFAULT_SHARDS).await?.is_some();
+        Ok(if self.cluster || earlier { DEFAULT_SHARDS } else { 1 })
+    }
+
+    /// The last shard of `shards` whose ready stream exists: data there was written with at
+    /// least one more shard. (A ready stream's key does not depend on the shard count.)
+    async fn last_ready_stream(&self, shards: std::ops::Range<u16>) -> StoreResult<Option<u16>> {
+        let first = shards.start;
+        let probes = shards.map(|shard| self.cmd("EXISTS", vec![self.keys.ready(shard).into()]));
+        let found = join_all(probes).await.into_iter().collect::<StoreResult<Vec<Value>>>()?;
+        Ok(found.iter().rposition(|found| found.as_i64() == Some(1)).map(|last| first + last as u16))
     }
 
     /// Acknowledges writes only once `wait.replicas` replicas have them (see [`ReplicaWait`]).
@@ -504,10 +511,7 @@ impl RedisStore {
         if let Some(stored) = text(&self.cmd("GET", vec![key.clone().into()]).await?) {
             return if stored.parse::<u16>().ok() == Some(configured) { Ok(()) } else { Err(refuse(&stored)) };
         }
-        let beyond = (configured..MAX_SHARDS).map(|shard| self.cmd("EXISTS", vec![self.keys.ready(shard).into()]));
-        let exists = join_all(beyond).await.into_iter().collect::<StoreResult<Vec<Value>>>()?;
-        if let Some(last) = exists.iter().rposition(|found| found.as_i64() == Some(1)) {
-            let shard = usize::from(configured) + last;
+        if let Some(shard) = self.last_ready_stream(configured..MAX_SHARDS).await? {
             return Err(StoreError::Fatal(format!(
                 "SHARDS={configured}, but the data under this KEY_PREFIX has runs on shard {shard}: it was written with \
                  more shards (at least {}); set SHARDS to the count it was written with",
