@@ -414,17 +414,13 @@ async fn group_creation_gives_each_run_its_own_outcome(store: Arc<dyn Store>) {
         assert_eq!(summary.expect("created").seq, 1, "{id}");
         assert_eq!(history.expect("its log").len(), 1, "{id}");
     }
-    let mut claimed: Vec<String> = Vec::new();
-    for _ in 0..5 {
-        claimed.extend(store.claim("a", 10, BLOCK).await.unwrap().into_iter().map(|c| c.task.unwrap().run));
-        if claimed.len() >= 3 {
-            break;
-        }
-    }
+    let mut claimed: Vec<String> =
+        claim_exactly(&store, "a", 3).await.into_iter().map(|c| c.task.unwrap().run).collect();
     claimed.sort();
     let mut expected: Vec<String> = [&ids[0], &ids[2], &ids[3]].iter().map(|id| id.to_string()).collect();
     expected.sort();
     assert_eq!(claimed, expected, "one entry queued for each run created");
+    assert!(nothing_claimable(&store, "b").await, "and no other");
     assert!(store.create_runs(Vec::new()).await.unwrap().is_empty(), "an empty group is no call");
 }
 
@@ -1600,15 +1596,8 @@ fn redis_a_resent_creation_writes_nothing_twice() {
             assert_eq!(summary.expect("created").seq, 1, "{id}");
             assert_eq!(history.expect("its log").len(), 1, "one record: {id}");
         }
-        let mut claimed = Vec::new();
-        for _ in 0..5 {
-            claimed.extend(store.claim("a", 10, BLOCK).await.unwrap());
-            if claimed.len() >= 2 {
-                break;
-            }
-        }
-        assert_eq!(claimed.len(), 2, "one ready entry each: {claimed:?}");
-        assert!(nothing_claimable(&store, "b").await, "and no other");
+        claim_exactly(&store, "a", 2).await;
+        assert!(nothing_claimable(&store, "b").await, "one ready entry each, and no other");
     });
 }
 
