@@ -98,12 +98,9 @@ impl Engine {
         def: &WorkflowDef,
         input: &serde_json::Value,
     ) -> Result<bool, StoreError> {
-        let group = match Self::slot_group(def, input) {
-            Ok(Some(group)) => group,
-            Ok(None) => return Ok(true),
-            // Checked when the run was created: a run of an older definition goes unlimited.
-            Err(_) => return Ok(true),
-        };
+        // (A group that does not render was refused when the run was created: a run of an
+        // older definition goes unlimited.)
+        let Ok(Some(group)) = Self::slot_group(def, input) else { return Ok(true) };
         match self.store.admit(lease, run, &group, state.created_at).await? {
             Admission::Admitted => Ok(true),
             Admission::NotOurs => Ok(false),

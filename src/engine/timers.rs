@@ -19,10 +19,9 @@ impl Engine {
         let mut full = false;
         loop {
             // A full batch may have left due timers behind: look again at once.
-            if !full && sleep_or_cancelled(&self.shutdown, TIMER_POLL).await {
-                return;
-            }
-            if full && self.shutdown.is_cancelled() {
+            let stopping =
+                if full { self.shutdown.is_cancelled() } else { sleep_or_cancelled(&self.shutdown, TIMER_POLL).await };
+            if stopping {
                 return;
             }
             let now = self.clock.now();
