@@ -1573,13 +1573,15 @@ impl ReadySteps for RedisStore {
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
         // The shards this replica just queued steps on first, then the others in rotation.
         let queued_on = std::mem::take(&mut *self.queued_on.lock());
-        let just_queued: Vec<u16> = queued_on.iter().copied().filter(|s| usize::from(*s) < shards).collect();
+        let queued = queued_on.iter().filter(|s| usize::from(**s) < shards).count();
         let mut all: Vec<u16> = Vec::with_capacity(shards);
         for shard in queued_on.into_iter().chain((0..shards).map(|i| ((start + i) % shards) as u16)) {
             if usize::from(shard) < shards && !all.contains(&shard) {
                 all.push(shard);
             }
         }
+        // (`queued_on` holds each shard once, so they are the first of `all`.)
+        let just_queued = &all[..queued];
         if self.cluster {
             return self.claim_per_shard(consumer, max, block, &all).await;
         }
@@ -1608,7 +1610,7 @@ impl ReadySteps for RedisStore {
             // A step this replica just queued is most likely still there: read it at once,
             // without blocking (a blocking read goes through its own connection, later).
             let count = (max / just_queued.len()).max(1);
-            let claimed = self.read_ready(consumer, &just_queued, count, None).await?;
+            let claimed = self.read_ready(consumer, just_queued, count, None).await?;
             if !claimed.is_empty() {
                 self.bury(&claimed).await?;
                 return Ok(claimed);
