@@ -48,11 +48,14 @@ local TERMINAL = {completed = true, failed = true, cancelled = true, timed_out =
 --       entries are withdrawn; 'i' an idempotency key, whose key index and ttl (s) follow),
 --       n records, n x record, n fields, n x (field, value), n ready tasks, n x task (each
 --       its own ready entry), timer due ('' = none), n index moves, n x (key index, score for
---       ZADD or '' for ZREM) (index members are the run id)
+--       ZADD or '' for ZREM) (index members are the run id),
+--       then optionally how many new ready entries to claim for `consumer` once the runs are
+--       written (absent or 0: none; see `claim_after`)
 -- The summary's `ready_entry` holds the ids of the run's entries that may still be live,
 -- space-separated: an applied commit drops its lease's entry and adds the ones it queues.
 -- Returns one outcome per run, in order: {'ok', seq} | {'duplicate', run id} | {'stale'}
---         | {'lease_lost'} | {'gone'}
+--         | {'lease_lost'} | {'gone'}; then the claimed entries, three items each: its ready
+--         stream's key index, its id and its `data` (false when it has none).
 local function parse_commits(argv)
   local runs, i = {}, 4
   for r = 1, tonumber(argv[3]) do
@@ -90,7 +93,7 @@ local function parse_commits(argv)
     }
     i = i + 2 + indexes
   end
-  return argv[1], argv[2], runs
+  return argv[1], argv[2], runs, tonumber(argv[i]) or 0
 end
 
 -- Is id `a` before id `b` (both of one stream)? Cheaper than `compare_ids`: ids have no leading
@@ -217,10 +220,39 @@ local function apply(keys, argv, run, written)
   return {'ok', seq}
 end
 
+-- Claims up to `count` new entries for `consumer` from the ready streams of `runs`' shards, in
+-- turn, without blocking, appending each to `out` as (shard key index, id, data). The executors
+-- whose steps a commit ends take their next step from its reply: no read of their own, no
+-- round trip between one step and the next. A failed read (the group is missing after a
+-- restart without persistence) claims nothing: the runs are written already.
+local function claim_after(keys, group, consumer, runs, count, out)
+  local read = {}
+  for _, run in ipairs(runs) do
+    if count <= 0 then return end
+    if not read[run.shard] then
+      read[run.shard] = true
+      local ok, reply = pcall(redis.call, 'XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
+        'STREAMS', keys[run.shard], '>')
+      if ok and reply then
+        for _, entry in ipairs(reply[1][2]) do
+          local fields, data = entry[2], false
+          for f = 1, #fields, 2 do
+            if fields[f] == 'data' then data = fields[f + 1] end
+          end
+          out[#out + 1] = run.shard
+          out[#out + 1] = entry[1]
+          out[#out + 1] = data
+          count = count - 1
+        end
+      end
+    end
+  end
+end
+
 -- `guard(keys, group, run, held, planned)`, when given, checks each run in place of `check`
--- (the sweeper's re-queue refuses more).
+-- (the sweeper's re-queue refuses more, and claims nothing).
 local function commit_runs(keys, argv, guard)
-  local group, consumer, runs = parse_commits(argv)
+  local group, consumer, runs, claim_count = parse_commits(argv)
   -- The fence: every lease of the call, one read per ready stream, of the consumer's pending
   -- entries between the call's first and last lease there (each one turned into a Lua table
   -- costs: a replica holds about its executors' worth).
@@ -271,6 +303,9 @@ local function commit_runs(keys, argv, guard)
   end
   for shard, ids in pairs(acks) do
     redis.call('XACK', keys[shard], group, unpack(ids))
+  end
+  if claim_count > 0 and consumer ~= '' and not guard then
+    claim_after(keys, group, consumer, runs, claim_count, outcomes)
   end
   return outcomes
 end

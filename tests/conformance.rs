@@ -25,7 +25,8 @@ use workflow_orchestrator::store::redis::RedisStore;
 use workflow_orchestrator::store::{
     Admission, BusCondition, Claimed, Commit, CommitOutcome, Created, CronState, DebounceTrigger, Debounced, Dispatch,
     EntryCap, EventQuery, Lease, Logged, NewRun, RateAdmission, RateGroup, ReplicaBeat, RunId, RunQuery, RunSummary,
-    SearchQuery, SettledEvent, SlotGroup, Store, StoreError, StoreKind, StreamStats, burst_id, compare_entry_ids,
+    SearchQuery, SettledEvent, SlotGroup, StepCommit, StepCommitted, Store, StoreError, StoreKind, StreamStats,
+    burst_id, compare_entry_ids,
 };
 
 /// Long enough for a claim to find an entry that is queued, short enough to keep tests quick.
@@ -125,6 +126,7 @@ conformance! {
     a_stale_commit_changes_nothing = stale_commit_changes_nothing(4);
     a_commit_under_a_lost_lease_changes_nothing = commit_under_lost_lease_changes_nothing(4);
     a_group_commit_gives_each_run_its_own_outcome = group_commit_gives_each_run_its_own_outcome(4);
+    step_commits_claim_the_next_steps_of_those_that_ask = step_commits_claim_the_next_steps_of_those_that_ask(4);
     a_commit_queues_each_ready_step_as_its_own_entry = a_commit_queues_each_ready_step_as_its_own_entry(4);
     a_run_that_ends_withdraws_its_queued_steps = a_run_that_ends_withdraws_its_queued_steps(4);
     schedules_keep_the_last_fire_the_last_run_and_the_buffered_fire = schedules_keep_the_last_fire_the_last_run_and_the_buffered_fire(4);
@@ -991,6 +993,61 @@ async fn group_commit_gives_each_run_its_own_outcome(store: Arc<dyn Store>) {
     let redone = work(&def, &next, true, 1_020);
     assert_eq!(store.commit_group(vec![redone.clone()]).await.unwrap(), [CommitOutcome::Applied { seq: 6 }]);
     assert_eq!(replayed(&store.history(&ids[0]).await.unwrap().unwrap(), &def), redone.state);
+}
+
+/// Executors' commits that ask for their next step get it from the same call: claimed for their
+/// consumer once the group is written, oldest first, whatever their own outcomes, as many as are
+/// queued; a commit that does not ask gets none; what is claimed is leased like any claim.
+async fn step_commits_claim_the_next_steps_of_those_that_ask(store: Arc<dyn Store>) {
+    assert!(store.commit_steps(Vec::new()).await.unwrap().is_empty());
+    let def = definition("wf", 2, 1);
+    let mut ids = Vec::new();
+    for now in [1_000, 1_001, 1_002] {
+        ids.push(create(&store, new_run(&def, 2, now, None)).await);
+    }
+    let first = claim_exactly(&store, "a", 2).await;
+    let run_of = |c: &Claimed| c.task.as_ref().expect("a decodable task").run.clone();
+    let step_of = |c: &Claimed| c.task.as_ref().expect("a decodable task").step;
+    assert_eq!([run_of(&first[0]), run_of(&first[1])], [ids[0].to_string(), ids[1].to_string()]);
+    let ask = |commit: Commit, claim_next: bool| StepCommit { commit, claim_next };
+
+    // The first asks, the second does not: the oldest queued step (the third run's first) goes to
+    // the first; both commits queued their runs' second steps.
+    let committed = store
+        .commit_steps(vec![
+            ask(work(&def, &first[0], true, 1_010), true),
+            ask(work(&def, &first[1], true, 1_010), false),
+        ])
+        .await
+        .unwrap();
+    let outcomes: Vec<&CommitOutcome> = committed.iter().map(|c| &c.outcome).collect();
+    assert_eq!(outcomes, [&CommitOutcome::Applied { seq: 3 }, &CommitOutcome::Applied { seq: 3 }]);
+    let StepCommitted { next: Some(third), .. } = &committed[0] else { panic!("the first asked: {committed:?}") };
+    assert_eq!(committed[1].next, None, "the second did not ask");
+    assert_eq!((run_of(third), step_of(third), third.deliveries), (ids[2].to_string(), 0, 1));
+    assert_eq!((third.lease.shard, third.lease.consumer.as_str()), (2, "a"));
+    assert!(store.dispatch_exists(&ids[2], &third.lease.entry).await.unwrap(), "it is leased");
+
+    // Both ask, one commit applies and one is refused (its lease was acknowledged by its first
+    // commit): each gets a step, oldest first (the first run's, then the second's).
+    let committed = store
+        .commit_steps(vec![ask(work(&def, third, true, 1_020), true), ask(work(&def, &first[1], true, 1_020), true)])
+        .await
+        .unwrap();
+    let outcomes: Vec<&CommitOutcome> = committed.iter().map(|c| &c.outcome).collect();
+    assert_eq!(outcomes, [&CommitOutcome::Applied { seq: 3 }, &CommitOutcome::LeaseLost]);
+    let next: Vec<&Claimed> = committed.iter().map(|c| c.next.as_ref().expect("a queued step for each")).collect();
+    assert_eq!([run_of(next[0]), run_of(next[1])], [ids[0].to_string(), ids[1].to_string()]);
+    assert_eq!([step_of(next[0]), step_of(next[1])], [1, 1]);
+    // Left queued: the third run's second step, which the first commit of this group queued.
+    let left = claim_exactly(&store, "b", 1).await;
+    assert_eq!((run_of(&left[0]), step_of(&left[0])), (ids[2].to_string(), 1));
+
+    // Nothing queued: one that asks gets none. The claimed steps commit under their leases.
+    let committed = store.commit_steps(vec![ask(work(&def, next[0], true, 1_030), true)]).await.unwrap();
+    assert_eq!(committed, [StepCommitted { outcome: CommitOutcome::Applied { seq: 6 }, next: None }]);
+    assert_eq!(store.commit(work(&def, next[1], true, 1_030)).await.unwrap(), CommitOutcome::Applied { seq: 6 });
+    assert!(nothing_claimable(&store, "c").await);
 }
 
 async fn renew_keeps_held_leases_and_reports_lost_ones(store: Arc<dyn Store>) {

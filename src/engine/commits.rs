@@ -1,12 +1,13 @@
 //! Group commit: this replica's executors hand their step outcomes, and its triggers their new
 //! runs, to a few committers, which send whatever has gathered as one
-//! [`crate::store::Runs::commit_group`] (or [`crate::store::Runs::create_runs`]) call.
+//! [`crate::store::Runs::commit_steps`] (or [`crate::store::Runs::create_runs`]) call. An
+//! executor's commit may bring back its next step, claimed in the same call.
 //!
 //! A group goes out as soon as a committer is free (the previous call's reply is back), so a
 //! lone commit waits for nobody, and under load each call carries many: the store's cost is per
 //! call more than per run. At most [`COMMITTERS`] calls of a queue are in flight at once.
 
-use crate::store::{Commit, CommitOutcome, Created, NewRun, Store, StoreError, StoreResult};
+use crate::store::{Created, NewRun, StepCommit, StepCommitted, Store, StoreError, StoreResult};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ const COMMITTERS: usize = 2;
 const MAX_GROUP: usize = 32;
 
 /// The executors' step outcomes, committed in groups.
-pub(super) type CommitQueue = GroupQueue<Commit, CommitOutcome>;
+pub(super) type CommitQueue = GroupQueue<StepCommit, StepCommitted>;
 /// The triggers' new runs, created in groups.
 pub(super) type CreateQueue = GroupQueue<NewRun, Created>;
 
@@ -26,7 +27,7 @@ impl CommitQueue {
     pub(super) fn commits(store: Arc<dyn Store>) -> CommitQueue {
         GroupQueue::new(move |commits| {
             let store = Arc::clone(&store);
-            Box::pin(async move { store.commit_group(commits).await })
+            Box::pin(async move { store.commit_steps(commits).await })
         })
     }
 }

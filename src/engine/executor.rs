@@ -4,7 +4,7 @@
 use super::{Counters, Engine, backoff, sleep_or_cancelled};
 use crate::actions::{self, StepContext};
 use crate::machine::{self, Effect, Transition};
-use crate::store::{Claimed, Commit, CommitOutcome, Lease, ReadyTask, RunId, StoreError};
+use crate::store::{Claimed, Commit, CommitOutcome, Lease, ReadyTask, RunId, StepCommit, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
@@ -12,10 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Which of the store's commit calls a commit goes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CommitPath {
-    /// The replica's group commit (see `commits`): a step's outcome, with its lease.
-    Grouped,
+#[derive(Debug)]
+pub(super) enum CommitPath<'a> {
+    /// The replica's group commit (see `commits`): a step's outcome, with its lease. While
+    /// `next` is empty and the replica is not stopping, the call also claims the executor's next
+    /// step into it.
+    Grouped { next: &'a mut Option<Claimed> },
     /// [`crate::store::Runs::requeue`]: the sweeper's, refused when the run's entry is live.
     Requeue,
     /// [`crate::store::Runs::commit`] of a decision its caller makes again when it is stale
@@ -44,7 +46,11 @@ impl Engine {
         // lease expired: a short period bounds that wait, whatever `LEASE_TTL`, for a few cheap
         // calls a second (an `XAUTOCLAIM` per shard that finds nothing idle costs microseconds).
         let reclaim_every = (self.config.lease_ttl / 2).clamp(Duration::from_millis(100), RECLAIM_EVERY);
-        let next_reclaim = || Instant::now() + reclaim_every.mul_f64(rand::random_range(0.8..1.2));
+        let next_reclaim = || {
+            let at = Instant::now() + reclaim_every.mul_f64(rand::random_range(0.8..1.2));
+            *self.reclaim_due.lock() = at;
+            at
+        };
         let mut reclaim_at = next_reclaim();
         loop {
             // Hold permits first, then claim only as many entries as permits held.
@@ -120,7 +126,19 @@ impl Engine {
                     }
                 };
                 let busy = engine.metrics.executor_busy();
-                engine.execute(entry.lease, entry.deliveries, task, took_over).await;
+                // A step's commit may bring this executor's next step (`CommitPath::Grouped`):
+                // it runs here, on the same permit, without a read of its own.
+                let (mut lease, mut deliveries, mut task, mut took_over) =
+                    (entry.lease, entry.deliveries, task, took_over);
+                loop {
+                    let mut next = None;
+                    engine.execute(lease, deliveries, task, took_over, &mut next).await;
+                    let Some(Claimed { lease: next_lease, deliveries: next_deliveries, task: Ok(next_task) }) = next
+                    else {
+                        break; // none, or dead-lettered by the store
+                    };
+                    (lease, deliveries, task, took_over) = (next_lease, next_deliveries, next_task, false);
+                }
                 drop(busy);
                 drop(permit);
             });
@@ -183,8 +201,16 @@ impl Engine {
         }
     }
 
-    /// Runs one claimed step and commits its outcome.
-    async fn execute(self: &Arc<Self>, lease: Lease, deliveries: u64, task: ReadyTask, took_over: bool) {
+    /// Runs one claimed step and commits its outcome; the commit may claim the executor's next
+    /// step into `next`.
+    async fn execute(
+        self: &Arc<Self>,
+        lease: Lease,
+        deliveries: u64,
+        task: ReadyTask,
+        took_over: bool,
+        next: &mut Option<Claimed>,
+    ) {
         let run: RunId = match task.run.parse() {
             Ok(run) => run,
             Err(problem) => {
@@ -224,7 +250,8 @@ impl Engine {
                 tracing::info!(entry = %lease.entry, shard = lease.shard, deliveries, "took over a step whose lease expired");
             });
         }
-        let result = self.execute_step(&run, &lease, deliveries, task, &workflow, trace).instrument(span.clone()).await;
+        let result =
+            self.execute_step(&run, &lease, deliveries, task, &workflow, trace, next).instrument(span.clone()).await;
         if let Err(err) = result {
             // The entry stays pending: after the lease expires another replica (or this one)
             // takes it over, up to the delivery bound.
@@ -232,6 +259,7 @@ impl Engine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn execute_step(
         self: &Arc<Self>,
         run: &RunId,
@@ -240,6 +268,7 @@ impl Engine {
         task: ReadyTask,
         workflow: &crate::definition::Workflow,
         trace: Option<crate::machine::TraceContext>,
+        next: &mut Option<Claimed>,
     ) -> Result<(), StoreError> {
         let (step, attempt) = (task.step, task.attempt);
         let Some(step_def) = workflow.def.steps.get(step as usize) else {
@@ -321,7 +350,7 @@ impl Engine {
         let happened =
             vec![self.recorded(started_at, Transition::StepStarted { step, attempt }), self.recorded(now, finished)];
         let created_at = task.state.created_at;
-        let outcome = self.commit_outcome(run, lease, task.state, workflow, happened, now).await?;
+        let outcome = self.commit_outcome(run, lease, task.state, workflow, happened, now, next).await?;
         if let (Some(child), CommitOutcome::Applied { .. }) = (&started_child, &outcome) {
             self.wake_if_child_ended(run, step, attempt, child).await?;
         }
@@ -341,6 +370,7 @@ impl Engine {
     /// applied again on the run's new state, not executed again: if the machine still takes it
     /// (a sibling's completion), it is committed there, under the same lease; if not (the run
     /// was cancelled, or ended), it is discarded and the entry acknowledged.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_outcome(
         &self,
         run: &RunId,
@@ -349,6 +379,7 @@ impl Engine {
         workflow: &crate::definition::Workflow,
         happened: Vec<machine::Recorded>,
         now: machine::Millis,
+        next: &mut Option<Claimed>,
     ) -> Result<CommitOutcome, StoreError> {
         let mut state = queued;
         let mut reapplied = 0;
@@ -363,8 +394,8 @@ impl Engine {
                 }
                 Err(_) => return self.discard_moved_on(run, Some(lease), &state.workflow).await,
             };
-            let outcome =
-                self.commit_advanced(run, state.seq, Some(lease.clone()), advanced, false, CommitPath::Grouped).await?;
+            let path = CommitPath::Grouped { next: &mut *next };
+            let outcome = self.commit_advanced(run, state.seq, Some(lease.clone()), advanced, false, path).await?;
             if outcome != CommitOutcome::Stale {
                 return Ok(outcome);
             }
@@ -425,7 +456,7 @@ impl Engine {
         lease: Option<Lease>,
         advanced: machine::Advanced,
         clear_timer: bool,
-        path: CommitPath,
+        path: CommitPath<'_>,
     ) -> Result<CommitOutcome, StoreError> {
         let dispatch = crate::store::Dispatch::of_effects(&advanced.effects);
         let timer = advanced.effects.iter().find_map(|effect| match effect {
@@ -464,9 +495,18 @@ impl Engine {
             timer,
             clear_timer,
         };
+        let requeue = matches!(path, CommitPath::Requeue);
         let outcome = match path {
             CommitPath::Decided => self.store.commit(commit).await?,
-            CommitPath::Grouped => self.commits.submit(commit).await?,
+            CommitPath::Grouped { next } => {
+                let claim_next =
+                    next.is_none() && !self.shutdown.is_cancelled() && Instant::now() < *self.reclaim_due.lock();
+                let committed = self.commits.submit(StepCommit { commit, claim_next }).await?;
+                if committed.next.is_some() {
+                    *next = committed.next;
+                }
+                committed.outcome
+            }
             CommitPath::Requeue => self.store.requeue(commit).await?,
         };
         match &outcome {
@@ -501,7 +541,7 @@ impl Engine {
                 Counters::add(&self.counters.completions_fenced);
                 tracing::warn!(run_id = %run, workflow = %workflow, "completion rejected by the fence: this replica's lease was lost and the step belongs to another");
             }
-            CommitOutcome::Stale if path == CommitPath::Requeue => {
+            CommitOutcome::Stale if requeue => {
                 tracing::debug!(run_id = %run, workflow = %workflow, "re-queue refused: the run's step is queued or leased after all");
             }
             // The executor applies the outcome again on the run's new state (`commit_outcome`);

@@ -192,6 +192,10 @@ pub struct Engine {
     in_flight: Mutex<HashMap<Lease, (CancellationToken, tracing::Span)>>,
     /// One permit per executor; a claim asks for no more entries than permits it holds.
     executors: Arc<Semaphore>,
+    /// When the claim loop next looks for steps whose lease expired. It does so with the
+    /// permits it holds, so from then on an executor takes no next step from its commit (which
+    /// would keep its permit) until the look is done: a busy replica still takes steps over.
+    reclaim_due: Mutex<std::time::Instant>,
     /// Fired to stop claiming work and stop every loop.
     shutdown: CancellationToken,
     /// Fired after the grace period: aborts steps still running.
@@ -265,6 +269,7 @@ impl Engine {
             .collect();
         let engine = Arc::new(Engine {
             executors: Arc::new(Semaphore::new(config.max_concurrent_steps)),
+            reclaim_due: Mutex::new(std::time::Instant::now()),
             store,
             registry,
             consumer,

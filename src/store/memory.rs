@@ -21,8 +21,8 @@ use super::{
     Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
     DEAD_LETTER_KEEP, DebounceTrigger, Debounced, DueBurst, EntryCap, EventQuery, Housekeeping, Lease, ListedEvent,
     Logged, NewRun, RateAdmission, RateGroup, ReadyTask, ReplicaBeat, RunId, RunPage, RunQuery, RunSummary,
-    SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats, burst_key,
-    compare_entry_ids, dead_letter_fields, debounce_key, terminal_name,
+    SearchQuery, SettledEvent, SlotGroup, StepCommit, StepCommitted, StoreError, StoreHealth, StoreKind, StoreResult,
+    StreamStats, burst_key, compare_entry_ids, dead_letter_fields, debounce_key, terminal_name,
 };
 use crate::definition::Workflow;
 use crate::machine::{Millis, Recorded, RunState, Status};
@@ -627,10 +627,24 @@ impl State {
 
     /// New entries for `consumer`, at most `max` over all shards, as `XREADGROUP ... >`.
     fn claim(&mut self, consumer: &str, max: usize, shards: u16, instant: Instant) -> Vec<Claimed> {
-        let mut claimed = Vec::new();
         let first = self.next_shard % shards;
         self.next_shard = (first + 1) % shards;
-        for shard in (first..shards).chain(0..first) {
+        self.claim_on(consumer, max, (first..shards).chain(0..first), instant)
+    }
+
+    /// Up to `max` queued entries for `consumer` from `shards`, in turn.
+    fn claim_on(
+        &mut self,
+        consumer: &str,
+        max: usize,
+        shards: impl IntoIterator<Item = u16>,
+        instant: Instant,
+    ) -> Vec<Claimed> {
+        let mut claimed = Vec::new();
+        if max == 0 {
+            return claimed;
+        }
+        for shard in shards {
             let Some(queue) = self.ready.get_mut(&shard) else { continue };
             for (id, task) in queue.read(consumer, max - claimed.len(), instant) {
                 claimed.push(Claimed {
@@ -915,14 +929,32 @@ impl Runs for MemoryStore {
         outcomes.pop().ok_or_else(|| StoreError::Corrupt { key: run, problem: "its commit had no outcome".to_owned() })
     }
 
-    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
+    async fn commit_steps(&self, commits: Vec<StepCommit>) -> StoreResult<Vec<StepCommitted>> {
         let now = wall_clock()?;
-        self.apply_group(commits, |state, commit| {
-            let dispatches = !commit.dispatch.is_empty();
-            let outcome = state.commit(commit, now);
+        // Claims read the ready streams of the group's shards, as Redis's one call does.
+        let mut shards: Vec<u16> = Vec::new();
+        for step in &commits {
+            if !shards.contains(&step.commit.run.shard) {
+                shards.push(step.commit.run.shard);
+            }
+        }
+        let applied = self.apply_group(commits, |state, step| {
+            let dispatches = !step.commit.dispatch.is_empty();
+            let claimer = step.commit.lease.as_ref().filter(|_| step.claim_next).map(|lease| lease.consumer.clone());
+            let outcome = state.commit(step.commit, now);
             let dispatched = dispatches && matches!(outcome, CommitOutcome::Applied { .. });
-            Ok((outcome, dispatched))
-        })
+            Ok(((outcome, claimer), dispatched))
+        })?;
+        // Every commit is written before anything is claimed, as in Redis's one call.
+        let mut state = self.shared.state.lock();
+        Ok(applied
+            .into_iter()
+            .map(|(outcome, claimer)| {
+                let next = claimer
+                    .and_then(|consumer| state.claim_on(&consumer, 1, shards.iter().copied(), Instant::now()).pop());
+                StepCommitted { outcome, next }
+            })
+            .collect())
     }
 
     async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {

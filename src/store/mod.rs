@@ -216,6 +216,22 @@ pub struct Commit {
     pub clear_timer: bool,
 }
 
+/// An executor's commit of its step, which may ask for the next ready step for its executor
+/// (see [`Runs::commit_steps`]).
+#[derive(Debug, Clone)]
+pub struct StepCommit {
+    pub commit: Commit,
+    /// Claim the next ready entry for the commit's lease's consumer in the same call.
+    pub claim_next: bool,
+}
+
+/// The outcome of a [`StepCommit`], and the entry claimed for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepCommitted {
+    pub outcome: CommitOutcome,
+    pub next: Option<Claimed>,
+}
+
 /// The outcome of [`Runs::commit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -592,7 +608,21 @@ pub trait Runs: Send + Sync + 'static {
     /// outcomes are unknown: Redis has no rollback, so a call that failed half-way may have
     /// applied some commits without acknowledging their leases; each such entry is then
     /// redelivered after its lease expires and its commit, fenced by seq, found stale.
-    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>>;
+    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
+        let steps = commits.into_iter().map(|commit| StepCommit { commit, claim_next: false }).collect();
+        Ok(self.commit_steps(steps).await?.into_iter().map(|committed| committed.outcome).collect())
+    }
+
+    /// [`Runs::commit_group`] of executors' commits, in which each commit that asks for it
+    /// (`claim_next`, with a lease) may get the next ready entry for its lease's consumer,
+    /// claimed in the same call once the commits are written, without blocking, from the ready
+    /// streams of the group's shards (as [`ReadySteps::claim`] would): its executor runs it
+    /// next, with no read and no round trip of its own. The entries go to the commits that
+    /// asked, in order, whatever their outcomes, as many as were queued; an undecodable one is
+    /// dead-lettered, as by a claim. On an error nothing is known to be
+    /// claimed: an entry claimed by a call whose reply was lost is pending under the consumer
+    /// and taken over once its lease expires.
+    async fn commit_steps(&self, commits: Vec<StepCommit>) -> StoreResult<Vec<StepCommitted>>;
 
     /// Like [`Runs::commit`] for a finished run being resumed: its log is live again and the
     /// run is back among the live ones, if it is still finished at `commit.expected_seq`.

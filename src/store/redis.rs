@@ -14,8 +14,8 @@ use super::{
     Admission, BUS_CLOCK_TOLERANCE, BusCondition, BusEntry, Claimed, Commit, CommitOutcome, Created, CronState,
     DEAD_LETTER_KEEP, DebounceTrigger, Debounced, Dispatch, DueBurst, EntryCap, EventQuery, Housekeeping, Lease,
     ListedEvent, Logged, NewRun, Oversized, RateAdmission, RateGroup, ReplicaBeat, RunId, RunPage, RunQuery, RunState,
-    RunSummary, SearchQuery, SettledEvent, SlotGroup, StoreError, StoreHealth, StoreKind, StoreResult, StreamStats,
-    burst_key, debounce_key, terminal_name,
+    RunSummary, SearchQuery, SettledEvent, SlotGroup, StepCommit, StepCommitted, StoreError, StoreHealth, StoreKind,
+    StoreResult, StreamStats, burst_key, debounce_key, terminal_name,
 };
 use crate::config::{DEFAULT_SHARDS, MAX_SHARDS};
 use crate::definition::Workflow;
@@ -641,15 +641,8 @@ impl RedisStore {
         self.cmd("FCALL", fcall_args(function, keys, args)).await
     }
 
-    fn decode_claimed(
-        &self,
-        shard: u16,
-        id: String,
-        fields: &[(String, Value)],
-        deliveries: u64,
-        consumer: &str,
-    ) -> Claimed {
-        let task = match field(fields, "data").and_then(Value::as_bytes) {
+    fn decode_claimed(&self, shard: u16, id: String, data: Option<&[u8]>, deliveries: u64, consumer: &str) -> Claimed {
+        let task = match data {
             Some(bytes) => decode_task(bytes),
             None => Err("ready entry without a `data` field".to_owned()),
         };
@@ -717,7 +710,7 @@ impl RedisStore {
         for (stream, body) in streams {
             let Some(&shard) = shards.iter().find(|s| self.keys.ready(**s) == stream) else { continue };
             for (id, fields) in entries(body) {
-                claimed.push(self.decode_claimed(shard, id, &fields, 1, consumer));
+                claimed.push(self.decode_claimed(shard, id, data_of(&fields), 1, consumer));
             }
         }
         Ok(claimed)
@@ -736,7 +729,7 @@ impl RedisStore {
             let mut parts = entry.into_array().into_iter().skip(1);
             let (Some(id), Some(body)) = (parts.next(), parts.next()) else { continue };
             let Some(id) = text(&id) else { continue };
-            claimed.push(self.decode_claimed(shard, id, &fields(body), 1, consumer));
+            claimed.push(self.decode_claimed(shard, id, data_of(&fields(body)), 1, consumer));
         }
         Ok(claimed)
     }
@@ -866,22 +859,28 @@ impl RedisStore {
         Ok(condition)
     }
 
-    /// Sends one `wfo_v2_commit_group` (or `wfo_v2_requeue_group`) of `parts`: one outcome per part, in
-    /// order, each `(tag, rest)`.
+    /// Sends one `wfo_v2_commit_steps` (or `wfo_v2_requeue_steps`) of `parts`: one outcome per
+    /// part, in order, each `(tag, rest)`; and the entries it claimed, up to `claim`, for the
+    /// consumer of the parts' leases (after the commits, as `commit_steps` does).
     async fn call_commit(
         &self,
         parts: &[CommitPart<'_>],
         function: &'static str,
-    ) -> StoreResult<Vec<(String, Vec<Value>)>> {
+        claim: usize,
+    ) -> StoreResult<(Vec<(String, Vec<Value>)>, Vec<Claimed>)> {
         let mut call = CommitCall::default();
         call.args.push(WORKERS_GROUP.into());
         // Every lease of one call is one replica's: the executors' batches are per replica.
         let consumer = parts.iter().find_map(|p| p.lease).map_or_else(String::new, |l| l.consumer.clone());
-        call.args.push(consumer.into());
+        call.args.push(consumer.as_str().into());
         call.args.push(parts.len().to_string().into());
         for part in parts {
             call.push(&self.keys, part);
         }
+        if claim > 0 {
+            call.args.push(Value::from(claim as i64));
+        }
+        let shards = std::mem::take(&mut call.shards);
         let reply = self.fcall_acknowledged(function, call.keys, call.args).await?;
         if parts.iter().any(|part| !part.dispatch.is_empty()) {
             let mut queued_on = self.queued_on.lock();
@@ -893,12 +892,26 @@ impl RedisStore {
             drop(queued_on);
             self.queued.notify_waiters();
         }
-        let outcomes: Vec<(String, Vec<Value>)> =
-            reply.into_array().into_iter().map(outcome).collect::<StoreResult<_>>()?;
-        if outcomes.len() != parts.len() {
-            return Err(corrupt(function, format!("{} outcomes for {} commits", outcomes.len(), parts.len())));
+        let mut reply = reply.into_array();
+        if reply.len() < parts.len() {
+            return Err(corrupt(function, format!("{} outcomes for {} commits", reply.len(), parts.len())));
         }
-        Ok(outcomes)
+        let entries = reply.split_off(parts.len());
+        let outcomes: Vec<(String, Vec<Value>)> = reply.into_iter().map(outcome).collect::<StoreResult<_>>()?;
+        let mut claimed = Vec::new();
+        for entry in entries.chunks(3) {
+            let [index, id, data] = entry else {
+                return Err(corrupt(function, "a claimed entry of fewer than 3 items"));
+            };
+            let index = index.as_i64().and_then(|i| usize::try_from(i).ok());
+            let shard = shards.iter().find(|(_, at)| Some(*at) == index).map(|(shard, _)| *shard);
+            let (Some(shard), Some(id)) = (shard, text(id)) else {
+                return Err(corrupt(function, "a claimed entry of an unknown stream"));
+            };
+            claimed.push(self.decode_claimed(shard, id, data.as_bytes(), 1, &consumer));
+        }
+        self.bury(&claimed).await?;
+        Ok((outcomes, claimed))
     }
 
     /// The part of a `wfo_v2_commit_group` call that carries `commit` (`reopen`: resuming a
@@ -989,7 +1002,7 @@ impl RedisStore {
     /// Creates `runs` in one `wfo_v2_commit_steps` call (a creation is a commit at seq 0).
     async fn apply_creations(&self, runs: Vec<&NewRun>) -> StoreResult<Vec<Created>> {
         let parts: Vec<CommitPart<'_>> = runs.iter().map(|new| self.creation_part(new)).collect();
-        let outcomes = self.call_commit(&parts, COMMIT).await?;
+        let outcomes = self.call_commit(&parts, COMMIT, 0).await?.0;
         runs.iter()
             .zip(outcomes)
             .map(|(new, (tag, rest))| match tag.as_str() {
@@ -1033,15 +1046,30 @@ impl RedisStore {
     }
 
     /// Commits `commits` in one call and reads each outcome.
+    /// The executors' commits of one call, each that asks for it given the next entry claimed.
+    async fn apply_steps(&self, steps: Vec<&StepCommit>) -> StoreResult<Vec<StepCommitted>> {
+        let asks = |step: &StepCommit| step.claim_next && step.commit.lease.is_some();
+        let claim = steps.iter().filter(|step| asks(step)).count();
+        let commits = steps.iter().map(|step| &step.commit).collect();
+        let (outcomes, claimed) = self.apply_commits(commits, false, COMMIT, claim).await?;
+        let mut claimed = claimed.into_iter();
+        Ok(steps
+            .iter()
+            .zip(outcomes)
+            .map(|(step, outcome)| StepCommitted { outcome, next: if asks(step) { claimed.next() } else { None } })
+            .collect())
+    }
+
     async fn apply_commits(
         &self,
         commits: Vec<&Commit>,
         reopen: bool,
         function: &'static str,
-    ) -> StoreResult<Vec<CommitOutcome>> {
+        claim: usize,
+    ) -> StoreResult<(Vec<CommitOutcome>, Vec<Claimed>)> {
         let parts: Vec<CommitPart<'_>> = commits.iter().map(|c| self.commit_part(c, reopen)).collect();
-        let outcomes = self.call_commit(&parts, function).await?;
-        commits
+        let (outcomes, claimed) = self.call_commit(&parts, function, claim).await?;
+        let outcomes = commits
             .iter()
             .zip(outcomes)
             .map(|(commit, (tag, rest))| {
@@ -1055,7 +1083,8 @@ impl RedisStore {
                     other => return Err(corrupt(&self.keys.run(&commit.run), format!("commit answered `{other}`"))),
                 })
             })
-            .collect()
+            .collect::<StoreResult<_>>()?;
+        Ok((outcomes, claimed))
     }
 
     /// The last id of `stream` delivered to consumer group `group`: the entries after it are
@@ -1133,6 +1162,11 @@ fn fcall_args(function: &'static str, keys: Vec<String>, args: Vec<Value>) -> Ve
 /// The one outcome of a call of one commit.
 fn one(mut outcomes: Vec<CommitOutcome>) -> StoreResult<CommitOutcome> {
     outcomes.pop().ok_or_else(|| corrupt(COMMIT, "no outcome"))
+}
+
+/// A ready entry's `data` field.
+fn data_of(fields: &[(String, Value)]) -> Option<&[u8]> {
+    field(fields, "data").and_then(Value::as_bytes)
 }
 
 fn outcome(reply: Value) -> StoreResult<(String, Vec<Value>)> {
@@ -1355,20 +1389,20 @@ impl Runs for RedisStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(vec![&commit], false, COMMIT).await?)
+        one(self.apply_commits(vec![&commit], false, COMMIT, 0).await?.0)
     }
 
-    async fn commit_group(&self, commits: Vec<Commit>) -> StoreResult<Vec<CommitOutcome>> {
-        let commits: Vec<&Commit> = commits.iter().collect();
-        self.by_call(&commits, |commit| commit.run.shard, |group| self.apply_commits(group, false, COMMIT)).await
+    async fn commit_steps(&self, commits: Vec<StepCommit>) -> StoreResult<Vec<StepCommitted>> {
+        let steps: Vec<&StepCommit> = commits.iter().collect();
+        self.by_call(&steps, |step| step.commit.run.shard, |group| self.apply_steps(group)).await
     }
 
     async fn reopen(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(vec![&commit], true, COMMIT).await?)
+        one(self.apply_commits(vec![&commit], true, COMMIT, 0).await?.0)
     }
 
     async fn requeue(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        one(self.apply_commits(vec![&commit], false, REQUEUE).await?)
+        one(self.apply_commits(vec![&commit], false, REQUEUE, 0).await?.0)
     }
 
     async fn summary(&self, run: &RunId) -> StoreResult<Option<RunSummary>> {
@@ -1600,7 +1634,7 @@ impl ReadySteps for RedisStore {
                     continue;
                 };
                 let Some(&shard) = all.get(index.saturating_sub(1)) else { continue };
-                claimed.push(self.decode_claimed(shard, id, &fields(body), 1, consumer));
+                claimed.push(self.decode_claimed(shard, id, data_of(&fields(body)), 1, consumer));
             }
             if !claimed.is_empty() {
                 self.bury(&claimed).await?;
@@ -1674,7 +1708,7 @@ impl ReadySteps for RedisStore {
                 };
                 let Some(id) = text(&id) else { continue };
                 let deliveries = text(&deliveries).and_then(|d| d.parse().ok()).unwrap_or(1);
-                claimed.push(self.decode_claimed(shard, id, &fields(body), deliveries, consumer));
+                claimed.push(self.decode_claimed(shard, id, data_of(&fields(body)), deliveries, consumer));
             }
         }
         self.bury(&claimed).await?;
