@@ -3,7 +3,7 @@
 //! [`crate::store::Runs::commit_steps`] (or [`crate::store::Runs::create_runs`]) call. An
 //! executor's commit may bring back its next step, claimed in the same call.
 //!
-//! A group goes out as soon as a call is free (at most [`COMMITTERS`] of a queue are in flight
+//! A group goes out as soon as a call is free (at most [`CALLS_IN_FLIGHT`] of a queue are in flight
 //! at once), so a lone commit waits for nobody, and under load each call carries many: the
 //! store's cost is per call more than per run. There is no committer task: the first waiting
 //! caller to get a free call sends the group, its own item and the others', and answers each;
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 /// How many group calls of one queue may be in flight at once.
-const COMMITTERS: usize = 2;
+const CALLS_IN_FLIGHT: usize = 2;
 /// The most items one call carries.
 const MAX_GROUP: usize = 32;
 
@@ -75,7 +75,7 @@ impl<I: Send + 'static, O: Send + 'static> GroupQueue<I, O> {
         GroupQueue {
             shared: Arc::new(Shared {
                 waiting: Mutex::new(VecDeque::new()),
-                calls: Arc::new(Semaphore::new(COMMITTERS)),
+                calls: Arc::new(Semaphore::new(CALLS_IN_FLIGHT)),
                 call: Box::new(call),
             }),
         }
@@ -254,7 +254,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_item_gets_its_own_outcome_in_groups_of_at_most_committers_calls_at_once() {
+    async fn every_item_gets_its_own_outcome_in_groups_with_a_bounded_number_of_calls_in_flight() {
         let (queue, calls) = doubling(Duration::from_millis(5));
         let submits = (0..200u32).map(|i| {
             let queue = Arc::clone(&queue);
@@ -271,7 +271,7 @@ mod tests {
         assert!(groups.len() < 200, "items are grouped: {} calls", groups.len());
         assert!(groups.iter().all(|group| !group.is_empty() && group.len() <= MAX_GROUP));
         let most = calls.most_in_flight.load(Ordering::SeqCst);
-        assert!(most <= COMMITTERS, "{most} calls at once, more than {COMMITTERS}");
+        assert!(most <= CALLS_IN_FLIGHT, "{most} calls at once, more than {CALLS_IN_FLIGHT}");
     }
 
     #[tokio::test]
