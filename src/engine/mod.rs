@@ -3,7 +3,8 @@
 //! - `executor`: claims ready steps (only as many as it has free executors), runs them under a
 //!   lease it renews, and commits each outcome as one fenced transition; takes over steps whose
 //!   lease expired.
-//! - `commits`: group commit: the executors' outcomes, and the triggers' new runs, go to the store together.
+//! - `commits`: group commit: the executors' outcomes, and the triggers' new runs, go to the store
+//!   together; an executor's commit may bring back its next step, claimed in the same call.
 //! - `record`: the one path for what happens to a run outside its executors (load, decide,
 //!   advance, commit, decide again when stale), used by:
 //! - `timers`: wakes runs whose retry, sleep or wait time-out is due;
