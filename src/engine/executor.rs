@@ -6,6 +6,7 @@ use crate::actions::{self, StepContext};
 use crate::machine::{self, Effect, Transition};
 use crate::store::{Claimed, Commit, CommitOutcome, Lease, ReadyTask, RunId, StepCommit, StoreError};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -117,7 +118,9 @@ impl Engine {
                             .in_flight
                             .lock()
                             .insert(entry.lease.clone(), (engine.abort_steps.child_token(), tracing::Span::none()));
+                        engine.waiting_for_executor.fetch_add(1, Ordering::SeqCst);
                         let permit = Arc::clone(&engine.executors).acquire_owned().await;
+                        engine.waiting_for_executor.fetch_sub(1, Ordering::SeqCst);
                         engine.in_flight.lock().remove(&entry.lease);
                         match permit {
                             Ok(permit) => permit,
@@ -499,8 +502,11 @@ impl Engine {
         let outcome = match path {
             CommitPath::Decided => self.store.commit(commit).await?,
             CommitPath::Grouped { next } => {
-                let claim_next =
-                    next.is_none() && !self.shutdown.is_cancelled() && Instant::now() < *self.reclaim_due.lock();
+                // Not while a claimed step waits for an executor (it would wait behind new ones).
+                let claim_next = next.is_none()
+                    && !self.shutdown.is_cancelled()
+                    && self.waiting_for_executor.load(Ordering::SeqCst) == 0
+                    && Instant::now() < *self.reclaim_due.lock();
                 let committed = self.commits.submit(StepCommit { commit, claim_next }).await?;
                 if committed.next.is_some() {
                     *next = committed.next;

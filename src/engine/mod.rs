@@ -197,6 +197,10 @@ pub struct Engine {
     /// permits it holds, so from then on an executor takes no next step from its commit (which
     /// would keep its permit) until the look is done: a busy replica still takes steps over.
     reclaim_due: Mutex<std::time::Instant>,
+    /// Claimed steps waiting for a free executor (a read may bring a few more than asked for):
+    /// while any wait, no executor takes a next step from its commit, so that its permit goes to
+    /// them.
+    waiting_for_executor: std::sync::atomic::AtomicUsize,
     /// Fired to stop claiming work and stop every loop.
     shutdown: CancellationToken,
     /// Fired after the grace period: aborts steps still running.
@@ -271,6 +275,7 @@ impl Engine {
         let engine = Arc::new(Engine {
             executors: Arc::new(Semaphore::new(config.max_concurrent_steps)),
             reclaim_due: Mutex::new(std::time::Instant::now()),
+            waiting_for_executor: std::sync::atomic::AtomicUsize::new(0),
             store,
             registry,
             consumer,
