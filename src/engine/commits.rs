@@ -188,17 +188,15 @@ fn answer<O>(result: StoreResult<Vec<O>>, replies: Vec<oneshot::Sender<StoreResu
                 let _ = reply.send(Ok(outcome));
             }
         }
-        Ok(outcomes) => {
-            let err = StoreError::Corrupt {
-                key: "group call".to_owned(),
-                problem: format!("{} outcomes for {sent} writes", outcomes.len()),
-            };
-            for reply in replies {
-                let _ = reply.send(Err(err.clone()));
-            }
-        }
-        Err(err) => {
+        failed => {
             // Unknown for every item of the group (see `Runs::commit_group`).
+            let err = match failed {
+                Ok(outcomes) => StoreError::Corrupt {
+                    key: "group call".to_owned(),
+                    problem: format!("{} outcomes for {sent} writes", outcomes.len()),
+                },
+                Err(err) => err,
+            };
             for reply in replies {
                 let _ = reply.send(Err(err.clone()));
             }

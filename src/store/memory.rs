@@ -641,9 +641,6 @@ impl State {
         instant: Instant,
     ) -> Vec<Claimed> {
         let mut claimed = Vec::new();
-        if max == 0 {
-            return claimed;
-        }
         for shard in shards {
             let Some(queue) = self.ready.get_mut(&shard) else { continue };
             for (id, task) in queue.read(consumer, max - claimed.len(), instant) {

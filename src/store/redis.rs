@@ -649,7 +649,6 @@ impl RedisStore {
         Claimed { lease: Lease { shard, entry: id, consumer: consumer.to_owned() }, deliveries, task }
     }
 
-    /// `wfo_v2_claim` of one shard: up to `max` of its queued entries.
     /// One `XREADGROUP` of new entries of `shards`' ready streams, up to `count` from each:
     /// blocking for `block` on the blocking connection, or not at all on the pool's.
     async fn read_ready(
@@ -716,6 +715,7 @@ impl RedisStore {
         Ok(claimed)
     }
 
+    /// `wfo_v2_claim` of one shard: up to `max` of its queued entries.
     async fn claim_shard(&self, consumer: &str, shard: u16, max: usize) -> StoreResult<Vec<Claimed>> {
         let reply = self
             .fcall(
@@ -1045,7 +1045,6 @@ impl RedisStore {
         }
     }
 
-    /// Commits `commits` in one call and reads each outcome.
     /// The executors' commits of one call, each that asks for it given the next entry claimed.
     async fn apply_steps(&self, steps: Vec<&StepCommit>) -> StoreResult<Vec<StepCommitted>> {
         let asks = |step: &StepCommit| step.claim_next && step.commit.lease.is_some();
@@ -1060,6 +1059,8 @@ impl RedisStore {
             .collect())
     }
 
+    /// Commits `commits` in one call and reads each outcome; and the entries it claimed, up to
+    /// `claim` (see `call_commit`).
     async fn apply_commits(
         &self,
         commits: Vec<&Commit>,
