@@ -162,6 +162,11 @@ end
 -- The run's entries that may still be live after a commit: those before (`entries`, ids
 -- separated by spaces) but the commit's lease, then the ones it queued.
 local function live_entries(entries, lease, queued)
+  if entries == lease or not entries or entries == '' then
+    -- The usual case, a run with one step in flight: no list to go through.
+    if #queued == 1 then return queued[1] end
+    return table.concat(queued, ' ')
+  end
   local kept = {}
   if entries and entries ~= '' then
     for id in string.gmatch(entries, '%S+') do

@@ -1686,6 +1686,65 @@ fn redis_keeps_a_runs_log_as_a_list() {
     });
 }
 
+/// The runs each event started are kept per second of the bus, one hash for a batch of events
+/// (not a key per event), expiring `retention` after their second; records of an earlier build
+/// (a key per event) are still listed.
+#[test]
+fn redis_records_the_runs_events_started_per_second() {
+    let server = RedisServer::start();
+    run(async {
+        let store = redis_store(&server, 4).await;
+        let cap = EntryCap { max_bytes: 1 << 20, keep_bytes: 1 << 20 };
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(store.publish_event(&[("type", b"a.b")]).await.unwrap());
+        }
+        let read = store.read_events("router", 10, BLOCK, cap).await.unwrap();
+        assert_eq!(read.len(), 3);
+        let started = |run: &str| vec![("wf".to_owned(), run.to_owned())];
+        let settled: Vec<SettledEvent> = ids[..2]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| SettledEvent { id: id.clone(), started: started(&format!("run-{i}")) })
+            .collect();
+        let before = server.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap();
+        store.settle_events(&settled, Duration::from_secs(3600)).await.unwrap();
+        let seconds: std::collections::BTreeSet<u64> =
+            ids[..2].iter().map(|id| id.split_once('-').unwrap().0.parse::<u64>().unwrap() / 1000).collect();
+        let after = server.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap();
+        assert_eq!(after - before, seconds.len() as u64, "one key per second of the events, not one per event");
+        for second in &seconds {
+            let key = format!("wfo:events:runs-at:{second}");
+            assert_eq!(server.cli(&["TYPE", &key]).trim(), "hash");
+            let ttl = server.cli(&["TTL", &key]);
+            let ttl: u64 = ttl.trim().parse().unwrap_or_else(|_| panic!("TTL {key}: {ttl:?}"));
+            assert!((3590..=3601).contains(&ttl), "expires the retention after its second: {ttl} s");
+        }
+        // The third event, settled by an earlier build: its record is a key of its own.
+        server.cli(&[
+            "SET",
+            &format!("wfo:events:runs:{}", ids[2]),
+            r#"[{"workflowId":"wf","runId":"old"}]"#,
+            "EX",
+            "60",
+        ]);
+        store
+            .settle_events(&[SettledEvent { id: ids[2].clone(), started: vec![] }], Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let listed = store.recent_events(events(None, None, 10, 100, cap)).await.unwrap();
+        let runs: Vec<_> = listed.iter().map(|l| (l.entry.id.clone(), l.started.clone())).collect();
+        assert_eq!(
+            runs,
+            [
+                (ids[2].clone(), Some(started("old"))),
+                (ids[1].clone(), Some(started("run-1"))),
+                (ids[0].clone(), Some(started("run-0"))),
+            ]
+        );
+    });
+}
+
 /// Redis holding schema 1's data (a live run mid-way, its log a stream, its next step queued; a
 /// finished run, its log compacted into one string), then this version: the data is upgraded at
 /// connection, schema 1's library is removed, both histories read as before, and the live run

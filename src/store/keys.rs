@@ -225,8 +225,16 @@ impl Keys {
         format!("{}:events:hostile", self.prefix)
     }
 
-    /// String (JSON, expiring): the runs an event started.
-    pub fn event_runs(&self, id: &str) -> String {
+    /// Hash (expiring): the runs started by the events of one second of the bus, `second`
+    /// (of their ids' time): field the event's id, value JSON. One hash per second, not a key
+    /// per event, so that a batch of events settles in one write.
+    pub fn event_runs(&self, second: u64) -> String {
+        format!("{}:events:runs-at:{second}", self.prefix)
+    }
+
+    /// String (JSON, expiring): the runs an event started, as builds before [`Self::event_runs`]
+    /// recorded them (read until they expire).
+    pub fn event_runs_of_one(&self, id: &str) -> String {
         format!("{}:events:runs:{id}", self.prefix)
     }
 

@@ -227,6 +227,11 @@ fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
     fields.iter().find(|(k, _)| k == name).map(|(_, v)| v)
 }
 
+/// The second of a bus entry's id (its time), whose hash records the runs it started.
+fn event_second(id: &str) -> u64 {
+    id.split_once('-').and_then(|(ms, _)| ms.parse::<u64>().ok()).unwrap_or(0) / 1000
+}
+
 /// `ms-seq` + 1: the smallest id after `id`.
 fn successor(id: &str) -> Option<String> {
     let (ms, seq) = id.split_once('-')?;
@@ -593,13 +598,25 @@ impl RedisStore {
         args: Vec<Value>,
     ) -> StoreResult<Value> {
         let call = fcall_args(function, keys, args);
-        match self.cmd_on(client, "FCALL", call.clone()).await {
+        self.fcall_on_with(client, call.clone(), || call).await
+    }
+
+    /// `FCALL` with the arguments `call`, on the connections of `client`; if Redis lost the
+    /// library, it is reinstalled and the call sent again as `again` builds it (a hot path
+    /// builds its arguments twice in that rare case rather than copy them every time).
+    async fn fcall_on_with(
+        &self,
+        client: &fred::prelude::Client,
+        call: Vec<Value>,
+        again: impl FnOnce() -> Vec<Value>,
+    ) -> StoreResult<Value> {
+        match self.cmd_on(client, "FCALL", call).await {
             Err(StoreError::Unavailable(msg)) if msg.contains("Function not found") || msg.contains("NOGROUP") => {
                 tracing::warn!(
                     "Redis lost the Lua library or the consumer groups (restarted without persistence?); reinstalling"
                 );
                 Box::pin(self.install_schema()).await?;
-                self.cmd_on(client, "FCALL", call).await
+                self.cmd_on(client, "FCALL", again()).await
             }
             other => other,
         }
@@ -614,10 +631,26 @@ impl RedisStore {
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> StoreResult<Value> {
-        let Some(wait) = self.replica_wait else { return self.fcall(function, keys, args).await };
-        let slot = keys.first().map_or(0, |key| fred::util::redis_keyslot(key.as_bytes()));
+        let call = fcall_args(function, keys, args);
+        self.fcall_acknowledged_with(function, call.clone(), || call).await
+    }
+
+    /// [`RedisStore::fcall_acknowledged`] of the arguments `call` (as [`fcall_args`] makes
+    /// them), built again by `again` if the call must be sent again (see `fcall_on_with`).
+    async fn fcall_acknowledged_with(
+        &self,
+        function: &'static str,
+        call: Vec<Value>,
+        again: impl FnOnce() -> Vec<Value>,
+    ) -> StoreResult<Value> {
         let client = self.client.next();
-        let reply = self.fcall_on(client, function, keys, args).await?;
+        let Some(wait) = self.replica_wait else { return self.fcall_on_with(client, call, again).await };
+        // The first key follows the function's name and the count of keys.
+        let slot = match call.get(1).and_then(Value::as_i64) {
+            Some(keys) if keys > 0 => call.get(2).and_then(Value::as_bytes).map_or(0, fred::util::redis_keyslot),
+            _ => 0,
+        };
+        let reply = self.fcall_on_with(client, call, again).await?;
         let confirmed = client
             .custom::<Value, Value>(
                 CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false),
@@ -868,20 +901,28 @@ impl RedisStore {
         function: &'static str,
         claim: usize,
     ) -> StoreResult<(Vec<(String, Vec<Value>)>, Vec<Claimed>)> {
-        let mut call = CommitCall::default();
-        call.args.push(WORKERS_GROUP.into());
         // Every lease of one call is one replica's: the executors' batches are per replica.
-        let consumer = parts.iter().find_map(|p| p.lease).map_or_else(String::new, |l| l.consumer.clone());
-        call.args.push(consumer.as_str().into());
-        call.args.push(parts.len().to_string().into());
-        for part in parts {
-            call.push(&self.keys, part);
-        }
-        if claim > 0 {
-            call.args.push(Value::from(claim as i64));
-        }
-        let shards = std::mem::take(&mut call.shards);
-        let reply = self.fcall_acknowledged(function, call.keys, call.args).await?;
+        let consumer = parts.iter().find_map(|p| p.lease).map_or("", |l| l.consumer.as_str());
+        let build = || {
+            let mut call = CommitCall::default();
+            call.args.push(WORKERS_GROUP.into());
+            call.args.push(consumer.into());
+            call.args.push(parts.len().to_string().into());
+            for part in parts {
+                call.push(&self.keys, part);
+            }
+            if claim > 0 {
+                call.args.push(Value::from(claim as i64));
+            }
+            call
+        };
+        let call = build();
+        let shards = call.shards;
+        let again = || {
+            let call = build();
+            fcall_args(function, call.keys, call.args)
+        };
+        let reply = self.fcall_acknowledged_with(function, fcall_args(function, call.keys, call.args), again).await?;
         if parts.iter().any(|part| !part.dispatch.is_empty()) {
             let mut queued_on = self.queued_on.lock();
             for part in parts.iter().filter(|part| !part.dispatch.is_empty()) {
@@ -908,7 +949,7 @@ impl RedisStore {
             let (Some(shard), Some(id)) = (shard, text(id)) else {
                 return Err(corrupt(function, "a claimed entry of an unknown stream"));
             };
-            claimed.push(self.decode_claimed(shard, id, data.as_bytes(), 1, &consumer));
+            claimed.push(self.decode_claimed(shard, id, data.as_bytes(), 1, consumer));
         }
         self.bury(&claimed).await?;
         Ok((outcomes, claimed))
@@ -1027,7 +1068,11 @@ impl RedisStore {
             reopen: false,
             ends: false,
             records: &new.records,
-            fields: summary_fields(&RunSummary { search: new.search.clone(), ..RunSummary::of(&new.state) }),
+            // `seq` is set by the function, from the records.
+            fields: summary_fields(&RunSummary { search: new.search.clone(), ..RunSummary::of(&new.state) })
+                .into_iter()
+                .filter(|(name, _)| *name != "seq")
+                .collect(),
             state: &new.state,
             dispatch: &new.dispatch,
             timer: None,
@@ -1262,7 +1307,7 @@ impl CommitCall {
         args.extend(part.records.iter().map(|recorded| Value::Bytes(encode_recorded(recorded).into())));
         args.push(number(part.fields.len()));
         for (name, value) in &part.fields {
-            args.push((*name).into());
+            args.push(Value::from_static_str(name));
             args.push(value.as_str().into());
         }
         args.push(number(part.dispatch.len()));
@@ -1969,22 +2014,29 @@ impl EventBus for RedisStore {
         if settled.is_empty() {
             return Ok(());
         }
-        // The records go out together (pipelined on the connection), then one XACK for all.
-        let records = settled.iter().filter(|event| !event.started.is_empty()).map(|event| {
+        // The records go out together, one hash per second of the events' ids (a batch of
+        // events read together is mostly of one or two seconds: a write or two, not one per
+        // event), each hash expiring `retention` after its second ends; then one XACK for all.
+        let mut by_second: std::collections::BTreeMap<u64, Vec<Value>> = std::collections::BTreeMap::new();
+        for event in settled.iter().filter(|event| !event.started.is_empty()) {
             let runs: Vec<serde_json::Value> = event
                 .started
                 .iter()
                 .map(|(workflow, run)| serde_json::json!({ "workflowId": workflow, "runId": run }))
                 .collect();
-            self.cmd(
-                "SET",
-                vec![
-                    self.keys.event_runs(&event.id).into(),
-                    serde_json::Value::Array(runs).to_string().into(),
-                    "EX".into(),
-                    (retention.as_secs().max(1) as i64).into(),
-                ],
-            )
+            let fields = by_second.entry(event_second(&event.id)).or_default();
+            fields.push(event.id.clone().into());
+            fields.push(serde_json::Value::Array(runs).to_string().into());
+        }
+        let records = by_second.into_iter().map(|(second, fields)| async move {
+            let key = self.keys.event_runs(second);
+            let expires_at = (second + 1).saturating_add(retention.as_secs().max(1));
+            let mut set = vec![key.clone().into()];
+            set.extend(fields);
+            // In turn: the pool's connections may carry two commands in any order, and an
+            // expiry set before the hash exists is lost.
+            self.cmd("HSET", set).await?;
+            self.cmd("EXPIREAT", vec![key.into(), (expires_at as i64).into()]).await
         });
         for recorded in join_all(records).await {
             recorded?;
@@ -2097,7 +2149,16 @@ impl EventBus for RedisStore {
         let handled = |id: &str| {
             !pending.contains(id) && handled_below.as_deref().is_some_and(|below| compare_ids(id, below).is_lt())
         };
-        let lookups = found.iter().map(|entry| self.cmd("GET", vec![self.keys.event_runs(&entry.id).into()]));
+        let lookups = found.iter().map(|entry| async {
+            let record = self
+                .cmd("HGET", vec![self.keys.event_runs(event_second(&entry.id)).into(), entry.id.clone().into()])
+                .await?;
+            if !record.is_null() || !handled(&entry.id) {
+                return Ok(record);
+            }
+            // Settled by an earlier build, which kept a key per event.
+            self.cmd("GET", vec![self.keys.event_runs_of_one(&entry.id).into()]).await
+        });
         let runs = join_all(lookups).await;
         let mut out = Vec::with_capacity(found.len());
         for (entry, runs) in found.into_iter().zip(runs) {
