@@ -1686,6 +1686,37 @@ fn redis_keeps_a_runs_log_as_a_list() {
     });
 }
 
+/// Redis that lost the library (restarted without persistence, or flushed): the next call
+/// reinstalls it and is sent again, built anew: a step's commit, which claims the next step in
+/// the same call, and a creation.
+#[test]
+fn redis_reinstalls_a_lost_library_and_sends_the_call_again() {
+    let server = RedisServer::start();
+    run(async {
+        let store = redis_store(&server, 4).await;
+        let def = definition("wf", 2, 1);
+        let first = create(&store, new_run(&def, 2, 1_000, None)).await;
+        let second = create(&store, new_run(&def, 2, 1_001, None)).await;
+        let claimed = claim_exactly(&store, "a", 1).await;
+        assert_eq!(claimed[0].task.as_ref().unwrap().run, first.to_string());
+
+        assert_eq!(server.cli(&["FUNCTION", "FLUSH"]).trim(), "OK");
+        let committed = store
+            .commit_steps(vec![StepCommit { commit: work(&def, &claimed[0], true, 1_010), claim_next: true }])
+            .await
+            .unwrap();
+        assert_eq!(committed[0].outcome, CommitOutcome::Applied { seq: 3 });
+        let next = committed[0].next.as_ref().expect("the second run's step, claimed in the call sent again");
+        assert_eq!(next.task.as_ref().unwrap().run, second.to_string());
+        assert!(server.cli(&["FUNCTION", "LIST"]).contains("wfo_v2"), "the library is back");
+
+        assert_eq!(server.cli(&["FUNCTION", "FLUSH"]).trim(), "OK");
+        let third = create(&store, new_run(&def, 2, 1_002, None)).await;
+        assert_eq!(store.history(&third).await.unwrap().map(|h| h.len()), Some(1), "created once");
+        assert_eq!(store.history(&first).await.unwrap().map(|h| h.len()), Some(3), "committed once");
+    });
+}
+
 /// The runs each event started are kept per second of the bus, one hash for a batch of events
 /// (not a key per event), expiring `retention` after their second; records of an earlier build
 /// (a key per event) are still listed.
