@@ -45,7 +45,8 @@ local TERMINAL = {completed = true, failed = true, cancelled = true, timed_out =
 --       KEYS[s + 1] its timers), run key index k (KEYS[k] its summary hash, KEYS[k + 1] its log),
 --       lease entry ('' = none), options ('' or letters: 'r' reopen: the run may be finished,
 --       resuming it; 't' clear its timer; 'e' the commit ends the run: its other queued
---       entries are withdrawn; 'i' an idempotency key, whose key index and ttl (s) follow),
+--       entries are withdrawn; 's' the lease's entry is the run's only live one (see
+--       `check`); 'i' an idempotency key, whose key index and ttl (s) follow),
 --       n records, n x record, n fields, n x (field, value), n ready tasks, n x task (each
 --       its own ready entry), timer due ('' = none), n index moves, n x (key index, score for
 --       ZADD or '' for ZREM) (index members are the run id),
@@ -59,13 +60,14 @@ local TERMINAL = {completed = true, failed = true, cancelled = true, timed_out =
 local function parse_commits(argv)
   local runs, i = {}, 4
   for r = 1, tonumber(argv[3]) do
-    local options, reopen, clear_timer, ends, idem, idem_ttl = argv[i + 5], false, false, false, 0, nil
+    local options, reopen, clear_timer, ends, sole, idem, idem_ttl = argv[i + 5], false, false, false, false, 0, nil
     local first = i
     i = i + 6
     if options ~= '' then
       reopen = string.find(options, 'r', 1, true) ~= nil
       clear_timer = string.find(options, 't', 1, true) ~= nil
       ends = string.find(options, 'e', 1, true) ~= nil
+      sole = string.find(options, 's', 1, true) ~= nil
       if string.find(options, 'i', 1, true) then
         idem, idem_ttl = tonumber(argv[i]), argv[i + 1]
         i = i + 2
@@ -86,14 +88,17 @@ local function parse_commits(argv)
     runs[r] = {
       id = argv[first], expected = tonumber(argv[first + 1]), shard = tonumber(argv[first + 2]),
       key = tonumber(argv[first + 3]), lease = argv[first + 4], idem = idem, idem_ttl = idem_ttl,
-      reopen = reopen, clear_timer = clear_timer, ends = ends,
+      reopen = reopen, clear_timer = clear_timer, ends = ends, sole = sole, optimistic = false,
       records = records, first_record = first_record, fields = fields, first_field = first_field,
       tasks = tasks, first_task = first_task, due = argv[i], indexes = indexes, first_index = i + 2,
       entries = false,
     }
     i = i + 2 + indexes
   end
-  return argv[1], argv[2], runs, tonumber(argv[i]) or 0
+  -- How many commits of the call each run has (by its summary's key index).
+  local commits_of = {}
+  for _, run in ipairs(runs) do commits_of[run.key] = (commits_of[run.key] or 0) + 1 end
+  return argv[1], argv[2], runs, tonumber(argv[i]) or 0, commits_of
 end
 
 -- Is id `a` before id `b` (both of one stream)? Cheaper than `compare_ids`: ids have no leading
@@ -121,10 +126,7 @@ end
 
 -- Checks one run against the store, without writing (but the idempotency key of a new run,
 -- which is its check). `planned` holds the seq a run reaches through earlier runs of this call.
-local function check(keys, run, held, planned)
-  if run.lease ~= '' and not held[run.shard][run.lease] then
-    return {'lease_lost'}
-  end
+local function check_stored(keys, run, planned)
   local log = keys[run.key + 1]
   if run.expected == 0 and run.records > 0 then
     -- A creation. A run id is fresh: a run already there is this very call's, resent after a
@@ -159,6 +161,23 @@ local function check(keys, run, held, planned)
   return nil
 end
 
+-- Checks one run of a call: its lease (the fence, read beforehand into `held`), then the
+-- store. A step's commit whose lease is its run's only live entry ('s'), the run's one commit
+-- of the call, reads nothing: it is accepted on its lease (`optimistic`), and `apply` checks
+-- its seq by the log's length, which its `RPUSH` returns anyway; another length than the one
+-- expected takes its records back out and gives the outcome the reads would have. Its live
+-- entries are then its lease's, which the commit uses up. One read fewer per step.
+local function check(keys, run, held, planned, commits_of)
+  if run.lease ~= '' and not held[run.shard][run.lease] then
+    return {'lease_lost'}
+  end
+  if run.sole and commits_of and commits_of[run.key] == 1 then
+    run.optimistic, run.entries = true, run.lease
+    return nil
+  end
+  return check_stored(keys, run, planned)
+end
+
 -- The run's entries that may still be live after a commit: those before (`entries`, ids
 -- separated by spaces) but the commit's lease, then the ones it queued.
 local function live_entries(entries, lease, queued)
@@ -183,6 +202,21 @@ local function apply(keys, argv, run, written)
   local seq = run.expected + run.records
   if run.records > 0 then
     local length = redis.call('RPUSH', keys[run.key + 1], unpack(argv, run.first_record, run.first_record + run.records - 1))
+    if run.optimistic and length ~= seq then
+      -- The run moved on, ended or is gone: its records are taken back out (a log made anew
+      -- here goes whole), and it gets the outcome of the reads `check` left out. A run they
+      -- find at the expected seq after all (its log and its summary disagree) is written as
+      -- it would have been without the option.
+      local refused = check_stored(keys, run, {})
+      if refused then
+        if length == run.records then
+          redis.call('DEL', keys[run.key + 1])
+        else
+          redis.call('LTRIM', keys[run.key + 1], 0, length - run.records - 1)
+        end
+        return refused
+      end
+    end
     if run.expected == 0 and length ~= run.records then
       -- A creation resent after a lost reply (see `check`): the run is there. Nothing else
       -- has been written for it; its records are taken back out.
@@ -257,7 +291,7 @@ end
 -- `guard(keys, group, run, held, planned)`, when given, checks each run in place of `check`
 -- (the sweeper's re-queue refuses more, and claims nothing).
 local function commit_runs(keys, argv, guard)
-  local group, consumer, runs, claim_count = parse_commits(argv)
+  local group, consumer, runs, claim_count, commits_of = parse_commits(argv)
   -- The fence: every lease of the call, one read per ready stream, of the consumer's pending
   -- entries between the call's first and last lease there (each one turned into a Lua table
   -- costs: a replica holds about its executors' worth).
@@ -283,7 +317,7 @@ local function commit_runs(keys, argv, guard)
     if guard then
       refused = guard(keys, group, run, held, planned)
     else
-      refused = check(keys, run, held, planned)
+      refused = check(keys, run, held, planned, commits_of)
     end
     outcomes[r] = refused
     if not refused then
@@ -300,7 +334,8 @@ local function commit_runs(keys, argv, guard)
   for r, run in ipairs(runs) do
     if not outcomes[r] then
       outcomes[r] = apply(keys, argv, run, written)
-      if run.lease ~= '' and outcomes[r][1] == 'ok' then
+      -- Applied, or found gone by an optimistic commit (see `check`): the entry is done with.
+      if run.lease ~= '' and (outcomes[r][1] == 'ok' or outcomes[r][1] == 'gone') then
         acks[run.shard] = acks[run.shard] or {}
         table.insert(acks[run.shard], run.lease)
       end

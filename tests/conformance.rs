@@ -1686,6 +1686,52 @@ fn redis_keeps_a_runs_log_as_a_list() {
     });
 }
 
+/// A step's commit whose lease is its run's only live entry reads nothing of the run: its seq
+/// is checked by the length its log's `RPUSH` returns. Refused, it leaves no record behind: a
+/// run that moved on keeps its log, a run deleted meanwhile gets no log made anew.
+#[test]
+fn redis_checks_a_lone_steps_commit_by_its_logs_length() {
+    let server = RedisServer::start();
+    run(async {
+        let store = redis_store(&server, 4).await;
+        let def = definition("wf", 3, 1);
+        let reads = || {
+            let stats = server.cli(&["INFO", "commandstats"]);
+            stats
+                .lines()
+                .find_map(|line| line.strip_prefix("cmdstat_hmget:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |calls| calls.parse::<u64>().unwrap())
+        };
+        let id = create(&store, new_run(&def, 1, 1_000, None)).await;
+        let claimed = claim_one(&store, "a").await;
+        let before = reads();
+        assert_eq!(store.commit(work(&def, &claimed, true, 1_010)).await.unwrap(), CommitOutcome::Applied { seq: 3 });
+        assert_eq!(reads(), before, "no read of the run");
+        assert_eq!(replayed(&store.history(&id).await.unwrap().unwrap(), &def).seq, 3);
+
+        // The run moves on under the next step's executor (a record appended elsewhere): its
+        // commit is stale, and the log keeps exactly what it had.
+        let next = claim_one(&store, "a").await;
+        let state = next.task.as_ref().unwrap().state.clone();
+        let (step, attempt) = state.position().unwrap();
+        let moved = commit_of(&def, &id, &state, None, vec![Transition::StepStarted { step, attempt }], 1_020);
+        assert_eq!(store.commit(moved).await.unwrap(), CommitOutcome::Applied { seq: 4 });
+        let log = format!("wfo:{{1}}:runlog:{id}");
+        assert_eq!(store.commit(work(&def, &next, true, 1_030)).await.unwrap(), CommitOutcome::Stale);
+        assert_eq!(server.cli(&["LLEN", &log]).trim(), "4");
+        assert!(store.dispatch_exists(&id, &next.lease.entry).await.unwrap(), "a stale commit acks nothing");
+
+        // Deleted while its step ran: gone, its entry done with, and no log made anew.
+        for key in [format!("wfo:{{1}}:run:{id}"), log.clone()] {
+            server.cli(&["DEL", &key]);
+        }
+        assert_eq!(store.commit(work(&def, &next, true, 1_040)).await.unwrap(), CommitOutcome::Gone);
+        assert_eq!(server.cli(&["EXISTS", &log]).trim(), "0");
+        assert!(!store.dispatch_exists(&id, &next.lease.entry).await.unwrap(), "a gone run's entry is done");
+    });
+}
+
 /// Redis that lost the library (restarted without persistence, or flushed): the next call
 /// reinstalls it and is sent again, built anew: a step's commit, which claims the next step in
 /// the same call, and a creation.

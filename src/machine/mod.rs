@@ -399,6 +399,11 @@ impl StepStatus {
         }
     }
 
+    /// Whether the step has a ready entry: queued for an executor, or leased to one.
+    pub fn has_ready_entry(&self) -> bool {
+        matches!(self, StepStatus::Queued { .. } | StepStatus::Running { .. })
+    }
+
     /// When the step's timer is due: its retry, the end of its sleep, its wait's time-out.
     pub fn timer(&self) -> Option<Millis> {
         match self {

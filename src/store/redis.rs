@@ -986,11 +986,22 @@ impl RedisStore {
         } else {
             Vec::new()
         };
+        // The lease's entry is the run's only live one when no step but those the commit
+        // queues has a ready entry after it: nothing else was
+        // in flight beside the lease's step, so the function needs no read of the run's live
+        // entries, and checks its seq by the log's length (see `wfo_v2_commit_steps`).
+        let sole = commit.lease.is_some()
+            && !reopen
+            && !commit.records.is_empty()
+            && commit.state.steps.iter().all(|(step, status)| {
+                !status.has_ready_entry() || commit.dispatch.iter().any(|dispatch| dispatch.step == *step)
+            });
         CommitPart {
             run: &commit.run,
             expected_seq: commit.expected_seq,
             lease: commit.lease.as_ref(),
             reopen,
+            sole,
             ends: terminal && !commit.records.is_empty(),
             records: &commit.records,
             fields,
@@ -1066,6 +1077,7 @@ impl RedisStore {
             expected_seq: 0,
             lease: None,
             reopen: false,
+            sole: false,
             ends: false,
             records: &new.records,
             // `seq` is set by the function, from the records.
@@ -1227,6 +1239,8 @@ struct CommitPart<'a> {
     expected_seq: u64,
     lease: Option<&'a Lease>,
     reopen: bool,
+    /// The lease's entry is the run's only live one (see `commit_part`).
+    sole: bool,
     /// The commit ends the run: its other queued entries are withdrawn.
     ends: bool,
     records: &'a [Recorded],
@@ -1293,6 +1307,9 @@ impl CommitCall {
         }
         if part.ends {
             options.push('e');
+        }
+        if part.sole {
+            options.push('s');
         }
         if idempotency.is_some() {
             options.push('i');
