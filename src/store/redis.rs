@@ -905,7 +905,7 @@ impl RedisStore {
         let consumer = parts.iter().find_map(|p| p.lease).map_or("", |l| l.consumer.as_str());
         let build = || {
             let mut call = CommitCall::default();
-            call.args.push(WORKERS_GROUP.into());
+            call.args.push(Value::from_static_str(WORKERS_GROUP));
             call.args.push(consumer.into());
             call.args.push(parts.len().to_string().into());
             for part in parts {
@@ -987,9 +987,9 @@ impl RedisStore {
             Vec::new()
         };
         // The lease's entry is the run's only live one when no step but those the commit
-        // queues has a ready entry after it: nothing else was
-        // in flight beside the lease's step, so the function needs no read of the run's live
-        // entries, and checks its seq by the log's length (see `wfo_v2_commit_steps`).
+        // queues has a ready entry after it: nothing else was in flight beside the lease's
+        // step, so the function needs no read of the run's live entries, and checks its seq by
+        // the log's length (see `check` in the library).
         let sole = commit.lease.is_some()
             && !reopen
             && !commit.records.is_empty()
