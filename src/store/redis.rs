@@ -25,6 +25,7 @@ use fred::interfaces::EventInterface;
 use fred::prelude::{ClientLike, Config, ReconnectPolicy};
 use fred::types::{ClusterHash, CustomCommand, Value};
 use futures::future::join_all;
+use futures::{StreamExt, TryStreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +44,8 @@ const COMMIT: &str = "wfo_v2_commit_steps";
 const REQUEUE: &str = "wfo_v2_requeue_steps";
 /// Connections for non-blocking commands.
 const POOL_SIZE: usize = 4;
+/// How many ready streams' existence is asked for at once when the shard count is checked.
+const SHARD_PROBES_IN_FLIGHT: usize = 32;
 /// The most live runs a count of a workflow's runs by status reads (all workflows' live runs
 /// share the live index), and how many it reads at a time.
 const LIVE_COUNTED: usize = 16_000;
@@ -328,7 +331,9 @@ impl RedisStore {
     async fn last_ready_stream(&self, shards: std::ops::Range<u16>) -> StoreResult<Option<u16>> {
         let first = shards.start;
         let probes = shards.map(|shard| self.cmd("EXISTS", vec![self.keys.ready(shard).into()]));
-        let found = join_all(probes).await.into_iter().collect::<StoreResult<Vec<Value>>>()?;
+        // A few in flight, not up to `MAX_SHARDS` at once: the memory of a thousand commands
+        // in flight stays with the allocator, and an idle replica would keep it.
+        let found: Vec<Value> = futures::stream::iter(probes).buffered(SHARD_PROBES_IN_FLIGHT).try_collect().await?;
         Ok(found.iter().rposition(|found| found.as_i64() == Some(1)).map(|last| first + last as u16))
     }
 
