@@ -1,7 +1,7 @@
 //! JSON views of runs, built from their logs (the source of truth) and definition snapshots.
 
 use crate::definition::Workflow;
-use crate::machine::{self, Millis, RunState, StepStatus, Transition};
+use crate::machine::{self, RunState, StepStatus, Transition};
 use crate::store::{BusEntry, ListedEvent, Logged, ReplicaBeat, RunSummary};
 use serde_json::{Value, json};
 
@@ -127,7 +127,7 @@ pub fn event(listed: &ListedEvent) -> Value {
     let entry = &listed.entry;
     let text = |name: &str| entry.field(name).map(|v| String::from_utf8_lossy(v).into_owned());
     // Entry ids are `<ms>-<seq>` by construction (Redis and the memory store alike).
-    let published_at = timestamp(entry.id.split_once('-').and_then(|(ms, _)| ms.parse::<Millis>().ok()).unwrap_or(0));
+    let published_at = timestamp(crate::store::entry_ms(&entry.id).unwrap_or(0));
     let runs = listed.started.as_ref().map(|runs| {
         runs.iter().map(|(workflow, run)| json!({ "workflowId": workflow, "runId": run })).collect::<Vec<_>>()
     });
@@ -170,7 +170,7 @@ pub fn dead_letter(letter: &BusEntry) -> Value {
             (String::from_utf8_lossy(name).into_owned(), Value::String(String::from_utf8_lossy(value).into_owned()))
         })
         .collect();
-    let at = letter.id.split_once('-').and_then(|(ms, _)| ms.parse::<Millis>().ok()).unwrap_or(0);
+    let at = crate::store::entry_ms(&letter.id).unwrap_or(0);
     json!({
         "deadLetterId": letter.id,
         "eventId": text("entry"),

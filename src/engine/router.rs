@@ -385,7 +385,7 @@ impl Engine {
 
     /// Whether an entry's id is further ahead of the clock than the bus tolerates.
     fn ahead_of_clock(&self, id: &str) -> bool {
-        let ms = id.split_once('-').and_then(|(ms, _)| ms.parse::<u64>().ok()).unwrap_or(0);
+        let ms = crate::store::entry_ms(id).unwrap_or(0);
         ms > self.clock.now().saturating_add(BUS_CLOCK_TOLERANCE.as_millis() as u64)
     }
 

@@ -1041,6 +1041,12 @@ pub mod prelude {
     };
 }
 
+/// The time part of a stream entry id (`<ms>-<seq>`): when it was written, by the writer's
+/// clock; `None` for a text of another shape.
+pub fn entry_ms(id: &str) -> Option<u64> {
+    id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
+}
+
 /// Orders stream entry ids (`<ms>-<seq>`) numerically.
 pub fn compare_entry_ids(a: &str, b: &str) -> std::cmp::Ordering {
     let parse = |id: &str| {

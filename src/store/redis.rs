@@ -232,7 +232,7 @@ fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
 
 /// The second of a bus entry's id (its time), whose hash records the runs it started.
 fn event_second(id: &str) -> u64 {
-    id.split_once('-').and_then(|(ms, _)| ms.parse::<u64>().ok()).unwrap_or(0) / 1000
+    super::entry_ms(id).unwrap_or(0) / 1000
 }
 
 /// `ms-seq` + 1: the smallest id after `id`.
@@ -2096,7 +2096,7 @@ impl EventBus for RedisStore {
             let dead_cap = EntryCap { max_bytes: DEAD_LETTER_KEEP, keep_bytes: DEAD_LETTER_KEEP };
             let hostile = self.bus_range(&stream, "fwd", &from, "+", 100, dead_cap).await?;
             for entry in &hostile {
-                let ms: u64 = entry.id.split_once('-').and_then(|(ms, _)| ms.parse().ok()).unwrap_or(u64::MAX);
+                let ms = super::entry_ms(&entry.id).unwrap_or(u64::MAX);
                 let reason = format!(
                     "the entry's id is {} ms ahead of the store's clock (more than {} s): Redis gives every later entry an id above it, so it was removed from the bus",
                     ms.saturating_sub(now),
