@@ -162,16 +162,16 @@ local function check_stored(keys, run, planned)
 end
 
 -- Checks one run of a call: its lease (the fence, read beforehand into `held`), then the
--- store. A step's commit whose lease is its run's only live entry ('s'), the run's one commit
--- of the call, reads nothing: it is accepted on its lease (`optimistic`), and `apply` checks
--- its seq by the log's length, which its `RPUSH` returns anyway; another length than the one
--- expected takes its records back out and gives the outcome the reads would have. Its live
--- entries are then its lease's, which the commit uses up. One read fewer per step.
+-- store. A step's commit whose lease is its run's only live entry ('s'), with records, the
+-- run's one commit of the call, reads nothing: it is accepted on its lease (`optimistic`), and
+-- `apply` checks its seq by the log's length, which its `RPUSH` returns anyway; another length
+-- than the one expected takes its records back out and gives the outcome the reads would have.
+-- Its live entries are then its lease's, which the commit uses up. One read fewer per step.
 local function check(keys, run, held, planned, commits_of)
   if run.lease ~= '' and not held[run.shard][run.lease] then
     return {'lease_lost'}
   end
-  if run.sole and commits_of and commits_of[run.key] == 1 then
+  if run.sole and run.records > 0 and commits_of and commits_of[run.key] == 1 then
     run.optimistic, run.entries = true, run.lease
     return nil
   end
